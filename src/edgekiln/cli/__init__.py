@@ -1,0 +1,5 @@
+"""Command-line interface; see :mod:`edgekiln.cli.app`."""
+
+from edgekiln.cli.app import app, main
+
+__all__ = ["app", "main"]

@@ -1,0 +1,103 @@
+"""`edgekiln optimize`: flags (or a YAML recipe) -> Recipe -> search -> run folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from edgekiln.errors import EdgekilnError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("optimize")(optimize_command)
+
+
+def optimize_command(
+    model: str = typer.Argument(None, help="Model: .onnx, file.py:factory, or a run folder from `edgekiln example`."),
+    recipe: Path = typer.Option(None, "--recipe", help="YAML recipe; flags given as well override its fields."),
+    calib: str = typer.Option(None, "--calib", help="Calibration data (.npz with x)."),
+    eval_: str = typer.Option(None, "--eval", help="Evaluation data (.npz with x, y)."),
+    metric: str = typer.Option(None, "--metric", help="accuracy | cosine | sqnr | module:function"),
+    target: str = typer.Option(None, "--target", help="Device profile name or YAML file (see `edgekiln targets`)."),
+    max_drop: float = typer.Option(None, "--max-drop", help="Largest allowed metric drop, in its units (0.01 = 1 point)."),
+    max_latency_ms: float = typer.Option(None, "--max-latency-ms", help="Latency budget on the target (ms)."),
+    max_ram: str = typer.Option(None, "--max-ram", help="RAM budget, e.g. 256KB (default: the profile's RAM)."),
+    max_flash: str = typer.Option(None, "--max-flash", help="Flash budget, e.g. 1MB (default: the profile's flash)."),
+    prefer: str = typer.Option(None, "--prefer", help="latency | size | accuracy: which feasible model wins."),
+    trials: int = typer.Option(None, "--trials", help="Number of trials."),
+    timeout: float = typer.Option(None, "--timeout", help="Stop starting trials after this many seconds."),
+    seed: int = typer.Option(None, "--seed"),
+    workers: int = typer.Option(None, "--workers", help="Trials run in parallel on this machine."),
+    executor: str = typer.Option(None, "--executor", help="local | ray"),
+    address: str = typer.Option(None, "--address", help="Ray cluster address (with --executor ray)."),
+    out: Path = typer.Option(..., "--out", help="Run folder to write."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the search stored in --out."),
+    quiet: bool = typer.Option(False, "--quiet"),
+) -> None:
+    """Find the best model that fits the target and budget, with the evidence."""
+    from edgekiln.search.optimize import optimize
+    from edgekiln.search.recipe import Recipe, load_recipe
+    from edgekiln.targets.units import parse_bytes
+
+    base = load_recipe(recipe).to_dict() if recipe else {}
+    if model is None and not base.get("model"):
+        raise EdgekilnError("give a MODEL or --recipe")
+    flags = {"model": model, "calib": calib, "eval": eval_, "metric": metric, "target": target, "prefer": prefer}
+    data = {**base, **{k: v for k, v in flags.items() if v is not None}}
+    constraints = dict(base.get("constraints") or {})
+    for key, value in (("max_drop", max_drop), ("max_latency_ms", max_latency_ms),
+                       ("max_ram_bytes", parse_bytes(max_ram) if max_ram else None),
+                       ("max_flash_bytes", parse_bytes(max_flash) if max_flash else None)):
+        if value is not None:
+            constraints[key] = value
+    search = dict(base.get("search") or {})
+    for key, value in (("trials", trials), ("timeout_s", timeout), ("seed", seed), ("workers", workers),
+                       ("executor", executor), ("ray_address", address)):
+        if value is not None:
+            search[key] = value
+    data["constraints"], data["search"] = constraints, search
+    rec = Recipe.from_dict(data)
+    result = _run(optimize, rec, out, resume, quiet)
+    _print_summary(result, rec)
+
+
+def _run(optimize, rec, out, resume, quiet):  # noqa: ANN001, ANN202 - thin progress wrapper
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from edgekiln.errors import BudgetNotMet
+
+    columns = [TextColumn("[bold]optimize"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.description}")]
+    with Progress(*columns, disable=quiet, transient=False) as bar:
+        task = bar.add_task("baseline", total=rec.search.trials)
+
+        def on_trial(c):  # noqa: ANN001, ANN202
+            status = "fits" if c.feasible else (c.state if c.state != "complete" else "no fit")
+            bar.update(task, advance=1, description=f"#{c.number} {c.label[:60]} [{status}]")
+
+        try:
+            return optimize(rec, out, resume=resume, quiet=quiet, on_trial=on_trial)
+        except BudgetNotMet as exc:
+            raise BudgetNotMet(f"{exc} (report: {out / 'report.md'})") from None
+
+
+def _print_summary(result, rec) -> None:  # noqa: ANN001
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgekiln.search.report import HEADERS, table_rows
+
+    console = Console()
+    table = Table(title=f"edgekiln optimize -> {rec.target}")
+    for h in HEADERS:
+        table.add_column(h)
+    rows = [result.baseline] + ([result.selected] if result.selected else [])
+    for row, label in zip(table_rows(rows), ["baseline", "selected"], strict=False):
+        row[0] = label
+        table.add_row(*[str(v) for v in row])
+    console.print(table)
+    if result.interrupted:
+        console.print("[yellow]interrupted: the best model so far is saved; continue with --resume[/]")
+    console.print(f"report: {result.out_dir / 'report.md'} (also report.html, report.json); "
+                  f"model: {result.out_dir / 'model.onnx'}")

@@ -1,0 +1,222 @@
+"""`edgekiln optimize`: search pipelines of passes for the best model that fits the target.
+
+The loop asks Optuna for a fixed-size batch of trials, runs them (serially, in local worker
+processes or on Ray), tells Optuna the results and, after every batch, saves the best feasible
+model so far into the output folder (anytime: Ctrl-C or a time budget leaves a usable result).
+Batches have a fixed size whatever the number of workers, so a seeded search proposes the same
+trials serially and in parallel. Results are cached by content hash; the Optuna study lives in
+SQLite in the output folder, so ``--resume`` continues where an interrupted search stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgekiln.errors import BudgetNotMet, EdgekilnError
+from edgekiln.fileio import atomic_write_json, sha256_file
+from edgekiln.search.recipe import Recipe
+from edgekiln.search.selection import pareto_front, select_best
+from edgekiln.search.trial import Candidate, keep_artifact, payload_key, run_trial
+
+BATCH = 4            # trials asked per round; fixed so parallel and serial runs see the same proposals
+STUDY_NAME = "edgekiln-optimize"
+
+
+@dataclass
+class OptimizeResult:
+    selected: Candidate | None
+    baseline: Candidate
+    candidates: list[Candidate]
+    pareto: list[Candidate]
+    out_dir: Path
+    interrupted: bool = False
+
+
+def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = False,
+             on_trial: Callable[[Candidate], None] | None = None) -> OptimizeResult:
+    """Run the search described by ``recipe`` and write the run folder ``out_dir``.
+
+    Raises :class:`BudgetNotMet` (exit 3) when no candidate meets every constraint, naming the
+    binding constraint and the closest candidate; the report is written before that.
+    """
+    import optuna
+
+    from edgekiln.models.intake import load_model, run_folder_data
+    from edgekiln.search.report import write_optimize_report
+    from edgekiln.search.space import default_space, describe, sample_steps
+    from edgekiln.targets.profiles import load_profile
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    db = out / "study.db"
+    if db.exists() and not resume:
+        raise EdgekilnError(f"{out}: holds a previous search; pass --resume to continue it or choose another --out")
+    profile = load_profile(recipe.target)
+    data = run_folder_data(recipe.model)
+    calib = recipe.calib or (str(data["calib"]) if "calib" in data else None)
+    evals = recipe.eval or (str(data["eval"]) if "eval" in data else None)
+    if not evals:
+        raise EdgekilnError("optimize needs evaluation data: pass --eval EVAL.npz (or a run folder holding eval.npz)")
+    for label, path in (("--calib", calib), ("--eval", evals)):
+        if path and not Path(path).is_file():
+            raise EdgekilnError(f"{path}: {label} file not found")
+    artifact = load_model(recipe.model, work_dir=out / "work" / "input")
+    input_sha = sha256_file(artifact.path)
+    atomic_write_json(out / "recipe.json", recipe.to_dict())
+
+    spaces = recipe.passes or default_space(artifact, recipe, profile.precisions)
+    base_payload = {
+        "artifact": artifact.to_dict(), "calib": calib, "eval": evals, "metric": recipe.metric,
+        "seed": recipe.search.seed, "target": recipe.target, "constraints": recipe.constraints.to_dict(),
+        "bench_runs": recipe.search.bench_runs, "reference": str(artifact.path),
+    }
+    baseline = _cached_run(out, {**base_payload, "number": -1, "label": "baseline", "steps": [],
+                                 "work_dir": str(out / "work" / "baseline"), "baseline_metric": None}, input_sha)
+    if baseline.metric is None:
+        raise EdgekilnError(f"the input model could not be evaluated: {baseline.error or baseline.violations}")
+    base_payload["baseline_metric"] = baseline.metric
+    baseline.drop = 0.0
+
+    sampler = _sampler(recipe)
+    study = optuna.create_study(study_name=STUDY_NAME, storage=f"sqlite:///{db}", sampler=sampler,
+                                directions=["maximize", "minimize", "minimize"], load_if_exists=True)
+    candidates = [Candidate.from_dict(t.user_attrs["candidate"]) for t in study.trials
+                  if "candidate" in t.user_attrs]
+    started = time.monotonic()
+    interrupted = False
+    best: Candidate | None = select_best(candidates, recipe.prefer)
+    try:
+        while len(candidates) < recipe.search.trials:
+            if recipe.search.timeout_s is not None and time.monotonic() - started > recipe.search.timeout_s:
+                break
+            n = min(BATCH, recipe.search.trials - len(candidates))
+            trials = [study.ask() for _ in range(n)]
+            payloads = []
+            for t in trials:
+                steps = sample_steps(t, spaces)
+                payloads.append({**base_payload, "number": t.number, "label": describe(steps),
+                                 "steps": [s.to_dict() for s in steps],
+                                 "work_dir": str(out / "work" / f"trial-{t.number:04d}")})
+            results = _execute(out, payloads, input_sha, recipe)
+            for t, cand in zip(trials, results, strict=True):
+                t.set_user_attr("candidate", cand.to_dict())
+                _tell(study, t, cand)
+                candidates.append(cand)
+                if on_trial:
+                    on_trial(cand)
+            new_best = select_best(candidates, recipe.prefer)
+            if new_best is not None and (best is None or new_best.number != best.number):
+                best = new_best
+                _save_best(out, best)
+            write_optimize_report(out, recipe, profile, baseline, candidates, best, partial=True)
+    except KeyboardInterrupt:
+        interrupted = True
+    best = select_best(candidates, recipe.prefer)
+    if best is not None:
+        best = _save_best(out, best)
+    front = pareto_front([c for c in candidates if c.metric is not None] + [baseline])
+    write_optimize_report(out, recipe, profile, baseline, candidates, best, partial=interrupted)
+    result = OptimizeResult(best, baseline, candidates, front, out, interrupted)
+    if best is None and not interrupted:
+        raise BudgetNotMet(_no_fit_message(candidates, baseline))
+    return result
+
+
+def _execute(out: Path, payloads: list[dict[str, Any]], input_sha: str, recipe: Recipe) -> list[Candidate]:
+    """Run a batch, reusing cached results; the executor decides where the rest run."""
+    from edgekiln.search.executors import run_batch
+
+    results: list[Candidate | None] = []
+    todo = []
+    for p in payloads:
+        cached = _cache_get(out, p, input_sha)
+        results.append(cached)
+        if cached is None:
+            todo.append(p)
+    fresh = iter(run_batch(todo, recipe.search) if todo else [])
+    final = []
+    for p, cached in zip(payloads, results, strict=True):
+        cand = cached if cached is not None else Candidate.from_dict(next(fresh))
+        if cached is None:
+            _cache_put(out, p, input_sha, cand)
+        final.append(cand)
+    return final
+
+
+def _cached_run(out: Path, payload: dict[str, Any], input_sha: str) -> Candidate:
+    cached = _cache_get(out, payload, input_sha)
+    if cached is not None:
+        return cached
+    cand = Candidate.from_dict(run_trial(payload))
+    _cache_put(out, payload, input_sha, cand)
+    return cand
+
+
+def _cache_get(out: Path, payload: dict[str, Any], input_sha: str) -> Candidate | None:
+    entry = out / "cache" / payload_key(payload, input_sha) / "candidate.json"
+    if not entry.is_file():
+        return None
+    cand = Candidate.from_dict(json.loads(entry.read_text()))
+    if cand.artifact and not Path(cand.artifact).is_file():
+        return None
+    cand.number, cand.cached = payload["number"], True
+    return cand
+
+
+def _cache_put(out: Path, payload: dict[str, Any], input_sha: str, cand: Candidate) -> None:
+    folder = out / "cache" / payload_key(payload, input_sha)
+    stored = keep_artifact(cand, folder) if cand.artifact else cand
+    atomic_write_json(folder / "candidate.json", stored.to_dict())
+    cand.artifact = stored.artifact
+
+
+def _save_best(out: Path, best: Candidate) -> Candidate:
+    kept = keep_artifact(best, out)
+    atomic_write_json(out / "selected.json", kept.to_dict())
+    return kept
+
+
+def _tell(study: Any, trial: Any, cand: Candidate) -> None:
+    from optuna.trial import TrialState
+
+    if cand.state == "failed" or cand.metric is None:
+        study.tell(trial, state=TrialState.PRUNED if cand.state == "pruned" else TrialState.FAIL)
+        return
+    latency = cand.latency_ms_target_est if cand.latency_ms_target_est is not None else cand.latency_ms_host
+    study.tell(trial, [cand.metric, float(cand.model_bytes or 0), float(latency or 0.0)])
+
+
+def _sampler(recipe: Recipe) -> Any:
+    import optuna
+
+    seed = recipe.search.seed
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if recipe.search.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=BATCH * 2)
+    if recipe.search.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=BATCH * 2, multivariate=True,
+                                      constant_liar=False)
+
+
+def _no_fit_message(candidates: list[Candidate], baseline: Candidate) -> str:
+    measured = [c for c in candidates if c.violations] or ([baseline] if baseline.violations else [])
+    if not measured:
+        failed = [c for c in candidates if c.error]
+        why = failed[0].error if failed else "no trial completed"
+        return f"no candidate meets the constraints ({why})"
+    closest = min(measured, key=lambda c: (len(c.violations), c.number))
+    counts: dict[str, int] = {}
+    for c in measured:
+        for v in c.violations:
+            key = v.split(":")[0]
+            counts[key] = counts.get(key, 0) + 1
+    binding = max(counts, key=lambda k: counts[k])
+    return (f"no candidate meets every constraint; binding constraint: {binding} (violated by {counts[binding]} of "
+            f"{len(measured)} measured candidates); closest: #{closest.number} {closest.label} — "
+            + "; ".join(closest.violations))

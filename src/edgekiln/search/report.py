@@ -1,0 +1,156 @@
+"""The optimize run folder: report.json, report.md, report.html and the trade-off plots."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+from edgekiln.fileio import atomic_write_text
+from edgekiln.report import md_table, new_figure, save_figure, write_report
+from edgekiln.search.recipe import Recipe
+from edgekiln.search.selection import pareto_front
+from edgekiln.search.trial import Candidate
+
+
+def summary(c: Candidate) -> dict[str, Any]:
+    """The fields every candidate shows in the report (the keys users compare)."""
+    return {
+        "trial": c.number, "label": c.label, "metric": c.metric, "drop": c.drop, "model_bytes": c.model_bytes,
+        "peak_ram_bytes": c.peak_ram_bytes, "flash_bytes": c.flash_bytes, "macs": c.macs,
+        "latency_ms_host": c.latency_ms_host, "latency_ms_host_p90": c.latency_ms_host_p90,
+        "latency_ms_target_est": c.latency_ms_target_est, "energy_mj_target_est": c.energy_mj_target_est,
+        "passes": c.steps, "artifact": Path(c.artifact).name if c.artifact else None, "feasible": c.feasible,
+        "violations": c.violations, "state": c.state, "error": c.error, "seconds": c.seconds, "cached": c.cached,
+    }
+
+
+def write_optimize_report(out: Path, recipe: Recipe, profile: Any, baseline: Candidate, candidates: list[Candidate],
+                          best: Candidate | None, *, partial: bool) -> Path:
+    front = pareto_front([c for c in candidates if c.metric is not None] + [baseline])
+    data = {
+        "target": recipe.target,
+        "target_kind": getattr(profile, "kind", None),
+        "metric_name": recipe.metric,
+        "prefer": recipe.prefer,
+        "constraints": recipe.constraints.to_dict(),
+        "selected": summary(best) if best else None,
+        "baseline": summary(baseline),
+        "pareto": [summary(c) for c in front],
+        "trials": [summary(c) for c in candidates],
+        "complete": not partial,
+        "recipe": recipe.to_dict(),
+    }
+    if best and baseline.model_bytes:
+        data["size_reduction"] = baseline.model_bytes / max(1, best.model_bytes or 1)
+    plot = _plot(out, baseline, candidates, best)
+    md = _markdown(recipe, baseline, candidates, best, front, plot, partial, data.get("size_reduction"))
+    atomic_write_text(out / "report.html", _html(md, plot))
+    return write_report(out, command="optimize", data=data, markdown=md)
+
+
+def table_rows(cands: list[Candidate]) -> list[list[Any]]:
+    rows = []
+    for c in cands:
+        rows.append([c.number if c.number >= 0 else "-", c.label, _f(c.metric), _f(c.drop), _kb(c.model_bytes),
+                     _kb(c.peak_ram_bytes), _f(c.latency_ms_target_est), _f(c.latency_ms_host),
+                     "yes" if c.feasible else ("; ".join(c.violations) or c.state + (f": {c.error[:80]}" if c.error else ""))])
+    return rows
+
+
+HEADERS = ["trial", "pipeline", "metric", "drop", "size KB", "RAM KB", "target ms (est)", "host p50 ms", "fits"]
+
+
+def _markdown(recipe: Recipe, baseline: Candidate, candidates: list[Candidate], best: Candidate | None,
+              front: list[Candidate], plot: str | None, partial: bool, reduction: float | None) -> str:
+    c = recipe.constraints
+    lines = [f"# edgekiln optimize: {recipe.target}", ""]
+    if partial:
+        lines += ["*Search not finished (interrupted or still running): this is the best result so far.*", ""]
+    lines += ["## Constraints", "", md_table(["constraint", "value"], [
+        ["metric", recipe.metric], ["max drop", c.max_drop], ["max target latency (ms)", c.max_latency_ms],
+        ["max RAM (bytes)", c.max_ram_bytes or "profile"], ["max flash (bytes)", c.max_flash_bytes or "profile"],
+        ["prefer", recipe.prefer]]), ""]
+    lines += ["## Selected", ""]
+    if best:
+        lines += [md_table(HEADERS, table_rows([baseline, best])), ""]
+        if reduction:
+            lines += [f"The selected model is **{reduction:.1f}x smaller** than the baseline; "
+                      f"artifact: `{Path(best.artifact).name if best.artifact else '-'}`.", ""]
+    else:
+        lines += ["No candidate meets every constraint (see the trials below for what each violates).", ""]
+    if plot:
+        lines += [f"![trade-offs]({plot})", ""]
+    lines += ["## Pareto front (metric vs size vs target latency)", "", md_table(HEADERS, table_rows(front)), ""]
+    lines += ["## All trials", "", md_table(HEADERS, table_rows(candidates)), ""]
+    lines += ["Target latency is estimated from the device profile (roofline, see docs/targets.md) except for the "
+              "`host` target, where it is measured. Host latency: onnxruntime, 1 thread, batch 1, p50.", ""]
+    return "\n".join(lines)
+
+
+def _plot(out: Path, baseline: Candidate, candidates: list[Candidate], best: Candidate | None) -> str | None:
+    pts = [c for c in candidates if c.metric is not None and c.model_bytes]
+    if not pts:
+        return None
+    fig, (ax1, ax2) = new_figure(11, 4, ncols=2)
+    for c in pts:
+        color = "tab:green" if c.feasible else "tab:gray"
+        ax1.scatter(c.model_bytes / 1024, c.metric, c=color, s=25)
+        lat = c.latency_ms_target_est if c.latency_ms_target_est is not None else c.latency_ms_host
+        ax2.scatter(lat, c.metric, c=color, s=25)
+    for ax, x in ((ax1, (baseline.model_bytes or 0) / 1024), (ax2, baseline.latency_ms_target_est)):
+        if baseline.metric is not None and x is not None:
+            ax.scatter(x, baseline.metric, marker="s", c="tab:blue", s=50, label="baseline")
+    if best is not None and best.metric is not None:
+        ax1.scatter((best.model_bytes or 0) / 1024, best.metric, marker="*", c="tab:red", s=160, label="selected")
+        ax2.scatter(best.latency_ms_target_est, best.metric, marker="*", c="tab:red", s=160, label="selected")
+    ax1.set_xlabel("model size (KB)")
+    ax2.set_xlabel("target latency, estimated (ms)")
+    for ax in (ax1, ax2):
+        ax.set_ylabel("metric")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    save_figure(fig, out / "tradeoffs.png")
+    return "tradeoffs.png"
+
+
+def _html(markdown: str, plot: str | None) -> str:
+    """A self-contained page: the Markdown tables rendered as HTML tables (no extra dependency)."""
+    body = []
+    in_table = False
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
+            if set(line.replace("|", "").strip()) <= {"-"}:
+                continue
+            tag = "th" if not in_table else "td"
+            if not in_table:
+                body.append("<table>")
+                in_table = True
+            body.append("<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("!["):
+            body.append(f'<img src="{html.escape(plot or "")}" alt="trade-offs" style="max-width:100%">')
+        elif line.strip():
+            body.append(f"<p>{html.escape(line).replace('**', '')}</p>")
+    if in_table:
+        body.append("</table>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}th{background:#eee}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>edgekiln optimize</title><style>{style}</style>" \
+           f"</head><body>{''.join(body)}</body></html>\n"
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def _kb(v: int | None) -> str:
+    return "-" if v is None else f"{v / 1024:.1f}"

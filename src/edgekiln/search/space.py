@@ -1,0 +1,76 @@
+"""The search space: which pipelines `optimize` may try, and how a trial picks one.
+
+A point in the space is a list of :class:`~edgekiln.pipeline.Step`. Sampling goes through an
+Optuna trial (``suggest_categorical``) so any Optuna sampler can drive it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from edgekiln.models.artifact import ModelArtifact
+from edgekiln.passes.registry import get_pass, registry
+from edgekiln.pipeline import Step
+from edgekiln.search.recipe import PassSpace, Recipe
+
+SKIP = "skip"
+
+
+def default_space(artifact: ModelArtifact, recipe: Recipe, precisions: Sequence[str]) -> tuple[PassSpace, ...]:
+    """The space used when a recipe lists no passes: prune (when the PyTorch source is known)
+    then quantize with the schemes the target supports."""
+    spaces = []
+    if artifact.torch is not None and "prune" in registry():
+        spaces.append(PassSpace(name="prune", optional=True,
+                                options={"mode": ("structured",), "ratio": (0.3, 0.5, 0.7),
+                                         "finetune_epochs": (2,)}))
+    if "quantize" in registry():
+        schemes = []
+        if "int8" in precisions:
+            schemes.append("int8")
+        if "fp16" in precisions and not artifact.torch:
+            schemes.append("fp16")
+        options: dict[str, tuple[Any, ...]] = {"scheme": tuple(schemes) or ("int8",),
+                                               "calibration": ("minmax", "percentile", "entropy", "mse")}
+        if recipe.constraints.max_drop is not None:
+            options["max_drop"] = (recipe.constraints.max_drop,)
+        spaces.append(PassSpace(name="quantize", optional="fp32" in precisions, options=options))
+    return tuple(spaces)
+
+
+def sample_steps(trial: Any, spaces: Sequence[PassSpace]) -> list[Step]:
+    """Draw one pipeline from ``spaces`` with an Optuna trial (deterministic for a seeded sampler)."""
+    steps = []
+    for space in spaces:
+        if space.optional and not trial.suggest_categorical(f"{space.name}.enabled", [True, False]):
+            continue
+        values = {}
+        for key, choices in space.options.items():
+            values[key] = choices[0] if len(choices) == 1 else trial.suggest_categorical(
+                f"{space.name}.{key}", list(choices))
+        spec = get_pass(space.name)
+        steps.append(Step(spec.name, spec.config_type.from_dict(values)))
+    return steps
+
+
+def describe(steps: Sequence[Step]) -> str:
+    """A short human label such as ``prune(ratio=0.5) -> quantize(scheme=int8, calibration=mse)``."""
+    if not steps:
+        return "baseline"
+    parts = []
+    for step in steps:
+        cfg = step.config.to_dict()
+        cfg.pop("version", None)
+        default = type(step.config)().to_dict() if _has_defaults(step.config) else {}
+        shown = {k: v for k, v in cfg.items() if default.get(k, object()) != v}
+        parts.append(f"{step.name}(" + ", ".join(f"{k}={v}" for k, v in shown.items()) + ")")
+    return " -> ".join(parts)
+
+
+def _has_defaults(config: Any) -> bool:
+    try:
+        type(config)()
+    except TypeError:
+        return False
+    return True

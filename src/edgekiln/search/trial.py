@@ -1,0 +1,215 @@
+"""One trial of the search: run a pipeline, then measure the result against the target.
+
+:func:`run_trial` takes and returns plain dicts so it can run in another process or on a Ray
+worker; it is deterministic for a given payload (seeded passes, fixed data).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgekiln.errors import BudgetNotMet, EdgekilnError
+
+
+@dataclass
+class Candidate:
+    """A measured model: what the report, the Pareto front and the selection work with."""
+
+    number: int
+    label: str
+    steps: list[dict[str, Any]]
+    artifact: str | None = None
+    kind: str | None = None
+    metric: float | None = None
+    drop: float | None = None
+    model_bytes: int | None = None
+    peak_ram_bytes: int | None = None
+    flash_bytes: int | None = None
+    macs: int | None = None
+    latency_ms_host: float | None = None
+    latency_ms_host_p90: float | None = None
+    latency_ms_target_est: float | None = None
+    energy_mj_target_est: float | None = None
+    feasible: bool = False
+    violations: list[str] = field(default_factory=list)
+    state: str = "complete"   # complete | pruned (hopeless, not fully measured) | failed
+    error: str | None = None
+    seconds: float = 0.0
+    cached: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> Candidate:
+        return Candidate(**{k: v for k, v in data.items() if k in Candidate.__dataclass_fields__})
+
+
+def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
+    """Run the pipeline in ``payload`` and measure it; never raises for a failing pipeline.
+
+    payload keys: ``number``, ``label``, ``steps`` (list of Step dicts), ``artifact`` (ModelArtifact
+    dict), ``work_dir``, ``calib``, ``eval``, ``metric``, ``seed``, ``target``, ``constraints``,
+    ``baseline_metric``, ``bench_runs``.
+    """
+    from edgekiln.pipeline import Step, run_pipeline
+
+    start = time.perf_counter()
+    cand = Candidate(number=payload["number"], label=payload["label"], steps=payload["steps"])
+    try:
+        artifact = artifact_from_dict(payload["artifact"])
+        ctx = _context(payload)
+        steps = [Step.from_dict(s) for s in payload["steps"]]
+        result = run_pipeline(artifact, steps, ctx) if steps else artifact
+        measure(cand, result.path, result.kind, payload)
+    except BudgetNotMet as exc:
+        cand.state, cand.error = "failed", f"budget: {exc}"
+    except EdgekilnError as exc:
+        cand.state, cand.error = "failed", str(exc)
+    except Exception as exc:  # noqa: BLE001 - a bug in one trial must not end the search
+        cand.state = "failed"
+        cand.error = f"{type(exc).__name__}: {exc} | " + traceback.format_exc(limit=3).replace("\n", " ")[-400:]
+    cand.seconds = round(time.perf_counter() - start, 3)
+    return cand.to_dict()
+
+
+def measure(cand: Candidate, model_path: Path, kind: str, payload: dict[str, Any]) -> None:
+    """Fill ``cand`` with size, RAM, target estimates, the metric and host latency.
+
+    Cheap checks first: a model that cannot fit the flash/RAM budget is marked ``pruned`` without
+    spending time on evaluation and benchmarking (early pruning of hopeless trials).
+    """
+    from edgekiln.bench.harness import benchmark
+    from edgekiln.models.analysis import analyze
+    from edgekiln.models.metrics import evaluate
+    from edgekiln.targets.fit import estimate_fit
+    from edgekiln.targets.profiles import load_profile
+
+    model_path = Path(model_path)
+    cand.artifact, cand.kind = str(model_path), kind
+    cand.model_bytes = model_path.stat().st_size
+    info = analyze(model_path)
+    cand.macs = int(info.macs)
+    profile = load_profile(payload["target"])
+    precision = precision_of(kind)
+    limits = payload["constraints"]
+    arena = memory_plan_bytes(model_path, kind, profile)
+    ram_act = arena if arena is not None else info.peak_activation_bytes
+    fit_kwargs = dict(weight_bytes=info.weight_bytes, peak_activation_bytes=ram_act, io_bytes=0 if arena else info.io_bytes,
+                      macs=info.macs, precision=precision)
+    fit = estimate_fit(profile, **fit_kwargs, max_ram_bytes=limits.get("max_ram_bytes"),
+                       max_flash_bytes=limits.get("max_flash_bytes"))
+    fd = fit.to_dict()
+    cand.peak_ram_bytes = int(_value(fd, "ram"))
+    cand.flash_bytes = int(_value(fd, "flash"))
+    cand.latency_ms_target_est = _value(fd, "latency_ms")
+    cand.energy_mj_target_est = _value(fd, "energy_mj")
+    memory_violations = [v for v in fit.exceeded if v.lower().startswith(("ram", "flash"))]
+    if memory_violations:
+        cand.state, cand.violations, cand.feasible = "pruned", memory_violations, False
+        return
+    cand.metric = float(evaluate(model_path, payload["eval"], payload["metric"], reference_path=payload.get("reference")))
+    if payload.get("baseline_metric") is not None:
+        cand.drop = float(payload["baseline_metric"]) - cand.metric
+    bench = benchmark(model_path, runtime="onnxruntime", threads=1, batch=1, warmup=min(50, payload["bench_runs"]),
+                      runs=payload["bench_runs"])
+    cand.latency_ms_host = float(bench.latency_ms["p50"])
+    cand.latency_ms_host_p90 = float(bench.latency_ms["p90"])
+    if profile.kind == "host":
+        cand.latency_ms_target_est = cand.latency_ms_host
+    cand.violations = violations(cand, limits, fit.exceeded)
+    cand.feasible = not cand.violations
+
+
+def violations(cand: Candidate, limits: dict[str, Any], exceeded: list[str]) -> list[str]:
+    """Every constraint the candidate breaks, each saying by how much."""
+    out = [v for v in exceeded if not v.lower().startswith("latency")]
+    if limits.get("max_drop") is not None and cand.drop is not None and cand.drop > limits["max_drop"] + 1e-12:
+        out.append(f"accuracy drop: {cand.drop:.4f}, budget {limits['max_drop']:.4f}, "
+                   f"over by {cand.drop - limits['max_drop']:.4f}")
+    lat = limits.get("max_latency_ms")
+    if lat is not None and cand.latency_ms_target_est is not None and cand.latency_ms_target_est > lat:
+        out.append(f"latency: {cand.latency_ms_target_est:.3f} ms, budget {lat:.3f} ms, "
+                   f"over by {cand.latency_ms_target_est - lat:.3f} ms")
+    return out
+
+
+def memory_plan_bytes(model_path: Path, kind: str, profile: Any) -> int | None:
+    """For microcontroller targets and int8 models: the C backend's real arena size (None when
+    the model cannot be compiled to C, in which case the analysis estimate is used)."""
+    if getattr(profile, "kind", None) != "mcu" or kind != "onnx-qdq":
+        return None
+    try:
+        from edgekiln.codegen.planner import arena_bytes_for_model
+    except ImportError:
+        return None
+    try:
+        return int(arena_bytes_for_model(model_path))
+    except EdgekilnError:
+        return None
+
+
+def precision_of(kind: str) -> str:
+    return {"onnx-qdq": "int8", "onnx-fp16": "fp16", "onnx-int4w": "int4"}.get(kind, "fp32")
+
+
+def artifact_from_dict(data: dict[str, Any]) -> Any:
+    from edgekiln.models.artifact import ModelArtifact, TorchSource
+
+    torch = data.get("torch")
+    src = None
+    if torch:
+        src = TorchSource(factory=torch["factory"], factory_kwargs=torch.get("factory_kwargs") or {},
+                          state_dict=Path(torch["state_dict"]) if torch.get("state_dict") else None)
+    return ModelArtifact(kind=data["kind"], path=Path(data["path"]), input_name=data["input_name"],
+                         input_shape=tuple(data["input_shape"]), torch=src,
+                         provenance=tuple(data.get("provenance") or ()))
+
+
+def keep_artifact(cand: Candidate, dest_dir: Path) -> Candidate:
+    """Copy the candidate's model into ``dest_dir`` (atomically) and point the candidate at it."""
+    from edgekiln.fileio import atomic_write_bytes
+
+    if not cand.artifact:
+        return cand
+    src = Path(cand.artifact)
+    dest = dest_dir / "model.onnx"
+    if src.resolve() != dest.resolve():
+        atomic_write_bytes(dest, src.read_bytes())
+    kept = Candidate.from_dict(cand.to_dict())
+    kept.artifact = str(dest)
+    return kept
+
+
+def _context(payload: dict[str, Any]) -> Any:
+    from edgekiln.passes.base import PassContext
+
+    work = Path(payload["work_dir"])
+    if work.exists():  # a retried trial starts clean
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    return PassContext(work_dir=work, calib_path=Path(payload["calib"]) if payload.get("calib") else None,
+                       eval_path=Path(payload["eval"]) if payload.get("eval") else None,
+                       metric=payload["metric"], seed=int(payload["seed"]), strict=True, quiet=True)
+
+
+def _value(fit_dict: dict[str, Any], key: str) -> Any:
+    entry = fit_dict.get(key)
+    if isinstance(entry, dict):
+        return entry.get("value")
+    return entry
+
+
+def payload_key(payload: dict[str, Any], input_sha: str) -> str:
+    """Content hash of what determines a trial's result (the cache key)."""
+    from edgekiln.fileio import sha256_bytes
+
+    keyed = {k: payload.get(k) for k in ("steps", "metric", "seed", "target", "constraints", "bench_runs", "calib", "eval")}
+    keyed["input"] = input_sha
+    return sha256_bytes(json.dumps(keyed, sort_keys=True, default=str).encode())[:24]
