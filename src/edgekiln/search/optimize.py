@@ -85,6 +85,7 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
     sampler = _sampler(recipe)
     study = optuna.create_study(study_name=STUDY_NAME, storage=f"sqlite:///{db}", sampler=sampler,
                                 directions=["maximize", "minimize", "minimize"], load_if_exists=True)
+    _close_stale_trials(study)
     candidates = [Candidate.from_dict(t.user_attrs["candidate"]) for t in study.trials
                   if "candidate" in t.user_attrs]
     started = time.monotonic()
@@ -189,6 +190,15 @@ def _tell(study: Any, trial: Any, cand: Candidate) -> None:
         return
     latency = cand.latency_ms_target_est if cand.latency_ms_target_est is not None else cand.latency_ms_host
     study.tell(trial, [cand.metric, float(cand.model_bytes or 0), float(latency or 0.0)])
+
+
+def _close_stale_trials(study: Any) -> None:
+    """Trials asked but never told (the search was interrupted mid-batch) are marked failed;
+    their finished work is not lost: it is in the content-hash cache and is reused."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        study.tell(t.number, state=TrialState.FAIL)
 
 
 def _sampler(recipe: Recipe) -> Any:

