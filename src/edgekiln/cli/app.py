@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "edgekiln.cli.bench_cmd",
     "edgekiln.cli.example_cmd",
     "edgekiln.cli.optimize_cmd",
+    "edgekiln.cli.runtime_cmd",
 )
 
 app = typer.Typer(

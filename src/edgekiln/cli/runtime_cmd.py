@@ -1,0 +1,65 @@
+"""`edgekiln bundle` (run folders -> deployment bundle) and `edgekiln run` (infer from a bundle)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from edgekiln.errors import EdgekilnError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bundle")(bundle_command)
+    app.command("run")(run_command)
+
+
+def bundle_command(
+    runs: list[Path] = typer.Argument(..., help="Run folders (quantize, optimize, example, ...), one variant each."),
+    out: Path = typer.Option(..., "--out", help="Bundle folder to create."),
+    name: str = typer.Option("model", "--name"),
+    version: str = typer.Option("1", "--version"),
+    default: str = typer.Option(None, "--default", help="Default variant name (first run folder's otherwise)."),
+) -> None:
+    """Build a deployment bundle: manifest + model variants + health-check samples."""
+    from edgekiln.runtime.bundle import build_bundle
+
+    manifest = build_bundle(list(runs), out, name=name, version=version, default=default)
+    typer.echo(f"bundle {manifest.name} v{manifest.version} -> {out} "
+               f"({', '.join(f'{v.name}: {v.size_bytes / 1024:.1f} KB' for v in manifest.variants)})")
+
+
+def run_command(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    input: Path = typer.Option(..., "--input", help="Input tensor (.npy)."),
+    variant: str = typer.Option(None, "--variant", help="Variant to use (default: the bundle's default)."),
+    threads: int = typer.Option(1, "--threads"),
+    repeat: int = typer.Option(1, "--repeat", help="Run the input this many times (for the latency stats)."),
+    output: Path = typer.Option(None, "--output", help="Write the output tensor (.npy)."),
+) -> None:
+    """Run a bundle on an input and print the output summary and latency stats as JSON."""
+    import numpy as np
+
+    from edgekiln.runtime.engine import Runtime
+
+    if not input.is_file():
+        raise EdgekilnError(f"{input}: file not found")
+    try:
+        x = np.load(input, allow_pickle=False)
+    except ValueError as exc:
+        raise EdgekilnError(f"{input}: not a .npy array ({exc})") from None
+    rt = Runtime(bundle, threads=threads)
+    y = None
+    for _ in range(max(1, repeat)):
+        y = rt.infer(x, variant=variant)
+    if output:
+        import io
+
+        from edgekiln.fileio import atomic_write_bytes
+
+        buf = io.BytesIO()
+        np.save(buf, y)
+        atomic_write_bytes(output, buf.getvalue())
+    summary = {"output_shape": list(y.shape), "top1": y.reshape(y.shape[0], -1).argmax(1).tolist(), **rt.stats()}
+    typer.echo(json.dumps(summary, indent=2))

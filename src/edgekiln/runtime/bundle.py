@@ -1,0 +1,165 @@
+"""Build a deployment bundle from run folders (`edgekiln bundle DIR1 DIR2 ... --out BUNDLE`).
+
+Each run folder contributes one variant: its model file (``artifact`` or the example's
+``model.onnx``), the metric and measured latency its report gives, and its provenance. The
+bundle also carries a few sample inputs and the default variant's outputs on them, which the
+update agent's health check compares against after installing.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekiln.errors import EdgekilnError
+from edgekiln.runtime.manifest import MANIFEST_NAME, Manifest, TensorSpec, Variant, load_manifest, sha256_of
+
+PRECISION_BY_KIND = {"onnx-qdq": "int8", "onnx-fp16": "fp16", "onnx-int4w": "int4"}
+
+
+def build_bundle(run_dirs: list[str | Path], out: str | Path, *, name: str = "model", version: str = "1",
+                 default: str | None = None, samples: int = 4) -> Manifest:
+    """Write the bundle folder ``out`` atomically (built beside it, then renamed into place)."""
+    if not run_dirs:
+        raise EdgekilnError("bundle: give at least one run folder")
+    out = Path(out)
+    if out.exists():
+        raise EdgekilnError(f"{out}: already exists; choose a new --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        variants, sample_src = [], None
+        used: set[str] = set()
+        for run in run_dirs:
+            variant, data = _variant_from_run(Path(run), staging, used)
+            variants.append(variant)
+            sample_src = sample_src or data
+        default = default or variants[0].name
+        inputs, outputs, sample_in, sample_out = _io_and_samples(staging, variants, default, sample_src, samples)
+        manifest = Manifest(name=name, version=str(version),
+                            created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                            inputs=inputs, outputs=outputs, variants=tuple(variants), default_variant=default,
+                            sample_inputs=sample_in, sample_outputs=sample_out)
+        Manifest.from_dict(manifest.to_dict())  # the same validation a device applies
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+        load_manifest(staging)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _variant_from_run(run: Path, staging: Path, used: set[str]) -> tuple[Variant, Path | None]:
+    report_path = run / "report.json"
+    if not report_path.is_file():
+        raise EdgekilnError(f"{run}: not an edgekiln run folder (no report.json)")
+    report = json.loads(report_path.read_text())
+    file = _model_file(run, report)
+    kind = _kind(file)
+    precision = PRECISION_BY_KIND.get(kind, "fp32")
+    name = precision if precision not in used else f"{precision}-{len(used)}"
+    used.add(name)
+    dest = f"models/{name}.onnx"
+    (staging / "models").mkdir(exist_ok=True)
+    shutil.copyfile(file, staging / dest)
+    metric, latency = _metric_and_latency(report)
+    variant = Variant(name=name, file=dest, sha256=sha256_of(staging / dest), precision=precision,
+                      size_bytes=(staging / dest).stat().st_size, metric=metric,
+                      metric_name=report.get("metric_name") or ("accuracy" if "accuracy" in report else None),
+                      latency_ms=latency, macs=None, provenance=tuple(report.get("provenance") or ()))
+    data = run / "eval.npz" if (run / "eval.npz").is_file() else None
+    return variant, data
+
+
+def _model_file(run: Path, report: dict[str, Any]) -> Path:
+    art = report.get("artifact")
+    if isinstance(art, dict):
+        art = art.get("path")
+    if isinstance(report.get("selected"), dict):
+        art = report["selected"].get("artifact") or art
+    if not art and isinstance(report.get("model"), dict):
+        art = report["model"].get("onnx")
+    if not art:
+        raise EdgekilnError(f"{run}/report.json names no model file")
+    path = run / art
+    if not path.is_file():
+        raise EdgekilnError(f"{run}: model file {art} named in report.json is missing")
+    return path
+
+
+def _metric_and_latency(report: dict[str, Any]) -> tuple[float | None, dict[str, float]]:
+    sel = report.get("selected") if isinstance(report.get("selected"), dict) else None
+    if sel:
+        lat = {"onnxruntime": sel["latency_ms_host"]} if sel.get("latency_ms_host") else {}
+        return sel.get("metric"), lat
+    metric = report.get("metric", report.get("accuracy"))
+    latency = report.get("latency_ms")
+    lat = {"onnxruntime": float(latency)} if isinstance(latency, (int, float)) else {}
+    return (float(metric) if isinstance(metric, (int, float)) else None), lat
+
+
+def _kind(path: Path) -> str:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    ops = {n.op_type for n in model.graph.node}
+    if "QuantizeLinear" in ops or "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops:
+        return "onnx-qdq"
+    if "MatMulNBits" in ops:
+        return "onnx-int4w"
+    if any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer):
+        return "onnx-fp16"
+    return "onnx"
+
+
+def _io_and_samples(staging: Path, variants: list[Variant], default: str, data: Path | None,
+                    samples: int) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...], str | None, str | None]:
+    import onnxruntime as ort
+
+    v = next(x for x in variants if x.name == default)
+    sess = ort.InferenceSession(str(staging / v.file), providers=["CPUExecutionProvider"])
+
+    def spec(t: Any) -> TensorSpec:
+        dtype = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(int8)": "int8",
+                 "tensor(float16)": "float16"}.get(t.type, "float32")
+        return TensorSpec(name=t.name, shape=tuple(d if isinstance(d, int) else -1 for d in t.shape), dtype=dtype)
+
+    inputs = tuple(spec(t) for t in sess.get_inputs())
+    outputs = tuple(spec(t) for t in sess.get_outputs())
+    if data is None:
+        return inputs, outputs, None, None
+    with np.load(data) as npz:
+        feeds = {inputs[0].name: npz["x"][:samples].astype(np.float32)} if "x" in npz.files else \
+            {i.name: npz[i.name][:samples] for i in inputs}
+    expected = sess.run(None, feeds)
+    np.savez(staging / "samples.npz", **feeds)
+    np.savez(staging / "expected.npz", **{o.name: e for o, e in zip(outputs, expected, strict=True)})
+    return inputs, outputs, "samples.npz", "expected.npz"
+
+
+def health_check(bundle: str | Path, *, variant: str | None = None) -> dict[str, Any]:
+    """Load the bundle with the runtime, run the sample inputs, compare with the expected outputs."""
+    from edgekiln.runtime.engine import Runtime
+
+    rt = Runtime(bundle, warmup=0)
+    m = rt.manifest
+    name = variant or m.default_variant
+    if not m.sample_inputs or not m.sample_outputs:
+        rt.session(name)
+        return {"ok": True, "variant": name, "checked": 0, "max_abs_error": None}
+    with np.load(Path(bundle) / m.sample_inputs) as si, np.load(Path(bundle) / m.sample_outputs) as so:
+        feeds = {k: si[k] for k in si.files}
+        expected = so[so.files[0]]
+    got = rt.session(name).run(None, feeds)[0]
+    if got.shape != expected.shape:
+        return {"ok": False, "variant": name, "checked": len(expected),
+                "error": f"output shape {list(got.shape)} != expected {list(expected.shape)}"}
+    err = float(np.abs(got.astype(np.float64) - expected.astype(np.float64)).max())
+    return {"ok": err <= m.health_tolerance, "variant": name, "checked": len(expected), "max_abs_error": err}
