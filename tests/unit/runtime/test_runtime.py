@@ -148,3 +148,37 @@ def test_bundle_refuses_existing_output_and_missing_model(tmp_path):
     with pytest.raises(EdgekilnError, match="model file model.onnx named in report.json is missing"):
         build_bundle([a], tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
+
+
+def test_cascade_threshold_meets_the_budget_and_escalates_least():
+    from edgekiln.runtime.cascade import Cascade, choose_threshold
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 400)
+    big = rng.standard_normal((400, 10))
+    big[np.arange(400), labels] += 6.0                       # big: almost always right
+    small = rng.standard_normal((400, 10))
+    confident = rng.random(400) < 0.7
+    small[np.arange(400), labels] += np.where(confident, 6.0, 0.5)   # small: right when confident
+    choice = choose_threshold(small, big, labels, max_drop=0.01)
+    assert choice["accuracy"] >= choice["big_accuracy"] - 0.01, choice
+    assert choice["escalated"] < 0.5, f"escalates {choice['escalated']:.2f} of inputs; expected < 0.5"
+
+    cascade = Cascade(lambda x: small[x], lambda x: big[x], choice["threshold"])
+    out = cascade(np.arange(400))
+    acc = float((out.logits.argmax(1) == labels).mean())
+    assert abs(acc - choice["accuracy"]) < 1e-12
+    assert cascade.counts["escalated"] == int(out.escalated.sum())
+
+
+def test_cascade_keeps_answering_when_the_server_fails():
+    from edgekiln.runtime.cascade import Cascade
+
+    small = np.eye(10)[[0, 1, 2]] * 0.1  # all low confidence: everything escalates
+
+    def down(x):
+        raise ConnectionError("server down")
+
+    out = Cascade(lambda i: small[i], down, threshold=0.99)(np.arange(3))
+    assert out.fallback_failed.all() and not out.escalated.any()
+    assert out.logits.argmax(1).tolist() == [0, 1, 2]
