@@ -1,0 +1,140 @@
+"""The tools users would otherwise reach for, run the way their docs show, for comparisons.
+
+Each function takes a float ONNX model and the same calibration data edgekiln gets, and writes
+the peer's quantized model. ``ort_static_default`` keeps onnxruntime's defaults on purpose
+(that is the baseline a user gets); the others use the settings the field notes found best.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _reader(feeds: list[dict[str, np.ndarray]]) -> Any:
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it: Iterator[dict[str, np.ndarray]] = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
+
+        def rewind(self) -> None:
+            self._it = iter(feeds)
+
+    return Reader()
+
+
+def calibration_feeds(model_path: str | Path, calib: Mapping[str, np.ndarray] | np.ndarray,
+                      limit: int = 256) -> list[dict[str, np.ndarray]]:
+    """One feed dict per sample (batch 1), from an array (single input) or named arrays."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    arrays = {names[0]: np.asarray(calib)} if isinstance(calib, np.ndarray) else {n: np.asarray(calib[n]) for n in names}
+    n = min(limit, len(next(iter(arrays.values()))))
+    return [{k: v[i:i + 1] for k, v in arrays.items()} for i in range(n)]
+
+
+def ort_static_default(fp32: str | Path, feeds: list[dict[str, np.ndarray]], out: str | Path) -> Path:
+    """onnxruntime ``quantize_static`` with its defaults (QDQ, per-tensor, MinMax)."""
+    from onnxruntime.quantization import quantize_static
+
+    quantize_static(str(fp32), str(out), _reader(feeds))
+    return Path(out)
+
+
+def ort_dynamic_per_channel(fp32: str | Path, out: str | Path) -> Path:
+    """onnxruntime ``quantize_dynamic`` on MatMul/Gemm with int8 per-channel weights (the fast
+    setting on this CPU; Conv -> ConvInteger is 4-6x slower, so it is left float)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(fp32), str(out), op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+                     weight_type=QuantType.QInt8)
+    return Path(out)
+
+
+def nncf_openvino(fp32: str | Path, feeds: list[dict[str, np.ndarray]], out_xml: str | Path,
+                  *, transformer: bool = False) -> Path:
+    """``nncf.quantize`` on the OpenVINO model (its recommended flow); writes OpenVINO IR."""
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(str(fp32))
+    single = len(feeds[0]) == 1
+    data = nncf.Dataset([next(iter(f.values())) if single else f for f in feeds])
+    kwargs: dict[str, Any] = {"subset_size": len(feeds)}
+    if transformer:
+        kwargs["model_type"] = nncf.ModelType.TRANSFORMER
+    quantized = nncf.quantize(model, data, **kwargs)
+    ov.save_model(quantized, str(out_xml))
+    return Path(out_xml)
+
+
+def nncf_onnx(fp32: str | Path, feeds: list[dict[str, np.ndarray]], out: str | Path) -> Path:
+    """``nncf.quantize`` on the ONNX model: a QDQ ONNX model that onnxruntime runs."""
+    import nncf
+    import onnx
+
+    quantized = nncf.quantize(onnx.load(str(fp32)), nncf.Dataset(feeds), subset_size=len(feeds))
+    onnx.save(quantized, str(out))
+    return Path(out)
+
+
+def openvino_session(path: str | Path, *, threads: int = 1, f32: bool = True) -> Any:
+    """A compiled OpenVINO model called like ``session(feeds) -> list of outputs``.
+
+    NOTE: OpenVINO runs bf16 on AMX CPUs unless told f32; int8 layers stay int8 either way.
+    """
+    import openvino as ov
+
+    config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+    if f32:
+        config["INFERENCE_PRECISION_HINT"] = "f32"
+    compiled = ov.Core().compile_model(str(path), "CPU", config)
+    request = compiled.create_infer_request()
+
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        result = request.infer(feeds)
+        return [np.asarray(result[o]) for o in compiled.outputs]
+
+    return run
+
+
+def onnxruntime_session(path: str | Path, *, threads: int = 1) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return lambda feeds: sess.run(None, feeds)
+
+
+def time_session(run: Any, feeds: dict[str, np.ndarray], *, warmup: int = 50, runs: int = 300) -> dict[str, float]:
+    """p50/p90 latency (ms) of ``run(feeds)`` after a warm-up, perf_counter per call."""
+    import time
+
+    for _ in range(warmup):
+        run(feeds)
+    t = np.empty(runs)
+    for i in range(runs):
+        start = time.perf_counter()
+        run(feeds)
+        t[i] = (time.perf_counter() - start) * 1000.0
+    return {"p50": float(np.percentile(t, 50)), "p90": float(np.percentile(t, 90)), "mean": float(t.mean())}
+
+
+def predict(run: Any, arrays: Mapping[str, np.ndarray], batch: int = 1) -> np.ndarray:
+    """Outputs of ``run`` over every row of ``arrays`` (first output, concatenated)."""
+    n = len(next(iter(arrays.values())))
+    outs = [run({k: v[i:i + batch] for k, v in arrays.items()})[0] for i in range(0, n, batch)]
+    return np.concatenate(outs)
