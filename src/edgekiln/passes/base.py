@@ -73,6 +73,7 @@ class PassContext:
     work_dir: Path
     calib_path: Path | None = None   # npz with array ``x`` (and optionally ``y``)
     eval_path: Path | None = None    # npz with ``x`` and ``y``
+    train_path: Path | None = None   # npz with ``x`` and ``y`` for passes that fine-tune (prune, distill, QAT)
     metric: str = "accuracy"
     seed: int = 0
     strict: bool = True

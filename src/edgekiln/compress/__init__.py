@@ -1,0 +1,1 @@
+"""Torch-side compression mechanics: pruning, distillation, quantization-aware training."""
