@@ -72,3 +72,17 @@ def test_slow_network_keeps_everything_on_device_and_fast_network_offloads():
     graph = chain([(10.0, 1.0)] * 4, [100_000] * 4, input_bytes=50_000)
     assert plan(graph, bandwidth_bps=1e5, rtt_ms=20).label == "all-device"
     assert plan(graph, bandwidth_bps=1e9, rtt_ms=1).label == "all-server"
+
+
+def test_split_graph_from_onnx_measures_every_node(tmp_path):
+    from edgekiln.runtime.split_profile import split_graph
+    from edgekiln.testing.tiny import tiny_conv_onnx
+
+    path = tiny_conv_onnx(tmp_path / "m.onnx")
+    g = split_graph(path, {"input": np.zeros((1, 1, 8, 8), np.float32)}, device_factor=10.0, runs=5)
+    assert [n.name for n in g.nodes] == ["conv1", "relu1", "flatten", "fc"]
+    assert all(n.device_ms == pytest.approx(10.0 * n.server_ms) for n in g.nodes)
+    assert g.tensor_bytes["c1"] == 4 * 6 * 6 * 4 and g.tensor_bytes["input"] == 64 * 4
+    assert g.nodes[0].server_ms > 0
+    g8 = split_graph(path, {"input": np.zeros((1, 1, 8, 8), np.float32)}, device_factor=1.0, int8_transfer=True, runs=5)
+    assert g8.tensor_bytes["c1"] == 4 * 6 * 6
