@@ -21,8 +21,11 @@ def node_latencies_ms(model_path: str | Path, feeds: dict[str, np.ndarray], *, r
     that nodes keep their names (fusion would merge the candidate cut points)."""
     import onnxruntime as ort
 
+    import tempfile
+
     so = ort.SessionOptions()
     so.enable_profiling = True
+    so.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="edgekiln-prof-")) / "ort")
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
