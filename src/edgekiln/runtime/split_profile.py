@@ -19,9 +19,9 @@ def node_latencies_ms(model_path: str | Path, feeds: dict[str, np.ndarray], *, r
                       threads: int = 1) -> dict[str, float]:
     """Median kernel time per node (ms) over ``runs`` profiled runs, graph optimizations off so
     that nodes keep their names (fusion would merge the candidate cut points)."""
-    import onnxruntime as ort
-
     import tempfile
+
+    import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.enable_profiling = True
