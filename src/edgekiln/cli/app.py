@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "edgekiln.cli.example_cmd",
     "edgekiln.cli.optimize_cmd",
     "edgekiln.cli.runtime_cmd",
+    "edgekiln.cli.split_cmd",
     "edgekiln.cli.export_cmd",
     "edgekiln.cli.verify_c_cmd",
 )
