@@ -48,3 +48,13 @@ def test_export_tflite_rejects_a_float_model_and_a_bad_npz(tmp_path):
     bad = atomic_save_npz(tmp_path / "bad.npz", inputs=np.zeros((2, 1, 8, 8), np.float32))
     with pytest.raises(EdgekilnError, match="no array 'x'"):
         export_tflite(qdq, tmp_path / "o2", eval_npz=bad, measure_arena=False)
+
+
+def test_export_cli_to_tflite_writes_a_model_that_litert_runs(tmp_path):
+    pytest.importorskip("ai_edge_litert", reason="LiteRT is the optional [mcu] extra")
+    from edgekiln.cli.app import main
+    from edgekiln.codegen.testmodels import tiny_qdq_model
+
+    model = tiny_qdq_model(tmp_path / "t.onnx")
+    main(["export", str(model), "--to", "tflite", "--out", str(tmp_path / "o")])  # raises SystemExit on failure
+    assert (tmp_path / "o" / "model.tflite").stat().st_size > 0

@@ -1,0 +1,244 @@
+/* edgekiln integer kernels (portable reference C99). See ek_kernels.h. */
+#include "ek_kernels.h"
+
+static int64_t ek_floor_shift(int64_t x, int32_t t) {
+    /* floor(x / 2^t) without relying on implementation-defined >> of negative values. */
+    if (x >= 0) {
+        return x >> t;
+    }
+    return -((-x + (((int64_t)1 << t) - 1)) >> t);
+}
+
+static int64_t ek_floor_div(int64_t n, int64_t d) {
+    int64_t q = n / d;
+    if ((n % d != 0) && (n < 0)) {
+        q -= 1;
+    }
+    return q;
+}
+
+/* n / d rounded to nearest, ties to even; d > 0. */
+static int64_t ek_div_round_half_even(int64_t n, int64_t d) {
+    int64_t q = ek_floor_div(n, d);
+    int64_t r2 = 2 * (n - q * d);
+    if (r2 > d || (r2 == d && (q & 1) != 0)) {
+        q += 1;
+    }
+    return q;
+}
+
+static int8_t ek_clamp8(int32_t v, int32_t lo, int32_t hi) {
+    if (v < lo) {
+        v = lo;
+    }
+    if (v > hi) {
+        v = hi;
+    }
+    return (int8_t)v;
+}
+
+int32_t ek_requant(int32_t acc, int32_t mult, int32_t shift) {
+    int32_t t;
+    int64_t y;
+    if (mult == 0) {
+        return 0;
+    }
+    t = 31 - shift;
+    y = ek_floor_shift((int64_t)acc * (int64_t)mult + ((int64_t)1 << (t - 1)), t);
+    if (y > INT32_MAX) {
+        y = INT32_MAX;
+    }
+    if (y < INT32_MIN) {
+        y = INT32_MIN;
+    }
+    return (int32_t)y;
+}
+
+void ek_conv2d(const ek_conv_params *p, const int8_t *in, const int8_t *weights, const int32_t *bias,
+               const int32_t *mult, const int32_t *shift, int8_t *out) {
+    const int32_t cin_g = p->in_c / p->groups;
+    const int32_t cout_g = p->out_c / p->groups;
+    int32_t oy, ox, oc, ky, kx, ic;
+    for (oy = 0; oy < p->out_h; ++oy) {
+        for (ox = 0; ox < p->out_w; ++ox) {
+            for (oc = 0; oc < p->out_c; ++oc) {
+                const int32_t ic0 = (oc / cout_g) * cin_g;
+                const int8_t *w = weights + (int32_t)oc * p->k_h * p->k_w * cin_g;
+                int32_t acc = bias[oc];
+                for (ky = 0; ky < p->k_h; ++ky) {
+                    const int32_t iy = oy * p->stride_h - p->pad_top + ky * p->dil_h;
+                    if (iy < 0 || iy >= p->in_h) {
+                        continue; /* padding holds the zero point: (x - zp) * w == 0 */
+                    }
+                    for (kx = 0; kx < p->k_w; ++kx) {
+                        const int32_t ix = ox * p->stride_w - p->pad_left + kx * p->dil_w;
+                        const int8_t *x;
+                        const int8_t *wk;
+                        if (ix < 0 || ix >= p->in_w) {
+                            continue;
+                        }
+                        x = in + ((int32_t)iy * p->in_w + ix) * p->in_c + ic0;
+                        wk = w + (ky * p->k_w + kx) * cin_g;
+                        for (ic = 0; ic < cin_g; ++ic) {
+                            acc += ((int32_t)x[ic] - p->input_zp) * (int32_t)wk[ic];
+                        }
+                    }
+                }
+                acc = ek_requant(acc, mult[oc], shift[oc]) + p->output_zp;
+                out[((int32_t)oy * p->out_w + ox) * p->out_c + oc] = ek_clamp8(acc, p->act_min, p->act_max);
+            }
+        }
+    }
+}
+
+void ek_fully_connected(const ek_fc_params *p, const int8_t *in, const int8_t *weights, const int32_t *bias,
+                        const int32_t *mult, const int32_t *shift, int8_t *out) {
+    int32_t o, i;
+    for (o = 0; o < p->out_features; ++o) {
+        const int8_t *w = weights + (int32_t)o * p->in_features;
+        int32_t acc = bias[o];
+        for (i = 0; i < p->in_features; ++i) {
+            acc += ((int32_t)in[i] - p->input_zp) * (int32_t)w[i];
+        }
+        acc = ek_requant(acc, mult[o], shift[o]) + p->output_zp;
+        out[o] = ek_clamp8(acc, p->act_min, p->act_max);
+    }
+}
+
+void ek_add(const ek_add_params *p, const int8_t *a, const int8_t *b, int8_t *out) {
+    int32_t i;
+    for (i = 0; i < p->size; ++i) {
+        /* (x - zp) * 2^left_shift fits in int32: |x - zp| <= 255 and left_shift is 20. */
+        const int32_t xa = ((int32_t)a[i] - p->a_zp) * ((int32_t)1 << p->left_shift);
+        const int32_t xb = ((int32_t)b[i] - p->b_zp) * ((int32_t)1 << p->left_shift);
+        const int32_t sum = ek_requant(xa, p->a_mult, p->a_shift) + ek_requant(xb, p->b_mult, p->b_shift);
+        out[i] = ek_clamp8(ek_requant(sum, p->out_mult, p->out_shift) + p->output_zp, p->act_min, p->act_max);
+    }
+}
+
+void ek_requantize(const ek_requant_params *p, const int8_t *in, int8_t *out) {
+    int32_t i;
+    for (i = 0; i < p->size; ++i) {
+        const int32_t y = ek_requant((int32_t)in[i] - p->input_zp, p->mult, p->shift) + p->output_zp;
+        out[i] = ek_clamp8(y, p->act_min, p->act_max);
+    }
+}
+
+void ek_max_pool(const ek_pool_params *p, const int8_t *in, int8_t *out) {
+    int32_t oy, ox, c, ky, kx;
+    for (oy = 0; oy < p->out_h; ++oy) {
+        for (ox = 0; ox < p->out_w; ++ox) {
+            for (c = 0; c < p->channels; ++c) {
+                int32_t best = -129;
+                for (ky = 0; ky < p->k_h; ++ky) {
+                    const int32_t iy = oy * p->stride_h - p->pad_top + ky;
+                    if (iy < 0 || iy >= p->in_h) {
+                        continue;
+                    }
+                    for (kx = 0; kx < p->k_w; ++kx) {
+                        const int32_t ix = ox * p->stride_w - p->pad_left + kx;
+                        int32_t v;
+                        if (ix < 0 || ix >= p->in_w) {
+                            continue;
+                        }
+                        v = in[((int32_t)iy * p->in_w + ix) * p->channels + c];
+                        if (v > best) {
+                            best = v;
+                        }
+                    }
+                }
+                out[((int32_t)oy * p->out_w + ox) * p->channels + c] = (int8_t)best;
+            }
+        }
+    }
+}
+
+void ek_avg_pool(const ek_pool_params *p, const int8_t *in, int8_t *out) {
+    const int32_t t = 31 - p->shift;
+    int32_t oy, ox, c, ky, kx;
+    for (oy = 0; oy < p->out_h; ++oy) {
+        for (ox = 0; ox < p->out_w; ++ox) {
+            for (c = 0; c < p->channels; ++c) {
+                int32_t sum = 0;
+                int32_t count = 0;
+                int64_t q;
+                for (ky = 0; ky < p->k_h; ++ky) {
+                    const int32_t iy = oy * p->stride_h - p->pad_top + ky;
+                    if (iy < 0 || iy >= p->in_h) {
+                        continue;
+                    }
+                    for (kx = 0; kx < p->k_w; ++kx) {
+                        const int32_t ix = ox * p->stride_w - p->pad_left + kx;
+                        if (ix < 0 || ix >= p->in_w) {
+                            continue;
+                        }
+                        sum += (int32_t)in[((int32_t)iy * p->in_w + ix) * p->channels + c] - p->input_zp;
+                        count += 1;
+                    }
+                }
+                if (p->count_include_pad) {
+                    count = p->k_h * p->k_w;
+                }
+                q = ek_div_round_half_even((int64_t)sum * p->mult, (int64_t)count << t) + p->output_zp;
+                if (q < -128) {
+                    q = -128;
+                }
+                if (q > 127) {
+                    q = 127;
+                }
+                out[((int32_t)oy * p->out_w + ox) * p->channels + c] = (int8_t)q;
+            }
+        }
+    }
+}
+
+void ek_concat(const ek_concat_params *p, const int8_t *const *inputs, const int32_t *channels,
+               const int32_t *zps, const int32_t *mult, const int32_t *shift, int8_t *out) {
+    int32_t i, r, c, offset = 0;
+    for (i = 0; i < p->n_inputs; ++i) {
+        for (r = 0; r < p->outer; ++r) {
+            const int8_t *src = inputs[i] + (int32_t)r * channels[i];
+            int8_t *dst = out + (int32_t)r * p->out_c + offset;
+            for (c = 0; c < channels[i]; ++c) {
+                const int32_t y = ek_requant((int32_t)src[c] - zps[i], mult[i], shift[i]) + p->output_zp;
+                dst[c] = ek_clamp8(y, -128, 127);
+            }
+        }
+        offset += channels[i];
+    }
+}
+
+void ek_softmax(const ek_softmax_params *p, const int8_t *in, const int32_t *lut, int8_t *out) {
+    int32_t r, i;
+    for (r = 0; r < p->rows; ++r) {
+        const int8_t *x = in + (int32_t)r * p->depth;
+        int8_t *y = out + (int32_t)r * p->depth;
+        int32_t max = -128;
+        int64_t sum = 0;
+        int64_t denom;
+        for (i = 0; i < p->depth; ++i) {
+            if (x[i] > max) {
+                max = x[i];
+            }
+        }
+        for (i = 0; i < p->depth; ++i) {
+            sum += lut[max - x[i]];
+        }
+        denom = sum << p->div_shift;
+        for (i = 0; i < p->depth; ++i) {
+            const int64_t num = 2 * (int64_t)lut[max - x[i]] * p->inv_mult + denom;
+            y[i] = ek_clamp8((int32_t)(num / (2 * denom)) + p->output_zp, -128, 127);
+        }
+    }
+}
+
+void ek_transpose_nchw(const ek_transpose_params *p, const int8_t *in, int8_t *out) {
+    int32_t h, w, c;
+    for (h = 0; h < p->height; ++h) {
+        for (w = 0; w < p->width; ++w) {
+            for (c = 0; c < p->channels; ++c) {
+                out[((int32_t)c * p->height + h) * p->width + w] = in[((int32_t)h * p->width + w) * p->channels + c];
+            }
+        }
+    }
+}

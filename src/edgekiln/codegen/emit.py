@@ -1,0 +1,227 @@
+"""C99 emitter: an :class:`IntGraph` plus its :class:`MemoryPlan` -> a self-contained C library.
+
+Files: ``NAME.h`` (API + I/O shape and quantization defines), ``NAME.c`` (weights as
+``static const`` arrays, one static arena, straight-line kernel calls), ``ek_kernels.c/.h``
+(copied from package data), ``CMakeLists.txt`` and an example/harness ``main.c``. The output
+depends only on the graph: the same model gives byte-identical files (no dates, no paths).
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from edgekiln.codegen.ir import IntGraph, Op
+from edgekiln.codegen.planner import MemoryPlan
+from edgekiln.errors import EdgekilnError
+from edgekiln.fileio import atomic_write_text
+
+_STRUCT = {"conv2d": "ek_conv_params", "fully_connected": "ek_fc_params", "add": "ek_add_params",
+           "requantize": "ek_requant_params", "max_pool": "ek_pool_params", "avg_pool": "ek_pool_params",
+           "concat": "ek_concat_params", "softmax": "ek_softmax_params", "transpose_nchw": "ek_transpose_params"}
+_FIELDS = {  # struct field order, as declared in ek_kernels.h
+    "ek_conv_params": ("in_h in_w in_c out_h out_w out_c k_h k_w stride_h stride_w dil_h dil_w pad_top pad_left "
+                       "groups input_zp output_zp act_min act_max"),
+    "ek_fc_params": "in_features out_features input_zp output_zp act_min act_max",
+    "ek_add_params": ("size a_zp b_zp output_zp left_shift a_mult a_shift b_mult b_shift out_mult out_shift "
+                      "act_min act_max"),
+    "ek_requant_params": "size input_zp output_zp mult shift act_min act_max",
+    "ek_pool_params": ("in_h in_w channels out_h out_w k_h k_w stride_h stride_w pad_top pad_left "
+                       "count_include_pad input_zp output_zp mult shift"),
+    "ek_concat_params": "outer out_c n_inputs output_zp",
+    "ek_softmax_params": "rows depth output_zp inv_mult div_shift",
+    "ek_transpose_params": "height width channels",
+}
+_ARRAY_ORDER = {"conv2d": ("weights", "bias", "mult", "shift"), "fully_connected": ("weights", "bias", "mult", "shift"),
+                "concat": ("channels", "zps", "mult", "shift"), "softmax": ("lut",)}
+_CTYPE = {np.dtype(np.int8): "int8_t", np.dtype(np.int32): "int32_t"}
+
+KERNEL_FILES = ("ek_kernels.h", "ek_kernels.c")
+
+
+def check_prefix(prefix: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,40}", prefix):
+        raise EdgekilnError(f"--prefix {prefix!r} must be a C identifier (letters, digits, _; not starting "
+                            "with a digit)")
+    return prefix
+
+
+def kernel_source(name: str) -> str:
+    """The text of a packaged C kernel file (``ek_kernels.c`` or ``ek_kernels.h``)."""
+    return resources.files("edgekiln.codegen").joinpath("c", name).read_text(encoding="utf-8")
+
+
+def _array(ctype: str, name: str, values: np.ndarray) -> str:
+    flat = [str(int(v)) for v in np.asarray(values).reshape(-1)]
+    rows = [", ".join(flat[i:i + 16]) for i in range(0, len(flat), 16)]
+    body = ",\n    ".join(rows)
+    return f"static const {ctype} {name}[{len(flat)}] = {{\n    {body}\n}};\n"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.:-]", "_", name)
+
+
+def _ptr(plan: MemoryPlan, tensor: str) -> str:
+    where, offset = plan.location[tensor]
+    return "input" if where == "input" else "output" if where == "output" else f"arena + {offset}"
+
+
+def _op_decls(i: int, op: Op) -> str:
+    out = [f"/* step {i}: {op.kind} {_safe(op.name)} */\n"]
+    for key in _ARRAY_ORDER.get(op.kind, ()):
+        arr = op.arrays[key]
+        out.append(_array(_CTYPE[arr.dtype], f"op{i}_{key}", arr))
+    if op.kind in _STRUCT:
+        struct = _STRUCT[op.kind]
+        # NOTE: max_pool shares ek_pool_params with avg_pool and leaves the averaging fields 0.
+        attrs = {**dict.fromkeys(_FIELDS[struct].split(), 0), **op.attrs} if op.kind == "max_pool" else op.attrs
+        fields = ", ".join(f".{f} = {int(attrs[f])}" for f in _FIELDS[struct].split())
+        out.append(f"static const {struct} op{i}_params = {{ {fields} }};\n")
+    return "".join(out)
+
+
+def _op_call(i: int, op: Op, plan: MemoryPlan) -> str:
+    ins = [_ptr(plan, n) for n in op.inputs]
+    y = _ptr(plan, op.output)
+    p = f"&op{i}_params"
+    if op.kind == "reshape":
+        src, dst = plan.location[op.inputs[0]], plan.location[op.output]
+        if src == dst:
+            return f"    /* step {i}: {_safe(op.name)}: reshape is a view (no code) */\n"
+        return (f"    {{ int32_t k; for (k = 0; k < {op.attrs['size']}; ++k) {{ ({y})[k] = ({ins[0]})[k]; }} }}"
+                f" /* step {i}: reshape copy */\n")
+    if op.kind in ("conv2d", "fully_connected"):
+        fn = "ek_conv2d" if op.kind == "conv2d" else "ek_fully_connected"
+        return f"    {fn}({p}, {ins[0]}, op{i}_weights, op{i}_bias, op{i}_mult, op{i}_shift, {y});\n"
+    if op.kind == "add":
+        return f"    ek_add({p}, {ins[0]}, {ins[1]}, {y});\n"
+    if op.kind == "concat":
+        return (f"    {{\n        const int8_t *const ins[{len(ins)}] = {{ {', '.join(ins)} }};\n"
+                f"        ek_concat({p}, ins, op{i}_channels, op{i}_zps, op{i}_mult, op{i}_shift, {y});\n    }}\n")
+    if op.kind == "softmax":
+        return f"    ek_softmax({p}, {ins[0]}, op{i}_lut, {y});\n"
+    fn = {"requantize": "ek_requantize", "max_pool": "ek_max_pool", "avg_pool": "ek_avg_pool",
+          "transpose_nchw": "ek_transpose_nchw"}[op.kind]
+    return f"    {fn}({p}, {ins[0]}, {y});\n"
+
+
+def render_header(graph: IntGraph, plan: MemoryPlan, prefix: str) -> str:
+    up = prefix.upper()
+    ti, to = graph.tensors[graph.input], graph.tensors[graph.output]
+    lines = [f"/* {prefix}.h: generated by edgekiln (integer-only int8 inference). Do not edit. */",
+             f"#ifndef {up}_H", f"#define {up}_H", "", "#include <stdint.h>", "",
+             "/* Tensors are NHWC (channels last), batch 1. Quantize the input as",
+             " * q = clamp(round_half_even(x / SCALE) + ZERO_POINT, -128, 127). */"]
+    for tag, t in (("INPUT", ti), ("OUTPUT", to)):
+        lines.append(f"#define {up}_{tag}_SIZE {t.size}")
+        lines.append(f"#define {up}_{tag}_RANK {len(t.shape)}")
+        lines += [f"#define {up}_{tag}_DIM{k} {d}" for k, d in enumerate(t.shape)]
+        lines.append(f"#define {up}_{tag}_SCALE {t.scale!r}f")
+        lines.append(f"#define {up}_{tag}_ZERO_POINT ({t.zero_point})")
+    lines += [f"#define {up}_ARENA_BYTES {plan.arena_bytes}", "",
+              "/* Run one inference. input: INPUT_SIZE int8 values; output: OUTPUT_SIZE int8 values.",
+              " * Returns 0. Not reentrant (one static arena). */",
+              f"int {prefix}_invoke(const int8_t *input, int8_t *output);", "", f"#endif /* {up}_H */", ""]
+    return "\n".join(lines)
+
+
+def render_source(graph: IntGraph, plan: MemoryPlan, prefix: str) -> str:
+    arena = max(plan.arena_bytes, 4)
+    parts = [f"/* {prefix}.c: generated by edgekiln. Do not edit.\n"
+             f" * {len(plan.schedule)} steps, arena {plan.arena_bytes} bytes, weights {graph.weight_bytes} bytes. */\n",
+             f'#include "{prefix}.h"\n#include "ek_kernels.h"\n\n',
+             "/* One static arena for all intermediate tensors; the union keeps it 4-byte aligned. */\n",
+             f"static union {{\n    int32_t align;\n    int8_t bytes[{arena}];\n}} {prefix}_arena;\n\n"]
+    parts += [_op_decls(i, op) + "\n" for i, op in enumerate(plan.schedule) if op.kind != "reshape"]
+    parts.append(f"int {prefix}_invoke(const int8_t *input, int8_t *output) {{\n")
+    parts.append(f"    int8_t *const arena = {prefix}_arena.bytes;\n")
+    uses_arena = any(w == "arena" for w, _ in plan.location.values())
+    if not uses_arena:
+        parts.append("    (void)arena;\n")
+    parts += [_op_call(i, op, plan) for i, op in enumerate(plan.schedule)]
+    parts.append("    return 0;\n}\n")
+    return "".join(parts)
+
+
+def render_cmake(prefix: str) -> str:
+    return f"""cmake_minimum_required(VERSION 3.13)
+project({prefix} C)
+
+# The generated library: C99, no malloc, no OS, no floating point in the int8 path.
+add_library({prefix} STATIC {prefix}.c ek_kernels.c)
+target_include_directories({prefix} PUBLIC ${{CMAKE_CURRENT_SOURCE_DIR}})
+set_target_properties({prefix} PROPERTIES C_STANDARD 99 C_STANDARD_REQUIRED ON C_EXTENSIONS OFF)
+
+# Host example / test harness (uses stdio); not built when cross-compiling for a device.
+if(NOT CMAKE_CROSSCOMPILING)
+  add_executable({prefix}_example main.c)
+  target_link_libraries({prefix}_example PRIVATE {prefix})
+endif()
+"""
+
+
+def render_main(prefix: str) -> str:
+    up = prefix.upper()
+    return f"""/* Example and host test harness for {prefix} (generated by edgekiln).
+ *   {prefix}_example                  run once on an all-zero-point input and print the output
+ *   {prefix}_example IN.bin OUT.bin   read N * {up}_INPUT_SIZE int8 bytes, write N outputs */
+#include <stdio.h>
+#include "{prefix}.h"
+
+static int8_t input[{up}_INPUT_SIZE];
+static int8_t output[{up}_OUTPUT_SIZE];
+
+int main(int argc, char **argv) {{
+    int i;
+    if (argc == 3) {{
+        FILE *fin = fopen(argv[1], "rb");
+        FILE *fout = fopen(argv[2], "wb");
+        long n = 0;
+        if (fin == NULL || fout == NULL) {{
+            fprintf(stderr, "cannot open %s or %s\\n", argv[1], argv[2]);
+            return 2;
+        }}
+        while (fread(input, 1, sizeof input, fin) == sizeof input) {{
+            {prefix}_invoke(input, output);
+            if (fwrite(output, 1, sizeof output, fout) != sizeof output) {{
+                return 3;
+            }}
+            n++;
+        }}
+        fclose(fin);
+        fclose(fout);
+        printf("ran %ld inferences\\n", n);
+        return 0;
+    }}
+    for (i = 0; i < {up}_INPUT_SIZE; ++i) {{
+        input[i] = (int8_t){up}_INPUT_ZERO_POINT;
+    }}
+    {prefix}_invoke(input, output);
+    for (i = 0; i < {up}_OUTPUT_SIZE; ++i) {{
+        printf("%d%s", output[i], i + 1 < {up}_OUTPUT_SIZE ? " " : "\\n");
+    }}
+    return 0;
+}}
+"""
+
+
+def render_library(graph: IntGraph, plan: MemoryPlan, prefix: str) -> dict[str, str]:
+    """All files of the C library as ``{file name: text}`` (deterministic)."""
+    check_prefix(prefix)
+    if plan.location[graph.output][0] != "output":
+        raise EdgekilnError("the model's output is its input (no computation): nothing to export")
+    files = {f"{prefix}.h": render_header(graph, plan, prefix), f"{prefix}.c": render_source(graph, plan, prefix)}
+    files.update({name: kernel_source(name) for name in KERNEL_FILES})
+    files["CMakeLists.txt"] = render_cmake(prefix)
+    files["main.c"] = render_main(prefix)
+    return files
+
+
+def write_library(graph: IntGraph, plan: MemoryPlan, out_dir: str | Path, prefix: str) -> list[Path]:
+    """Write :func:`render_library`'s files into ``out_dir`` atomically; return their paths."""
+    out_dir = Path(out_dir)
+    return [atomic_write_text(out_dir / name, text) for name, text in render_library(graph, plan, prefix).items()]

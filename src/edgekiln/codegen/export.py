@@ -1,0 +1,108 @@
+"""``export_c``: QDQ int8 ONNX -> integer C library + report (arena, flash, per-op table, memory plot)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgekiln.codegen.emit import check_prefix, write_library
+from edgekiln.codegen.ir import IntGraph, load_qdq
+from edgekiln.codegen.planner import MemoryPlan, plan_memory, plot_live_memory
+from edgekiln.errors import EdgekilnError
+
+#: Cortex-M4 ``-mthumb -Os`` code bytes per kernel, measured with arm-none-eabi-gcc 12 on
+#: ek_kernels.c (``-ffunction-sections``); ``_call`` is the per-step call site in NAME.c and
+#: ``_ldiv`` libgcc's 64-bit division, pulled in by avg_pool and softmax.
+CODE_BYTES = {"_requant": 178, "_call": 28, "_ldiv": 400, "conv2d": 340, "fully_connected": 108, "add": 108,
+              "requantize": 58, "max_pool": 164, "avg_pool": 360, "concat": 146, "softmax": 224,
+              "transpose_nchw": 74, "reshape": 0}
+#: bytes of one int32 field in a ``static const`` parameter struct.
+_FIELD_BYTES = 4
+
+
+@dataclass
+class CExport:
+    """What :func:`export_c` produced."""
+
+    out_dir: Path
+    prefix: str
+    graph: IntGraph
+    plan: MemoryPlan
+    files: list[Path]
+    flash: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        g = self.graph
+        ti, to = g.tensors[g.input], g.tensors[g.output]
+        return {
+            "target": "c", "prefix": self.prefix, "files": [p.name for p in self.files],
+            "arena_bytes": self.plan.arena_bytes, "io_bytes": ti.size + to.size,
+            "ram_bytes": self.plan.arena_bytes + ti.size + to.size,
+            "flash_bytes": self.flash["total"], "flash": self.flash, "macs": g.macs,
+            "input": {"shape_nhwc": list(ti.shape), "scale": ti.scale, "zero_point": ti.zero_point},
+            "output": {"shape_nhwc": list(to.shape), "scale": to.scale, "zero_point": to.zero_point},
+            "memory_plan": self.plan.to_dict(),
+            "ops": [{"step": i, "name": op.name, "kind": op.kind, "output_shape": list(g.tensors[op.output].shape),
+                     "macs": op.macs, "const_bytes": op.const_bytes, "location": self.plan.location[op.output]}
+                    for i, op in enumerate(self.plan.schedule)],
+        }
+
+
+def estimate_flash(graph: IntGraph) -> dict[str, int]:
+    """Flash bytes: constant arrays + parameter structs + a code-size estimate (see :data:`CODE_BYTES`)."""
+    from edgekiln.codegen.emit import _FIELDS, _STRUCT
+
+    weights = graph.weight_bytes
+    params = sum(len(_FIELDS[_STRUCT[op.kind]].split()) * _FIELD_BYTES for op in graph.ops if op.kind in _STRUCT)
+    kinds = {op.kind for op in graph.ops}
+    code = CODE_BYTES["_requant"] + sum(CODE_BYTES[k] for k in kinds) + CODE_BYTES["_call"] * len(graph.ops)
+    if kinds & {"avg_pool", "softmax"}:
+        code += CODE_BYTES["_ldiv"]
+    return {"weights": weights, "params": params, "code_estimate": code, "total": weights + params + code}
+
+
+def export_c(model: str | Path, out_dir: str | Path, *, prefix: str = "model", reorder: bool = True) -> CExport:
+    """Lower a QDQ int8 ONNX model to a C99 library in ``out_dir``; plot and plan included.
+
+    >>> # res = export_c("mnist_int8.onnx", "out/c", prefix="mnist"); res.plan.arena_bytes
+    """
+    check_prefix(prefix)
+    model = Path(model)
+    if not model.is_file():
+        raise EdgekilnError(f"{model}: no such ONNX file")
+    graph = load_qdq(model)
+    plan = plan_memory(graph, reorder=reorder)
+    out_dir = Path(out_dir)
+    files = write_library(graph, plan, out_dir, prefix)
+    return CExport(out_dir, prefix, graph, plan, files, estimate_flash(graph))
+
+
+def render_markdown(res: CExport, model: str) -> str:
+    from edgekiln.report import md_table
+
+    d = res.to_dict()
+    lines = [f"# C export: {model}", "",
+             f"- library: `{res.prefix}.h`, `{res.prefix}.c`, `ek_kernels.c/.h`, `CMakeLists.txt`, `main.c`",
+             f"- arena (RAM, planned): **{d['arena_bytes']} B** (every tensor in its own buffer: "
+             f"{res.plan.naive_bytes} B); I/O buffers {d['io_bytes']} B; total RAM {d['ram_bytes']} B",
+             f"- flash: **{d['flash_bytes']} B** = weights {res.flash['weights']} + parameters {res.flash['params']}"
+             f" + code (estimate, Cortex-M4 -Os) {res.flash['code_estimate']}",
+             f"- MACs: {d['macs']}; schedule reordered for memory: {res.plan.reordered}",
+             "- layout: NHWC (channels last), batch 1; input quantization: "
+             f"scale {d['input']['scale']:.6g}, zero point {d['input']['zero_point']}", "",
+             md_table(["step", "op", "kind", "output (NHWC)", "MACs", "const B", "buffer", "live B"],
+                      [[o["step"], o["name"], o["kind"], "x".join(map(str, o["output_shape"])), o["macs"],
+                        o["const_bytes"], f"{o['location'][0]}+{o['location'][1]}" if o["location"][0] == "arena"
+                        else o["location"][0], res.plan.live_bytes[o["step"]]] for o in d["ops"]]),
+             "", "![live memory](memory.png)"]
+    return "\n".join(lines)
+
+
+def write_export_report(res: CExport, model: str) -> Path:
+    """Write ``memory.png``, ``report.json`` and ``report.md`` next to the library."""
+    from edgekiln.report import write_report
+
+    plot_live_memory(res.plan, str(res.out_dir / "memory.png"))
+    return write_report(res.out_dir, command="export", data={"model": str(model), **res.to_dict()},
+                        markdown=render_markdown(res, model))

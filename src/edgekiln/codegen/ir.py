@@ -1,0 +1,230 @@
+"""Integer graph IR: an int8 QDQ ONNX model lowered to a schedule of integer kernels.
+
+Reading a QDQ model (onnxruntime ``quantize_static`` in QDQ format: per-channel int8 weights,
+int8 activations, int32 bias) works on the Q/DQ pairs: every ``QuantizeLinear`` output is an
+int8 tensor with one scale and zero point; every float compute node between DequantizeLinear
+inputs and a QuantizeLinear output becomes one integer op (see :mod:`edgekiln.codegen.lower`).
+All multipliers, shifts, folded biases and lookup tables are computed here, once, at export
+time ("prepare once"); the C code only runs the integer loops.
+
+Layout: the C tensors are **NHWC** (channels last), batch 1. NOTE: channels-last keeps the
+innermost loops of conv, depthwise conv, pooling, per-channel requantization and channel
+concat on contiguous memory, and it is the layout TFLM and CMSIS-NN kernels use, so the
+generated code can later swap in those kernels. ONNX is NCHW: weights are permuted at export
+time, and a Flatten of an ``H*W > 1`` feature map feeding a fully connected layer is handled by
+permuting the FC weight columns (no run-time transpose). For a 1-channel input (MNIST) NCHW and
+NHWC bytes are identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekiln.errors import EdgekilnError
+
+#: ONNX ops the C backend lowers (besides QuantizeLinear/DequantizeLinear).
+SUPPORTED_OPS = ("Conv", "Gemm", "MatMul", "Add", "Relu", "Clip", "MaxPool", "AveragePool",
+                 "GlobalAveragePool", "Flatten", "Reshape", "Concat", "Softmax")
+
+
+@dataclass
+class QTensor:
+    """An int8 tensor in C layout (NHWC for 4-D, batch 1) with its affine quantization."""
+
+    name: str
+    shape: tuple[int, ...]
+    scale: float
+    zero_point: int
+    #: (C, H, W) when this 2-D tensor is an NHWC feature map flattened in ONNX's NCHW order.
+    nchw_flatten_of: tuple[int, int, int] | None = None
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+
+@dataclass(eq=False)  # NOTE: identity equality: ops hold numpy arrays
+class Op:
+    """One integer kernel call: ``kind`` names the kernel in ``reference.py`` and ``ek_kernels.c``."""
+
+    kind: str
+    name: str
+    inputs: list[str]
+    output: str
+    attrs: dict[str, int] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    macs: int = 0
+
+    @property
+    def const_bytes(self) -> int:
+        return int(sum(a.nbytes for a in self.arrays.values()))
+
+
+@dataclass
+class IntGraph:
+    """The lowered model: tensors by name, ops in schedule order, one input and one output."""
+
+    tensors: dict[str, QTensor]
+    ops: list[Op]
+    input: str
+    output: str
+    onnx_input_name: str
+    onnx_input_shape: tuple[int, ...]
+    onnx_output_shape: tuple[int, ...]
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(op.const_bytes for op in self.ops)
+
+    @property
+    def macs(self) -> int:
+        return sum(op.macs for op in self.ops)
+
+    def consumers(self, tensor: str) -> list[Op]:
+        return [op for op in self.ops if tensor in op.inputs]
+
+
+@dataclass
+class _Ctx:
+    """Lookup tables over the ONNX graph, used while lowering nodes."""
+
+    inits: dict[str, np.ndarray]
+    act_dq: dict[str, str]                 # DQ float output -> int8 tensor name
+    const_dq: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int]]  # -> (q, scale, zp, axis)
+    q_of: dict[str, list[Any]]             # float tensor -> QuantizeLinear nodes reading it
+    float_consumers: dict[str, list[Any]]  # float tensor -> nodes reading it
+    graph: IntGraph
+
+
+def load_qdq(model: Any) -> IntGraph:
+    """Lower an int8 QDQ ONNX model (path or ``ModelProto``) to an :class:`IntGraph`.
+
+    Raises :class:`EdgekilnError` naming the op and node for anything outside
+    :data:`SUPPORTED_OPS`, a float (unquantized) path, or a second graph input/output.
+
+    >>> from edgekiln.codegen.testmodels import tiny_qdq_model  # doctest: +SKIP
+    >>> load_qdq(tiny_qdq_model("/tmp/t")).ops[0].kind            # doctest: +SKIP
+    'conv2d'
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    from edgekiln.codegen import lower
+
+    if isinstance(model, str | Path):
+        model = onnx.load(str(model))
+    g = model.graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    for node in g.node:
+        if node.op_type == "Constant":
+            inits[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    real_inputs = [i for i in g.input if i.name not in inits]
+    if len(real_inputs) != 1 or len(g.output) != 1:
+        raise EdgekilnError(f"C export needs exactly one graph input and one output, got "
+                            f"{len(real_inputs)} inputs and {len(g.output)} outputs")
+    q_nodes = [n for n in g.node if n.op_type == "QuantizeLinear"]
+    if not q_nodes:
+        raise EdgekilnError("model has no QuantizeLinear nodes: it is a float model; "
+                            "run `edgekiln quantize --scheme int8` first and export the QDQ model")
+    ctx = _Ctx(inits=inits, act_dq={}, const_dq={}, q_of={}, float_consumers={},
+               graph=IntGraph(tensors={}, ops=[], input="", output="", onnx_input_name=real_inputs[0].name,
+                              onnx_input_shape=(), onnx_output_shape=()))
+    for node in g.node:
+        for name in node.input:
+            ctx.float_consumers.setdefault(name, []).append(node)
+        if node.op_type == "QuantizeLinear":
+            ctx.q_of.setdefault(node.input[0], []).append(node)
+    _read_input(ctx, real_inputs[0])
+    for node in g.node:
+        if node.op_type == "DequantizeLinear":
+            _read_dq(ctx, node)
+        elif node.op_type in ("QuantizeLinear", "Constant"):
+            continue
+        elif node.op_type not in SUPPORTED_OPS:
+            raise EdgekilnError(f"op {node.op_type} (node {node.name or node.output[0]!r}) is not supported "
+                                f"by the C backend; supported: {', '.join(SUPPORTED_OPS)}")
+        else:
+            lower.lower_node(ctx, node)
+    _read_output(ctx, g)
+    lower.fuse_activations(ctx.graph)
+    return ctx.graph
+
+
+def _qparams(ctx: _Ctx, node: Any) -> tuple[float, int]:
+    scale = np.asarray(ctx.inits[node.input[1]], dtype=np.float64)
+    zp = np.asarray(ctx.inits[node.input[2]]) if len(node.input) > 2 and node.input[2] else np.zeros(1, np.int8)
+    if scale.size != 1 or zp.size != 1:
+        raise EdgekilnError(f"activation quantization of node {node.name!r} is per-channel; C export needs "
+                            "per-tensor activations")
+    if zp.dtype != np.int8:
+        raise EdgekilnError(f"activation zero point of node {node.name!r} is {zp.dtype}; C export needs int8")
+    return float(scale.reshape(())), int(zp.reshape(()))
+
+
+def _read_input(ctx: _Ctx, vi: Any) -> None:
+    dims = [d.dim_value if d.dim_value > 0 else 1 for d in vi.type.tensor_type.shape.dim]
+    qs = ctx.q_of.get(vi.name, [])
+    if len(qs) != 1 or len(ctx.float_consumers.get(vi.name, [])) != 1:
+        raise EdgekilnError(f"graph input {vi.name!r} must feed exactly one QuantizeLinear (an int8 QDQ model)")
+    if dims[0] != 1:
+        raise EdgekilnError(f"graph input {vi.name!r} has batch {dims[0]}; C export needs batch 1")
+    scale, zp = _qparams(ctx, qs[0])
+    name = qs[0].output[0]
+    ctx.graph.tensors[name] = QTensor(name, to_c_shape(tuple(dims)), scale, zp)
+    ctx.graph.input = name
+    ctx.graph.onnx_input_shape = tuple(dims)
+
+
+def _read_dq(ctx: _Ctx, node: Any) -> None:
+    src = node.input[0]
+    if src in ctx.inits:
+        scale = np.asarray(ctx.inits[node.input[1]], dtype=np.float64)
+        zp = np.asarray(ctx.inits[node.input[2]]) if len(node.input) > 2 and node.input[2] \
+            else np.zeros_like(scale, dtype=np.int32)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        ctx.const_dq[node.output[0]] = (np.asarray(ctx.inits[src]), scale, zp, axis)
+    elif src in ctx.graph.tensors:
+        ctx.act_dq[node.output[0]] = src
+    else:
+        raise EdgekilnError(f"DequantizeLinear {node.name!r} reads {src!r}, which is neither a weight nor a "
+                            "quantized activation")
+
+
+def _read_output(ctx: _Ctx, g: Any) -> None:
+    from edgekiln.codegen import lower
+
+    out = g.output[0].name
+    if out in ctx.act_dq:
+        name = ctx.act_dq[out]
+    elif out in ctx.graph.tensors:
+        name = out
+    else:
+        raise EdgekilnError(f"graph output {out!r} is not the DequantizeLinear of an int8 tensor; "
+                            "the last op is not quantized")
+    t = ctx.graph.tensors[name]
+    if t.nchw_flatten_of is not None:
+        lower.emit_nchw_transpose(ctx, name)
+        name = ctx.graph.ops[-1].output
+    ctx.graph.output = name
+    ctx.graph.onnx_output_shape = to_onnx_shape(ctx.graph.tensors[name].shape)
+
+
+def to_c_shape(onnx_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """NCHW -> NHWC for 4-D shapes; other ranks unchanged."""
+    if len(onnx_shape) == 4:
+        n, c, h, w = onnx_shape
+        return (n, h, w, c)
+    return tuple(onnx_shape)
+
+
+def to_onnx_shape(c_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """NHWC -> NCHW for 4-D shapes; other ranks unchanged."""
+    if len(c_shape) == 4:
+        n, h, w, c = c_shape
+        return (n, c, h, w)
+    return tuple(c_shape)
+

@@ -1,0 +1,386 @@
+"""Per-node lowering of QDQ ONNX nodes to integer :class:`~edgekiln.codegen.ir.Op` records.
+
+Every function here runs at export time and computes the integer constants a kernel needs
+(OHWI weights, int32 biases, per-channel multipliers and shifts, lookup tables); the kernels
+themselves are in :mod:`edgekiln.codegen.reference` (numpy) and ``c/ek_kernels.c`` (C).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from edgekiln.codegen.ir import IntGraph, Op, QTensor, _Ctx, _qparams
+from edgekiln.errors import EdgekilnError
+from edgekiln.quant.fixed_point import quantize_multiplier
+
+#: left shift applied to both Add inputs before rescaling (TFLM uses the same headroom).
+ADD_LEFT_SHIFT = 20
+#: fixed-point bits of the softmax exp() lookup table.
+SOFTMAX_LUT_BITS = 16
+
+
+def _attr(node: Any, name: str, default: Any) -> Any:
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _label(node: Any) -> str:
+    return f"{node.op_type} (node {node.name or node.output[0]!r})"
+
+
+def _in(ctx: _Ctx, node: Any, i: int, *, flat_ok: bool = False) -> QTensor:
+    name = node.input[i]
+    if name not in ctx.act_dq:
+        raise EdgekilnError(f"input {name!r} of {_label(node)} is not a dequantized int8 tensor "
+                            "(a float path in the QDQ model)")
+    t = ctx.graph.tensors[ctx.act_dq[name]]
+    if t.nchw_flatten_of is not None and not flat_ok:
+        t = ctx.graph.tensors[emit_nchw_transpose(ctx, t.name)]
+    return t
+
+
+def _const(ctx: _Ctx, node: Any, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    name = node.input[i]
+    if name in ctx.const_dq:
+        return ctx.const_dq[name]
+    if name in ctx.inits:  # a float constant left unquantized (e.g. a bias)
+        a = np.asarray(ctx.inits[name])
+        return a, np.ones(1), np.zeros(1, np.int32), 0
+    raise EdgekilnError(f"input {name!r} of {_label(node)} must be a constant (weight or bias)")
+
+
+def _out(ctx: _Ctx, node: Any, shape: tuple[int, ...], name_suffix: str = "") -> QTensor:
+    qs = ctx.q_of.get(node.output[0], [])
+    if not qs:
+        raise EdgekilnError(f"output of {_label(node)} is not quantized (no QuantizeLinear follows it)")
+    scale, zp = _qparams(ctx, qs[0])
+    name = qs[0].output[0] + name_suffix
+    t = QTensor(name, tuple(int(d) for d in shape), scale, zp)
+    ctx.graph.tensors[name] = t
+    return t
+
+
+def _new(ctx: _Ctx, name: str, shape: tuple[int, ...], scale: float, zp: int) -> QTensor:
+    t = QTensor(name, tuple(int(d) for d in shape), scale, zp)
+    ctx.graph.tensors[name] = t
+    return t
+
+
+def quantize_value(v: float, t: QTensor) -> int:
+    """Quantize one float as QuantizeLinear does (round half to even, saturate to int8)."""
+    return int(np.clip(np.rint(v / t.scale) + t.zero_point, -128, 127))
+
+
+def _mult(real: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    pairs = [quantize_multiplier(float(r)) for r in np.atleast_1d(real)]
+    return (np.array([p[0] for p in pairs], dtype=np.int32), np.array([p[1] for p in pairs], dtype=np.int32))
+
+
+def _weight_scales(node: Any, scale: np.ndarray, zp: np.ndarray, n: int) -> np.ndarray:
+    if np.any(np.asarray(zp) != 0):
+        raise EdgekilnError(f"weights of {_label(node)} have a non-zero zero point; C export needs symmetric "
+                            "int8 weights")
+    scale = np.asarray(scale, dtype=np.float64).reshape(-1)
+    return np.broadcast_to(scale, (n,)).copy() if scale.size == 1 else scale
+
+
+def _bias(ctx: _Ctx, node: Any, idx: int, n: int, acc_scale: np.ndarray) -> np.ndarray:
+    if len(node.input) <= idx or not node.input[idx]:
+        return np.zeros(n, dtype=np.int32)
+    q, scale, zp, _ = _const(ctx, node, idx)
+    real = (np.asarray(q, np.float64).reshape(-1) - np.asarray(zp, np.float64).reshape(-1)) * \
+        np.asarray(scale, np.float64).reshape(-1)
+    # NOTE: ORT stores bias as int32 with scale s_in*s_w, so this division gives back the
+    # stored integers exactly; it also covers a float bias left unquantized.
+    return np.rint(real / acc_scale).astype(np.int32)
+
+
+def _pool_geometry(node: Any, x: QTensor, kernel: tuple[int, int]) -> dict[str, int]:
+    if _attr(node, "ceil_mode", 0) or _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        raise EdgekilnError(f"{_label(node)}: ceil_mode/auto_pad are not supported by the C backend")
+    if any(d != 1 for d in _attr(node, "dilations", [1, 1])):
+        raise EdgekilnError(f"{_label(node)}: pooling dilation is not supported by the C backend")
+    pads = list(_attr(node, "pads", [0, 0, 0, 0]))
+    strides = list(_attr(node, "strides", [1, 1]))
+    _, h, w, c = x.shape
+    out_h = (h + pads[0] + pads[2] - kernel[0]) // strides[0] + 1
+    out_w = (w + pads[1] + pads[3] - kernel[1]) // strides[1] + 1
+    return dict(in_h=h, in_w=w, channels=c, out_h=out_h, out_w=out_w, k_h=kernel[0], k_w=kernel[1],
+                stride_h=strides[0], stride_w=strides[1], pad_top=pads[0], pad_left=pads[1])
+
+
+def lower_node(ctx: _Ctx, node: Any) -> None:
+    """Append the integer op(s) for one float ONNX node sitting between DQ inputs and a Q output."""
+    {"Conv": _conv, "Gemm": _fc, "MatMul": _fc, "Add": _add, "Relu": _clamp, "Clip": _clamp,
+     "MaxPool": _maxpool, "AveragePool": _avgpool, "GlobalAveragePool": _avgpool, "Flatten": _reshape,
+     "Reshape": _reshape, "Concat": _concat, "Softmax": _softmax}[node.op_type](ctx, node)
+
+
+def _conv(ctx: _Ctx, node: Any) -> None:
+    x = _in(ctx, node, 0)
+    wq, ws, wz, _ = _const(ctx, node, 1)
+    if wq.dtype != np.int8 or wq.ndim != 4:
+        raise EdgekilnError(f"{_label(node)}: weights must be 2-D convolution int8 weights, got {wq.dtype} "
+                            f"{wq.shape}")
+    if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        raise EdgekilnError(f"{_label(node)}: auto_pad is not supported; export with explicit pads")
+    cout, cin_g, kh, kw = wq.shape
+    groups = int(_attr(node, "group", 1))
+    _, h, w, cin = x.shape
+    if cin_g * groups != cin:
+        raise EdgekilnError(f"{_label(node)}: weight shape {wq.shape} does not match {cin} input channels")
+    pads = list(_attr(node, "pads", [0, 0, 0, 0]))
+    strides = list(_attr(node, "strides", [1, 1]))
+    dil = list(_attr(node, "dilations", [1, 1]))
+    out_h = (h + pads[0] + pads[2] - dil[0] * (kh - 1) - 1) // strides[0] + 1
+    out_w = (w + pads[1] + pads[3] - dil[1] * (kw - 1) - 1) // strides[1] + 1
+    y = _out(ctx, node, (1, out_h, out_w, cout))
+    s_w = _weight_scales(node, ws, wz, cout)
+    mult, shift = _mult(x.scale * s_w / y.scale)
+    ctx.graph.ops.append(Op(
+        "conv2d", node.name or node.output[0], [x.name], y.name,
+        attrs=dict(in_h=h, in_w=w, in_c=cin, out_h=out_h, out_w=out_w, out_c=cout, k_h=kh, k_w=kw,
+                   stride_h=strides[0], stride_w=strides[1], dil_h=dil[0], dil_w=dil[1], pad_top=pads[0],
+                   pad_left=pads[1], groups=groups, input_zp=x.zero_point, output_zp=y.zero_point,
+                   act_min=-128, act_max=127),
+        arrays=dict(weights=np.ascontiguousarray(wq.transpose(0, 2, 3, 1)),
+                    bias=_bias(ctx, node, 2, cout, x.scale * s_w), mult=mult, shift=shift),
+        macs=out_h * out_w * cout * kh * kw * cin_g))
+
+
+def _fc(ctx: _Ctx, node: Any) -> None:
+    x = _in(ctx, node, 0, flat_ok=True)
+    wq, ws, wz, axis = _const(ctx, node, 1)
+    if wq.dtype != np.int8 or wq.ndim != 2 or len(x.shape) != 2:
+        raise EdgekilnError(f"{_label(node)}: needs a 2-D int8 weight and a 2-D input, got {wq.shape} and "
+                            f"{x.shape}")
+    if node.op_type == "Gemm":
+        if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0:
+            raise EdgekilnError(f"{_label(node)}: only Gemm with transA=0, alpha=beta=1 is supported")
+        w = wq if _attr(node, "transB", 0) else wq.T
+    else:
+        w = wq.T
+    n_out, n_in = w.shape
+    if n_in != x.shape[1]:
+        raise EdgekilnError(f"{_label(node)}: weight {wq.shape} does not match input features {x.shape[1]}")
+    if x.nchw_flatten_of is not None:
+        c, h, wd = x.nchw_flatten_of
+        # NOTE: ONNX flattened C,H,W; the C tensor is H,W,C: permute the columns once, here.
+        w = w.reshape(n_out, c, h, wd).transpose(0, 2, 3, 1).reshape(n_out, n_in)
+    y = _out(ctx, node, (1, n_out))
+    s_w = _weight_scales(node, ws, wz, n_out)
+    mult, shift = _mult(x.scale * s_w / y.scale)
+    bias_idx = 2 if node.op_type == "Gemm" else 99
+    ctx.graph.ops.append(Op(
+        "fully_connected", node.name or node.output[0], [x.name], y.name,
+        attrs=dict(in_features=n_in, out_features=n_out, input_zp=x.zero_point, output_zp=y.zero_point,
+                   act_min=-128, act_max=127),
+        arrays=dict(weights=np.ascontiguousarray(w), bias=_bias(ctx, node, bias_idx, n_out, x.scale * s_w),
+                    mult=mult, shift=shift),
+        macs=n_in * n_out))
+
+
+def _add(ctx: _Ctx, node: Any) -> None:
+    a, b = _in(ctx, node, 0), _in(ctx, node, 1)
+    if a.shape != b.shape:
+        raise EdgekilnError(f"{_label(node)}: broadcasting Add {a.shape} + {b.shape} is not supported")
+    y = _out(ctx, node, a.shape)
+    twice_max = 2.0 * max(a.scale, b.scale)
+    am, ash = quantize_multiplier(a.scale / twice_max)
+    bm, bsh = quantize_multiplier(b.scale / twice_max)
+    om, osh = quantize_multiplier(twice_max / ((1 << ADD_LEFT_SHIFT) * y.scale))
+    ctx.graph.ops.append(Op(
+        "add", node.name or node.output[0], [a.name, b.name], y.name,
+        attrs=dict(size=a.size, a_zp=a.zero_point, b_zp=b.zero_point, output_zp=y.zero_point,
+                   left_shift=ADD_LEFT_SHIFT, a_mult=am, a_shift=ash, b_mult=bm, b_shift=bsh,
+                   out_mult=om, out_shift=osh, act_min=-128, act_max=127),
+        macs=a.size))
+
+
+def _requant(ctx: _Ctx, name: str, x: QTensor, y: QTensor, lo: int = -128, hi: int = 127) -> None:
+    m, s = quantize_multiplier(x.scale / y.scale)
+    ctx.graph.ops.append(Op(
+        "requantize", name, [x.name], y.name,
+        attrs=dict(size=x.size, input_zp=x.zero_point, output_zp=y.zero_point, mult=m, shift=s,
+                   act_min=lo, act_max=hi), macs=x.size))
+
+
+def _clamp(ctx: _Ctx, node: Any) -> None:
+    x = _in(ctx, node, 0)
+    y = _out(ctx, node, x.shape)
+    if node.op_type == "Relu":
+        lo_f, hi_f = 0.0, math.inf
+    else:
+        lo_f = _attr(node, "min", -math.inf)
+        hi_f = _attr(node, "max", math.inf)
+        for idx, which in ((1, "min"), (2, "max")):
+            if len(node.input) > idx and node.input[idx]:
+                name = node.input[idx]
+                if name not in ctx.inits:
+                    raise EdgekilnError(f"{_label(node)}: Clip {which} must be a constant")
+                val = float(np.asarray(ctx.inits[name]).reshape(()))
+                lo_f, hi_f = (val, hi_f) if which == "min" else (lo_f, val)
+    lo = -128 if lo_f == -math.inf else quantize_value(lo_f, y)
+    hi = 127 if hi_f == math.inf else quantize_value(hi_f, y)
+    _requant(ctx, node.name or node.output[0], x, y, lo, hi)
+
+
+def _maybe_requant_after(ctx: _Ctx, node: Any, x: QTensor, shape: tuple[int, ...]) -> tuple[QTensor, QTensor | None]:
+    """Output tensor for a scale-preserving op; a second tensor if ORT gave it new qparams."""
+    probe = _out(ctx, node, shape)
+    if probe.scale == x.scale and probe.zero_point == x.zero_point:
+        return probe, None
+    del ctx.graph.tensors[probe.name]
+    pre = _new(ctx, probe.name + "_pre", shape, x.scale, x.zero_point)
+    ctx.graph.tensors[probe.name] = probe
+    return pre, probe
+
+
+def _maxpool(ctx: _Ctx, node: Any) -> None:
+    x = _in(ctx, node, 0)
+    geo = _pool_geometry(node, x, tuple(_attr(node, "kernel_shape", [1, 1])))
+    shape = (1, geo["out_h"], geo["out_w"], geo["channels"])
+    y, final = _maybe_requant_after(ctx, node, x, shape)
+    ctx.graph.ops.append(Op("max_pool", node.name or node.output[0], [x.name], y.name, attrs=geo,
+                            macs=y.size * geo["k_h"] * geo["k_w"]))
+    if final is not None:
+        _requant(ctx, (node.name or node.output[0]) + "_requant", y, final)
+
+
+def _avgpool(ctx: _Ctx, node: Any) -> None:
+    x = _in(ctx, node, 0)
+    if node.op_type == "GlobalAveragePool":
+        geo = dict(in_h=x.shape[1], in_w=x.shape[2], channels=x.shape[3], out_h=1, out_w=1, k_h=x.shape[1],
+                   k_w=x.shape[2], stride_h=1, stride_w=1, pad_top=0, pad_left=0)
+        include_pad = 1
+    else:
+        geo = _pool_geometry(node, x, tuple(_attr(node, "kernel_shape", [1, 1])))
+        include_pad = int(_attr(node, "count_include_pad", 0))
+    y = _out(ctx, node, (1, geo["out_h"], geo["out_w"], geo["channels"]))
+    k = geo["k_h"] * geo["k_w"]
+    # NOTE: avg = s_in/s_out * sum / count is ONE exact rational rounding (half to even, as
+    # ORT's float path rounds), not a fixed-point 1/count: with equal scales the window sums
+    # hit exact .5 ties often (count 2, 4, 6), and half-up would differ from ORT on ~5% of them.
+    m, sh = quantize_multiplier(x.scale / y.scale)
+    if (31 - sh) + int(k).bit_length() > 62:
+        raise EdgekilnError(f"{_label(node)}: scale ratio {x.scale / y.scale:.3g} is too small for the kernel")
+    ctx.graph.ops.append(Op(
+        "avg_pool", node.name or node.output[0], [x.name], y.name,
+        attrs=dict(geo, count_include_pad=include_pad, input_zp=x.zero_point, output_zp=y.zero_point,
+                   mult=m, shift=sh),
+        macs=y.size * k))
+
+
+def _reshape(ctx: _Ctx, node: Any) -> None:
+    x = _in(ctx, node, 0, flat_ok=True)
+    onnx_in = x.shape if len(x.shape) != 4 else (1, x.shape[3], x.shape[1], x.shape[2])
+    if node.op_type == "Flatten":
+        axis = int(_attr(node, "axis", 1))
+        axis = axis + len(onnx_in) if axis < 0 else axis
+        target = (int(np.prod(onnx_in[:axis])), int(np.prod(onnx_in[axis:])))
+    else:
+        spec = [int(v) for v in np.asarray(ctx.inits.get(node.input[1], [])).reshape(-1)]
+        if not spec:
+            raise EdgekilnError(f"{_label(node)}: the target shape must be a constant")
+        spec = [onnx_in[i] if v == 0 else v for i, v in enumerate(spec)]
+        if -1 in spec:
+            known = int(np.prod([v for v in spec if v != -1]))
+            spec[spec.index(-1)] = int(np.prod(onnx_in)) // known
+        target = tuple(spec)
+    if target[0] != 1 or int(np.prod(target)) != int(np.prod(onnx_in)):
+        raise EdgekilnError(f"{_label(node)}: cannot reshape {onnx_in} to {target} in the C backend")
+    nchw_src = None
+    if len(x.shape) == 4 and len(target) == 2:
+        _, h, w, c = x.shape
+        nchw_src = (c, h, w) if (h * w > 1 and c > 1) else None
+    elif len(target) == 4 or (x.nchw_flatten_of is not None) or len(target) != 2:
+        if tuple(target) != tuple(onnx_in):
+            raise EdgekilnError(f"{_label(node)}: reshape {onnx_in} -> {target} changes the memory order in "
+                                "NHWC; only flatten-style reshapes are supported")
+    else:
+        nchw_src = x.nchw_flatten_of
+    shape = tuple(target) if len(target) != 4 else (1, target[2], target[3], target[1])
+    y, final = _maybe_requant_after(ctx, node, x, shape)
+    y.nchw_flatten_of = nchw_src
+    ctx.graph.ops.append(Op("reshape", node.name or node.output[0], [x.name], y.name, attrs=dict(size=x.size)))
+    if final is not None:
+        final.nchw_flatten_of = nchw_src
+        _requant(ctx, (node.name or node.output[0]) + "_requant", y, final)
+
+
+def _concat(ctx: _Ctx, node: Any) -> None:
+    xs = [_in(ctx, node, i) for i in range(len(node.input))]
+    rank = len(xs[0].shape)
+    axis = int(_attr(node, "axis", 1))
+    axis = axis + rank if axis < 0 else axis
+    if axis != 1 or any(len(t.shape) != rank for t in xs) or \
+            any(t.shape[:-1] != xs[0].shape[:-1] for t in xs):
+        raise EdgekilnError(f"{_label(node)}: only channel concatenation (axis 1) of equal-size maps is supported")
+    channels = np.array([t.shape[-1] for t in xs], dtype=np.int32)
+    y = _out(ctx, node, xs[0].shape[:-1] + (int(channels.sum()),))
+    mult, shift = _mult(np.array([t.scale / y.scale for t in xs]))
+    ctx.graph.ops.append(Op(
+        "concat", node.name or node.output[0], [t.name for t in xs], y.name,
+        attrs=dict(outer=int(np.prod(xs[0].shape[:-1])), out_c=int(channels.sum()), n_inputs=len(xs),
+                   output_zp=y.zero_point),
+        arrays=dict(channels=channels, zps=np.array([t.zero_point for t in xs], dtype=np.int32),
+                    mult=mult, shift=shift)))
+
+
+def _softmax(ctx: _Ctx, node: Any) -> None:
+    x = _in(ctx, node, 0)
+    axis = int(_attr(node, "axis", -1))
+    rank = len(x.shape)
+    axis = axis + rank if axis < 0 else axis
+    if not (rank == 2 and axis == 1):
+        raise EdgekilnError(f"{_label(node)}: only Softmax over the last axis of a 2-D tensor is supported")
+    y = _out(ctx, node, x.shape)
+    # NOTE: integer softmax. exp(-d * s_in) for the 256 possible differences d = max - x is a
+    # Q16 table built here; at run time q = zp + round(T[d] / (s_out * sum T)) with one exact
+    # 64-bit integer division: no float and no exp() on the device.
+    lut = np.array([round(math.exp(-d * x.scale) * (1 << SOFTMAX_LUT_BITS)) for d in range(256)], np.int32)
+    m, e = quantize_multiplier(1.0 / y.scale)
+    div_shift = 31 - e
+    if not 0 <= div_shift <= 38:
+        raise EdgekilnError(f"{_label(node)}: output scale {y.scale} is outside the integer softmax's range")
+    ctx.graph.ops.append(Op(
+        "softmax", node.name or node.output[0], [x.name], y.name,
+        attrs=dict(rows=x.shape[0], depth=x.shape[1], output_zp=y.zero_point, inv_mult=m, div_shift=div_shift),
+        arrays=dict(lut=lut), macs=x.size * 2))
+
+
+def emit_nchw_transpose(ctx: _Ctx, name: str) -> str:
+    """Make an NCHW-ordered copy of a flattened NHWC map (only when something other than FC reads it)."""
+    t = ctx.graph.tensors[name]
+    out_name = name + "_nchw"
+    if out_name not in ctx.graph.tensors:
+        c, h, w = t.nchw_flatten_of
+        _new(ctx, out_name, t.shape, t.scale, t.zero_point)
+        ctx.graph.ops.append(Op("transpose_nchw", name + "_to_nchw", [name], out_name,
+                                attrs=dict(height=h, width=w, channels=c)))
+    return out_name
+
+
+def fuse_activations(graph: IntGraph) -> None:
+    """Fold a clamp-only ``requantize`` (same qparams in and out) into the producing conv/fc/add."""
+    for op in list(graph.ops):
+        if op.kind != "requantize":
+            continue
+        x, y = graph.tensors[op.inputs[0]], graph.tensors[op.output]
+        producer = next((p for p in graph.ops if p.output == x.name), None)
+        if (producer is None or producer.kind not in ("conv2d", "fully_connected", "add")
+                or x.scale != y.scale or x.zero_point != y.zero_point
+                or len(graph.consumers(x.name)) != 1 or x.name == graph.output):
+            continue
+        producer.attrs["act_min"] = max(producer.attrs["act_min"], op.attrs["act_min"])
+        producer.attrs["act_max"] = min(producer.attrs["act_max"], op.attrs["act_max"])
+        producer.output = y.name
+        graph.ops.remove(op)
+        del graph.tensors[x.name]

@@ -1,0 +1,211 @@
+"""Static memory planning: every intermediate int8 tensor gets a fixed offset in one arena.
+
+:class:`GreedyArenaPlanner` is the greedy-by-size placement TFLite Micro uses: buffers sorted
+by size (largest first) each go to the lowest offset that does not overlap any already placed
+buffer whose lifetime (first..last step) intersects its own. Three calls: ``add_buffer``,
+``offset``, ``total_size``; ``check`` asserts no two simultaneously live buffers overlap.
+
+:func:`plan_memory` builds the buffers from an :class:`~edgekiln.codegen.ir.IntGraph`:
+Reshape/Flatten outputs alias their input, elementwise ops (Add, requantize) write into an
+input that dies at that step, the graph input is read from the caller's pointer and the graph
+output written to the caller's pointer. It also tries a memory-aware reordering of independent
+branches and keeps the schedule with the smaller arena.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from edgekiln.codegen.ir import IntGraph, Op
+
+#: byte alignment of every buffer offset (keeps int8 maps word-aligned for SIMD kernels later).
+ALIGNMENT = 4
+
+
+@dataclass
+class _Buffer:
+    size: int
+    first: int
+    last: int
+    offset: int = -1
+
+
+class GreedyArenaPlanner:
+    """Greedy-by-size arena placement.
+
+    >>> p = GreedyArenaPlanner()
+    >>> a, b, c = p.add_buffer(100, 0, 1), p.add_buffer(50, 1, 2), p.add_buffer(100, 2, 3)
+    >>> p.offset(a), p.offset(b), p.offset(c), p.total_size()
+    (0, 100, 0, 152)
+    """
+
+    def __init__(self, alignment: int = ALIGNMENT) -> None:
+        self._alignment = alignment
+        self._buffers: list[_Buffer] = []
+        self._planned = False
+
+    def add_buffer(self, size: int, first_use: int, last_use: int) -> int:
+        """Register a buffer live from step ``first_use`` to ``last_use`` (inclusive); return its id."""
+        if size < 0 or last_use < first_use:
+            raise ValueError(f"bad buffer: size={size}, first={first_use}, last={last_use}")
+        self._buffers.append(_Buffer(int(size), int(first_use), int(last_use)))
+        self._planned = False
+        return len(self._buffers) - 1
+
+    def offset(self, buffer_id: int) -> int:
+        self._plan()
+        return self._buffers[buffer_id].offset
+
+    def total_size(self) -> int:
+        self._plan()
+        return max((b.offset + b.size for b in self._buffers), default=0)
+
+    def _align(self, n: int) -> int:
+        return -(-n // self._alignment) * self._alignment
+
+    def _plan(self) -> None:
+        if self._planned:
+            return
+        order = sorted(range(len(self._buffers)), key=lambda i: (-self._buffers[i].size, self._buffers[i].first, i))
+        placed: list[_Buffer] = []
+        for i in order:
+            buf = self._buffers[i]
+            live = sorted((b for b in placed if b.first <= buf.last and buf.first <= b.last), key=lambda b: b.offset)
+            candidate = 0
+            for other in live:  # first gap large enough, scanning by offset
+                if candidate + buf.size <= other.offset:
+                    break
+                candidate = max(candidate, self._align(other.offset + other.size))
+            buf.offset = candidate
+            placed.append(buf)
+        self._planned = True
+        self.check()
+
+    def check(self) -> None:
+        """Raise AssertionError if two buffers that are live at the same step share bytes."""
+        self._plan()
+        bufs = self._buffers
+        for i, a in enumerate(bufs):
+            for b in bufs[i + 1:]:
+                if a.first <= b.last and b.first <= a.last and a.size and b.size:
+                    assert a.offset + a.size <= b.offset or b.offset + b.size <= a.offset, \
+                        f"arena overlap: {a} and {b}"
+
+
+@dataclass
+class MemoryPlan:
+    """Where every tensor lives: ``'input'``, ``'output'`` or ``('arena', offset)``."""
+
+    schedule: list[Op]
+    location: dict[str, tuple[str, int]]
+    arena_bytes: int
+    live_bytes: list[int] = field(default_factory=list)   # arena bytes live at each step
+    naive_bytes: int = 0                                   # every tensor in its own buffer
+    reordered: bool = False
+
+    def to_dict(self) -> dict[str, object]:
+        return {"arena_bytes": self.arena_bytes, "naive_bytes": self.naive_bytes, "reordered": self.reordered,
+                "live_bytes_per_step": self.live_bytes, "schedule": [op.name for op in self.schedule]}
+
+
+_INPLACE_KINDS = ("add", "requantize")
+
+
+def _plan_schedule(graph: IntGraph, schedule: list[Op]) -> MemoryPlan:
+    root: dict[str, str] = {graph.input: graph.input}
+    produced_at = {graph.input: -1}
+    last_use: dict[str, int] = {}
+    for step, op in enumerate(schedule):
+        for name in op.inputs:
+            last_use[root[name]] = step
+        out = op.output
+        if op.kind == "reshape":
+            root[out] = root[op.inputs[0]]
+        elif op.kind in _INPLACE_KINDS and out != graph.output:
+            dying = [root[n] for n in op.inputs if root[n] not in (graph.input,)
+                     and graph.tensors[n].size == graph.tensors[out].size
+                     and _last_consumer(schedule, root, root[n], step) == step]
+            root[out] = dying[0] if dying else out
+        else:
+            root[out] = out
+        produced_at.setdefault(root[out], step)
+        last_use[root[out]] = max(last_use.get(root[out], step), step)
+    last_use[root[graph.output]] = len(schedule)  # the caller reads it after the last step
+    planner = GreedyArenaPlanner()
+    ids: dict[str, int] = {}
+    out_root = root[graph.output]
+    for r in sorted(set(root.values()), key=lambda r: (produced_at[r], r)):
+        if r in (graph.input, out_root):
+            continue
+        ids[r] = planner.add_buffer(graph.tensors[r].size, produced_at[r], last_use[r])
+    arena = planner.total_size()
+    location: dict[str, tuple[str, int]] = {}
+    for name, r in root.items():
+        if r == graph.input:
+            location[name] = ("input", 0)
+        elif r == out_root:
+            location[name] = ("output", 0)
+        else:
+            location[name] = ("arena", planner.offset(ids[r]))
+    live = [sum(graph.tensors[r].size for r in ids if produced_at[r] <= s <= last_use[r])
+            for s in range(len(schedule))]
+    naive = sum(graph.tensors[r].size for r in ids)
+    return MemoryPlan(schedule, location, arena, live, naive)
+
+
+def _last_consumer(schedule: list[Op], root: dict[str, str], r: str, step: int) -> int:
+    last = step
+    for s in range(step, len(schedule)):
+        if any(root.get(n) == r for n in schedule[s].inputs):
+            last = s
+    return last
+
+
+def _memory_aware_order(graph: IntGraph) -> list[Op]:
+    """A topological order that, among ready ops, runs the one leaving the fewest live bytes."""
+    producers = {op.output: op for op in graph.ops}
+    remaining = list(graph.ops)
+    done: set[str] = {graph.input}
+    order: list[Op] = []
+    while remaining:
+        ready = [op for op in remaining if all(n in done or n not in producers for n in op.inputs)]
+
+        def cost(op: Op) -> tuple[int, int]:
+            frees = sum(graph.tensors[n].size for n in set(op.inputs)
+                        if all(n not in o.inputs for o in remaining if o is not op))
+            return (graph.tensors[op.output].size - frees, graph.ops.index(op))
+        nxt = min(ready, key=cost)
+        order.append(nxt)
+        remaining.remove(nxt)
+        done.add(nxt.output)
+    return order
+
+
+def plan_memory(graph: IntGraph, *, reorder: bool = True) -> MemoryPlan:
+    """Plan the arena for ``graph``; with ``reorder`` also try a memory-aware op order.
+
+    >>> # plan = plan_memory(load_qdq("model_qdq.onnx")); plan.arena_bytes
+    """
+    plan = _plan_schedule(graph, list(graph.ops))
+    if reorder:
+        alt = _plan_schedule(graph, _memory_aware_order(graph))
+        if alt.arena_bytes < plan.arena_bytes:
+            alt.reordered = True
+            plan = alt
+    return plan
+
+
+def plot_live_memory(plan: MemoryPlan, path: str) -> None:
+    """Bar chart of arena bytes live at each step, with the planned arena size as a line."""
+    from edgekiln.report import new_figure, save_figure
+
+    fig, ax = new_figure(max(6.0, 0.35 * len(plan.schedule)), 3.5)
+    steps = range(len(plan.schedule))
+    ax.bar(steps, plan.live_bytes, color="#4c78a8", label="live tensors")
+    ax.axhline(plan.arena_bytes, color="#e45756", linestyle="--", label=f"arena {plan.arena_bytes} B")
+    ax.set_xticks(list(steps))
+    ax.set_xticklabels([op.name for op in plan.schedule], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("bytes")
+    ax.set_title("live activation memory per step")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)

@@ -1,0 +1,150 @@
+"""Numpy integer reference kernels: the source of truth the generated C must match bit for bit.
+
+Each kernel takes int8 arrays in C layout (NHWC, batch 1) plus the ``attrs``/``arrays`` of its
+:class:`~edgekiln.codegen.ir.Op` and returns int8. Accumulation is in int64 here and int32 in C;
+the export-time checks keep every accumulator within int32, so the results are identical.
+Requantization is :func:`edgekiln.quant.fixed_point.multiply_by_quantized_multiplier`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from edgekiln.codegen.ir import IntGraph, Op
+from edgekiln.quant.fixed_point import multiply_by_quantized_multiplier as mbqm
+
+
+def _sat(x: np.ndarray, lo: int = -128, hi: int = 127) -> np.ndarray:
+    return np.clip(x, lo, hi).astype(np.int8)
+
+
+def _windows(x: np.ndarray, a: dict[str, int], pad_value: int, dil: tuple[int, int] = (1, 1)) -> np.ndarray:
+    """``(out_h, out_w, k_h, k_w, C)`` windows of an ``(H, W, C)`` map padded with ``pad_value``."""
+    h, w, c = x.shape
+    kh, kw, sh, sw = a["k_h"], a["k_w"], a["stride_h"], a["stride_w"]
+    oh, ow = a["out_h"], a["out_w"]
+    need_h = (oh - 1) * sh + dil[0] * (kh - 1) + 1
+    need_w = (ow - 1) * sw + dil[1] * (kw - 1) + 1
+    padded = np.full((max(need_h, a["pad_top"] + h), max(need_w, a["pad_left"] + w), c), pad_value, np.int64)
+    padded[a["pad_top"]:a["pad_top"] + h, a["pad_left"]:a["pad_left"] + w] = x
+    iy = (np.arange(oh) * sh)[:, None] + np.arange(kh)[None, :] * dil[0]
+    ix = (np.arange(ow) * sw)[:, None] + np.arange(kw)[None, :] * dil[1]
+    return padded[iy[:, None, :, None], ix[None, :, None, :]]  # (oh, ow, kh, kw, c)
+
+
+def conv2d(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.ndarray:
+    """Grouped 2-D convolution (groups=1 regular, groups=C depthwise), OHWI int8 weights.
+
+    acc[c] = bias[c] + sum over in-bounds taps of (x - input_zp) * w; padded taps add 0.
+    """
+    zx = a["input_zp"]
+    win = _windows(x[0].astype(np.int64) - zx, a, 0, (a["dil_h"], a["dil_w"]))  # padding == zero point
+    g, cout = a["groups"], a["out_c"]
+    cin_g, cout_g = a["in_c"] // g, cout // g
+    w = arr["weights"].astype(np.int64)  # (cout, kh, kw, cin_g)
+    acc = np.empty((a["out_h"], a["out_w"], cout), np.int64)
+    for gi in range(g):
+        xs = win[..., gi * cin_g:(gi + 1) * cin_g]
+        ws = w[gi * cout_g:(gi + 1) * cout_g]
+        acc[..., gi * cout_g:(gi + 1) * cout_g] = np.einsum("hwijc,oijc->hwo", xs, ws)
+    acc += arr["bias"].astype(np.int64)
+    y = mbqm(acc, arr["mult"], arr["shift"]) + a["output_zp"]
+    return _sat(y, a["act_min"], a["act_max"])[None]
+
+
+def fully_connected(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.ndarray:
+    acc = (x.astype(np.int64) - a["input_zp"]) @ arr["weights"].astype(np.int64).T + arr["bias"]
+    y = mbqm(acc, arr["mult"], arr["shift"]) + a["output_zp"]
+    return _sat(y, a["act_min"], a["act_max"])
+
+
+def add(xa: np.ndarray, xb: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.ndarray:
+    """out = zo + M_o * (M_a * ((qa - za) << 20) + M_b * ((qb - zb) << 20)), each M a rounded step."""
+    sa = mbqm((xa.astype(np.int64) - a["a_zp"]) << a["left_shift"], a["a_mult"], a["a_shift"])
+    sb = mbqm((xb.astype(np.int64) - a["b_zp"]) << a["left_shift"], a["b_mult"], a["b_shift"])
+    y = mbqm(sa + sb, a["out_mult"], a["out_shift"]) + a["output_zp"]
+    return _sat(y, a["act_min"], a["act_max"])
+
+
+def requantize(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.ndarray:
+    y = mbqm(x.astype(np.int64) - a["input_zp"], a["mult"], a["shift"]) + a["output_zp"]
+    return _sat(y, a["act_min"], a["act_max"])
+
+
+def max_pool(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.ndarray:
+    win = _windows(x[0], a, -(1 << 20))  # padding never wins
+    return win.max(axis=(2, 3)).astype(np.int8)[None]
+
+
+def avg_pool(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.ndarray:
+    """zo + round_half_even(sum(x - zi) * mult / (count << (31 - shift))): one exact rounding."""
+    win = _windows(x[0].astype(np.int64) - a["input_zp"], a, 0)
+    total = win.sum(axis=(2, 3))
+    if a["count_include_pad"]:
+        count = np.full(total.shape[:2], a["k_h"] * a["k_w"], np.int64)
+    else:
+        ones = _windows(np.ones(x.shape[1:3] + (1,), np.int64), a, 0)
+        count = ones.sum(axis=(2, 3))[..., 0]
+    y = div_round_half_even(total * a["mult"], count[..., None] << (31 - a["shift"])) + a["output_zp"]
+    return _sat(y)[None]
+
+
+def div_round_half_even(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """``num / den`` rounded to nearest, ties to even (``den > 0``), exact on int64."""
+    num, den = np.asarray(num, np.int64), np.asarray(den, np.int64)
+    q = num // den
+    r2 = 2 * (num - q * den)
+    return q + ((r2 > den) | ((r2 == den) & (q % 2 == 1)))
+
+
+def reshape(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.ndarray:
+    return x.reshape(-1).copy()  # a view in C; the caller reshapes to the output shape
+
+
+def concat(*args: object) -> np.ndarray:
+    *xs, a, arr = args
+    outs = []
+    for i, x in enumerate(xs):
+        y = mbqm(np.asarray(x, np.int64) - arr["zps"][i], arr["mult"][i], arr["shift"][i]) + a["output_zp"]
+        outs.append(_sat(y))
+    return np.concatenate(outs, axis=-1)
+
+
+def softmax(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.ndarray:
+    """q = zp + floor((2*T[d]*m + D) / (2*D)), D = sum(T) << div_shift, d = row max - x."""
+    xi = x.astype(np.int64)
+    t = arr["lut"].astype(np.int64)[xi.max(axis=-1, keepdims=True) - xi]
+    denom = t.sum(axis=-1, keepdims=True) << a["div_shift"]
+    q = (2 * t * a["inv_mult"] + denom) // (2 * denom)
+    return _sat(q + a["output_zp"])
+
+
+def transpose_nchw(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.ndarray:
+    h, w, c = a["height"], a["width"], a["channels"]
+    return x.reshape(h, w, c).transpose(2, 0, 1).reshape(x.shape).copy()
+
+
+KERNELS: dict[str, Callable[..., np.ndarray]] = {
+    "conv2d": conv2d, "fully_connected": fully_connected, "add": add, "requantize": requantize,
+    "max_pool": max_pool, "avg_pool": avg_pool, "reshape": reshape, "concat": concat,
+    "softmax": softmax, "transpose_nchw": transpose_nchw,
+}
+
+
+def run_op(op: Op, inputs: list[np.ndarray]) -> np.ndarray:
+    """Run one op's reference kernel."""
+    return KERNELS[op.kind](*inputs, op.attrs, op.arrays)
+
+
+def run_graph(graph: IntGraph, x: np.ndarray) -> np.ndarray:
+    """Run the whole integer graph on one int8 input in C layout; return the int8 output.
+
+    >>> # y = run_graph(load_qdq("model_qdq.onnx"), x_int8_nhwc)
+    """
+    values = {graph.input: np.asarray(x, np.int8).reshape(graph.tensors[graph.input].shape)}
+    for op in graph.ops:
+        y = run_op(op, [values[n] for n in op.inputs])
+        values[op.output] = y.reshape(graph.tensors[op.output].shape)
+    return values[graph.output]

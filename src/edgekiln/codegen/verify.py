@@ -1,0 +1,204 @@
+"""``verify_c``: compile a generated C library on the host, run it, compare with onnxruntime.
+
+Pass criteria (the microcontroller issue): identical top-1 on every input, >= 99% of int8
+outputs identical to onnxruntime on the QDQ model and none off by more than 1 LSB. Why 1 LSB
+may differ: onnxruntime requantizes in float (QLinearConv scales the int32 accumulator by a
+float multiplier and rounds half to even; with optimizations off it even runs Conv in float),
+while the C code uses a 31-bit fixed-point multiplier with one round-half-up step, so values
+sitting within ~1e-9 of a rounding boundary can land on the other side. The C output is also
+compared with the numpy integer reference, where it must be bit-exact.
+
+Also, when available: ``valgrind --error-exitcode=1`` on the host binary, and a Cortex-M4
+cross-compile (``arm-none-eabi-gcc -mcpu=cortex-m4 -mthumb -Os``) with section sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekiln.codegen.ir import IntGraph, load_qdq
+from edgekiln.errors import EdgekilnError
+
+HOST_CFLAGS = ("-std=c99", "-Wall", "-Wextra", "-Werror", "-O2")
+ARM_CFLAGS = ("-std=c99", "-Wall", "-Wextra", "-Werror", "-mcpu=cortex-m4", "-mthumb", "-Os")
+MIN_IDENTICAL = 0.99
+MAX_ABS_DIFF = 1
+
+
+@dataclass
+class VerifyResult:
+    n_inputs: int
+    top1_agree: int
+    identical_fraction: float
+    max_abs_diff: int
+    exact_vs_reference: bool
+    valgrind: str                       # "clean", "errors", "skipped: ..."
+    arm_sizes: dict[str, int] | None
+    arm_note: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return (self.top1_agree == self.n_inputs and self.identical_fraction >= MIN_IDENTICAL
+                and self.max_abs_diff <= MAX_ABS_DIFF and self.exact_vs_reference
+                and not self.valgrind.startswith("errors"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "n_inputs": self.n_inputs, "top1_agree": self.top1_agree,
+                "identical_fraction": self.identical_fraction, "max_abs_diff": self.max_abs_diff,
+                "exact_vs_numpy_reference": self.exact_vs_reference, "valgrind": self.valgrind,
+                "arm_sizes": self.arm_sizes, "arm_note": self.arm_note,
+                "thresholds": {"identical_fraction": MIN_IDENTICAL, "max_abs_diff": MAX_ABS_DIFF}}
+
+
+def _lib_info(lib_dir: Path, model: str | Path | None) -> tuple[str, Path]:
+    report = lib_dir / "report.json"
+    meta = json.loads(report.read_text()) if report.is_file() else {}
+    prefix = meta.get("prefix")
+    if prefix is None:
+        heads = [p.stem for p in lib_dir.glob("*.h") if p.name != "ek_kernels.h"]
+        if len(heads) != 1:
+            raise EdgekilnError(f"{lib_dir}: not an edgekiln C library (no report.json and {len(heads)} headers)")
+        prefix = heads[0]
+    model_path = Path(model) if model else Path(meta.get("model", ""))
+    if not model_path.is_file():
+        raise EdgekilnError(f"{lib_dir}: cannot find the QDQ model ({model_path or 'not recorded'}); pass --model")
+    return prefix, model_path
+
+
+def quantize_inputs(graph: IntGraph, x: np.ndarray) -> np.ndarray:
+    """Float inputs (ONNX layout, batch first) -> int8 in C layout, as QuantizeLinear rounds."""
+    t = graph.tensors[graph.input]
+    q = np.clip(np.rint(x.astype(np.float32) / np.float32(t.scale)) + t.zero_point, -128, 127).astype(np.int8)
+    return q.transpose(0, 2, 3, 1).copy() if q.ndim == 4 else q
+
+
+def ort_int8_outputs(model_path: Path, graph: IntGraph, q_inputs: np.ndarray) -> np.ndarray:
+    """onnxruntime outputs, quantized back to int8 with the output qparams, in C layout.
+
+    NOTE: ORT is fed the dequantized int8 input, so its internal QuantizeLinear sees the same
+    integers the C code gets (no double rounding of the float input).
+    """
+    import onnxruntime as ort
+
+    ti, to = graph.tensors[graph.input], graph.tensors[graph.output]
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    outs = []
+    for q in q_inputs:
+        onnx_q = q.transpose(2, 0, 1) if q.ndim == 3 else q
+        xf = ((onnx_q.astype(np.float32) - ti.zero_point) * np.float32(ti.scale))[None]
+        y = sess.run(None, {graph.onnx_input_name: xf})[0]
+        yq = np.clip(np.rint(y / np.float32(to.scale)) + to.zero_point, -128, 127).astype(np.int8)
+        outs.append(yq.transpose(0, 2, 3, 1)[0] if yq.ndim == 4 else yq[0])
+    return np.stack(outs)
+
+
+def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def compile_host(lib_dir: Path, prefix: str, exe: Path, cc: str = "gcc") -> None:
+    srcs = [str(lib_dir / f"{prefix}.c"), str(lib_dir / "ek_kernels.c"), str(lib_dir / "main.c")]
+    r = _run([cc, *HOST_CFLAGS, "-g", "-o", str(exe), *srcs])
+    if r.returncode:
+        raise EdgekilnError(f"{lib_dir}: host compile failed: {r.stderr.strip().splitlines()[0] if r.stderr else ''}")
+
+
+def run_host(exe: Path, q_inputs: np.ndarray, out_size: int, work: Path,
+             wrapper: tuple[str, ...] = ()) -> tuple[np.ndarray, subprocess.CompletedProcess[str]]:
+    q_inputs.astype(np.int8).tofile(work / "in.bin")
+    r = _run([*wrapper, str(exe), str(work / "in.bin"), str(work / "out.bin")])
+    out = np.fromfile(work / "out.bin", np.int8) if (work / "out.bin").exists() else np.zeros(0, np.int8)
+    return out.reshape(-1, out_size), r
+
+
+def arm_section_sizes(lib_dir: Path, prefix: str, work: Path) -> tuple[dict[str, int] | None, str]:
+    """Cross-compile for Cortex-M4 and sum .text/.rodata/.data/.bss of the objects (not linked)."""
+    cc, size = shutil.which("arm-none-eabi-gcc"), shutil.which("arm-none-eabi-size")
+    if not cc or not size:
+        return None, "skipped: arm-none-eabi-gcc not installed (apt-get install gcc-arm-none-eabi)"
+    totals = {".text": 0, ".rodata": 0, ".data": 0, ".bss": 0}
+    for src in (f"{prefix}.c", "ek_kernels.c"):
+        obj = work / (Path(src).stem + ".o")
+        r = _run([cc, *ARM_CFLAGS, "-c", str(lib_dir / src), "-o", str(obj)])
+        if r.returncode:
+            return None, f"failed: arm-none-eabi-gcc on {src}: {r.stderr.strip()[:200]}"
+        for line in _run([size, "-A", str(obj)]).stdout.splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[1].isdigit():
+                for key in totals:
+                    if parts[0] == key or parts[0].startswith(key + "."):
+                        totals[key] += int(parts[1])
+    return totals, f"ok: {' '.join(ARM_CFLAGS)} (objects, before linking)"
+
+
+def verify_c(lib_dir: str | Path, data: str | Path, *, model: str | Path | None = None,
+             valgrind: bool = True, valgrind_inputs: int = 10, limit: int | None = None) -> VerifyResult:
+    """Compile ``lib_dir`` with gcc, run it on ``data`` (npz with ``x``), compare with onnxruntime.
+
+    >>> # res = verify_c("out/c", "eval.npz"); res.passed
+    """
+    from edgekiln.codegen.reference import run_graph
+
+    lib_dir = Path(lib_dir)
+    prefix, model_path = _lib_info(lib_dir, model)
+    try:
+        x = np.load(data)["x"]
+    except (OSError, KeyError, ValueError) as exc:
+        raise EdgekilnError(f"{data}: cannot read array 'x' from the npz ({exc})") from exc
+    if limit:
+        x = x[:limit]
+    graph = load_qdq(model_path)
+    if tuple(x.shape[1:]) != tuple(graph.onnx_input_shape[1:]):
+        raise EdgekilnError(f"{data}: inputs have shape {x.shape[1:]}, the model expects "
+                            f"{graph.onnx_input_shape[1:]}")
+    q = quantize_inputs(graph, x)
+    out_size = graph.tensors[graph.output].size
+    with tempfile.TemporaryDirectory(prefix="ek-verify-") as tmp:
+        work = Path(tmp)
+        exe = work / "harness"
+        compile_host(lib_dir, prefix, exe)
+        c_out, r = run_host(exe, q, out_size, work)
+        if r.returncode or c_out.shape[0] != len(q):
+            raise EdgekilnError(f"{lib_dir}: the compiled harness failed (exit {r.returncode}): {r.stderr[:200]}")
+        vg = "skipped: valgrind not installed"
+        if valgrind and shutil.which("valgrind"):
+            n = min(valgrind_inputs, len(q))
+            _, rv = run_host(exe, q[:n], out_size, work, ("valgrind", "-q", "--error-exitcode=1"))
+            vg = f"clean ({n} inferences)" if rv.returncode == 0 else f"errors: {rv.stderr.strip()[:300]}"
+        elif not valgrind:
+            vg = "skipped: disabled"
+        arm_sizes, arm_note = arm_section_sizes(lib_dir, prefix, work)
+    ref = np.stack([run_graph(graph, qi[None]).reshape(-1) for qi in q])
+    ort_out = ort_int8_outputs(model_path, graph, q).reshape(len(q), -1)
+    diff = np.abs(c_out.astype(np.int64) - ort_out.astype(np.int64))
+    return VerifyResult(
+        n_inputs=len(q), top1_agree=int((c_out.argmax(1) == ort_out.argmax(1)).sum()),
+        identical_fraction=float((diff == 0).mean()), max_abs_diff=int(diff.max(initial=0)),
+        exact_vs_reference=bool(np.array_equal(c_out, ref)), valgrind=vg, arm_sizes=arm_sizes, arm_note=arm_note)
+
+
+def summary_rows(res: VerifyResult) -> list[list[str]]:
+    """Rows for a summary table: check, measured, threshold, ok."""
+    ok = "ok"
+    return [
+        ["top-1 identical", f"{res.top1_agree}/{res.n_inputs}", "all", ok if res.top1_agree == res.n_inputs else "FAIL"],
+        ["int8 outputs identical", f"{res.identical_fraction:.4%}", f">= {MIN_IDENTICAL:.0%}",
+         ok if res.identical_fraction >= MIN_IDENTICAL else "FAIL"],
+        ["max |C - ORT| (LSB)", str(res.max_abs_diff), f"<= {MAX_ABS_DIFF}",
+         ok if res.max_abs_diff <= MAX_ABS_DIFF else "FAIL"],
+        ["C == numpy reference", str(res.exact_vs_reference), "bit-exact", ok if res.exact_vs_reference else "FAIL"],
+        ["valgrind", res.valgrind, "clean", "FAIL" if res.valgrind.startswith("errors") else ok],
+        ["cortex-m4 sizes", ", ".join(f"{k} {v}" for k, v in res.arm_sizes.items()) if res.arm_sizes
+         else res.arm_note, "-", ok],
+    ]
