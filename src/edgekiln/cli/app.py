@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in argv
     _register_all()
     try:
-        app(args=argv, standalone_mode=False)
+        # NOTE: without standalone mode click *returns* the code of a typer.Exit instead of raising.
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except EdgekilnError as exc:
         if debug:
             raise

@@ -101,7 +101,8 @@ def measure(cand: Candidate, model_path: Path, kind: str, payload: dict[str, Any
     limits = payload["constraints"]
     arena = memory_plan_bytes(model_path, kind, profile)
     ram_act = arena if arena is not None else info.peak_activation_bytes
-    fit_kwargs = dict(weight_bytes=info.weight_bytes, peak_activation_bytes=ram_act, io_bytes=0 if arena else info.io_bytes,
+    fit_kwargs = dict(weight_bytes=info.weight_bytes, peak_activation_bytes=ram_act,
+                      io_bytes=0 if arena is not None else info.io_bytes,
                       macs=info.macs, precision=precision)
     fit = estimate_fit(profile, **fit_kwargs, max_ram_bytes=limits.get("max_ram_bytes"),
                        max_flash_bytes=limits.get("max_flash_bytes"))
@@ -141,18 +142,21 @@ def violations(cand: Candidate, limits: dict[str, Any], exceeded: list[str]) -> 
 
 
 def memory_plan_bytes(model_path: Path, kind: str, profile: Any) -> int | None:
-    """For microcontroller targets and int8 models: the C backend's real arena size (None when
-    the model cannot be compiled to C, in which case the analysis estimate is used)."""
+    """For microcontroller targets and int8 models: the C backend's real RAM (static arena plus
+    the int8 input and output buffers). None when the model cannot be compiled to C; the
+    analysis estimate is used then."""
     if getattr(profile, "kind", None) != "mcu" or kind != "onnx-qdq":
         return None
+    from edgekiln.codegen.ir import load_qdq
+    from edgekiln.codegen.planner import plan_memory
+
     try:
-        from edgekiln.codegen.planner import arena_bytes_for_model
-    except ImportError:
-        return None
-    try:
-        return int(arena_bytes_for_model(model_path))
+        graph = load_qdq(Path(model_path))
+        plan = plan_memory(graph)
     except EdgekilnError:
         return None
+    io = graph.tensors[graph.input].size + graph.tensors[graph.output].size
+    return int(plan.arena_bytes + io)
 
 
 def precision_of(kind: str) -> str:

@@ -1,0 +1,134 @@
+"""Does a model fit a device? Flash, RAM, latency and energy against the profile's budgets.
+
+The latency estimate is a roofline (documented in docs/targets.md):
+
+    compute_s = MACs / (peak_macs_per_s[precision] * efficiency)
+    memory_s  = bytes_moved / memory_bandwidth_bytes_per_s
+    latency   = max(compute_s, memory_s)
+
+with ``bytes_moved = weight_bytes + 2 * activation traffic`` (each activation written once and
+read once; the peak activation size stands in for the traffic when nothing better is known).
+Energy = MACs * pJ/MAC + bytes_moved * pJ/byte, when the profile knows those figures; otherwise
+it is reported as unknown, never invented.
+
+On microcontrollers weights stay in flash and RAM holds activations and I/O (+ the runtime's
+reserve); on Linux-class devices and accelerators the weights are loaded into RAM too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgekiln.targets.profiles import DeviceProfile
+from edgekiln.targets.units import format_bytes
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    value: float | None
+    budget: float | None
+    unit: str
+
+    @property
+    def ok(self) -> bool:
+        return self.value is None or self.budget is None or self.value <= self.budget
+
+    @property
+    def margin(self) -> float | None:
+        return None if self.value is None or self.budget is None else self.budget - self.value
+
+    def describe(self, v: float | None) -> str:
+        if v is None:
+            return "unknown"
+        return format_bytes(v) if self.unit == "bytes" else f"{v:.4g} {self.unit}"
+
+    def to_dict(self) -> dict[str, Any]:
+        pct = None if self.margin is None or not self.budget else 100.0 * self.margin / self.budget
+        return {"value": self.value, "budget": self.budget, "unit": self.unit, "margin": self.margin,
+                "margin_pct": pct, "ok": self.ok}
+
+
+@dataclass(frozen=True)
+class FitReport:
+    target: str
+    kind: str
+    precision: str
+    notes: tuple[str, ...]
+    metrics: dict[str, Metric] = field(default_factory=dict)
+    latency_source: str = "estimate"
+
+    @property
+    def fits(self) -> bool:
+        return all(m.ok for m in self.metrics.values())
+
+    @property
+    def exceeded(self) -> list[str]:
+        """One sentence per exceeded budget, saying by how much."""
+        out = []
+        labels = {"flash": "flash", "ram": "RAM", "latency_ms": "latency", "energy_mj": "energy"}
+        for key, m in self.metrics.items():
+            if not m.ok:
+                over = m.value - m.budget
+                out.append(f"{labels[key]}: needs {m.describe(m.value)}, budget {m.describe(m.budget)}, "
+                           f"over by {m.describe(over)} ({100 * over / m.budget:.0f}%)")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "kind": self.kind, "precision": self.precision, "fits": self.fits,
+                "exceeded": self.exceeded, "notes": list(self.notes), "latency_source": self.latency_source,
+                **{k: m.to_dict() for k, m in self.metrics.items()}}
+
+    def render_markdown(self) -> str:
+        from edgekiln.report import md_table
+
+        rows = [[k, m.describe(m.value), m.describe(m.budget), m.describe(m.margin) if m.margin is not None else "-",
+                 "yes" if m.ok else "NO"] for k, m in self.metrics.items()]
+        verdict = "fits" if self.fits else "does not fit: " + "; ".join(self.exceeded)
+        lines = [f"# Fit on {self.target} ({self.kind}, {self.precision})", "",
+                 md_table(["budget", "model needs", "device has", "margin", "ok"], rows), "", f"**{verdict}**"]
+        lines += [f"- {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def estimate_fit(profile: DeviceProfile, *, weight_bytes: int, peak_activation_bytes: int, io_bytes: int, macs: int,
+                 precision: str, code_bytes: int = 0, measured_latency_ms: float | None = None,
+                 max_latency_ms: float | None = None, max_energy_mj: float | None = None,
+                 max_ram_bytes: int | None = None, max_flash_bytes: int | None = None) -> FitReport:
+    """Estimate flash, RAM, latency and energy of a model on ``profile``.
+
+    >>> from edgekiln.targets.profiles import load_profile
+    >>> r = estimate_fit(load_profile("cortex-m4"), weight_bytes=100_000, peak_activation_bytes=20_000,
+    ...                  io_bytes=1_000, macs=2_000_000, precision="int8")
+    >>> r.fits, round(r.metrics["latency_ms"].value, 2)
+    (True, 32.68)
+    """
+    notes: list[str] = []
+    if precision not in profile.precisions:
+        fallback = "fp32" if "fp32" in profile.precisions else profile.precisions[0]
+        notes.append(f"{profile.name} does not run {precision}; estimated as {fallback}")
+        precision = fallback
+    mcu = profile.kind == "mcu"
+    flash = weight_bytes + code_bytes
+    ram = peak_activation_bytes + io_bytes + profile.runtime_overhead_bytes + (0 if mcu else weight_bytes)
+    if mcu and not code_bytes:
+        notes.append("flash counts weights only (no code size given; the C export reports it)")
+    moved = weight_bytes + 2 * peak_activation_bytes
+    compute_s = macs / (profile.peak_macs_per_s[precision] * profile.efficiency)
+    memory_s = moved / profile.memory_bandwidth_bytes_per_s
+    latency = max(compute_s, memory_s) * 1000.0
+    source = "estimate"
+    if profile.measured and measured_latency_ms is not None:
+        latency, source = measured_latency_ms, "measured"
+    pj_mac = profile.energy_pj_per_mac.get(precision)
+    energy = None
+    if pj_mac is not None:
+        energy = (macs * pj_mac + moved * (profile.energy_pj_per_byte or 0.0)) * 1e-9  # pJ -> mJ
+    metrics = {
+        "flash": Metric("flash", float(flash), float(max_flash_bytes or profile.flash_bytes), "bytes"),
+        "ram": Metric("ram", float(ram), float(max_ram_bytes or profile.ram_bytes), "bytes"),
+        "latency_ms": Metric("latency_ms", latency, max_latency_ms, "ms"),
+        "energy_mj": Metric("energy_mj", energy, max_energy_mj, "mJ"),
+    }
+    return FitReport(profile.name, profile.kind, precision, tuple(notes), metrics, source)
