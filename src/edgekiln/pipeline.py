@@ -51,7 +51,7 @@ def check_chain(start_kind: str, steps: Sequence[Step], *, has_torch_source: boo
         if kind not in spec.consumes:
             raise EdgekilnError(f"step {i} '{step.name}' takes {'/'.join(sorted(spec.consumes))} models, "
                                 f"but receives '{kind}' from the step before")
-        kind = spec.produces
+        kind = spec.output_kind(step.config)
 
 
 def run_pipeline(

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "edgekiln.cli.targets_cmd",
     "edgekiln.cli.bench_cmd",
     "edgekiln.cli.example_cmd",
+    "edgekiln.cli.quantize_cmd",
     "edgekiln.cli.optimize_cmd",
     "edgekiln.cli.runtime_cmd",
     "edgekiln.cli.split_cmd",

@@ -94,6 +94,10 @@ class PassSpec:
     produces: str
     summary: str
     needs_torch_source: bool = False  # the pass rebuilds the PyTorch module (prune, distill, QAT)
+    produces_for: Callable[[Any], str] | None = None  # when the output kind depends on the config
+
+    def output_kind(self, config: Any) -> str:
+        return self.produces_for(config) if self.produces_for else self.produces
 
 
 def provenance_record(name: str, config: PassConfig, source: ModelArtifact, **extra: Any) -> dict[str, Any]:

@@ -75,7 +75,7 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
         "seed": recipe.search.seed, "target": recipe.target, "constraints": recipe.constraints.to_dict(),
         "bench_runs": recipe.search.bench_runs, "reference": str(artifact.path),
     }
-    baseline = _cached_run(out, {**base_payload, "number": -1, "label": "baseline", "steps": [],
+    baseline = _cached_run(out, {**base_payload, "number": -1, "label": "baseline", "steps": [], "measure_all": True,
                                  "work_dir": str(out / "work" / "baseline"), "baseline_metric": None}, input_sha)
     if baseline.metric is None:
         raise EdgekilnError(f"the input model could not be evaluated: {baseline.error or baseline.violations}")

@@ -112,7 +112,7 @@ def measure(cand: Candidate, model_path: Path, kind: str, payload: dict[str, Any
     cand.latency_ms_target_est = _value(fd, "latency_ms")
     cand.energy_mj_target_est = _value(fd, "energy_mj")
     memory_violations = [v for v in fit.exceeded if v.lower().startswith(("ram", "flash"))]
-    if memory_violations:
+    if memory_violations and not payload.get("measure_all"):
         cand.state, cand.violations, cand.feasible = "pruned", memory_violations, False
         return
     cand.metric = float(evaluate(model_path, payload["eval"], payload["metric"], reference_path=payload.get("reference")))

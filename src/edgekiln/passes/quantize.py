@@ -1,0 +1,289 @@
+"""Quantize pass: INT8 static (QDQ), INT8 dynamic, FP16, INT4 weight-only.
+
+onnxruntime's quantization tools do the graph rewriting; edgekiln chooses the ranges (its own
+calibration, passed to onnxruntime as per-tensor overrides), restricts dynamic quantization to
+the ops where it is fast on CPUs, and enforces an accuracy budget by keeping the most sensitive
+layers in float.
+
+Scheme -> artifact kind: ``int8`` and ``int8-dynamic`` -> ``onnx-qdq``; ``fp16`` -> ``onnx-fp16``;
+``int4-weight`` -> ``onnx-int4w``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekiln.errors import BudgetNotMet, EdgekilnError
+from edgekiln.models.artifact import ONNX_FLOAT, ONNX_FP16, ONNX_INT4W, ONNX_QDQ, ModelArtifact
+from edgekiln.passes.base import PassConfig, PassContext, PassSpec, provenance_record
+
+SCHEMES = {"int8": ONNX_QDQ, "int8-dynamic": ONNX_QDQ, "fp16": ONNX_FP16, "int4-weight": ONNX_INT4W}
+CALIBRATIONS = ("minmax", "percentile", "entropy", "mse", "auto")
+LAYER_OPS = ("Conv", "Gemm", "MatMul", "Gather", "ConvTranspose")
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeConfig(PassConfig):
+    scheme: str = "int8"                 # int8 | int8-dynamic | fp16 | int4-weight
+    calibration: str = "minmax"          # activation ranges (int8): minmax | percentile | entropy | mse | auto
+    symmetric_activations: bool = False  # int8 activations with zero point 0
+    per_channel: bool = True             # one weight scale per output channel
+    reduce_range: bool = False           # 7-bit weights, for pre-VNNI x86 CPUs only
+    calib_samples: int = 256             # calibration samples used (from the context's calibration data)
+    max_drop: float | None = None        # with eval data: keep sensitive layers float until the drop fits
+    keep_float: tuple[str, ...] = ()     # node names always left in float
+    block_size: int = 32                 # int4-weight: weights per scale
+    quantize_embeddings: bool = True     # int8-dynamic: also int8 Gather tables (embeddings)
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(SCHEMES)} (got {self.scheme!r})")
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)} (got {self.calibration!r})")
+        if self.max_drop is not None and self.max_drop < 0:
+            raise ValueError("max_drop must be >= 0")
+        if self.calib_samples < 1 or self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError("calib_samples must be >= 1 and block_size a power of two >= 16")
+
+
+@dataclass
+class QuantizeResult:
+    path: Path
+    kind: str
+    kept_float: list[str] = field(default_factory=list)
+    calibration: dict[str, str] = field(default_factory=dict)      # tensor -> method used
+    metric_fp32: float | None = None
+    metric: float | None = None
+    sensitivity: list[dict[str, Any]] = field(default_factory=list)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+
+
+def calib_feeds(model_path: str | Path, calib_npz: str | Path, limit: int) -> list[dict[str, np.ndarray]]:
+    """One feed dict per calibration sample (batch 1)."""
+    import onnxruntime as ort
+
+    from edgekiln.models.metrics import load_npz, model_feeds
+
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    arrays = model_feeds(sess, load_npz(calib_npz), str(calib_npz))
+    n = min(limit, len(next(iter(arrays.values()))))
+    return [{k: v[i:i + 1] for k, v in arrays.items()} for i in range(n)]
+
+
+def layer_names(model_path: str | Path) -> list[str]:
+    """Nodes whose weights a scheme quantizes (the units the accuracy budget keeps in float)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type in LAYER_OPS and any(i in inits for i in n.input)]
+
+
+def quantize_once(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[str, np.ndarray]] | None,
+                  exclude: list[str], seed: int = 0) -> dict[str, str]:
+    """One quantization of ``src`` into ``dst``; returns the calibration method per tensor."""
+    import warnings
+
+    logging_quiet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if cfg.scheme == "int8":
+            return _int8_static(src, dst, cfg, feeds, exclude, seed)
+        if cfg.scheme == "int8-dynamic":
+            _int8_dynamic(src, dst, cfg, exclude)
+        elif cfg.scheme == "fp16":
+            _fp16(src, dst, exclude)
+        else:
+            _int4(src, dst, cfg, exclude)
+    return {}
+
+
+def compact_qdq(path: Path) -> int:
+    """Drop all-zero zero points of constant DequantizeLinear inputs (weights, biases): the input
+    is optional and defaults to 0, and per-channel int32 bias zero points are pure overhead.
+    Returns the bytes saved."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    before = model.ByteSize()
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3 or node.input[0] not in inits:
+            continue
+        zp = inits.get(node.input[2])
+        if zp is not None and not numpy_helper.to_array(zp).any():
+            del node.input[2]
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    model.doc_string = ""
+    onnx.checker.check_model(model)
+    from edgekiln.fileio import atomic_save_onnx
+
+    atomic_save_onnx(path, model)
+    return before - model.ByteSize()
+
+
+def logging_quiet() -> None:
+    import logging
+
+    logging.getLogger().setLevel(logging.ERROR)
+
+
+def _preprocess(src: Path, work: Path) -> Path:
+    """onnxruntime's quant_pre_process (shape inference + graph optimization) when it works;
+    transformer exports need its symbolic shape inference skipped; else the model as is."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = work / "preprocessed.onnx"
+    for skip_symbolic in (False, True):
+        try:
+            quant_pre_process(str(src), str(out), skip_symbolic_shape=skip_symbolic)
+            return out
+        except Exception:  # noqa: BLE001, S112 - try the next, more conservative setting
+            continue
+    return src
+
+
+def _int8_static(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[str, np.ndarray]] | None,
+                 exclude: list[str], seed: int) -> dict[str, str]:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from edgekiln.bench.peers import _reader
+    from edgekiln.quant.calibration import choose_ranges
+
+    if not feeds:
+        raise EdgekilnError("int8 static quantization needs calibration data (--calib CALIB.npz)")
+    with tempfile.TemporaryDirectory(prefix="edgekiln-q-") as tmp:
+        pre = _preprocess(src, Path(tmp))
+        ranges = choose_ranges(onnx.load(str(pre)), feeds, cfg.calibration, symmetric=cfg.symmetric_activations,
+                               seed=seed)
+        overrides = {t: [{"rmin": np.float32(r.lo), "rmax": np.float32(r.hi)}] for t, r in ranges.items()}
+        quantize_static(str(pre), str(dst), _reader(feeds), quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
+                        reduce_range=cfg.reduce_range, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"TensorQuantOverrides": overrides,
+                                       "ActivationSymmetric": cfg.symmetric_activations, "WeightSymmetric": True})
+    compact_qdq(dst)
+    return {t: r.method for t, r in ranges.items()}
+
+
+def _int8_dynamic(src: Path, dst: Path, cfg: QuantizeConfig, exclude: list[str]) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # NOTE: Conv -> ConvInteger is 4-6x slower than float on this CPU class: only MatMul/Gemm
+    # (and embedding tables, which shrink the file and cost nothing at run time).
+    ops = ["MatMul", "Gemm"] + (["Gather"] if cfg.quantize_embeddings else [])
+    quantize_dynamic(str(src), str(dst), op_types_to_quantize=ops, per_channel=cfg.per_channel,
+                     reduce_range=cfg.reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude))
+    compact_qdq(dst)
+
+
+def _fp16(src: Path, dst: Path, exclude: list[str]) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, node_block_list=list(exclude) or None)
+    onnx.save(model, str(dst))
+
+
+def _int4(src: Path, dst: Path, cfg: QuantizeConfig, exclude: list[str]) -> None:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=cfg.block_size, is_symmetric=True,
+                             nodes_to_exclude=list(exclude))
+    q.process()
+    q.model.save_model_to_file(str(dst), use_external_data_format=False)
+
+
+def quantize_model(src: str | Path, cfg: QuantizeConfig, work: str | Path, *, calib: str | Path | None = None,
+                   eval_npz: str | Path | None = None, metric: str = "accuracy", seed: int = 0,
+                   progress: Any = None) -> QuantizeResult:
+    """Quantize ``src`` into ``work/model.onnx``, meeting ``cfg.max_drop`` when eval data is given.
+
+    Raises :class:`BudgetNotMet` naming the shortfall and the closest result when even keeping
+    every layer but one in float cannot meet the budget.
+    """
+    from edgekiln.models.metrics import evaluate
+
+    src, work = Path(src), Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    feeds = calib_feeds(src, calib, cfg.calib_samples) if calib and cfg.scheme == "int8" else None
+    dst = work / "model.onnx"
+    exclude = list(cfg.keep_float)
+    methods = quantize_once(src, dst, cfg, feeds, exclude, seed)
+    result = QuantizeResult(dst, SCHEMES[cfg.scheme], list(exclude), methods)
+    if eval_npz is None:
+        return result
+    ref = src if metric in ("cosine", "sqnr") else None
+    result.metric_fp32 = evaluate(src, eval_npz, metric, reference_path=ref) if metric != "sqnr" else float("inf")
+    result.metric = evaluate(dst, eval_npz, metric, reference_path=ref)
+    result.attempts.append({"kept_float": list(exclude), "metric": result.metric})
+    if cfg.max_drop is None or _drop(result) <= cfg.max_drop + 1e-9:
+        return result
+    # Sensitivity: quantize one layer at a time (everything else float) and measure the damage.
+    # NOTE: this sees tensor-level problems too: an outlier-dominated activation between two
+    # layers hurts whichever of them is quantized, so both rank high and both are kept float.
+    layers = [n for n in layer_names(src) if n not in exclude]
+    trial = work / "trial.onnx"
+    for i, name in enumerate(layers):
+        quantize_once(src, trial, cfg, feeds, [*exclude, *[x for x in layers if x != name]], seed)
+        m = evaluate(trial, eval_npz, metric, reference_path=ref)
+        result.sensitivity.append({"layer": name, "metric_if_only_this_quantized": m,
+                                   "damage": result.metric_fp32 - m, "bytes_float": _layer_bytes(src, name)})
+        if progress:
+            progress(i + 1, len(layers))
+    result.sensitivity.sort(key=lambda r: (-r["damage"], r["layer"]))
+    best = (result.metric, list(exclude))
+    for row in result.sensitivity[:-1]:   # keeping every layer float is not quantization
+        exclude.append(row["layer"])
+        quantize_once(src, trial, cfg, feeds, exclude, seed)
+        m = evaluate(trial, eval_npz, metric, reference_path=ref)
+        result.attempts.append({"kept_float": list(exclude), "metric": m})
+        if m > best[0]:
+            best = (m, list(exclude))
+        if result.metric_fp32 - m <= cfg.max_drop + 1e-9:
+            shutil.copyfile(trial, dst)
+            result.metric, result.kept_float = m, list(exclude)
+            return result
+    drop = result.metric_fp32 - best[0]
+    raise BudgetNotMet(f"the accuracy budget cannot be met: best drop {drop:.4f} > max-drop {cfg.max_drop:.4f} "
+                       f"(misses by {drop - cfg.max_drop:.4f}); closest keeps {len(best[1])} layer(s) float: "
+                       f"{', '.join(best[1][:6])}{' ...' if len(best[1]) > 6 else ''}")
+
+
+def _drop(r: QuantizeResult) -> float:
+    return (r.metric_fp32 or 0.0) - (r.metric or 0.0)
+
+
+def _layer_bytes(src: Path, name: str) -> int:
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=False)
+    inits = {i.name: i for i in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.name == name)
+    return int(sum(np.prod(inits[i].dims) * 4 for i in node.input if i in inits))
+
+
+def run(artifact: ModelArtifact, config: QuantizeConfig, ctx: PassContext) -> ModelArtifact:
+    res = quantize_model(artifact.path, config, ctx.work_dir, calib=ctx.calib_path,
+                         eval_npz=ctx.eval_path if config.max_drop is not None else None, metric=ctx.metric,
+                         seed=ctx.seed)
+    record = provenance_record("quantize", config, artifact, kept_float=res.kept_float,
+                               metric=res.metric, metric_fp32=res.metric_fp32)
+    return artifact.with_pass(kind=res.kind, path=res.path, record=record)
+
+
+SPEC = PassSpec(name="quantize", config_type=QuantizeConfig, run=run, consumes=frozenset({ONNX_FLOAT}),
+                produces=ONNX_QDQ, summary="INT8 static/dynamic, FP16 or INT4 weight-only, with an accuracy budget",
+                produces_for=lambda cfg: SCHEMES[cfg.scheme])

@@ -1,0 +1,279 @@
+"""Activation calibration: collect statistics, then choose each tensor's range.
+
+Statistics are gathered by running the float model in onnxruntime with the chosen intermediate
+tensors exposed as extra outputs, batch by batch. Per tensor we keep the exact min/max and a
+bounded, seeded reservoir of values (at most ``RESERVOIR`` per tensor), so memory stays flat
+however large the calibration set is.
+
+Methods (each returns a range that contains 0):
+- ``minmax``: the observed extremes.
+- ``percentile``: the 0.01 / 99.99 percentiles (clips rare outliers).
+- ``entropy``: the clipping threshold minimizing the KL divergence between the tensor's
+  histogram and its 255-level quantized version (the TensorRT calibration procedure).
+- ``mse``: the clipping ratio minimizing the mean squared error of fake-quantization.
+- ``auto``: per tensor that feeds a Conv/Gemm/MatMul, the candidate (of the four above)
+  whose fake-quantized input gives the smallest error in *that layer's output* on calibration
+  samples; other tensors use ``mse``. The winner per tensor is recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgekiln.quant.qparams import compute_qparams, fake_quant
+
+RESERVOIR = 200_000
+METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
+QUANTIZED_OPS = {"Conv", "Gemm", "MatMul", "Add", "Mul", "MaxPool", "AveragePool", "GlobalAveragePool", "Concat",
+                 "Relu", "Clip", "Sigmoid", "Softmax", "Reshape", "Flatten", "Transpose", "Resize", "Gather",
+                 "Squeeze", "Unsqueeze", "Split", "LeakyRelu", "ConvTranspose", "Where", "Pad", "Sub", "Div"}
+
+
+@dataclass(frozen=True)
+class TensorRange:
+    lo: float
+    hi: float
+    method: str
+
+
+@dataclass
+class TensorStats:
+    lo: float = np.inf
+    hi: float = -np.inf
+    seen: int = 0
+    sample: np.ndarray | None = None
+    keys: np.ndarray | None = None
+
+
+def default_tensors(model: Any) -> list[str]:
+    """Float activations that a QDQ quantizer quantizes: inputs/outputs of quantizable ops
+    (graph inputs included, weights excluded)."""
+    inits = {i.name for i in model.graph.initializer}
+    names: list[str] = []
+    for node in model.graph.node:
+        if node.op_type not in QUANTIZED_OPS:
+            continue
+        for t in [*node.input, *node.output]:
+            if t and t not in inits and t not in names:
+                names.append(t)
+    return names
+
+
+def collect(model: Any, feeds: Sequence[dict[str, np.ndarray]], tensors: Sequence[str], *, seed: int = 0,
+            batch: int = 16) -> dict[str, TensorStats]:
+    """Run ``model`` on ``feeds`` (one dict per sample) and gather statistics for ``tensors``."""
+    import onnx
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    existing = {o.name for o in m.graph.output}
+    for t in tensors:
+        if t not in existing:
+            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    out_names = [o.name for o in sess.get_outputs()]
+    batch = fixed_batch(model) or batch
+    rng = np.random.default_rng(seed)
+    stats = {t: TensorStats() for t in tensors}
+    for i in range(0, len(feeds), batch):
+        chunk = feeds[i:i + batch]
+        joined = {k: np.concatenate([f[k] for f in chunk]) for k in chunk[0]}
+        values = dict(zip(out_names, sess.run(None, joined), strict=True))
+        for t in tensors:
+            v = np.asarray(values.get(t, joined.get(t)))
+            if v.dtype.kind != "f":
+                continue
+            _update(stats[t], v.reshape(-1).astype(np.float32), rng)
+    return {t: s for t, s in stats.items() if s.seen}
+
+
+def fixed_batch(model: Any) -> int | None:
+    """The first input's batch size when the model fixes it (then samples cannot be stacked)."""
+    inits = {i.name for i in model.graph.initializer}
+    for i in model.graph.input:
+        if i.name not in inits:
+            dims = i.type.tensor_type.shape.dim
+            return dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+    return None
+
+
+def _update(s: TensorStats, v: np.ndarray, rng: np.random.Generator) -> None:
+    """Exact min/max; a uniform sample of everything seen so far (each value gets a random key,
+    the ``RESERVOIR`` smallest keys are kept: the same sample however the data is batched)."""
+    s.lo, s.hi = min(s.lo, float(v.min())), max(s.hi, float(v.max()))
+    keys = rng.random(len(v))
+    vals = v
+    if s.sample is not None:
+        vals, keys = np.concatenate([s.sample, v]), np.concatenate([s.keys, keys])
+    if len(vals) > RESERVOIR:
+        idx = np.argpartition(keys, RESERVOIR)[:RESERVOIR]
+        vals, keys = vals[idx], keys[idx]
+    s.sample, s.keys = vals, keys
+    s.seen += len(v)
+
+
+def range_for(s: TensorStats, method: str, *, symmetric: bool = False) -> tuple[float, float]:
+    """The calibration range of one tensor by one method."""
+    x = s.sample if s.sample is not None else np.array([s.lo, s.hi], np.float32)
+    if method == "minmax":
+        return s.lo, s.hi
+    if method == "percentile":
+        lo, hi = np.percentile(x, [0.01, 99.99])
+        return float(min(lo, 0.0)), float(max(hi, 0.0))
+    if method == "mse":
+        return _mse_range(x, s.lo, s.hi, symmetric)
+    if method == "entropy":
+        return _entropy_range(x, s.lo, s.hi)
+    raise ValueError(f"unknown calibration method {method!r}")
+
+
+def _mse_range(x: np.ndarray, lo: float, hi: float, symmetric: bool) -> tuple[float, float]:
+    best, best_err = (lo, hi), np.inf
+    for r in np.linspace(0.2, 1.0, 41):
+        cand = (min(lo * r, 0.0), max(hi * r, 0.0))
+        qp = compute_qparams(*cand, symmetric=symmetric)
+        err = float(np.mean((fake_quant(x, qp) - x) ** 2))
+        if err < best_err - 1e-15:
+            best, best_err = cand, err
+    return float(best[0]), float(best[1])
+
+
+def _entropy_range(x: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
+    """KL-divergence thresholds, searched separately for the positive and the negative side
+    (each side gets its share of the 255 levels); a side holding under 1% of the values keeps
+    its extreme, since a threshold fitted to a handful of values is noise."""
+    pos, neg = x[x > 0], -x[x < 0]
+    n = max(len(x), 1)
+    levels_pos = max(16, int(round(255 * len(pos) / max(len(pos) + len(neg), 1))))
+    hi_t = _kl_threshold(pos, levels_pos) if len(pos) > 0.01 * n else hi
+    lo_t = -_kl_threshold(neg, max(16, 255 - levels_pos)) if len(neg) > 0.01 * n else lo
+    return float(max(lo, min(lo_t, 0.0))), float(min(hi, max(hi_t, 0.0)))
+
+
+def _kl_threshold(a: np.ndarray, levels: int, bins: int = 2048) -> float:
+    top = float(a.max()) if len(a) else 0.0
+    if top == 0:
+        return 0.0
+    hist, edges = np.histogram(a, bins=bins, range=(0, top))
+    hist = hist.astype(np.float64)
+    best_t, best_kl = top, np.inf
+    for i in range(max(levels, 16), bins + 1, 16):
+        p = hist[:i].copy()
+        p[i - 1] += hist[i:].sum()           # clipped mass goes to the last bin
+        q = np.zeros(i)                      # quantize into `levels` groups, spread back uniformly
+        for g in np.array_split(np.arange(i), levels):
+            nz = hist[g] > 0
+            if nz.any():
+                q[g[nz]] = hist[g].sum() / nz.sum()
+        mask = p > 0
+        pn, qn = p / p.sum(), q / max(q.sum(), 1e-12)
+        kl = float(np.sum(pn[mask] * np.log(pn[mask] / np.maximum(qn[mask], 1e-12))))
+        if kl < best_kl:
+            best_kl, best_t = kl, float(edges[i])
+    return best_t
+
+
+def choose_ranges(model: Any, feeds: Sequence[dict[str, np.ndarray]], method: str, *,
+                  tensors: Sequence[str] | None = None, symmetric: bool = False, seed: int = 0) -> dict[str, TensorRange]:
+    """Calibrate every tensor (default: :func:`default_tensors`) with ``method``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
+    names = list(tensors) if tensors is not None else default_tensors(model)
+    stats = collect(model, feeds, names, seed=seed)
+    if method != "auto":
+        out = {t: TensorRange(*range_for(s, method, symmetric=symmetric), method) for t, s in stats.items()}
+    else:
+        out = _auto(model, feeds, stats, symmetric)
+    # NOTE: graph outputs (logits, embeddings) are never clipped: clipping the largest logit
+    # changes the prediction, which no per-tensor error measure sees.
+    for o in model.graph.output:
+        if o.name in stats:
+            out[o.name] = TensorRange(stats[o.name].lo, stats[o.name].hi, "minmax")
+    return out
+
+
+def _auto(model: Any, feeds: Sequence[dict[str, np.ndarray]], stats: dict[str, TensorStats],
+          symmetric: bool) -> dict[str, TensorRange]:
+    """Per layer input: the candidate range with the smallest error in the layer's own output."""
+    out = {t: TensorRange(*range_for(s, "mse", symmetric=symmetric), "mse") for t, s in stats.items()}
+    inits = {i.name: i for i in model.graph.initializer}
+    layers = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[0] in stats]
+    if not layers:
+        return out
+    sample = feeds[: min(16, len(feeds))]
+    acts = _activations(model, sample, [n.input[0] for n in layers])
+    for node in layers:
+        t = node.input[0]
+        x = acts.get(t)
+        if x is None:
+            continue
+        run = _single_node(node, inits, model)
+        if run is None:
+            continue
+        ref = run(x)
+        best, best_err = None, np.inf
+        for m in ("minmax", "percentile", "entropy", "mse"):
+            lo, hi = range_for(stats[t], m, symmetric=symmetric)
+            err = float(np.mean((run(fake_quant(x, compute_qparams(lo, hi, symmetric=symmetric))) - ref) ** 2))
+            if err < best_err:
+                best, best_err = TensorRange(lo, hi, m), err
+        out[t] = best
+    return out
+
+
+def _activations(model: Any, feeds: Sequence[dict[str, np.ndarray]], names: list[str]) -> dict[str, np.ndarray]:
+    import onnx
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    existing = {o.name for o in m.graph.output}
+    for t in names:
+        if t not in existing:
+            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    step = fixed_batch(model) or len(feeds)
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    out_names = [o.name for o in sess.get_outputs()]
+    for i in range(0, len(feeds), step):
+        joined = {k: np.concatenate([f[k] for f in feeds[i:i + step]]) for k in feeds[0]}
+        outs = dict(zip(out_names, sess.run(None, joined), strict=True))
+        for n in names:
+            parts[n].append(outs.get(n, joined.get(n)))
+    return {n: np.concatenate(v) for n, v in parts.items()}
+
+
+def _single_node(node: Any, inits: dict[str, Any], model: Any) -> Any:
+    """A callable running just ``node`` (its weights included) in onnxruntime."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    if any(i and i not in inits for i in node.input[1:]):
+        return None  # a second activation input (MatMul of two activations): not a layer with weights
+    x_name, y_name = node.input[0], node.output[0]
+    graph = helper.make_graph([node], "layer", [helper.make_tensor_value_info(x_name, onnx.TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info(y_name, onnx.TensorProto.FLOAT, None)],
+                              [inits[i] for i in node.input[1:] if i])
+    m = helper.make_model(graph, opset_imports=list(model.opset_import))
+    m.ir_version = model.ir_version
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001
+        return None
+    return lambda x: sess.run(None, {x_name: x.astype(np.float32)})[0]

@@ -1,0 +1,132 @@
+"""The `edgekiln quantize` run folder: the model, FP32 vs quantized on every runtime, the
+sensitivity table and plot, calibration per tensor, and a parity check across runtimes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekiln.report import md_table, new_figure, save_figure, write_report
+
+
+def runtime_table(fp32: Path, quant: Path, *, runs: int, warmup: int) -> list[dict[str, Any]]:
+    """p50/p90 (1 thread, batch 1) of both models on every available runtime that runs ONNX."""
+    from edgekiln.bench.harness import benchmark
+    from edgekiln.bench.runtimes import available_runtimes, runs_file
+
+    rows = []
+    for name, reason in available_runtimes().items():
+        if reason or not runs_file(name, fp32):
+            continue
+        try:
+            a = benchmark(fp32, runtime=name, runs=runs, warmup=warmup)
+            b = benchmark(quant, runtime=name, runs=runs, warmup=warmup)
+        except Exception as exc:  # noqa: BLE001 - a runtime that cannot load this model is reported, not fatal
+            rows.append({"runtime": name, "error": str(exc).splitlines()[0][:160]})
+            continue
+        rows.append({"runtime": name, "fp32_p50": a.latency_ms["p50"], "fp32_p90": a.latency_ms["p90"],
+                     "p50": b.latency_ms["p50"], "p90": b.latency_ms["p90"],
+                     "speedup": a.latency_ms["p50"] / b.latency_ms["p50"]})
+    return rows
+
+
+def parity(quant: Path, data: dict[str, np.ndarray], limit: int = 64) -> dict[str, Any]:
+    """Outputs of the quantized model on each runtime against onnxruntime with graph
+    optimizations off (the QDQ reference semantics): top-1 agreement and max difference."""
+    import onnxruntime as ort
+
+    from edgekiln.bench.runtimes import available_runtimes, load_session
+    from edgekiln.models.metrics import model_feeds
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    ref_sess = ort.InferenceSession(str(quant), so, providers=["CPUExecutionProvider"])
+    feeds = {k: v[:limit] for k, v in model_feeds(ref_sess, data).items()}
+    rows = [{k: v[i:i + 1] for k, v in feeds.items()} for i in range(len(next(iter(feeds.values()))))]
+    ref = np.concatenate([ref_sess.run(None, r)[0] for r in rows])
+    out: dict[str, Any] = {}
+    for name, reason in available_runtimes().items():
+        if reason or name == "litert":
+            continue
+        try:
+            sess = load_session(quant, name)
+            got = np.concatenate([sess.run(r)[0] for r in rows])
+        except Exception as exc:  # noqa: BLE001
+            out[name] = {"error": str(exc).splitlines()[0][:160]}
+            continue
+        a, b = got.reshape(len(got), -1), ref.reshape(len(ref), -1)
+        out[name] = {"top1_agreement": float((a.argmax(1) == b.argmax(1)).mean()),
+                     "max_abs_diff": float(np.abs(a - b).max()), "samples": len(a)}
+    return out
+
+
+def write_quantize_report(out: Path, *, scheme: str, metric_name: str, fp32: Path, res: Any, runtimes: list[dict],
+                          parity_result: dict[str, Any], config: dict[str, Any]) -> Path:
+    size_fp32, size = os.path.getsize(fp32), os.path.getsize(res.path)
+    ort = next((r for r in runtimes if r["runtime"] == "onnxruntime" and "p50" in r), None)
+    measured = [r for r in runtimes if "p50" in r]
+    fastest = min(measured, key=lambda r: r["p50"])["runtime"] if measured else None
+    slower = [{"runtime": r["runtime"], "fp32_p50": r["fp32_p50"], "p50": r["p50"]}
+              for r in measured if r["p50"] > r["fp32_p50"]]
+    data = {
+        "scheme": scheme, "metric_name": metric_name, "metric_fp32": res.metric_fp32, "metric": res.metric,
+        "drop": None if res.metric is None else res.metric_fp32 - res.metric,
+        "model_bytes_fp32": size_fp32, "model_bytes": size, "size_ratio": size / size_fp32,
+        "latency_ms_fp32": ort["fp32_p50"] if ort else None, "latency_ms": ort["p50"] if ort else None,
+        "latency_by_runtime": runtimes, "fastest_runtime": fastest, "slower_than_fp32": slower,
+        "kept_float": res.kept_float, "sensitivity": res.sensitivity, "attempts": res.attempts,
+        "calibration": res.calibration, "parity": parity_result, "artifact": "model.onnx", "config": config,
+    }
+    plot = _sensitivity_plot(out, res.sensitivity)
+    lines = [f"# edgekiln quantize: {scheme}", "",
+             md_table(["", "FP32", scheme], [
+                 [metric_name, _f(res.metric_fp32), _f(res.metric)],
+                 ["size (bytes)", size_fp32, f"{size} ({size / size_fp32:.3f}x)"],
+                 ["onnxruntime p50 ms (1 thread)", _f(data["latency_ms_fp32"]), _f(data["latency_ms"])]]), "",
+             "## Latency by runtime (batch 1, 1 thread)", "",
+             md_table(["runtime", "FP32 p50", "FP32 p90", "quantized p50", "quantized p90", "speed-up"],
+                      [[r["runtime"], _f(r.get("fp32_p50")), _f(r.get("fp32_p90")), _f(r.get("p50")), _f(r.get("p90")),
+                        _f(r.get("speedup")) if "speedup" in r else r.get("error", "")] for r in runtimes]), ""]
+    if fastest:
+        lines += [f"Fastest runtime for the quantized model on this machine: **{fastest}**.", ""]
+    for s in slower:
+        lines += [f"**Warning: slower than FP32 on {s['runtime']}**: {s['p50']:.4f} ms vs {s['fp32_p50']:.4f} ms.", ""]
+    lines += ["## Parity across runtimes", "",
+              md_table(["runtime", "top-1 agreement", "max abs diff"],
+                       [[k, _f(v.get("top1_agreement")), _f(v.get("max_abs_diff")) if "max_abs_diff" in v else v.get("error")]
+                        for k, v in parity_result.items()]), "",
+              "Reference: the same QDQ model in onnxruntime with graph optimizations off.", ""]
+    if res.kept_float:
+        lines += [f"Kept in float to meet the budget: {', '.join(res.kept_float)}.", ""]
+    if res.sensitivity:
+        lines += ["## Per-layer sensitivity (metric with only this layer quantized)", "",
+                  md_table(["layer", "metric", "damage", "float weight bytes"],
+                           [[r["layer"], _f(r["metric_if_only_this_quantized"]), _f(r["damage"]), r["bytes_float"]]
+                            for r in res.sensitivity]), ""]
+        if plot:
+            lines += [f"![sensitivity]({plot})", ""]
+    if res.calibration:
+        counts: dict[str, int] = {}
+        for m in res.calibration.values():
+            counts[m] = counts.get(m, 0) + 1
+        lines += ["Calibration method per tensor: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+                  + " (full list in report.json).", ""]
+    return write_report(out, command="quantize", data=data, markdown="\n".join(lines))
+
+
+def _sensitivity_plot(out: Path, rows: list[dict[str, Any]]) -> str | None:
+    if not rows:
+        return None
+    fig, ax = new_figure(8, max(2.5, 0.3 * len(rows)))
+    ax.barh([r["layer"] for r in rows][::-1], [r["damage"] for r in rows][::-1])
+    ax.set_xlabel("metric drop when only this layer is quantized")
+    save_figure(fig, out / "sensitivity.png")
+    return "sensitivity.png"
+
+
+def _f(v: Any) -> str:
+    return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
