@@ -291,11 +291,11 @@ def _shape_from(block: dict[str, Any]) -> InputShape | None:
 
 
 def run_folder_data(path: str | Path) -> dict[str, Path]:
-    """The calibration/eval data files a run folder holds (``calib``, ``eval`` keys, if present)."""
+    """The data files a run folder holds (``calib``, ``eval``, ``train`` keys, if present)."""
     path = Path(path)
     found = {}
     if path.is_dir():
-        for key in ("calib", "eval"):
+        for key in ("calib", "eval", "train"):
             f = path / f"{key}.npz"
             if f.is_file():
                 found[key] = f

@@ -72,6 +72,7 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
     spaces = recipe.passes or default_space(artifact, recipe, profile.precisions)
     base_payload = {
         "artifact": artifact.to_dict(), "calib": calib, "eval": evals, "metric": recipe.metric,
+        "train": str(data["train"]) if "train" in data else None,
         "seed": recipe.search.seed, "target": recipe.target, "constraints": recipe.constraints.to_dict(),
         "bench_runs": recipe.search.bench_runs, "reference": str(artifact.path),
     }
@@ -100,7 +101,7 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
             payloads = []
             for t in trials:
                 steps = sample_steps(t, spaces)
-                payloads.append({**base_payload, "number": t.number, "label": describe(steps),
+                payloads.append({**base_payload, "number": t.number, "label": describe(steps, spaces),
                                  "steps": [s.to_dict() for s in steps],
                                  "work_dir": str(out / "work" / f"trial-{t.number:04d}")})
             results = _execute(out, payloads, input_sha, recipe)

@@ -23,8 +23,8 @@ def default_space(artifact: ModelArtifact, recipe: Recipe, precisions: Sequence[
     spaces = []
     if artifact.torch is not None and "prune" in registry():
         spaces.append(PassSpace(name="prune", optional=True,
-                                options={"mode": ("structured",), "ratio": (0.3, 0.5, 0.7),
-                                         "finetune_epochs": (2,)}))
+                                options={"mode": ("structured",), "ratio": (0.3, 0.4, 0.5, 0.6),
+                                         "finetune_epochs": (5,)}))
     if "quantize" in registry():
         schemes = []
         if "int8" in precisions:
@@ -54,16 +54,21 @@ def sample_steps(trial: Any, spaces: Sequence[PassSpace]) -> list[Step]:
     return steps
 
 
-def describe(steps: Sequence[Step]) -> str:
-    """A short human label such as ``prune(ratio=0.5) -> quantize(scheme=int8, calibration=mse)``."""
+def describe(steps: Sequence[Step], spaces: Sequence[PassSpace] = ()) -> str:
+    """A short human label such as ``prune(ratio=0.5) -> quantize(calibration=mse)``: the options
+    the search varied (or, without a space, those that differ from the defaults)."""
     if not steps:
         return "baseline"
+    varied = {sp.name: [k for k, v in sp.options.items() if len(v) > 1] for sp in spaces}
     parts = []
     for step in steps:
         cfg = step.config.to_dict()
         cfg.pop("version", None)
-        default = type(step.config)().to_dict() if _has_defaults(step.config) else {}
-        shown = {k: v for k, v in cfg.items() if default.get(k, object()) != v}
+        if step.name in varied:
+            shown = {k: cfg[k] for k in varied[step.name]}
+        else:
+            default = type(step.config)().to_dict() if _has_defaults(step.config) else {}
+            shown = {k: v for k, v in cfg.items() if default.get(k, object()) != v}
         parts.append(f"{step.name}(" + ", ".join(f"{k}={v}" for k, v in shown.items()) + ")")
     return " -> ".join(parts)
 

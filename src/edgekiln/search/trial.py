@@ -200,6 +200,7 @@ def _context(payload: dict[str, Any]) -> Any:
     work.mkdir(parents=True)
     return PassContext(work_dir=work, calib_path=Path(payload["calib"]) if payload.get("calib") else None,
                        eval_path=Path(payload["eval"]) if payload.get("eval") else None,
+                       train_path=Path(payload["train"]) if payload.get("train") else None,
                        metric=payload["metric"], seed=int(payload["seed"]), strict=True, quiet=True)
 
 
@@ -214,6 +215,7 @@ def payload_key(payload: dict[str, Any], input_sha: str) -> str:
     """Content hash of what determines a trial's result (the cache key)."""
     from edgekiln.fileio import sha256_bytes
 
-    keyed = {k: payload.get(k) for k in ("steps", "metric", "seed", "target", "constraints", "bench_runs", "calib", "eval")}
+    keyed = {k: payload.get(k) for k in ("steps", "metric", "seed", "target", "constraints", "bench_runs", "calib", "eval",
+                                         "train")}
     keyed["input"] = input_sha
     return sha256_bytes(json.dumps(keyed, sort_keys=True, default=str).encode())[:24]
