@@ -55,6 +55,27 @@ SENTENCES = (
 )
 
 
+# Calibration text, disjoint from the evaluation sentences above.
+CALIB_SENTENCES = (
+    "The weather station logs humidity and wind speed every hour.",
+    "Our team reviewed the pull request before lunch.",
+    "A small neural network classifies gestures from accelerometer data.",
+    "The bakery on the corner sells bread until it runs out.",
+    "Firmware images are signed before they are published to the fleet.",
+    "He read the manual twice and still could not find the reset button.",
+    "The river flooded the lower fields after three days of rain.",
+    "Quantization maps floating point values onto a small integer grid.",
+    "The concert was postponed because the singer caught a cold.",
+    "Sensor drift makes the readings slowly wander over several weeks.",
+    "She bought a second-hand bicycle with a basket on the front.",
+    "A watchdog timer restarts the board if the main loop hangs.",
+    "The committee approved the budget after a long debate.",
+    "Camera frames are downscaled to 96 by 96 pixels before inference.",
+    "Tourists lined up outside the castle gates early in the morning.",
+    "The cache hit rate dropped sharply after the last deployment.",
+)
+
+
 def model_dir() -> Path:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -127,7 +148,9 @@ def export_minilm(out_dir: str | Path, *, seq_len: int = SEQ_LEN) -> dict[str, A
         raise EdgekilnError(f"MiniLM ONNX export differs from PyTorch by {err:.3g}")
     path = atomic_save_onnx(out / "model.onnx", model)
     atomic_save_npz(out / "eval.npz", **feeds)
+    atomic_save_npz(out / "calib.npz", **tokenize(CALIB_SENTENCES, seq_len))
     buf = io.BytesIO()
     np.save(buf, ref)
     atomic_write_bytes(out / "reference.npy", buf.getvalue())
-    return {"model": path, "eval": out / "eval.npz", "reference": out / "reference.npy", "max_abs_error": err}
+    return {"model": path, "eval": out / "eval.npz", "calib": out / "calib.npz", "reference": out / "reference.npy",
+            "max_abs_error": err}
