@@ -20,6 +20,7 @@ SMALL = {
     "prune": {"finetune_epochs": 1},
     "distill": {"epochs": 1, "student": "self"},
     "quantize": {"calib_samples": 16},
+    "qat": {"epochs": 1, "calib_samples": 16},
 }
 PASSES = sorted(registry())
 

@@ -11,9 +11,9 @@ from edgekiln.passes.base import PassSpec
 
 
 def _build_registry() -> dict[str, PassSpec]:
-    from edgekiln.passes import export, prune, quantize
+    from edgekiln.passes import export, prune, qat, quantize
 
-    specs = [export.SPEC, prune.SPEC, quantize.SPEC]
+    specs = [export.SPEC, prune.SPEC, quantize.SPEC, qat.SPEC]
     return {s.name: s for s in specs}
 
 

@@ -85,3 +85,26 @@ def test_qat_recovers_accuracy_lost_to_coarse_activation_quantization():
     qat.eval()
     qat_acc = (qat(x[1400:]).argmax(1) == y[1400:]).float().mean().item()
     assert qat_acc >= ptq - 0.005, f"QAT accuracy {qat_acc:.4f} < simulated PTQ {ptq:.4f} - 0.005 (seed 0)"
+
+
+@pytest.mark.slow
+def test_qat_pass_produces_an_int8_qdq_model_as_accurate_as_ptq(tmp_path):
+    import onnx
+
+    from edgekiln.models.examples import train_example
+    from edgekiln.models.intake import load_model, run_folder_data
+    from edgekiln.models.metrics import evaluate
+    from edgekiln.passes.base import PassContext
+    from edgekiln.passes.qat import QATConfig
+    from edgekiln.passes.qat import run as qat
+    from edgekiln.passes.quantize import QuantizeConfig, quantize_model
+
+    train_example("digits", tmp_path / "d", quiet=True)
+    art, data = load_model(tmp_path / "d"), run_folder_data(tmp_path / "d")
+    out = qat(art, QATConfig(epochs=3), PassContext(work_dir=tmp_path / "w", train_path=data["train"],
+                                                    calib_path=data["calib"], quiet=True))
+    ops = [n.op_type for n in onnx.load(str(out.path)).graph.node]
+    assert out.kind == "onnx-qdq" and "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    ptq = quantize_model(art.path, QuantizeConfig(), tmp_path / "ptq", calib=data["calib"]).path
+    acc_qat, acc_ptq = evaluate(out.path, data["eval"]), evaluate(ptq, data["eval"])
+    assert acc_qat >= acc_ptq - 0.01, f"QAT {acc_qat:.4f} vs PTQ {acc_ptq:.4f} (seed 0)"
