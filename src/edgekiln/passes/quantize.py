@@ -40,6 +40,8 @@ class QuantizeConfig(PassConfig):
     keep_float: tuple[str, ...] = ()     # node names always left in float
     block_size: int = 32                 # int4-weight: weights per scale
     quantize_embeddings: bool = True     # int8-dynamic: also int8 Gather tables (embeddings)
+    equalize: bool = False               # int8: cross-layer equalization of Conv-ReLU-Conv pairs first
+    bias_correction: bool = False        # int8: remove the mean output shift of each Conv/Gemm
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -164,6 +166,12 @@ def _int8_static(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[str
     if not feeds:
         raise EdgekilnError("int8 static quantization needs calibration data (--calib CALIB.npz)")
     with tempfile.TemporaryDirectory(prefix="edgekiln-q-") as tmp:
+        if cfg.equalize:
+            from edgekiln.quant.correction import equalize_cross_layer
+
+            eq, _ = equalize_cross_layer(onnx.load(str(src)))
+            src = Path(tmp) / "equalized.onnx"
+            onnx.save(eq, str(src))
         pre = _preprocess(src, Path(tmp))
         ranges = choose_ranges(onnx.load(str(pre)), feeds, cfg.calibration, symmetric=cfg.symmetric_activations,
                                seed=seed)
@@ -173,6 +181,11 @@ def _int8_static(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[str
                         nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax,
                         extra_options={"TensorQuantOverrides": overrides,
                                        "ActivationSymmetric": cfg.symmetric_activations, "WeightSymmetric": True})
+        if cfg.bias_correction:
+            from edgekiln.quant.correction import correct_bias
+
+            fixed, _ = correct_bias(onnx.load(str(pre)), onnx.load(str(dst)), feeds[:64])
+            onnx.save(fixed, str(dst))
     compact_qdq(dst)
     return {t: r.method for t, r in ranges.items()}
 
