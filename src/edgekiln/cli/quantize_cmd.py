@@ -23,6 +23,8 @@ def quantize_command(
     symmetric: bool = typer.Option(False, "--symmetric-activations"),
     per_channel: bool = typer.Option(True, "--per-channel/--per-tensor"),
     samples: int = typer.Option(256, "--calib-samples"),
+    equalize: bool = typer.Option(False, "--equalize", help="Cross-layer equalization first (int8)."),
+    bias_correction: bool = typer.Option(False, "--bias-correction", help="Correct each layer's mean shift (int8)."),
     runs: int = typer.Option(200, "--bench-runs", help="Timed runs per latency measurement."),
     out: Path = typer.Option(..., "--out"),
 ) -> None:
@@ -41,7 +43,8 @@ def quantize_command(
         raise EdgekilnError("--max-drop needs evaluation data: pass --eval EVAL.npz")
     cfg = QuantizeConfig.from_dict({"scheme": scheme, "calibration": calibration, "max_drop": max_drop,
                                     "keep_float": tuple(keep_float or ()), "symmetric_activations": symmetric,
-                                    "per_channel": per_channel, "calib_samples": samples})
+                                    "per_channel": per_channel, "calib_samples": samples, "equalize": equalize,
+                                    "bias_correction": bias_correction})
     art = load_model(model, work_dir=out / "input")
     from rich.progress import Progress
 
