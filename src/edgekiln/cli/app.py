@@ -83,10 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         _err("aborted")
         sys.exit(1)
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:  # noqa: BLE001 - usage errors (typer's click) carry their own exit code
+        if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             sys.exit(exc.exit_code)
         if debug:

@@ -1,0 +1,3 @@
+from edgekiln.cli.app import main
+
+main()
