@@ -127,11 +127,35 @@ def compact_qdq(path: Path) -> int:
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
     model.doc_string = ""
+    _short_names(model)
     onnx.checker.check_model(model)
     from edgekiln.fileio import atomic_save_onnx
 
     atomic_save_onnx(path, model)
     return before - model.ByteSize()
+
+
+def _short_names(model: Any) -> None:
+    """Rename weights and internal tensors to short names (the quantizer's generated names can
+    be a quarter of a small model's file). Graph inputs/outputs and node names are kept."""
+    keep = {v.name for v in [*model.graph.input, *model.graph.output]}
+    mapping: dict[str, str] = {}
+    for i, init in enumerate(model.graph.initializer):
+        if init.name not in keep:
+            mapping[init.name] = f"w{i}"
+    k = 0
+    for node in model.graph.node:
+        for out in node.output:
+            if out and out not in keep and out not in mapping:
+                mapping[out] = f"t{k}"
+                k += 1
+    for init in model.graph.initializer:
+        init.name = mapping.get(init.name, init.name)
+    for node in model.graph.node:
+        node.input[:] = [mapping.get(x, x) for x in node.input]
+        node.output[:] = [mapping.get(x, x) for x in node.output]
+    for vi in list(model.graph.value_info):
+        vi.name = mapping.get(vi.name, vi.name)
 
 
 def logging_quiet() -> None:
