@@ -98,3 +98,12 @@ def test_ray_executor_matches_the_serial_run(digits, tmp_path):
         ray.shutdown()
     key = [(c.number, c.label, c.metric, c.model_bytes) for c in serial.candidates]
     assert key == [(c.number, c.label, c.metric, c.model_bytes) for c in parallel.candidates]
+
+
+def test_host_target_picks_the_fastest_runtime(digits, tmp_path):
+    rec = Recipe.from_dict({**_recipe(digits).to_dict(), "target": "host", "search": {"trials": 2, "bench_runs": 20}})
+    optimize(rec, tmp_path / "opt", quiet=True)
+    sel = json.loads((tmp_path / "opt" / "report.json").read_text())["selected"]
+    measured = [r for r in sel["runtimes"] if "p50_ms" in r]
+    assert {r["runtime"] for r in measured} >= {"onnxruntime"}
+    assert sel["runtime"] == min(measured, key=lambda r: r["p50_ms"])["runtime"]

@@ -20,6 +20,8 @@ def export_command(
     prefix: str = typer.Option("model", "--prefix", help="C name prefix: NAME.h, NAME_invoke()."),
     data: Path = typer.Option(None, "--data", help="With --to tflite: eval .npz to check LiteRT and TFLite Micro "
                               "against onnxruntime."),
+    fuse: bool = typer.Option(True, "--fuse/--no-fuse", help="With --to c: fuse conv->pool pairs into one kernel "
+                              "that never stores the full conv output (smaller arena; bit-identical results)."),
 ) -> None:
     """Export an int8 QDQ model: `--to c` writes a self-contained C99 library with a static arena."""
     exporters = {"c": _export_c, "tflite": _export_tflite}
@@ -28,13 +30,13 @@ def export_command(
     if to == "tflite":
         _export_tflite(model, out, prefix, data)
     else:
-        exporters[to](model, out, prefix)
+        _export_c(model, out, prefix, fuse)
 
 
-def _export_c(model: Path, out: Path, prefix: str) -> None:
+def _export_c(model: Path, out: Path, prefix: str, fuse: bool = True) -> None:
     from edgekiln.codegen.export import export_c, write_export_report
 
-    res = export_c(model, out, prefix=prefix)
+    res = export_c(model, out, prefix=prefix, fuse=fuse)
     write_export_report(res, str(model))
     d = res.to_dict()
     typer.echo(f"wrote {prefix}.h, {prefix}.c, ek_kernels.c/.h, CMakeLists.txt, main.c to {out}")

@@ -35,7 +35,8 @@ _FIELDS = {  # struct field order, as declared in ek_kernels.h
     "ek_softmax_params": "rows depth output_zp inv_mult div_shift",
     "ek_transpose_params": "height width channels",
 }
-_ARRAY_ORDER = {"conv2d": ("weights", "bias", "mult", "shift"), "fully_connected": ("weights", "bias", "mult", "shift"),
+_ARRAY_ORDER = {"conv2d": ("weights", "bias", "mult", "shift"), "conv_pool": ("weights", "bias", "mult", "shift"),
+                "fully_connected": ("weights", "bias", "mult", "shift"),
                 "concat": ("channels", "zps", "mult", "shift"), "softmax": ("lut",)}
 _CTYPE = {np.dtype(np.int8): "int8_t", np.dtype(np.int32): "int32_t"}
 
@@ -75,6 +76,8 @@ def _op_decls(i: int, op: Op) -> str:
     for key in _ARRAY_ORDER.get(op.kind, ()):
         arr = op.arrays[key]
         out.append(_array(_CTYPE[arr.dtype], f"op{i}_{key}", arr))
+    if op.kind == "conv_pool":
+        out.append(_conv_pool_params(i, op))
     if op.kind in _STRUCT:
         struct = _STRUCT[op.kind]
         # NOTE: max_pool shares ek_pool_params with avg_pool and leaves the averaging fields 0.
@@ -82,6 +85,16 @@ def _op_decls(i: int, op: Op) -> str:
         fields = ", ".join(f".{f} = {int(attrs[f])}" for f in _FIELDS[struct].split())
         out.append(f"static const {struct} op{i}_params = {{ {fields} }};\n")
     return "".join(out)
+
+
+def _conv_pool_params(i: int, op: Op) -> str:
+    from edgekiln.codegen.fuse import split_attrs
+
+    conv, pool = split_attrs(op.attrs)
+    cf = ", ".join(f".{f} = {int(conv[f])}" for f in _FIELDS["ek_conv_params"].split())
+    pf = ", ".join(f".{f} = {int(pool[f])}" for f in _FIELDS["ek_pool_params"].split())
+    return (f"static const ek_conv_pool_params op{i}_params = {{\n    .conv = {{ {cf} }},\n"
+            f"    .pool = {{ {pf} }},\n    .is_avg = {int(op.attrs['pool_is_avg'])}, .rows = {int(op.attrs['rows'])} }};\n")
 
 
 def _op_call(i: int, op: Op, plan: MemoryPlan) -> str:
@@ -97,6 +110,9 @@ def _op_call(i: int, op: Op, plan: MemoryPlan) -> str:
     if op.kind in ("conv2d", "fully_connected"):
         fn = "ek_conv2d" if op.kind == "conv2d" else "ek_fully_connected"
         return f"    {fn}({p}, {ins[0]}, op{i}_weights, op{i}_bias, op{i}_mult, op{i}_shift, {y});\n"
+    if op.kind == "conv_pool":
+        return (f"    ek_conv_pool({p}, {ins[0]}, op{i}_weights, op{i}_bias, op{i}_mult, op{i}_shift, "
+                f"{_ptr(plan, op.scratch)}, {y});\n")
     if op.kind == "add":
         return f"    ek_add({p}, {ins[0]}, {ins[1]}, {y});\n"
     if op.kind == "concat":

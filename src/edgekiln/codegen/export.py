@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from edgekiln.codegen.emit import check_prefix, write_library
-from edgekiln.codegen.ir import IntGraph, load_qdq
+from edgekiln.codegen.fuse import lower_for_c
+from edgekiln.codegen.ir import IntGraph
 from edgekiln.codegen.planner import MemoryPlan, plan_memory, plot_live_memory
 from edgekiln.errors import EdgekilnError
 
@@ -16,7 +17,7 @@ from edgekiln.errors import EdgekilnError
 #: ``_ldiv`` libgcc's 64-bit division, pulled in by avg_pool and softmax.
 CODE_BYTES = {"_requant": 178, "_call": 28, "_ldiv": 400, "conv2d": 340, "fully_connected": 108, "add": 108,
               "requantize": 58, "max_pool": 164, "avg_pool": 360, "concat": 146, "softmax": 224,
-              "transpose_nchw": 74, "reshape": 0}
+              "transpose_nchw": 74, "reshape": 0, "conv_pool": 560}
 #: bytes of one int32 field in a ``static const`` parameter struct.
 _FIELD_BYTES = 4
 
@@ -31,12 +32,13 @@ class CExport:
     plan: MemoryPlan
     files: list[Path]
     flash: dict[str, int] = field(default_factory=dict)
+    fused: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         g = self.graph
         ti, to = g.tensors[g.input], g.tensors[g.output]
         return {
-            "target": "c", "prefix": self.prefix, "files": [p.name for p in self.files],
+            "target": "c", "prefix": self.prefix, "files": [p.name for p in self.files], "fused": self.fused,
             "arena_bytes": self.plan.arena_bytes, "io_bytes": ti.size + to.size,
             "ram_bytes": self.plan.arena_bytes + ti.size + to.size,
             "flash_bytes": self.flash["total"], "flash": self.flash, "macs": g.macs,
@@ -55,6 +57,9 @@ def estimate_flash(graph: IntGraph) -> dict[str, int]:
 
     weights = graph.weight_bytes
     params = sum(len(_FIELDS[_STRUCT[op.kind]].split()) * _FIELD_BYTES for op in graph.ops if op.kind in _STRUCT)
+    n_conv_pool = sum(op.kind == "conv_pool" for op in graph.ops)
+    params += n_conv_pool * (len(_FIELDS["ek_conv_params"].split()) + len(_FIELDS["ek_pool_params"].split()) + 2) \
+        * _FIELD_BYTES
     kinds = {op.kind for op in graph.ops}
     code = CODE_BYTES["_requant"] + sum(CODE_BYTES[k] for k in kinds) + CODE_BYTES["_call"] * len(graph.ops)
     if kinds & {"avg_pool", "softmax"}:
@@ -62,8 +67,12 @@ def estimate_flash(graph: IntGraph) -> dict[str, int]:
     return {"weights": weights, "params": params, "code_estimate": code, "total": weights + params + code}
 
 
-def export_c(model: str | Path, out_dir: str | Path, *, prefix: str = "model", reorder: bool = True) -> CExport:
+def export_c(model: str | Path, out_dir: str | Path, *, prefix: str = "model", reorder: bool = True,
+             fuse: bool = True) -> CExport:
     """Lower a QDQ int8 ONNX model to a C99 library in ``out_dir``; plot and plan included.
+
+    ``fuse`` (default) runs :func:`edgekiln.codegen.fuse.fuse_conv_pool`: conv -> pool pairs
+    become one kernel that never stores the full conv output (a smaller arena).
 
     >>> # res = export_c("mnist_int8.onnx", "out/c", prefix="mnist"); res.plan.arena_bytes
     """
@@ -71,11 +80,11 @@ def export_c(model: str | Path, out_dir: str | Path, *, prefix: str = "model", r
     model = Path(model)
     if not model.is_file():
         raise EdgekilnError(f"{model}: no such ONNX file")
-    graph = load_qdq(model)
+    graph = lower_for_c(model, fuse=fuse)
     plan = plan_memory(graph, reorder=reorder)
     out_dir = Path(out_dir)
     files = write_library(graph, plan, out_dir, prefix)
-    return CExport(out_dir, prefix, graph, plan, files, estimate_flash(graph))
+    return CExport(out_dir, prefix, graph, plan, files, estimate_flash(graph), fused=fuse)
 
 
 def render_markdown(res: CExport, model: str) -> str:
@@ -88,7 +97,8 @@ def render_markdown(res: CExport, model: str) -> str:
              f"{res.plan.naive_bytes} B); I/O buffers {d['io_bytes']} B; total RAM {d['ram_bytes']} B",
              f"- flash: **{d['flash_bytes']} B** = weights {res.flash['weights']} + parameters {res.flash['params']}"
              f" + code (estimate, Cortex-M4 -Os) {res.flash['code_estimate']}",
-             f"- MACs: {d['macs']}; schedule reordered for memory: {res.plan.reordered}",
+             f"- MACs: {d['macs']}; schedule reordered for memory: {res.plan.reordered}; "
+             f"conv->pool fusion: {res.fused}",
              "- layout: NHWC (channels last), batch 1; input quantization: "
              f"scale {d['input']['scale']:.6g}, zero point {d['input']['zero_point']}", "",
              md_table(["step", "op", "kind", "output (NHWC)", "MACs", "const B", "buffer", "live B"],

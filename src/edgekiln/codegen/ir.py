@@ -58,6 +58,8 @@ class Op:
     attrs: dict[str, int] = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     macs: int = 0
+    #: name of a scratch tensor this op alone uses during its step ('' for none), e.g. conv_pool's rows.
+    scratch: str = ""
 
     @property
     def const_bytes(self) -> int:

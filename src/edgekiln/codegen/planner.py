@@ -130,6 +130,9 @@ def _plan_schedule(graph: IntGraph, schedule: list[Op]) -> MemoryPlan:
             root[out] = out
         produced_at.setdefault(root[out], step)
         last_use[root[out]] = max(last_use.get(root[out], step), step)
+        if op.scratch:  # NOTE: scratch lives for this one step only; it must not overlap in/out
+            root[op.scratch] = op.scratch
+            produced_at[op.scratch] = last_use[op.scratch] = step
     last_use[root[graph.output]] = len(schedule)  # the caller reads it after the last step
     planner = GreedyArenaPlanner()
     ids: dict[str, int] = {}

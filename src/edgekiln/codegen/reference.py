@@ -91,6 +91,15 @@ def avg_pool(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np
     return _sat(y)[None]
 
 
+def conv_pool(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.ndarray:
+    """The fused conv -> max/avg pool: by definition the unfused conv kernel followed by the pool kernel."""
+    from edgekiln.codegen.fuse import split_attrs
+
+    conv_a, pool_a = split_attrs(a)
+    y = conv2d(x, conv_a, arr)
+    return (avg_pool if pool_a.pop("is_avg") else max_pool)(y, pool_a, {})
+
+
 def div_round_half_even(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """``num / den`` rounded to nearest, ties to even (``den > 0``), exact on int64."""
     num, den = np.asarray(num, np.int64), np.asarray(den, np.int64)
@@ -128,7 +137,7 @@ def transpose_nchw(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray])
 
 KERNELS: dict[str, Callable[..., np.ndarray]] = {
     "conv2d": conv2d, "fully_connected": fully_connected, "add": add, "requantize": requantize,
-    "max_pool": max_pool, "avg_pool": avg_pool, "reshape": reshape, "concat": concat,
+    "max_pool": max_pool, "avg_pool": avg_pool, "conv_pool": conv_pool, "reshape": reshape, "concat": concat,
     "softmax": softmax, "transpose_nchw": transpose_nchw,
 }
 

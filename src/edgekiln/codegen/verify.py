@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from edgekiln.codegen.ir import IntGraph, load_qdq
+from edgekiln.codegen.fuse import lower_for_c
+from edgekiln.codegen.ir import IntGraph
 from edgekiln.errors import EdgekilnError
 
 HOST_CFLAGS = ("-std=c99", "-Wall", "-Wextra", "-Werror", "-O2")
@@ -59,7 +60,7 @@ class VerifyResult:
                 "thresholds": {"identical_fraction": MIN_IDENTICAL, "max_abs_diff": MAX_ABS_DIFF}}
 
 
-def _lib_info(lib_dir: Path, model: str | Path | None) -> tuple[str, Path]:
+def _lib_info(lib_dir: Path, model: str | Path | None) -> tuple[str, Path, bool]:
     report = lib_dir / "report.json"
     meta = json.loads(report.read_text()) if report.is_file() else {}
     prefix = meta.get("prefix")
@@ -71,7 +72,8 @@ def _lib_info(lib_dir: Path, model: str | Path | None) -> tuple[str, Path]:
     model_path = Path(model) if model else Path(meta.get("model", ""))
     if not model_path.is_file():
         raise EdgekilnError(f"{lib_dir}: cannot find the QDQ model ({model_path or 'not recorded'}); pass --model")
-    return prefix, model_path
+    # NOTE: libraries written before fusion existed have no "fused" key and were unfused.
+    return prefix, model_path, bool(meta.get("fused", False))
 
 
 def quantize_inputs(graph: IntGraph, x: np.ndarray) -> np.ndarray:
@@ -151,14 +153,14 @@ def verify_c(lib_dir: str | Path, data: str | Path, *, model: str | Path | None 
     from edgekiln.codegen.reference import run_graph
 
     lib_dir = Path(lib_dir)
-    prefix, model_path = _lib_info(lib_dir, model)
+    prefix, model_path, fused = _lib_info(lib_dir, model)
     try:
         x = np.load(data)["x"]
     except (OSError, KeyError, ValueError) as exc:
         raise EdgekilnError(f"{data}: cannot read array 'x' from the npz ({exc})") from exc
     if limit:
         x = x[:limit]
-    graph = load_qdq(model_path)
+    graph = lower_for_c(model_path, fuse=fused)  # the reference runs the very ops the C runs
     if tuple(x.shape[1:]) != tuple(graph.onnx_input_shape[1:]):
         raise EdgekilnError(f"{data}: inputs have shape {x.shape[1:]}, the model expects "
                             f"{graph.onnx_input_shape[1:]}")

@@ -121,6 +121,9 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
     best = select_best(candidates, recipe.prefer)
     if best is not None:
         best = _save_best(out, best)
+        if profile.kind in ("host", "linux") and not interrupted:
+            best.runtimes = runtime_choice(Path(best.artifact), recipe.search.bench_runs)
+            _save_best(out, best)
     front = pareto_front([c for c in candidates if c.metric is not None] + [baseline])
     write_optimize_report(out, recipe, profile, baseline, candidates, best, partial=interrupted)
     result = OptimizeResult(best, baseline, candidates, front, out, interrupted)
@@ -181,6 +184,20 @@ def _save_best(out: Path, best: Candidate) -> Candidate:
     kept = keep_artifact(best, out)
     atomic_write_json(out / "selected.json", kept.to_dict())
     return kept
+
+
+def runtime_choice(model: Path, runs: int) -> list[dict[str, Any]]:
+    """The selected model on every installed runtime that runs it, fastest (p50) first."""
+    from edgekiln.bench.harness import compare
+    from edgekiln.bench.runtimes import REAL
+
+    rows = []
+    for r in compare(model, list(REAL), runs=max(runs, 50), warmup=min(50, runs)):
+        if isinstance(r, dict):
+            rows.append(r)
+        else:
+            rows.append({"runtime": r.runtime, "p50_ms": r.latency_ms["p50"], "p90_ms": r.latency_ms["p90"]})
+    return sorted(rows, key=lambda r: r.get("p50_ms", float("inf")))
 
 
 def _tell(study: Any, trial: Any, cand: Candidate) -> None:

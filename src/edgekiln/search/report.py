@@ -22,6 +22,7 @@ def summary(c: Candidate) -> dict[str, Any]:
         "latency_ms_target_est": c.latency_ms_target_est, "energy_mj_target_est": c.energy_mj_target_est,
         "passes": c.steps, "artifact": Path(c.artifact).name if c.artifact else None, "feasible": c.feasible,
         "violations": c.violations, "state": c.state, "error": c.error, "seconds": c.seconds, "cached": c.cached,
+        "runtimes": c.runtimes, "runtime": next((r["runtime"] for r in c.runtimes if "p50_ms" in r), None),
     }
 
 
@@ -79,6 +80,12 @@ def _markdown(recipe: Recipe, baseline: Candidate, candidates: list[Candidate], 
                       f"artifact: `{Path(best.artifact).name if best.artifact else '-'}`.", ""]
     else:
         lines += ["No candidate meets every constraint (see the trials below for what each violates).", ""]
+    if best and best.runtimes:
+        lines += ["### Runtime for deployment (selected model, batch 1, 1 thread)", "",
+                  md_table(["runtime", "p50 ms", "p90 ms"],
+                           [[r["runtime"], _f(r.get("p50_ms")), _f(r.get("p90_ms")) if "p90_ms" in r else r.get("skipped")]
+                            for r in best.runtimes]), "",
+                  f"Deploy with **{best.runtimes[0]['runtime']}**: the fastest on this machine.", ""]
     if plot:
         lines += [f"![trade-offs]({plot})", ""]
     lines += ["## Pareto front (metric vs size vs target latency)", "", md_table(HEADERS, table_rows(front)), ""]

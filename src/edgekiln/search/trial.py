@@ -42,6 +42,7 @@ class Candidate:
     error: str | None = None
     seconds: float = 0.0
     cached: bool = False
+    runtimes: list[dict[str, Any]] = field(default_factory=list)  # selected model on every runtime, fastest first
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -54,38 +54,111 @@ int32_t ek_requant(int32_t acc, int32_t mult, int32_t shift) {
     return (int32_t)y;
 }
 
-void ek_conv2d(const ek_conv_params *p, const int8_t *in, const int8_t *weights, const int32_t *bias,
-               const int32_t *mult, const int32_t *shift, int8_t *out) {
+/* One output row `oy` of the convolution into out_row (out_w * out_c values). */
+static void ek_conv_row(const ek_conv_params *p, const int8_t *in, const int8_t *weights, const int32_t *bias,
+                        const int32_t *mult, const int32_t *shift, int32_t oy, int8_t *out_row) {
     const int32_t cin_g = p->in_c / p->groups;
     const int32_t cout_g = p->out_c / p->groups;
-    int32_t oy, ox, oc, ky, kx, ic;
-    for (oy = 0; oy < p->out_h; ++oy) {
-        for (ox = 0; ox < p->out_w; ++ox) {
-            for (oc = 0; oc < p->out_c; ++oc) {
-                const int32_t ic0 = (oc / cout_g) * cin_g;
-                const int8_t *w = weights + (int32_t)oc * p->k_h * p->k_w * cin_g;
-                int32_t acc = bias[oc];
-                for (ky = 0; ky < p->k_h; ++ky) {
-                    const int32_t iy = oy * p->stride_h - p->pad_top + ky * p->dil_h;
-                    if (iy < 0 || iy >= p->in_h) {
-                        continue; /* padding holds the zero point: (x - zp) * w == 0 */
+    int32_t ox, oc, ky, kx, ic;
+    for (ox = 0; ox < p->out_w; ++ox) {
+        for (oc = 0; oc < p->out_c; ++oc) {
+            const int32_t ic0 = (oc / cout_g) * cin_g;
+            const int8_t *w = weights + (int32_t)oc * p->k_h * p->k_w * cin_g;
+            int32_t acc = bias[oc];
+            for (ky = 0; ky < p->k_h; ++ky) {
+                const int32_t iy = oy * p->stride_h - p->pad_top + ky * p->dil_h;
+                if (iy < 0 || iy >= p->in_h) {
+                    continue; /* padding holds the zero point: (x - zp) * w == 0 */
+                }
+                for (kx = 0; kx < p->k_w; ++kx) {
+                    const int32_t ix = ox * p->stride_w - p->pad_left + kx * p->dil_w;
+                    const int8_t *x;
+                    const int8_t *wk;
+                    if (ix < 0 || ix >= p->in_w) {
+                        continue;
                     }
-                    for (kx = 0; kx < p->k_w; ++kx) {
-                        const int32_t ix = ox * p->stride_w - p->pad_left + kx * p->dil_w;
-                        const int8_t *x;
-                        const int8_t *wk;
-                        if (ix < 0 || ix >= p->in_w) {
-                            continue;
-                        }
-                        x = in + ((int32_t)iy * p->in_w + ix) * p->in_c + ic0;
-                        wk = w + (ky * p->k_w + kx) * cin_g;
-                        for (ic = 0; ic < cin_g; ++ic) {
-                            acc += ((int32_t)x[ic] - p->input_zp) * (int32_t)wk[ic];
-                        }
+                    x = in + ((int32_t)iy * p->in_w + ix) * p->in_c + ic0;
+                    wk = w + (ky * p->k_w + kx) * cin_g;
+                    for (ic = 0; ic < cin_g; ++ic) {
+                        acc += ((int32_t)x[ic] - p->input_zp) * (int32_t)wk[ic];
                     }
                 }
-                acc = ek_requant(acc, mult[oc], shift[oc]) + p->output_zp;
-                out[((int32_t)oy * p->out_w + ox) * p->out_c + oc] = ek_clamp8(acc, p->act_min, p->act_max);
+            }
+            acc = ek_requant(acc, mult[oc], shift[oc]) + p->output_zp;
+            out_row[(int32_t)ox * p->out_c + oc] = ek_clamp8(acc, p->act_min, p->act_max);
+        }
+    }
+}
+
+void ek_conv2d(const ek_conv_params *p, const int8_t *in, const int8_t *weights, const int32_t *bias,
+               const int32_t *mult, const int32_t *shift, int8_t *out) {
+    int32_t oy;
+    for (oy = 0; oy < p->out_h; ++oy) {
+        ek_conv_row(p, in, weights, bias, mult, shift, oy, out + (int32_t)oy * p->out_w * p->out_c);
+    }
+}
+
+void ek_conv_pool(const ek_conv_pool_params *p, const int8_t *in, const int8_t *weights, const int32_t *bias,
+                  const int32_t *mult, const int32_t *shift, int8_t *scratch, int8_t *out) {
+    const ek_pool_params *pp = &p->pool;
+    const int32_t row_len = p->conv.out_w * p->conv.out_c;
+    const int32_t t = 31 - pp->shift;
+    int32_t next_row = 0; /* first conv row not computed yet; rows are only ever needed in order */
+    int32_t oy, ox, c, ky, kx, r;
+    for (oy = 0; oy < pp->out_h; ++oy) {
+        int32_t lo = oy * pp->stride_h - pp->pad_top;
+        int32_t hi = lo + pp->k_h - 1;
+        if (lo < 0) {
+            lo = 0;
+        }
+        if (hi >= p->conv.out_h) {
+            hi = p->conv.out_h - 1;
+        }
+        if (next_row < lo) {
+            next_row = lo; /* pool stride > window: rows nobody reads are skipped */
+        }
+        for (r = next_row; r <= hi; ++r) {
+            /* ring slot r % rows: a window spans <= rows consecutive rows, so no live row is overwritten */
+            ek_conv_row(&p->conv, in, weights, bias, mult, shift, r, scratch + (r % p->rows) * row_len);
+        }
+        if (hi + 1 > next_row) {
+            next_row = hi + 1;
+        }
+        for (ox = 0; ox < pp->out_w; ++ox) {
+            for (c = 0; c < pp->channels; ++c) {
+                int32_t best = -129;
+                int32_t sum = 0;
+                int32_t count = 0;
+                for (ky = 0; ky < pp->k_h; ++ky) {
+                    const int32_t iy = oy * pp->stride_h - pp->pad_top + ky;
+                    const int8_t *row;
+                    if (iy < 0 || iy >= pp->in_h) {
+                        continue;
+                    }
+                    row = scratch + (iy % p->rows) * row_len;
+                    for (kx = 0; kx < pp->k_w; ++kx) {
+                        const int32_t ix = ox * pp->stride_w - pp->pad_left + kx;
+                        int32_t v;
+                        if (ix < 0 || ix >= pp->in_w) {
+                            continue;
+                        }
+                        v = row[(int32_t)ix * pp->channels + c];
+                        if (v > best) {
+                            best = v;
+                        }
+                        sum += v - pp->input_zp;
+                        count += 1;
+                    }
+                }
+                if (p->is_avg) {
+                    int64_t q;
+                    if (pp->count_include_pad) {
+                        count = pp->k_h * pp->k_w;
+                    }
+                    q = ek_div_round_half_even((int64_t)sum * pp->mult, (int64_t)count << t) + pp->output_zp;
+                    best = (int32_t)(q < -128 ? -128 : (q > 127 ? 127 : q));
+                }
+                out[((int32_t)oy * pp->out_w + ox) * pp->channels + c] = (int8_t)best;
             }
         }
     }

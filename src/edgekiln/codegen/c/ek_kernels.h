@@ -36,6 +36,14 @@ typedef struct {
     int32_t count_include_pad, input_zp, output_zp, mult, shift;
 } ek_pool_params;
 
+/* Fused conv -> max/avg pool: conv output rows are computed into a ring of `rows` rows
+ * (rows * conv.out_w * conv.out_c bytes of scratch) and pooled straight into `out`. */
+typedef struct {
+    ek_conv_params conv;
+    ek_pool_params pool;
+    int32_t is_avg, rows;
+} ek_conv_pool_params;
+
 typedef struct {
     int32_t outer, out_c, n_inputs, output_zp;
 } ek_concat_params;
@@ -52,6 +60,8 @@ int32_t ek_requant(int32_t acc, int32_t mult, int32_t shift);
 
 void ek_conv2d(const ek_conv_params *p, const int8_t *in, const int8_t *weights, const int32_t *bias,
                const int32_t *mult, const int32_t *shift, int8_t *out);
+void ek_conv_pool(const ek_conv_pool_params *p, const int8_t *in, const int8_t *weights, const int32_t *bias,
+                  const int32_t *mult, const int32_t *shift, int8_t *scratch, int8_t *out);
 void ek_fully_connected(const ek_fc_params *p, const int8_t *in, const int8_t *weights, const int32_t *bias,
                         const int32_t *mult, const int32_t *shift, int8_t *out);
 void ek_add(const ek_add_params *p, const int8_t *a, const int8_t *b, int8_t *out);
