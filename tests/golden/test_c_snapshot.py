@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from edgekiln.codegen.emit import KERNEL_FILES, kernel_source, render_library
-from edgekiln.codegen.ir import load_qdq
+from edgekiln.codegen.fuse import lower_for_c
 from edgekiln.codegen.planner import plan_memory
 from edgekiln.codegen.verify import HOST_CFLAGS
 
@@ -25,7 +25,7 @@ GENERATED = ("tiny.h", "tiny.c", "CMakeLists.txt", "main.c")
 
 
 def _render():
-    graph = load_qdq(MODEL)
+    graph = lower_for_c(MODEL)  # what `export --to c` emits by default (conv->pool fused)
     return render_library(graph, plan_memory(graph), "tiny")
 
 

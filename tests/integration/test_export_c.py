@@ -36,7 +36,10 @@ def test_export_and_verify_small_cnn(tmp_path, capsys):
                  "report.md", "memory.png"):
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
-    assert report["arena_bytes"] == 28 * 28 * 8 + 14 * 14 * 8
+    # fused conv->pool (default): the 28x28x8 conv1 map never exists; the peak is conv2_pool's step:
+    # pool1 out (14*14*8) + pool2 out (7*7*16) + 2 scratch rows of conv2 (2*14*16) = 2800 B
+    assert report["fused"] is True
+    assert report["arena_bytes"] == 14 * 14 * 8 + 7 * 7 * 16 + 2 * 14 * 16, report["arena_bytes"]
     assert report["flash"]["weights"] > 9000 and report["flash_bytes"] > report["flash"]["weights"]
     header = (out / "mnist.h").read_text()
     assert "int mnist_invoke(const int8_t *input, int8_t *output);" in header
@@ -59,6 +62,22 @@ def test_export_and_verify_small_cnn(tmp_path, capsys):
         assert res["arm_sizes"][".bss"] == report["arena_bytes"]
     else:
         assert res["arm_note"].startswith("skipped")
+
+
+def test_no_fuse_keeps_the_unfused_kernels_and_passes_verify(tmp_path):
+    model = tm.small_cnn_qdq(tmp_path / "cnn_int8.onnx")
+    out = tmp_path / "c"
+    assert _run(["export", str(model), "--to", "c", "--out", str(out), "--no-fuse"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    unfused = 28 * 28 * 8 + 14 * 14 * 8  # conv1 out + pool1 out, live together
+    assert report["fused"] is False and report["arena_bytes"] == unfused, report["arena_bytes"]
+    assert "ek_conv_pool(" not in (out / "model.c").read_text()
+    fused_arena = 2800  # measured in test_export_and_verify_small_cnn
+    assert fused_arena < report["arena_bytes"], (f"fused arena {fused_arena} B must be strictly below the unfused "
+                                                 f"{report['arena_bytes']} B")
+    data = _eval_npz(tmp_path / "eval.npz", (1, 1, 28, 28), n=16)
+    assert _run(["verify-c", str(out), "--data", str(data), "--no-valgrind"]) == 0
+    assert json.loads((out / "verify.json").read_text())["passed"]
 
 
 def test_export_and_verify_mobilenet_style(tmp_path):

@@ -40,6 +40,7 @@ def _cases() -> dict[str, Callable[[Path, bool], CaseResult]]:
         "quantization": cases_quant.quantization_cnn,
         "minilm": cases_quant.quantization_minilm,
         "pruning": cases_compile.pruning,
+        "distillation": cases_compile.distillation,
         "mcu": cases_compile.mcu,
         "optimize": cases_compile.optimize_mnist,
         "runtime": cases_compile.runtime_adaptive,

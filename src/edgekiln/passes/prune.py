@@ -139,7 +139,8 @@ def run(artifact: ModelArtifact, config: PruneConfig, ctx: PassContext) -> Model
         else dict(original.factory_kwargs)
     source = TorchSource(factory=REBUILD, factory_kwargs={"factory": base_factory, "state_dict": str(state),
                                                           "factory_kwargs": base_kwargs}, state_dict=state)
-    record = provenance_record("prune", config, artifact, **{k: v for k, v in info.items() if k != "sparsity"})
+    record = provenance_record("prune", config, artifact, source_torch=original.to_dict(),
+                               **{k: v for k, v in info.items() if k != "sparsity"})
     return artifact.with_pass(kind=ONNX_FLOAT, path=onnx_path, record=record, torch=source)
 
 
