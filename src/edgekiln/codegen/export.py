@@ -14,10 +14,12 @@ from edgekiln.errors import EdgekilnError
 
 #: Cortex-M4 ``-mthumb -Os`` code bytes per kernel, measured with arm-none-eabi-gcc 12 on
 #: ek_kernels.c (``-ffunction-sections``); ``_call`` is the per-step call site in NAME.c and
-#: ``_ldiv`` libgcc's 64-bit division, pulled in by avg_pool and softmax.
-CODE_BYTES = {"_requant": 178, "_call": 28, "_ldiv": 400, "conv2d": 340, "fully_connected": 108, "add": 108,
+#: ``_ldiv`` libgcc's 64-bit division, pulled in by avg_pool and softmax; ``_conv_row`` the conv
+#: row helper shared by conv2d and the fused conv_pool.
+CODE_BYTES = {"_requant": 178, "_call": 28, "_ldiv": 400, "_conv_row": 314, "conv2d": 66, "fully_connected": 108,
+              "add": 108,
               "requantize": 58, "max_pool": 164, "avg_pool": 360, "concat": 146, "softmax": 224,
-              "transpose_nchw": 74, "reshape": 0, "conv_pool": 560}
+              "transpose_nchw": 74, "reshape": 0, "conv_pool": 420}
 #: bytes of one int32 field in a ``static const`` parameter struct.
 _FIELD_BYTES = 4
 
@@ -62,7 +64,9 @@ def estimate_flash(graph: IntGraph) -> dict[str, int]:
         * _FIELD_BYTES
     kinds = {op.kind for op in graph.ops}
     code = CODE_BYTES["_requant"] + sum(CODE_BYTES[k] for k in kinds) + CODE_BYTES["_call"] * len(graph.ops)
-    if kinds & {"avg_pool", "softmax"}:
+    if kinds & {"conv2d", "conv_pool"}:
+        code += CODE_BYTES["_conv_row"]
+    if kinds & {"avg_pool", "softmax", "conv_pool"}:
         code += CODE_BYTES["_ldiv"]
     return {"weights": weights, "params": params, "code_estimate": code, "total": weights + params + code}
 

@@ -8,7 +8,8 @@ buffer whose lifetime (first..last step) intersects its own. Three calls: ``add_
 :func:`plan_memory` builds the buffers from an :class:`~edgekiln.codegen.ir.IntGraph`:
 Reshape/Flatten outputs alias their input, elementwise ops (Add, requantize) write into an
 input that dies at that step, the graph input is read from the caller's pointer and the graph
-output written to the caller's pointer. It also tries a memory-aware reordering of independent
+output written to the caller's pointer, and an op's ``scratch`` tensor (the fused conv_pool's
+ring of conv rows) is a buffer live for that op's step only. It also tries a memory-aware reordering of independent
 branches and keeps the schedule with the smaller arena.
 """
 

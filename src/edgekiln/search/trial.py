@@ -148,11 +148,11 @@ def memory_plan_bytes(model_path: Path, kind: str, profile: Any) -> int | None:
     analysis estimate is used then."""
     if getattr(profile, "kind", None) != "mcu" or kind != "onnx-qdq":
         return None
-    from edgekiln.codegen.ir import load_qdq
+    from edgekiln.codegen.fuse import lower_for_c
     from edgekiln.codegen.planner import plan_memory
 
     try:
-        graph = load_qdq(Path(model_path))
+        graph = lower_for_c(Path(model_path))   # the graph `export --to c` builds (conv+pool fused)
         plan = plan_memory(graph)
     except EdgekilnError:
         return None
