@@ -83,15 +83,14 @@ def distillation(work: Path, quick: bool) -> CaseResult:
     folder = _mnist(work)
     teacher = build_module(load_model(folder).torch)
     data = load_dataset("mnist", seed=0)
-    kwargs = {"width": 0.5, "hidden": 30}
     t_params = sum(p.numel() for p in teacher.parameters())
-    s_params = sum(p.numel() for p in zoo.mnist_cnn(**kwargs).parameters())
+    s_params = sum(p.numel() for p in zoo.ds_cnn().parameters())
     epochs = 3 if quick else 8
     results: dict[str, list[float]] = {"without KD": [], "with KD (T=4, alpha=0.7)": []}
     for seed in (0, 1, 2):
         for label in results:
             torch.manual_seed(seed)
-            student = zoo.mnist_cnn(**kwargs)
+            student = zoo.ds_cnn()
             loss = distill_loss_fn(teacher, temperature=4.0, alpha=0.7) if "with" in label else None
             train_classifier(student, data.train_x, data.train_y, epochs=epochs, lr=2e-3, seed=seed, quiet=True,
                              augment=True, loss_fn=loss)
@@ -100,7 +99,7 @@ def distillation(work: Path, quick: bool) -> CaseResult:
             for label, accs in results.items()]
     teacher_acc = evaluate_accuracy(teacher, data.eval_x, data.eval_y)
     md = (f"Teacher: the MNIST example CNN ({t_params:,} parameters, accuracy {teacher_acc:.4f}). Student: "
-          f"`mnist_cnn(width=0.5, hidden=30)` ({s_params:,} parameters, {s_params / t_params:.3f}x), {epochs} epochs, "
+          f"`ds_cnn()` ({s_params:,} parameters, {s_params / t_params:.3f}x), {epochs} epochs, "
           "same data, seeds 0/1/2.\n\n" + md_table(["student training", "accuracy per seed", "mean", "std"], rows))
     return CaseResult("distillation", "Knowledge distillation on MNIST (3 seeds)", md,
                       {"results": results, "teacher_params": t_params, "student_params": s_params,
@@ -122,7 +121,7 @@ def mcu(work: Path, quick: bool) -> CaseResult:
     for name, f in models.items():
         q = quantize_model(f / "model.onnx", QuantizeConfig(calibration="minmax"), work / f"{name}-int8",
                            calib=f / "calib.npz").path
-        row: dict[str, Any] = {"model": name}
+        row: dict[str, Any] = {"name": name}
         try:
             from edgekiln.codegen.measure import mcu_report
 
@@ -139,10 +138,20 @@ def mcu(work: Path, quick: bool) -> CaseResult:
         row["verify"] = v.to_dict()
         rows.append(row)
     (work / "rows.json").write_text(json.dumps(rows, indent=2, default=str))
-    md = ["Int8 models from `edgekiln quantize --scheme int8` exported with `edgekiln export --to c`, verified with "
-          "`edgekiln verify-c` on the eval samples (host gcc, valgrind). TFLite Micro: the `.tflite` from "
-          "`edgekiln export --to tflite`, arena as its Python interpreter reports it and the smallest that runs.", ""]
-    md.append("```json\n" + json.dumps(rows, indent=1, default=str)[:6000] + "\n```")
+    from edgekiln.codegen.measure import MARKDOWN_HEADERS, markdown_row
+
+    table = md_table(MARKDOWN_HEADERS, [markdown_row(r["name"], r) for r in rows if "tflm" in r and "callgrind" in r])
+    verify = md_table(["model", "passed", "inputs", "top-1 agree", "int8 outputs identical", "max diff (LSB)",
+                       "bit-exact vs numpy reference", "valgrind"],
+                      [[r["name"], r["verify"]["passed"], r["verify"]["n_inputs"], r["verify"]["top1_agree"],
+                        r["verify"]["identical_fraction"], r["verify"]["max_abs_diff"],
+                        r["verify"]["exact_vs_numpy_reference"], r["verify"]["valgrind"]] for r in rows])
+    md = ["Int8 models from `edgekiln quantize --scheme int8` exported with `edgekiln export --to c` (conv+pool "
+          "fused by default), verified with `edgekiln verify-c` on the held-out MNIST samples (host gcc, valgrind). "
+          "TFLite Micro: the `.tflite` from `edgekiln export --to tflite`; arena as its Python interpreter reports it "
+          "and the smallest arena that still runs (bisection in subprocesses). Instructions per inference: callgrind "
+          "on the host build (x86-64, -O2), a repeatable proxy, not Cortex-M cycles.", "", table, "", verify, "",
+          "Full numbers (flash parts, arm-none-eabi-size sections): `bench/results/mcu.json`."]
     return CaseResult("mcu", "Microcontroller backend: arena, flash, verification, TFLite Micro", "\n".join(md),
                       {"rows": rows})
 
