@@ -148,6 +148,8 @@ def predict(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> np.ndarra
     >>> predict(torch.nn.Flatten(), np.ones((3, 1, 2, 2), np.float32)).shape
     (3, 4)
     """
+    if len(x) == 0:
+        raise ValueError("predict needs at least one input row")
     model.eval()
     outs = [model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size], np.float32)))
             for i in range(0, len(x), batch_size)]
