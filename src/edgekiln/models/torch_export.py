@@ -8,6 +8,7 @@ way the result goes through ``onnx.checker`` with ``full_check`` and is compared
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from pathlib import Path
@@ -46,7 +47,9 @@ def export_to_onnx(
     import onnx
     import torch
 
-    module = module.eval()
+    # NOTE: a torch.export program's module refuses .eval(); it keeps the mode it was exported in.
+    with contextlib.suppress(NotImplementedError):
+        module = module.eval()
     example = torch.randn(*input_shape, generator=torch.Generator().manual_seed(seed))
     model, exporter = _export(module, example, input_name, output_name, opset, dynamic_batch)
     try:

@@ -11,9 +11,9 @@ from edgekiln.passes.base import PassSpec
 
 
 def _build_registry() -> dict[str, PassSpec]:
-    from edgekiln.passes import distill, export, prune, qat, quantize
+    from edgekiln.passes import distill, export, prune, qat, quantize, simplify
 
-    specs = [export.SPEC, prune.SPEC, distill.SPEC, quantize.SPEC, qat.SPEC]
+    specs = [export.SPEC, simplify.SPEC, prune.SPEC, distill.SPEC, quantize.SPEC, qat.SPEC]
     return {s.name: s for s in specs}
 
 

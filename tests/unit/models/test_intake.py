@@ -104,6 +104,27 @@ def test_torchscript_file_loads(tmp_path):
     assert art.input_shape == (1, 4)
 
 
+def test_torch_export_program_loads_and_matches_torch(tmp_path):
+    import onnxruntime as ort
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 3))
+    x = torch.randn(1, 1, 8, 8)
+    torch.export.save(torch.export.export(net.eval(), (x,)), str(tmp_path / "m.pt2"))
+    art = load_model(tmp_path / "m.pt2", input_shape=(1, 1, 8, 8), work_dir=tmp_path / "w")
+    sess = ort.InferenceSession(str(art.path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    err = float(np.abs(got - net(x).detach().numpy()).max())
+    assert err < 1e-4, f"ONNX from .pt2 differs from torch by {err:.3g} (threshold 1e-4)"
+
+
+def test_file_that_is_not_a_torch_export_program_names_it(tmp_path):
+    (tmp_path / "bad.pt2").write_bytes(b"not a zip archive")
+    with pytest.raises(EdgekilnError, match=r"bad.pt2: not a torch.export program"):
+        load_model(tmp_path / "bad.pt2", input_shape=(1, 4), work_dir=tmp_path / "w")
+
+
 def test_state_dict_that_does_not_match_names_the_file(tmp_path):
     import torch
 
