@@ -6,6 +6,8 @@ set -u
 need=()
 command -v arm-none-eabi-gcc >/dev/null 2>&1 || need+=(gcc-arm-none-eabi libnewlib-arm-none-eabi)
 command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
+# PostgreSQL server binaries: the fleet server's PostgreSQL tests start a throwaway cluster with them
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != "0" ] || ! command -v apt-get >/dev/null 2>&1; then
   echo "system-deps: skipping ${need[*]} (needs root and apt-get)"

@@ -1,0 +1,254 @@
+"""Operator commands of the update server: `serve`, `publish`, `rollout ...`, `devices ...`.
+
+The client commands take ``--server`` (or ``EDGEKILN_SERVER``) and ``--token`` (or
+``EDGEKILN_ADMIN_TOKEN``); an unreachable server or a refused token is a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from edgekiln.errors import EdgekilnError
+
+SERVER = typer.Option("http://127.0.0.1:8080", "--server", envvar="EDGEKILN_SERVER", help="Update server URL.")
+TOKEN = typer.Option(..., "--token", envvar="EDGEKILN_ADMIN_TOKEN", help="Admin token.", show_default=False)
+AS_JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
+
+rollout_app = typer.Typer(help="Staged rollouts: start, pause, resume, status.", no_args_is_help=True)
+devices_app = typer.Typer(help="Register and list devices; set the channel a group follows.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve_command)
+    app.command("publish")(publish_command)
+    app.add_typer(rollout_app, name="rollout")
+    app.add_typer(devices_app, name="devices")
+
+
+def serve_command(
+    db: str = typer.Option("sqlite:///edgekiln-fleet/fleet.db", "--db", help="sqlite:///FILE or postgresql://..."),
+    store: str = typer.Option("edgekiln-fleet/blobs", "--store", help="Bundle store: a folder or s3://bucket/prefix."),
+    keys: Path = typer.Option(Path("edgekiln-fleet/keys"), "--keys", help="TUF key folder (created on first start)."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8080, "--port"),
+    admin_token_file: Path = typer.Option(None, "--admin-token-file",
+                                          help="File holding the admin token (else EDGEKILN_ADMIN_TOKEN)."),
+    s3_endpoint: str = typer.Option(None, "--s3-endpoint", help="Endpoint of an S3-compatible store (MinIO, ...)."),
+    max_bundle_mb: int = typer.Option(512, "--max-bundle-mb", help="Largest bundle upload accepted."),
+    access_log: bool = typer.Option(False, "--access-log/--no-access-log", help="Log every request."),
+    expiry: str = typer.Option(None, "--expiry", help="Metadata validity in days per role, e.g. "
+                               "timestamp=1,snapshot=7,targets=30,root=365 (these are the defaults)."),
+    keep_alive: int = typer.Option(75, "--keep-alive", help="Seconds an idle connection is kept open; keep it "
+                                   "above the agents' poll interval, or polls race the server closing it."),
+) -> None:
+    """Run the update server (registry, signed TUF metadata, staged rollouts)."""
+    import uvicorn
+
+    from edgekiln.fleet.server import ServerConfig, create_app
+
+    if admin_token_file is not None:
+        if not admin_token_file.is_file():
+            raise EdgekilnError(f"{admin_token_file}: admin token file not found")
+        token = admin_token_file.read_text().strip()
+    else:
+        token = os.environ.get("EDGEKILN_ADMIN_TOKEN", "").strip()
+    if not token:
+        raise EdgekilnError("no admin token: set EDGEKILN_ADMIN_TOKEN or pass --admin-token-file FILE")
+    config = ServerConfig(db_url=db, store_url=store, keys_dir=str(keys), admin_token=token, s3_endpoint=s3_endpoint,
+                          max_bundle_bytes=max_bundle_mb * 1024 * 1024, expiry=parse_expiry(expiry))
+    app = create_app(config)
+    typer.echo(f"edgekiln update server on http://{host}:{port} (db {_redact(db)}, store {store}, keys {keys}; "
+               f"enrol devices with {keys / 'root.json'})")
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=access_log, timeout_keep_alive=keep_alive)
+
+
+def parse_expiry(text: str | None) -> Any:
+    """``"timestamp=0.5,targets=10"`` -> a TufExpiry with those roles changed."""
+    from edgekiln.fleet.tuf_repo import TufExpiry
+
+    if not text:
+        return TufExpiry()
+    days: dict[str, float] = {}
+    for part in text.split(","):
+        role, _, value = part.partition("=")
+        role = role.strip()
+        if role not in ("timestamp", "snapshot", "targets", "root"):
+            raise EdgekilnError(f"--expiry: unknown role '{role}' (use timestamp, snapshot, targets, root)")
+        try:
+            days[f"{role}_days"] = float(value)
+        except ValueError:
+            raise EdgekilnError(f"--expiry: '{part}' is not ROLE=DAYS") from None
+        if not days[f"{role}_days"] > 0:
+            raise EdgekilnError(f"--expiry: {role} validity must be positive")
+    return TufExpiry(**days)
+
+
+def _redact(url: str) -> str:
+    from edgekiln.fleet.db import _redact as redact
+
+    return redact(url)
+
+
+def publish_command(
+    bundle: Path = typer.Argument(..., help="Bundle folder (or its .tar)."),
+    server: str = SERVER,
+    token: str = TOKEN,
+    channel: str = typer.Option("stable", "--channel"),
+    model: str = typer.Option(None, "--model", help="Model name (default: the manifest's name)."),
+    version: int = typer.Option(None, "--version", help="Integer version (default: the manifest's version)."),
+) -> None:
+    """Publish a bundle as an immutable version on a channel."""
+    from edgekiln.fleet.client import publish
+
+    out = publish(bundle, server, token, channel, model=model, version=version)
+    typer.echo(f"published {out['model']} v{out['version']} on {out['channel']}: {out['target_path']} "
+               f"({out['length']} bytes, sha256 {out['sha256'][:16]}...)")
+
+
+@rollout_app.command("start")
+def rollout_start_command(
+    model: str = typer.Argument(...),
+    version: int = typer.Argument(...),
+    group: str = typer.Option(..., "--group"),
+    percent: float = typer.Option(None, "--percent", help="A single wave of this percentage of the group."),
+    waves: str = typer.Option(None, "--waves", help="Cumulative wave percentages, e.g. 10,50,100."),
+    success_threshold: float = typer.Option(1.0, "--success-threshold", help="Installed share to start the next wave."),
+    failure_threshold: float = typer.Option(0.2, "--failure-threshold", help="Failed share that halts the rollout."),
+    server: str = SERVER, token: str = TOKEN, as_json: bool = AS_JSON,
+) -> None:
+    """Start rolling MODEL VERSION out to a device group."""
+    from edgekiln.fleet.client import rollout_start
+
+    if percent is not None and waves is not None:
+        raise EdgekilnError("give --percent or --waves, not both")
+    wave_list = [percent] if percent is not None else _waves(waves) if waves else [100.0]
+    _show_rollout(rollout_start(server, token, model, version, group, waves=wave_list,
+                                success_threshold=success_threshold, failure_threshold=failure_threshold), as_json)
+
+
+def _waves(text: str) -> list[float]:
+    try:
+        return [float(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise EdgekilnError(f"--waves {text!r}: expected comma-separated percentages such as 10,50,100") from None
+
+
+@rollout_app.command("pause")
+def rollout_pause_command(rollout_id: int = typer.Argument(...), server: str = SERVER, token: str = TOKEN,
+                          as_json: bool = AS_JSON) -> None:
+    """Pause a running rollout (no new devices, no new wave)."""
+    from edgekiln.fleet.client import rollout_pause
+
+    _show_rollout(rollout_pause(server, token, rollout_id), as_json)
+
+
+@rollout_app.command("resume")
+def rollout_resume_command(rollout_id: int = typer.Argument(...), server: str = SERVER, token: str = TOKEN,
+                           as_json: bool = AS_JSON) -> None:
+    """Resume a paused rollout."""
+    from edgekiln.fleet.client import rollout_resume
+
+    _show_rollout(rollout_resume(server, token, rollout_id), as_json)
+
+
+@rollout_app.command("status")
+def rollout_status_command(rollout_id: int = typer.Argument(None, help="Rollout id (all rollouts if omitted)."),
+                           server: str = SERVER, token: str = TOKEN, as_json: bool = AS_JSON) -> None:
+    """Show one rollout with its devices, or list all rollouts."""
+    from edgekiln.fleet.client import rollout_status
+
+    out = rollout_status(server, token, rollout_id)
+    if isinstance(out, list):
+        if as_json:
+            typer.echo(json.dumps(out, indent=2))
+            return
+        _table("rollouts", ["id", "model", "version", "group", "state", "wave", "waves"],
+               [[r["id"], r["model"], r["version"], r["group"], r["state"], r["wave"] + 1, r["waves"]] for r in out])
+        return
+    _show_rollout(out, as_json)
+
+
+def _show_rollout(r: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    reason = f" ({r['reason']})" if r.get("reason") else ""
+    typer.echo(f"rollout {r['id']}: {r['model']} v{r['version']} -> group {r['group']}, {r['state']}{reason}, "
+               f"wave {r['wave'] + 1}/{len(r['waves'])} of {r['waves']}")
+    _table("devices", ["device", "selected", "wave", "status", "active version", "error"],
+           [[d["name"], "yes" if d["selected"] else "", "" if d["wave"] is None else d["wave"] + 1,
+             d["status"] or "", d["version"] if d["version"] is not None else "", (d["error"] or "")[:60]]
+            for d in r["devices"]])
+
+
+@devices_app.command("add")
+def devices_add_command(name: str = typer.Argument(...), group: str = typer.Option(..., "--group"),
+                        server: str = SERVER, token: str = TOKEN, as_json: bool = AS_JSON) -> None:
+    """Register a device; prints its token (shown only this once)."""
+    from edgekiln.fleet.client import add_device
+
+    out = add_device(server, token, name, group)
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    typer.echo(f"device {out['name']} added to group {out['group']}; its token (shown only once):")
+    typer.echo(out["token"])
+
+
+@devices_app.command("remove")
+def devices_remove_command(name: str = typer.Argument(...), server: str = SERVER, token: str = TOKEN) -> None:
+    """Revoke a device (lost or stolen): its token stops working at once."""
+    from edgekiln.fleet.client import remove_device
+
+    remove_device(server, token, name)
+    typer.echo(f"device {name} removed; its token no longer works")
+
+
+@devices_app.command("list")
+def devices_list_command(server: str = SERVER, token: str = TOKEN, as_json: bool = AS_JSON) -> None:
+    """List devices with their active version, last contact, last error and latency."""
+    import datetime as dt
+
+    from edgekiln.fleet.client import list_devices
+
+    rows = list_devices(server, token)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+
+    def when(t: float | None) -> str:
+        return "" if t is None else dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+    _table("devices", ["device", "group", "model", "active version", "status", "last seen (UTC)", "last error",
+                       "p50 ms", "p95 ms"],
+           [[d["name"], d["group"], d["model"] or "", d["active_version"] or "", d["status"] or "",
+             when(d["last_seen"]), (d["last_error"] or "")[:50],
+             "" if not d["latency_ms"] else f"{d['latency_ms']['p50']:.2f}",
+             "" if not d["latency_ms"] else f"{d['latency_ms']['p95']:.2f}"] for d in rows])
+
+
+@devices_app.command("group")
+def devices_group_command(group: str = typer.Argument(...), channel: str = typer.Option(..., "--channel"),
+                          server: str = SERVER, token: str = TOKEN) -> None:
+    """Set the channel a device group follows (its devices may download that channel's bundles)."""
+    from edgekiln.fleet.client import set_group_channel
+
+    out = set_group_channel(server, token, group, channel)
+    typer.echo(f"group {out['name']} follows channel {out['channel']}")
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for row in rows:
+        table.add_row(*[str(v) for v in row])
+    Console().print(table)

@@ -1,0 +1,221 @@
+"""The model registry: immutable versions on channels, device groups and devices.
+
+Publishing is atomic. The uploaded ``.tar`` is spooled and hashed, validated as a deployment
+bundle (its manifest read from the tar, every model file checked against its SHA-256), copied
+into the blob store under its content hash, and then *one* database transaction records the
+version and the new signed TUF metadata. Only that commit makes the version visible; a crash at
+any earlier point leaves at most an unreferenced blob (deleted by a later server start once a
+day old), and a retry succeeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from edgekiln.errors import EdgekilnError
+
+NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+ORPHAN_AGE_S = 86400.0
+PUBLISH_STEPS = ("spooled", "validated", "stored", "registered", "signed-targets", "signed-snapshot", "signed-timestamp")
+
+
+class FleetError(EdgekilnError):
+    """A refused request, with the HTTP status the server answers with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def check_name(value: str, what: str) -> str:
+    if not isinstance(value, str) or not NAME.match(value) or ".." in value:
+        raise FleetError(f"{what} '{value}' is not a valid name ([a-z0-9][a-z0-9._-]{{0,63}})", 422)
+    return value
+
+
+def check_version(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
+        raise FleetError(f"version {value!r} must be an integer >= 1", 422)
+    return value
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def target_path(model: str, version: int) -> str:
+    return f"{model}/{version}/bundle.tar"
+
+
+@dataclass(frozen=True)
+class Published:
+    model: str
+    version: int
+    channel: str
+    target_path: str
+    sha256: str
+    length: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def validate_bundle_tar(path: Path) -> str:
+    """Check that ``path`` is an uncompressed tar of a valid bundle; return the manifest's name."""
+    from edgekiln.runtime.manifest import MANIFEST_NAME, Manifest
+
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            members: dict[str, tarfile.TarInfo] = {}
+            for m in tar.getmembers():
+                name = PurePosixPath(m.name)
+                if name.is_absolute() or ".." in name.parts:
+                    raise FleetError(f"bundle member '{m.name}' escapes the bundle", 422)
+                if not (m.isfile() or m.isdir()):
+                    raise FleetError(f"bundle member '{m.name}' is a link or device file; only files are allowed", 422)
+                if m.isfile():
+                    members[str(PurePosixPath(*[p for p in name.parts if p != "."]))] = m
+            if MANIFEST_NAME not in members:
+                raise FleetError(f"upload is not a bundle: no {MANIFEST_NAME} at the top of the tar", 422)
+            try:
+                data = json.loads(tar.extractfile(members[MANIFEST_NAME]).read())  # type: ignore[union-attr]
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise FleetError(f"bundle {MANIFEST_NAME} is not valid JSON ({exc})", 422) from None
+            try:
+                manifest = Manifest.from_dict(data, MANIFEST_NAME)
+            except EdgekilnError as exc:
+                raise FleetError(f"invalid bundle: {exc}", 422) from None
+            needed = [(v.file, v.sha256) for v in manifest.variants]
+            needed += [(f, None) for f in (manifest.sample_inputs, manifest.sample_outputs) if f]
+            for file, digest in needed:
+                member = members.get(str(PurePosixPath(file)))
+                if member is None:
+                    raise FleetError(f"invalid bundle: {file} named in the manifest is not in the tar", 422)
+                if digest is not None:
+                    h = hashlib.sha256()
+                    fh = tar.extractfile(member)
+                    while chunk := fh.read(1 << 20):  # type: ignore[union-attr]
+                        h.update(chunk)
+                    if h.hexdigest() != digest:
+                        raise FleetError(f"invalid bundle: {file} does not match its SHA-256 in the manifest", 422)
+    except tarfile.TarError as exc:
+        raise FleetError(f"upload is not an uncompressed tar ({exc})", 422) from None
+    return manifest.name
+
+
+class Registry:
+    """Versions, groups and devices over a :mod:`~edgekiln.fleet.db` database and a blob store."""
+
+    def __init__(self, db: Any, store: Any, tuf: Any, clock: Callable[[], float]) -> None:
+        self.db, self.store, self.tuf, self.clock = db, store, tuf, clock
+
+    # -- versions ------------------------------------------------------------------------------
+    def exists(self, model: str, version: int) -> bool:
+        return bool(self.db.query("SELECT 1 FROM versions WHERE model = ? AND version = ?", (model, version)))
+
+    def publish(self, model: str, version: int, channel: str, spooled: Path, sha256: str, length: int,
+                fault: Callable[[str], None] | None = None) -> Published:
+        """Make ``spooled`` (an already hashed upload) version ``version`` of ``model`` on ``channel``."""
+        check_name(model, "model")
+        check_version(version)
+        check_name(channel, "channel")
+        fault = fault or (lambda step: None)
+        if self.exists(model, version):
+            raise FleetError(f"{model} version {version} is already published; versions are immutable", 409)
+        manifest_name = validate_bundle_tar(spooled)
+        fault("validated")
+        blob_key = f"blobs/{sha256[:2]}/{sha256}"
+        self.store.put(blob_key, spooled)
+        fault("stored")
+        path = target_path(model, version)
+        with self.db.transaction(write_lock=True) as tx:
+            if tx.query("SELECT 1 FROM versions WHERE model = ? AND version = ?", (model, version)):
+                raise FleetError(f"{model} version {version} is already published; versions are immutable", 409)
+            tx.execute("INSERT INTO versions (model, version, channel, target_path, sha256, length, blob_key, "
+                       "manifest_name, published) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (model, version, channel, path, sha256, length, blob_key, manifest_name, self.clock()))
+            fault("registered")
+            self.tuf.add_target(tx, path, length, sha256, {"model": model, "version": version, "channel": channel},
+                                fault)
+        return Published(model, version, channel, path, sha256, length)
+
+    def collect_garbage(self, min_age_s: float = ORPHAN_AGE_S) -> list[str]:
+        """Delete blobs no version references (left by a publish that crashed after storing its file)
+        once they are ``min_age_s`` old; younger ones may belong to a publish still in flight on
+        another server process. Returns the deleted keys."""
+        used = {row["blob_key"] for row in self.db.query("SELECT blob_key FROM versions")}
+        now = time.time()  # NOTE: wall time, not the injected clock: it is compared with file times
+        orphans = [key for key, mtime in self.store.list("blobs") if key not in used and now - mtime >= min_age_s]
+        for key in orphans:
+            self.store.delete(key)
+        return orphans
+
+    def versions(self) -> list[dict[str, Any]]:
+        return self.db.query("SELECT model, version, channel, sha256, length, published FROM versions "
+                             "ORDER BY model, version")
+
+    def version_by_path(self, path: str) -> dict[str, Any] | None:
+        rows = self.db.query("SELECT * FROM versions WHERE target_path = ?", (path,))
+        return rows[0] if rows else None
+
+    # -- groups and devices --------------------------------------------------------------------
+    def set_group(self, name: str, channel: str) -> dict[str, Any]:
+        check_name(name, "group")
+        check_name(channel, "channel")
+        self.db.execute("INSERT INTO groups (name, channel) VALUES (?, ?) "
+                        "ON CONFLICT (name) DO UPDATE SET channel = excluded.channel", (name, channel))
+        return {"name": name, "channel": channel}
+
+    def groups(self) -> list[dict[str, Any]]:
+        return self.db.query("SELECT g.name, g.channel, COUNT(d.name) AS devices FROM groups g "
+                             "LEFT JOIN devices d ON d.group_name = g.name GROUP BY g.name, g.channel ORDER BY g.name")
+
+    def add_device(self, name: str, group: str) -> str:
+        """Register a device and return its token (only its hash is stored)."""
+        check_name(name, "device")
+        check_name(group, "group")
+        token = "ekd_" + secrets.token_urlsafe(32)
+        with self.db.transaction(write_lock=True) as tx:
+            if tx.query("SELECT 1 FROM devices WHERE name = ?", (name,)):
+                raise FleetError(f"device '{name}' already exists", 409)
+            tx.execute("INSERT INTO groups (name, channel) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                       (group, "stable"))
+            tx.execute("INSERT INTO devices (name, group_name, token_hash, created) VALUES (?, ?, ?, ?)",
+                       (name, group, token_hash(token), self.clock()))
+        return token
+
+    def remove_device(self, name: str) -> None:
+        """Revoke a device: its token stops working; its rollout history is kept."""
+        check_name(name, "device")
+        if not self.db.execute("DELETE FROM devices WHERE name = ?", (name,)):
+            raise FleetError(f"device '{name}' does not exist", 404)
+
+    def devices(self) -> list[dict[str, Any]]:
+        rows = self.db.query("SELECT name, group_name, model, active_version, status, last_seen, last_error, "
+                             "latency_p50, latency_p95 FROM devices ORDER BY name")
+        return [{"name": r["name"], "group": r["group_name"], "model": r["model"],
+                 "active_version": r["active_version"], "status": r["status"], "last_seen": r["last_seen"],
+                 "last_error": r["last_error"],
+                 "latency_ms": None if r["latency_p50"] is None else {"p50": r["latency_p50"], "p95": r["latency_p95"]}}
+                for r in rows]
+
+    def device(self, name: str) -> dict[str, Any] | None:
+        rows = self.db.query("SELECT d.name, d.group_name, g.channel FROM devices d JOIN groups g "
+                             "ON g.name = d.group_name WHERE d.name = ?", (name,))
+        return rows[0] if rows else None
+
+    def device_by_token_hash(self, digest: str) -> str | None:
+        rows = self.db.query("SELECT name, token_hash FROM devices WHERE token_hash = ?", (digest,))
+        if rows and hmac.compare_digest(rows[0]["token_hash"], digest):
+            return rows[0]["name"]
+        return None

@@ -1,0 +1,228 @@
+"""Staged rollouts (hawkBit-like): waves with a success threshold, pause/resume, automatic halt.
+
+The devices of a group are ordered by a stable hash of ``(rollout_id, device name)``; wave k
+selects the first ``ceil(waves[k] * n / 100)`` of them. A selection, once made, is recorded
+(``rollout_devices``) and never taken back, so a device that joins later cannot push a selected
+one out. Wave k+1 starts when the selected devices' ``installed`` share reaches
+``success_threshold``; the rollout halts when the ``failed``/``rolled_back`` share exceeds
+``failure_threshold``. Starting a new rollout in a group cancels the group's unfinished ones.
+
+A device's assignment is the newest rollout of its group that selected it, unless that rollout
+was halted or cancelled before the device installed it (then the next older one applies).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from edgekiln.fleet.registry import FleetError, check_name, check_version, target_path
+
+STATES = ("running", "paused", "halted", "done", "cancelled")
+REPORT_STATUSES = ("installed", "failed", "rolled_back", "checking")
+FAILED = ("failed", "rolled_back")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutSpec:
+    """What ``POST /v1/rollouts`` asks for."""
+
+    model: str
+    version: int
+    group: str
+    waves: tuple[float, ...] = (100.0,)          # cumulative percentages of the group, ascending
+    success_threshold: float = 1.0               # installed share that lets the next wave start
+    failure_threshold: float = 0.2               # failed share above which the rollout halts
+
+    def check(self) -> RolloutSpec:
+        check_name(self.model, "model")
+        check_version(self.version)
+        check_name(self.group, "group")
+        waves = tuple(float(w) for w in self.waves)
+        if not waves or len(waves) > 100 or any(not 0 < w <= 100 for w in waves) or list(waves) != sorted(waves):
+            raise FleetError(f"waves {list(self.waves)} must be ascending percentages in (0, 100]", 422)
+        for name in ("success_threshold", "failure_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise FleetError(f"{name} {value!r} must be a fraction in [0, 1]", 422)
+        return self
+
+
+def rank_key(rollout_id: int, device: str) -> str:
+    return hashlib.sha256(f"{rollout_id}:{device}".encode()).hexdigest()
+
+
+class Rollouts:
+    """Rollout state machine over the database; every method is one transaction."""
+
+    def __init__(self, db: Any, clock: Callable[[], float]) -> None:
+        self.db, self.clock = db, clock
+
+    def start(self, spec: RolloutSpec) -> dict[str, Any]:
+        spec.check()
+        with self.db.transaction(write_lock=True) as tx:
+            if not tx.query("SELECT 1 FROM versions WHERE model = ? AND version = ?", (spec.model, spec.version)):
+                raise FleetError(f"{spec.model} version {spec.version} is not published", 404)
+            if not tx.query("SELECT 1 FROM groups WHERE name = ?", (spec.group,)):
+                raise FleetError(f"group '{spec.group}' does not exist (add a device to it first)", 404)
+            tx.execute("UPDATE rollouts SET state = 'cancelled', reason = 'superseded by a newer rollout' "
+                       "WHERE group_name = ? AND state IN ('running', 'paused')", (spec.group,))
+            rid = tx.query("INSERT INTO rollouts (model, version, group_name, waves, success_threshold, "
+                           "failure_threshold, state, wave, created) VALUES (?, ?, ?, ?, ?, ?, 'running', 0, ?) "
+                           "RETURNING id", (spec.model, spec.version, spec.group, json.dumps(list(spec.waves)),
+                                            float(spec.success_threshold), float(spec.failure_threshold),
+                                            self.clock()))[0]["id"]
+            self._select(tx, self._row(tx, rid))
+            self._evaluate(tx, self._row(tx, rid))
+        return self.status(int(rid))
+
+    def _row(self, tx: Any, rid: int) -> dict[str, Any]:
+        rows = tx.query("SELECT * FROM rollouts WHERE id = ?", (rid,))
+        if not rows:
+            raise FleetError(f"rollout {rid} does not exist", 404)
+        row = dict(rows[0])
+        row["waves"] = json.loads(row["waves"])
+        return row
+
+    def _select(self, tx: Any, r: dict[str, Any]) -> None:
+        """Record the devices the current wave selects (running and done rollouts only)."""
+        if r["state"] not in ("running", "done"):
+            return
+        rows = tx.query("SELECT name, model, active_version FROM devices WHERE group_name = ?", (r["group_name"],))
+        rows.sort(key=lambda row: rank_key(r["id"], row["name"]))
+        count = math.ceil(r["waves"][r["wave"]] * len(rows) / 100 - 1e-9)
+        chosen = {row["device"] for row in tx.query("SELECT device FROM rollout_devices WHERE rollout_id = ?",
+                                                    (r["id"],))}
+        for row in rows[:count]:
+            if row["name"] not in chosen:
+                # NOTE: a device already running this exact version will not install it again (nor report
+                # it), so it counts as installed at once.
+                has_it = row["model"] == r["model"] and row["active_version"] == r["version"]
+                tx.execute("INSERT INTO rollout_devices (rollout_id, device, wave, status, updated) "
+                           "VALUES (?, ?, ?, ?, ?)",
+                           (r["id"], row["name"], r["wave"], "installed" if has_it else None, self.clock()))
+
+    def _evaluate(self, tx: Any, r: dict[str, Any]) -> None:
+        """Halt on too many failures; start the next wave (or finish) on enough successes."""
+        while r["state"] == "running":
+            rows = tx.query("SELECT status FROM rollout_devices WHERE rollout_id = ?", (r["id"],))
+            if not rows:
+                return
+            failed = sum(row["status"] in FAILED for row in rows)
+            installed = sum(row["status"] == "installed" for row in rows)
+            if failed / len(rows) > r["failure_threshold"]:
+                tx.execute("UPDATE rollouts SET state = 'halted', reason = ? WHERE id = ?",
+                           (f"failure rate {failed}/{len(rows)} exceeds {r['failure_threshold']:g}", r["id"]))
+                return
+            if installed / len(rows) < r["success_threshold"]:
+                return
+            if r["wave"] + 1 >= len(r["waves"]):
+                tx.execute("UPDATE rollouts SET state = 'done' WHERE id = ?", (r["id"],))
+                return
+            tx.execute("UPDATE rollouts SET wave = wave + 1 WHERE id = ?", (r["id"],))
+            r = self._row(tx, r["id"])
+            self._select(tx, r)
+
+    def set_paused(self, rid: int, paused: bool) -> dict[str, Any]:
+        with self.db.transaction(write_lock=True) as tx:
+            r = self._row(tx, rid)
+            want, have = ("paused", "running") if paused else ("running", "paused")
+            if r["state"] == want:
+                pass
+            elif r["state"] != have:
+                raise FleetError(f"rollout {rid} is {r['state']}; only a {have} rollout can be "
+                                 f"{'paused' if paused else 'resumed'}", 409)
+            else:
+                tx.execute("UPDATE rollouts SET state = ? WHERE id = ?", (want, rid))
+                r["state"] = want
+                self._select(tx, r)
+                self._evaluate(tx, r)
+        return self.status(rid)
+
+    def status(self, rid: int) -> dict[str, Any]:
+        with self.db.transaction() as tx:
+            r = self._row(tx, rid)
+            sel = {row["device"]: row for row in tx.query(
+                "SELECT device, wave, status, error FROM rollout_devices WHERE rollout_id = ?", (rid,))}
+            devices = tx.query("SELECT name, active_version, model, last_seen FROM devices WHERE group_name = ? "
+                               "ORDER BY name", (r["group_name"],))
+        out = []
+        for d in devices:
+            s = sel.get(d["name"])
+            out.append({"name": d["name"], "selected": s is not None, "wave": None if s is None else s["wave"],
+                        "status": None if s is None else s["status"], "version": d["active_version"],
+                        "error": None if s is None else s["error"], "last_seen": d["last_seen"]})
+        return {"id": int(r["id"]), "model": r["model"], "version": int(r["version"]), "group": r["group_name"],
+                "state": r["state"], "reason": r["reason"], "wave": int(r["wave"]), "waves": r["waves"],
+                "success_threshold": r["success_threshold"], "failure_threshold": r["failure_threshold"],
+                "devices": out}
+
+    def list(self) -> list[dict[str, Any]]:
+        return [{**r, "group": r.pop("group_name"), "waves": json.loads(r["waves"])}
+                for r in self.db.query("SELECT id, model, version, group_name, state, wave, waves FROM rollouts "
+                                       "ORDER BY id")]
+
+    # -- the device side -----------------------------------------------------------------------
+    def assignment(self, device: str, group: str) -> dict[str, Any]:
+        rows = self.db.query(
+            "SELECT r.id, r.model, r.version, r.state, rd.status FROM rollouts r JOIN rollout_devices rd "
+            "ON rd.rollout_id = r.id WHERE rd.device = ? AND r.group_name = ? ORDER BY r.id DESC", (device, group))
+        for row in rows:
+            if row["state"] in ("running", "paused", "done") or row["status"] == "installed":
+                return {"model": row["model"], "version": int(row["version"]),
+                        "target_path": target_path(row["model"], int(row["version"])), "rollout_id": int(row["id"])}
+        return {}
+
+    def was_assigned(self, device: str, model: str, version: int) -> bool:
+        return bool(self.db.query(
+            "SELECT 1 FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id "
+            "WHERE rd.device = ? AND r.model = ? AND r.version = ?", (device, model, version)))
+
+    def device_joined(self, group: str) -> None:
+        """Offer the group's current rollouts to a device that joined later, by the same rule."""
+        with self.db.transaction(write_lock=True) as tx:
+            for row in tx.query("SELECT id FROM rollouts WHERE group_name = ? AND state IN ('running', 'done')",
+                                (group,)):
+                r = self._row(tx, row["id"])
+                self._select(tx, r)
+                self._evaluate(tx, r)
+
+    def report(self, device: str, group: str, body: dict[str, Any]) -> None:
+        status = body.get("status")
+        if status not in REPORT_STATUSES:
+            raise FleetError(f"report status {status!r} is not one of {', '.join(REPORT_STATUSES)}", 422)
+        model = check_name(body.get("model"), "model") if body.get("model") is not None else None
+        version = check_version(body.get("version")) if body.get("version") is not None else None
+        error = body.get("error")
+        if error is not None and not isinstance(error, str):
+            raise FleetError("report error must be a string", 422)
+        error = None if error is None else error[:2000]
+        latency = body.get("latency_ms") or {}
+        if not isinstance(latency, dict) or any(not isinstance(v, (int, float)) or isinstance(v, bool)
+                                                for v in latency.values()):
+            raise FleetError("report latency_ms must be {p50: number, p95: number}", 422)
+        now = self.clock()
+        with self.db.transaction(write_lock=True) as tx:
+            sets, params = ["last_seen = ?", "status = ?"], [now, status]
+            if status == "installed" and model is not None and version is not None:
+                sets += ["model = ?", "active_version = ?"]
+                params += [model, version]
+            if status in FAILED:
+                sets.append("last_error = ?")
+                params.append(error or status)
+            if latency:
+                sets += ["latency_p50 = ?", "latency_p95 = ?"]
+                params += [latency.get("p50"), latency.get("p95")]
+            tx.execute(f"UPDATE devices SET {', '.join(sets)} WHERE name = ?", (*params, device))
+            if model is None or version is None or status == "checking":
+                return
+            for row in tx.query(
+                    "SELECT r.id FROM rollouts r JOIN rollout_devices rd ON rd.rollout_id = r.id WHERE rd.device = ? "
+                    "AND r.group_name = ? AND r.model = ? AND r.version = ?", (device, group, model, version)):
+                tx.execute("UPDATE rollout_devices SET status = ?, error = ?, updated = ? "
+                           "WHERE rollout_id = ? AND device = ?", (status, error, now, row["id"], device))
+                self._evaluate(tx, self._row(tx, row["id"]))

@@ -1,0 +1,151 @@
+"""`edgekiln serve` as a real uvicorn process, driven by the operator CLI; kill -9 mid-publish."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ADMIN = "integration-admin-token-0123456789"
+EXE = [sys.executable, "-m", "edgekiln.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    env.pop("EDGEKILN_ADMIN_TOKEN", None)
+    env.update(extra)
+    return env
+
+
+def _cli(*args: str, token: str = ADMIN, server: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = _env(EDGEKILN_ADMIN_TOKEN=token, **({"EDGEKILN_SERVER": server} if server else {}))
+    return subprocess.run([*EXE, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.fixture
+def served(tmp_path):
+    port = _free_port()
+    folder = tmp_path / "srv"
+    proc = subprocess.Popen([*EXE, "serve", "--db", f"sqlite:///{folder / 'fleet.db'}", "--store", str(folder / "blobs"),
+                             "--keys", str(folder / "keys"), "--port", str(port)],
+                            env=_env(EDGEKILN_ADMIN_TOKEN=ADMIN), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"server did not start: {proc.communicate()}")
+        time.sleep(0.2)
+    yield url, folder
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_operator_cli_drives_a_real_server(served, tmp_path):
+    from edgekiln.fleet.sample import sample_bundle
+
+    url, folder = served
+    assert (folder / "keys" / "root.json").is_file()
+    added = _cli("devices", "add", "cam-1", "--group", "lab", "--server", url)
+    assert added.returncode == 0, added.stderr
+    token = added.stdout.strip().splitlines()[-1]
+    assert token.startswith("ekd_")
+    bundle = sample_bundle(tmp_path / "bundle", version=1)
+    pub = _cli("publish", str(bundle), "--server", url, "--channel", "stable")
+    assert pub.returncode == 0 and "published digits v1 on stable" in pub.stdout, pub.stdout + pub.stderr
+    again = _cli("publish", str(bundle), "--server", url)
+    assert again.returncode != 0 and "409" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    start = _cli("rollout", "start", "digits", "1", "--group", "lab", "--percent", "100", "--json", server=url)
+    assert start.returncode == 0, start.stderr
+    rid = json.loads(start.stdout)["id"]
+    r = httpx.get(f"{url}/v1/device/assignment", headers={"Authorization": f"Bearer {token}"})
+    assert r.json()["version"] == 1
+    part = httpx.get(f"{url}/tuf/targets/digits/1/bundle.tar",
+                     headers={"Authorization": f"Bearer {token}", "Range": "bytes=100-"})
+    assert part.status_code == 206 and part.headers["content-range"].startswith("bytes 100-")
+    for cmd in (["rollout", "pause", str(rid)], ["rollout", "resume", str(rid)], ["rollout", "status", str(rid)],
+                ["rollout", "status"], ["devices", "list"]):
+        out = _cli(*cmd, server=url)
+        assert out.returncode == 0, (cmd, out.stderr)
+    status = json.loads(_cli("rollout", "status", str(rid), "--json", server=url).stdout)
+    assert status["state"] == "running" and status["devices"][0]["selected"] is True
+    assert "cam-1" in _cli("devices", "list", server=url).stdout
+
+
+def test_bad_token_and_unreachable_server_are_one_line_errors(served):
+    url, _ = served
+    bad = _cli("devices", "list", "--server", url, token="wrong-token-wrong-token")
+    assert bad.returncode != 0 and "401" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    gone = _cli("devices", "list", "--server", f"http://127.0.0.1:{_free_port()}")
+    assert gone.returncode != 0 and "cannot reach the update server" in gone.stderr, gone.stderr
+    assert len(gone.stderr.strip().splitlines()) == 1, gone.stderr
+
+
+def test_serve_without_an_admin_token_refuses_to_start(tmp_path):
+    out = subprocess.run([*EXE, "serve", "--db", f"sqlite:///{tmp_path / 'x.db'}", "--store", str(tmp_path / "b"),
+                          "--keys", str(tmp_path / "k")], capture_output=True, text=True, env=_env(), timeout=60)
+    assert out.returncode == 2 and "EDGEKILN_ADMIN_TOKEN" in out.stderr, out.stderr
+
+
+KILLER = textwrap.dedent("""
+    import os, sys
+    from fastapi.testclient import TestClient
+    from edgekiln.fleet.server import ServerConfig, create_app
+    folder, step, tar = sys.argv[1], sys.argv[2], sys.argv[3]
+    def fault(at):
+        if at == step:
+            os.kill(os.getpid(), 9)   # kill -9 at this step: no cleanup, no rollback handler runs
+    app = create_app(ServerConfig.local(folder, admin_token="k" * 32), fault=fault)
+    c = TestClient(app)
+    c.post("/v1/models/digits/versions/1", content=open(tar, "rb").read(),
+           headers={"Authorization": "Bearer " + "k" * 32})
+    sys.exit(3)
+""")
+
+
+@pytest.mark.parametrize("step", ["spooled", "stored", "registered", "signed-snapshot", "signed-timestamp"])
+def test_kill_9_mid_publish_leaves_nothing_visible_and_a_retry_succeeds(tmp_path, step):
+    from fastapi.testclient import TestClient
+
+    from edgekiln.fleet.client import tar_bundle
+    from edgekiln.fleet.sample import sample_bundle
+    from edgekiln.fleet.server import ServerConfig, create_app
+
+    tar = tar_bundle(sample_bundle(tmp_path / "b", version=1), tmp_path / "b.tar")
+    folder = tmp_path / "srv"
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(folder), step, str(tar)], env=_env(), timeout=120,
+                          capture_output=True, text=True)
+    assert proc.returncode == -9, (step, proc.returncode, proc.stderr[-500:])
+    c = TestClient(create_app(ServerConfig.local(folder, admin_token="k" * 32)))
+    h = {"Authorization": "Bearer " + "k" * 32}
+    assert c.get("/v1/models", headers=h).json() == []
+    targets = json.loads(c.get("/tuf/metadata/targets.json", headers=h).content)["signed"]
+    assert targets["targets"] == {} and targets["version"] == 1, targets
+    assert c.get("/tuf/targets/digits/1/bundle.tar", headers=h).status_code == 404
+    r = c.post("/v1/models/digits/versions/1", content=Path(tar).read_bytes(), headers=h)
+    assert r.status_code == 201, r.text
+    assert c.get("/tuf/targets/digits/1/bundle.tar", headers=h).content == Path(tar).read_bytes()

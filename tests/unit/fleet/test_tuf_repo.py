@@ -1,0 +1,138 @@
+"""The server's TUF repository, checked with python-tuf's own client (ngclient.Updater)."""
+
+from __future__ import annotations
+
+import json
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fleet_server_helpers import Clock, Server, bundle_tar, start_server
+from tuf.api.exceptions import DownloadHTTPError
+from tuf.ngclient import FetcherInterface, Updater
+
+from edgekiln.errors import EdgekilnError
+from edgekiln.fleet.tuf_repo import TufExpiry
+
+DAY = 86400.0
+
+
+class InProcessFetcher(FetcherInterface):
+    """An ngclient fetcher that goes through the in-process app with a device token."""
+
+    def __init__(self, server: Server, headers: dict[str, str]) -> None:
+        self.server, self.headers = server, headers
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        r = self.server.client.get(url.replace("http://testserver", ""), headers=self.headers)
+        if r.status_code != 200:
+            raise DownloadHTTPError(f"{url}: {r.status_code}", r.status_code)
+        return iter([r.content])
+
+
+def _updater(server: Server, headers: dict[str, str], tmp: Path, root: bytes | None) -> Updater:
+    (tmp / "md").mkdir(parents=True, exist_ok=True)
+    (tmp / "dl").mkdir(exist_ok=True)
+    return Updater(str(tmp / "md"), "http://testserver/tuf/metadata/", str(tmp / "dl"),
+                   "http://testserver/tuf/targets/", fetcher=InProcessFetcher(server, headers), bootstrap=root)
+
+
+@pytest.fixture
+def server(tmp_path):
+    import time
+
+    return start_server(tmp_path / "srv", Clock(time.time()))
+
+
+def test_first_start_creates_private_keys_and_writes_root_for_enrolment(server):
+    keys = server.folder / "keys"
+    for role in ("root", "targets", "snapshot", "timestamp"):
+        mode = stat.S_IMODE((keys / f"{role}.pem").stat().st_mode)
+        assert mode == 0o600, f"{role}.pem has mode {oct(mode)}, want 0o600"
+    served = server.client.get("/tuf/metadata/1.root.json", headers=server.admin())
+    assert served.status_code == 200
+    assert (keys / "root.json").read_bytes() == served.content
+    root = json.loads(served.content)["signed"]
+    assert {k["keytype"] for k in root["keys"].values()} == {"ed25519"}
+    assert len(root["keys"]) == 4 and root["consistent_snapshot"] is False
+
+
+def test_ngclient_verifies_a_published_bundle_and_each_publish_bumps_every_role(server, tmp_path):
+    dev = server.add_device("cam-1")
+    before = {r: json.loads(server.client.get(f"/tuf/metadata/{r}.json", headers=dev).content)["signed"]["version"]
+              for r in ("targets", "snapshot", "timestamp")}
+    assert server.publish(bundle_tar(tmp_path, 1)).status_code == 201
+    after = {r: json.loads(server.client.get(f"/tuf/metadata/{r}.json", headers=dev).content)["signed"]["version"]
+             for r in ("targets", "snapshot", "timestamp")}
+    assert after == {r: v + 1 for r, v in before.items()}, (before, after)
+
+    updater = _updater(server, dev, tmp_path, (server.folder / "keys" / "root.json").read_bytes())
+    updater.refresh()
+    info = updater.get_targetinfo("digits/1/bundle.tar")
+    assert info is not None
+    assert info.custom == {"model": "digits", "version": 1, "channel": "stable"}
+    path = updater.download_target(info)
+    assert Path(path).read_bytes() == bundle_tar(tmp_path, 1)
+
+
+def test_restart_keeps_the_root_and_a_foreign_key_folder_is_refused(tmp_path):
+    first = start_server(tmp_path / "srv")
+    root = (first.folder / "keys" / "root.json").read_bytes()
+    again = start_server(tmp_path / "srv")
+    assert (again.folder / "keys" / "root.json").read_bytes() == root
+    from edgekiln.fleet.server import ServerConfig, create_app
+
+    cfg = ServerConfig(db_url=f"sqlite:///{tmp_path / 'srv' / 'fleet.db'}", store_url=str(tmp_path / "blobs"),
+                       keys_dir=str(tmp_path / "other-keys"), admin_token="x" * 32)
+    with pytest.raises(EdgekilnError, match="is not the root key"):
+        create_app(cfg)
+
+
+def test_metadata_is_re_signed_before_it_expires_and_root_rotates_to_a_new_version(server, tmp_path):
+    dev = server.add_device("cam-1")
+    ts1 = json.loads(server.client.get("/tuf/metadata/timestamp.json", headers=dev).content)["signed"]
+    server.clock.now += 0.6 * DAY   # past half of the 1-day timestamp validity
+    ts2 = json.loads(server.client.get("/tuf/metadata/timestamp.json", headers=dev).content)["signed"]
+    assert ts2["version"] == ts1["version"] + 1 and ts2["expires"] > ts1["expires"], (ts1, ts2)
+
+    updater = _updater(server, dev, tmp_path, (server.folder / "keys" / "root.json").read_bytes())
+    updater.refresh()
+    server.clock.now += 200 * DAY   # past half of the root's 365 days: root v2, signed by the same root key
+    assert server.client.get("/tuf/metadata/timestamp.json", headers=dev).status_code == 200
+    assert server.client.get("/tuf/metadata/2.root.json", headers=dev).status_code == 200
+    assert json.loads((server.folder / "keys" / "root.json").read_bytes())["signed"]["version"] == 2
+    # the device enrolled with root v1 follows the chain to v2 (ngclient checks expiry by real time; the
+    # server clock is 200 days ahead, so everything it signs is still valid)
+    _updater(server, dev, tmp_path, None).refresh()   # a new run of the agent: trusts what it stored
+    assert json.loads((tmp_path / "md" / "root.json").read_bytes())["signed"]["version"] == 2
+
+
+def test_expiry_is_configurable(tmp_path):
+    server = start_server(tmp_path / "srv", expiry=TufExpiry(timestamp_days=0.5, targets_days=3.0))
+    import datetime as dt
+
+    def expires(role: str) -> float:
+        text = json.loads(server.client.get(f"/tuf/metadata/{role}.json", headers=server.admin()).content)
+        return dt.datetime.strptime(text["signed"]["expires"], "%Y-%m-%dT%H:%M:%SZ").replace(
+            tzinfo=dt.UTC).timestamp() - server.clock.now
+
+    assert abs(expires("timestamp") - 0.5 * DAY) < 2, expires("timestamp")
+    assert abs(expires("targets") - 3 * DAY) < 2, expires("targets")
+    assert abs(expires("snapshot") - 7 * DAY) < 2, expires("snapshot")
+
+
+def test_unknown_metadata_files_are_404_and_need_a_token(server):
+    assert server.client.get("/tuf/metadata/timestamp.json").status_code == 401
+    for name in ("9.root.json", "../keys/root.pem", "x.json", "3.timestamp.json"):
+        assert server.client.get(f"/tuf/metadata/{name}", headers=server.admin()).status_code == 404, name
+
+
+def test_serve_expiry_option_is_parsed_and_checked():
+    from edgekiln.cli.fleet_cmd import parse_expiry
+
+    assert parse_expiry("timestamp=0.5, targets=10") == TufExpiry(timestamp_days=0.5, targets_days=10.0)
+    assert parse_expiry(None) == TufExpiry()
+    for bad in ("time=1", "timestamp=soon", "root=0"):
+        with pytest.raises(EdgekilnError, match="--expiry"):
+            parse_expiry(bad)
