@@ -1,0 +1,113 @@
+"""Helpers for testing the update agent against a real server: tiny bundle tars and a loopback
+uvicorn server in a thread. Shipped with the library so users' own fleet tests can use them.
+
+>>> tar = bundle_tar("/tmp/b", name="digits", version=1)          # doctest: +SKIP
+>>> with LoopbackServer(app) as url: ...                                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+def bundle_tar(folder: str | Path, *, name: str = "digits", version: int = 1, seed: int = 0,
+               broken: bool = False) -> Path:
+    """A tiny one-variant bundle as the ``.tar`` the server takes (``edgekiln.fleet.sample``).
+
+    ``broken=True`` gives a valid, publishable bundle that fails the device's health check.
+    Different ``seed``s give different bytes (the server stores blobs by content hash).
+    """
+    from edgekiln.fleet.client import tar_bundle
+    from edgekiln.fleet.sample import sample_bundle
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = f"{name}-v{version}-s{seed}{'-broken' if broken else ''}"
+    bundle = sample_bundle(folder / tag, name=name, version=version, seed=seed, broken=broken)
+    return tar_bundle(bundle, folder / f"{tag}.tar")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LoopbackServer:
+    """Serve an ASGI ``app`` with uvicorn on a free 127.0.0.1 port in a background thread."""
+
+    def __init__(self, app: Any, *, port: int | None = None) -> None:
+        import uvicorn
+
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False,
+                                lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"uvicorn did not start on port {self.port}")
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+class FleetHarness:
+    """One update server (the real app: on loopback, or in-process through ``transport``) and what
+    tests do with it as the operator."""
+
+    def __init__(self, url: str, server_dir: str | Path, admin_token: str, *, transport: Any = None) -> None:
+        self.url, self.server_dir, self.admin_token = url, Path(server_dir), admin_token
+        self.transport = transport
+
+    @property
+    def root_file(self) -> Path:
+        """The trusted root a device is enrolled with (the server writes it to KEYS/root.json)."""
+        return self.server_dir / "keys" / "root.json"
+
+    def device(self, name: str, group: str) -> str:
+        from edgekiln.fleet.client import add_device
+
+        return str(add_device(self.url, self.admin_token, name, group, transport=self.transport)["token"])
+
+    def publish(self, tar: Path, model: str, version: int, channel: str = "stable") -> dict[str, Any]:
+        from edgekiln.fleet.client import publish
+
+        return publish(tar, self.url, self.admin_token, channel, model=model, version=version,
+                       transport=self.transport)
+
+    def rollout(self, model: str, version: int, group: str, **kw: Any) -> dict[str, Any]:
+        from edgekiln.fleet.client import rollout_start
+
+        return rollout_start(self.url, self.admin_token, model, version, group, transport=self.transport, **kw)
+
+    def rollout_status(self, rollout_id: int) -> dict[str, Any]:
+        from edgekiln.fleet.client import rollout_status
+
+        result = rollout_status(self.url, self.admin_token, rollout_id, transport=self.transport)
+        assert isinstance(result, dict)
+        return result
+
+    def devices(self) -> dict[str, dict[str, Any]]:
+        from edgekiln.fleet.client import list_devices
+
+        return {d["name"]: d for d in list_devices(self.url, self.admin_token, transport=self.transport)}
+
+    def agent(self, state: str | Path, token: str, *, chunk_size: int = 4096, **kw: Any) -> Any:
+        from edgekiln.fleet.agent import Agent, AgentConfig
+
+        config = AgentConfig(server=self.url, token=token, state_dir=Path(state), root=self.root_file,
+                             chunk_size=chunk_size, latency_runs=5)
+        return Agent(config, **{"transport": self.transport, **kw})

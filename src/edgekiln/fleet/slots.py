@@ -1,0 +1,411 @@
+"""The device's A/B slot layout: two unpacked bundles, one of them active, switched atomically.
+
+```
+STATE/state.json       what the agent knows (active version, pending update, outbox of reports)
+STATE/slots/a|b/       an unpacked bundle each
+STATE/slots/a|b.json   the slot's seal: written (atomically) only after every file of the slot
+                       was written and fsynced; a slot folder without its seal is half-written
+STATE/active           symlink -> slots/a or slots/b, switched by rename() of a new symlink
+STATE/download/        partial and verified downloads
+STATE/tuf/             trusted TUF metadata
+```
+
+The commit point of an install is the ``rename()`` of the new ``active`` symlink: before it the
+old slot is active, after it the new one, never anything in between. Every other step is
+repeatable, so :meth:`SlotStore.recover` only has to throw away what a crash left half done and
+make ``state.json`` agree with the symlink (the symlink is the truth).
+
+Imports only the standard library and ``edgekiln.runtime`` (numpy + onnxruntime): this runs on
+the device.
+
+>>> store = SlotStore("/var/lib/edgekiln")                         # doctest: +SKIP
+>>> store.recover(); store.active()                                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import shutil
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import quote
+
+from edgekiln.errors import EdgekilnError
+from edgekiln.fileio import atomic_write_json
+
+SLOT_NAMES = ("a", "b")
+ACTIVE_LINK = "active"
+TEMP_LINK_PREFIX = ".active.new."
+STATE_FILE = "state.json"
+MAX_BUNDLE_FILES = 256
+HISTORY_KEEP = 50
+
+Checkpoint = Callable[[str], None]
+
+
+def _no_checkpoint(_name: str) -> None:
+    return None
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename/creation/deletion inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    """A sealed slot: what was installed into it."""
+
+    name: str
+    path: Path
+    model: str
+    version: int
+    target_path: str
+    sha256: str
+
+
+def empty_state() -> dict[str, Any]:
+    return {"active_version": None, "active_slot": None, "model": None, "pending": None, "last_error": None,
+            "history": [], "outbox": [], "rejected": {}, "last_check": None}
+
+
+class SlotStore:
+    """The state folder of one device. ``checkpoint(name)`` is called between durable steps (the
+    kill -9 tests hook a crash there; see ``edgekiln.fleet.agent_crash``)."""
+
+    def __init__(self, root: str | Path, *, checkpoint: Checkpoint | None = None) -> None:
+        self.root = Path(root)
+        self.slots_dir = self.root / "slots"
+        self.download_dir = self.root / "download"
+        self.tuf_dir = self.root / "tuf"
+        self.checkpoint = checkpoint or _no_checkpoint
+
+    # --- layout -------------------------------------------------------------------------------
+    def ensure_layout(self) -> None:
+        for d in (self.root, self.slots_dir, self.download_dir, self.tuf_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def slot_path(self, name: str) -> Path:
+        if name not in SLOT_NAMES:
+            raise EdgekilnError(f"slot '{name}' is not one of {SLOT_NAMES}")
+        return self.slots_dir / name
+
+    def seal_path(self, name: str) -> Path:
+        return self.slots_dir / f"{name}.json"
+
+    def active_name(self) -> str | None:
+        """The slot the ``active`` symlink names, or None (fresh device)."""
+        link = self.root / ACTIVE_LINK
+        if not link.is_symlink():
+            return None
+        target = PurePosixPath(os.readlink(link))
+        if len(target.parts) == 2 and target.parts[0] == "slots" and target.parts[1] in SLOT_NAMES:
+            return target.parts[1]
+        return None
+
+    def sealed(self, name: str) -> SlotInfo | None:
+        """The slot's seal, or None when the slot is missing or half-written."""
+        seal, path = self.seal_path(name), self.slot_path(name)
+        if not seal.is_file() or not path.is_dir():
+            return None
+        try:
+            data = json.loads(seal.read_text())
+            return SlotInfo(name=name, path=path, model=str(data["model"]), version=int(data["version"]),
+                            target_path=str(data["target_path"]), sha256=str(data["sha256"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def active(self) -> SlotInfo | None:
+        name = self.active_name()
+        return self.sealed(name) if name else None
+
+    def inactive_name(self) -> str:
+        return "b" if self.active_name() == "a" else "a"
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold ``STATE/.lock`` (flock) for one cycle: two agents on one state folder would corrupt it.
+        The kernel drops the lock when the process dies, so a kill -9 never leaves it stuck."""
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise EdgekilnError(f"{self.root}: another agent is running on this state folder") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    # --- state.json ---------------------------------------------------------------------------
+    def read_state(self) -> dict[str, Any]:
+        path = self.root / STATE_FILE
+        state = empty_state()
+        if path.is_file():
+            try:
+                loaded = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                # NOTE: cannot happen with atomic writes; if the disk corrupted it, the symlink and
+                # the seals still say what is installed, so start from them rather than refuse to run.
+                loaded = {}
+            if isinstance(loaded, dict):
+                state.update(loaded)
+        return state
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        state["history"] = list(state.get("history") or [])[-HISTORY_KEEP:]
+        atomic_write_json(self.root / STATE_FILE, state)
+        fsync_dir(self.root)
+
+    # --- recovery -----------------------------------------------------------------------------
+    def recover(self) -> list[str]:
+        """Repair whatever the last crash left; return one line per repair (empty when clean).
+
+        - a stale temporary symlink from an interrupted switch is removed;
+        - an inactive slot without a seal (interrupted unpack) is deleted;
+        - ``state.json`` is made to agree with the ``active`` symlink; an update that reached the
+          switch before the crash is recorded as installed and its report is queued;
+        - downloads other than the pending update's are deleted.
+        """
+        self.ensure_layout()
+        notes: list[str] = []
+        for tmp in self.root.glob(TEMP_LINK_PREFIX + "*"):
+            tmp.unlink(missing_ok=True)
+            notes.append(f"removed stale temporary symlink {tmp.name}")
+        # temporary files of interrupted atomic writes (ours, and python-tuf's NamedTemporaryFile)
+        leftovers = [*self.slots_dir.glob(".*"), *self.root.glob(f".{STATE_FILE}.*.tmp"), *self.tuf_dir.glob("tmp*")]
+        for tmp in leftovers:
+            _remove(tmp)
+            notes.append(f"removed leftover {tmp.name}")
+        active = self.active_name()
+        if active and self.sealed(active) is None:
+            # NOTE: the switch happens only after the seal, so this is disk damage, not a crash. The
+            # other slot (the previous good model) is the best there is.
+            other = "b" if active == "a" else "a"
+            if self.sealed(other):
+                self._point_active_at(other)
+                notes.append(f"active slot {active} had no seal; switched back to slot {other}")
+            else:
+                (self.root / ACTIVE_LINK).unlink()
+                notes.append(f"active slot {active} had no seal and no other slot is sealed; nothing is active")
+            active = self.active_name()
+        for name in SLOT_NAMES:
+            if name != active and self.slot_path(name).exists() and self.sealed(name) is None:
+                self.clear_slot(name)
+                notes.append(f"removed half-written slot {name}")
+        notes += self._reconcile_state()
+        notes += self._clean_downloads()
+        return notes
+
+    def _clean_downloads(self) -> list[str]:
+        """Keep only the pending update's download (it resumes); anything else is left over."""
+        pending = self.read_state().get("pending") or {}
+        keep = set()
+        if pending.get("target_path"):
+            quoted = quote(str(pending["target_path"]), safe="")
+            keep = {quoted + ".part", quoted + ".tar"}
+        notes = []
+        for path in self.download_dir.iterdir():
+            if path.name not in keep:
+                _remove(path)
+                notes.append(f"removed leftover download {path.name}")
+        return notes
+
+    def _reconcile_state(self) -> list[str]:
+        state = self.read_state()
+        info = self.active()
+        notes: list[str] = []
+        have = (info.model, info.version, info.name) if info else (None, None, None)
+        if (state.get("model"), state.get("active_version"), state.get("active_slot")) == have:
+            return notes
+        pending = state.get("pending") or {}
+        if info and pending.get("model") == info.model and pending.get("version") == info.version:
+            # Crashed after the switch, before state.json and the report were written.
+            state["pending"] = None
+            state["last_error"] = None
+            entry = {"model": info.model, "version": info.version, "status": "installed"}
+            state["history"] = [*state.get("history", []), {**entry, "time": now_iso(), "note": "after restart"}]
+            state["outbox"] = [*state.get("outbox", []), dict(entry)]
+            notes.append(f"update to {info.model} v{info.version} had been switched before the crash: completed")
+        else:
+            notes.append("state.json did not match the active slot: corrected")
+        state.update(model=have[0], active_version=have[1], active_slot=have[2])
+        self.write_state(state)
+        return notes
+
+    # --- install steps ------------------------------------------------------------------------
+    def clear_slot(self, name: str) -> None:
+        """Unseal first, then delete: a crash in between leaves an unsealed slot, which recovery removes."""
+        if name == self.active_name():
+            raise EdgekilnError(f"refusing to clear slot {name}: it is the active slot")
+        seal = self.seal_path(name)
+        if seal.exists():
+            seal.unlink()
+            fsync_dir(self.slots_dir)
+        path = self.slot_path(name)
+        if path.exists() or path.is_symlink():
+            _remove(path)
+            fsync_dir(self.slots_dir)
+
+    def unpack(self, tar_path: str | Path, name: str, *, max_bytes: int = 2 << 30) -> Path:
+        """Unpack a bundle ``.tar`` into slot ``name`` (cleared first), fsyncing every file and folder.
+
+        Only regular files and folders with plain relative paths are accepted: absolute paths,
+        ``..``, links of any kind and device files are refused (a bundle needs none of them).
+        """
+        self.clear_slot(name)
+        dest = self.slot_path(name)
+        dest.mkdir(parents=True)
+        fsync_dir(self.slots_dir)
+        self.checkpoint("slot-created")
+        try:
+            tar = tarfile.open(tar_path, mode="r:")  # noqa: SIM115 - closed by the `with` below
+        except (tarfile.TarError, OSError) as exc:
+            raise EdgekilnError(f"{tar_path}: not a readable .tar ({exc})") from None
+        with tar:
+            try:
+                self._extract(tar, dest, max_bytes)
+            except tarfile.TarError as exc:
+                raise EdgekilnError(f"{tar_path}: damaged .tar ({exc})") from None
+        fsync_dir(self.slots_dir)
+        self.checkpoint("slot-fsynced")
+        return dest
+
+    def _extract(self, tar: tarfile.TarFile, dest: Path, max_bytes: int) -> None:
+        members = _checked_members(tar, max_bytes)
+        dirs = {dest}
+        for member, rel in members:
+            target = dest.joinpath(*rel.parts)
+            if member.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                dirs.add(target)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            dirs.add(target.parent)
+            src = tar.extractfile(member)
+            if src is None:
+                raise EdgekilnError(f"bundle member {member.name} cannot be read")
+            with src, open(target, "xb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+                out.flush()
+                self.checkpoint(f"written:{rel}")
+                os.fsync(out.fileno())
+            self.checkpoint(f"fsynced:{rel}")
+        for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+            fsync_dir(d)
+
+    def seal(self, name: str, *, model: str, version: int, target_path: str, sha256: str) -> SlotInfo:
+        """Mark slot ``name`` as completely written (not yet as healthy: the switch says that)."""
+        atomic_write_json(self.seal_path(name), {"model": model, "version": version, "target_path": target_path,
+                                                 "sha256": sha256, "sealed": now_iso()})
+        fsync_dir(self.slots_dir)
+        self.checkpoint("slot-sealed")
+        info = self.sealed(name)
+        assert info is not None
+        return info
+
+    def switch(self, name: str) -> None:
+        """Make slot ``name`` active: a new symlink beside ``active`` is renamed over it (atomic)."""
+        if self.sealed(name) is None:
+            raise EdgekilnError(f"refusing to activate slot {name}: it is not sealed (half-written)")
+        self._point_active_at(name)
+
+    def _point_active_at(self, name: str) -> None:
+        tmp = self.root / f"{TEMP_LINK_PREFIX}{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        os.symlink(f"slots/{name}", tmp)
+        self.checkpoint("temp-symlink-created")
+        os.replace(tmp, self.root / ACTIVE_LINK)
+        self.checkpoint("symlink-renamed")
+        fsync_dir(self.root)
+        self.checkpoint("state-dir-fsynced")
+
+
+def health_check_slot(path: Path, *, latency_runs: int = 20) -> dict[str, Any]:
+    """The bundle health check of ``edgekiln.runtime`` plus latency stats from the runtime monitor.
+
+    Returns ``{"ok", "error"?, "max_abs_error", "latency_ms": {"p50", "p95"}}``; never raises for a
+    bad bundle (a bad bundle is a failed check, not a crash of the agent).
+    """
+    from edgekiln.runtime.bundle import health_check
+
+    try:
+        result = health_check(path)
+    except EdgekilnError as exc:
+        return {"ok": False, "error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - onnxruntime and numpy raise their own types
+        return {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    if not result.get("ok"):
+        err = result.get("error") or (f"sample outputs differ from the expected ones by {result.get('max_abs_error')}"
+                                      " (more than the manifest's health_tolerance)")
+        return {"ok": False, "error": f"health check failed: {err}", "max_abs_error": result.get("max_abs_error")}
+    result["latency_ms"] = _latency(path, latency_runs)
+    return result
+
+
+def _latency(path: Path, runs: int) -> dict[str, float] | None:
+    import numpy as np
+
+    from edgekiln.runtime.engine import Runtime
+
+    try:
+        rt = Runtime(path, warmup=2)
+        m = rt.manifest
+        if m.sample_inputs:
+            with np.load(path / m.sample_inputs) as si:
+                feeds = {k: si[k] for k in si.files}
+        else:
+            feeds = {s.name: np.zeros(tuple(d if d > 0 else 1 for d in s.shape), s.dtype) for s in m.inputs}
+        for _ in range(runs):
+            rt.infer(feeds)
+        stats = rt.monitor.variants[rt.current]
+        return {"p50": round(stats.p(50) or 0.0, 4), "p95": round(stats.p(95) or 0.0, 4)}
+    except Exception:  # noqa: BLE001 - latency is informative; the health check already passed
+        return None
+
+
+def _checked_members(tar: tarfile.TarFile, max_bytes: int) -> list[tuple[tarfile.TarInfo, PurePosixPath]]:
+    members, total, seen = [], 0, set()
+    for member in tar.getmembers():
+        raw = member.name
+        pure = PurePosixPath(raw)
+        parts = [p for p in pure.parts if p not in ("", ".")]
+        if pure.is_absolute() or raw.startswith("/") or ".." in pure.parts or "\\" in raw:
+            raise EdgekilnError(f"bundle member '{raw}' is not a plain relative path; refused")
+        if not (member.isfile() or member.isdir()):
+            kind = "link" if (member.issym() or member.islnk()) else "special file"
+            raise EdgekilnError(f"bundle member '{raw}' is a {kind}; bundles may hold only files and folders")
+        if not parts:
+            continue  # the archive's "." entry
+        rel = PurePosixPath(*parts)
+        if str(rel) in seen:
+            raise EdgekilnError(f"bundle member '{raw}' appears twice; refused")
+        seen.add(str(rel))
+        total += member.size
+        if total > max_bytes or len(members) >= MAX_BUNDLE_FILES:
+            raise EdgekilnError(f"bundle is larger than {max_bytes} bytes or {MAX_BUNDLE_FILES} files; refused")
+        members.append((member, rel))
+    return members
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
