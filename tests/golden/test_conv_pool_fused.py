@@ -15,6 +15,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from edgekiln.codegen.binary32 import binary32_multiplier
 from edgekiln.codegen.emit import write_library
 from edgekiln.codegen.fuse import SCRATCH_SUFFIX, fuse_conv_pool
 from edgekiln.codegen.ir import IntGraph, Op, QTensor
@@ -41,17 +42,12 @@ CASES = {
 }
 
 
-def _m(real):
-    pairs = [quantize_multiplier(float(r)) for r in np.atleast_1d(real)]
-    return np.array([p[0] for p in pairs], np.int32), np.array([p[1] for p in pairs], np.int32)
-
-
 def _case_graph(case: str, *, tail: bool) -> IntGraph:
     (h, w, cin, cout, k, s, p, groups, kind, pk, ps, pp, inc, in_zp, c_zp, p_zp, act) = CASES[case]
     rng = np.random.default_rng(SEED)
     oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
     ph, pw = (oh + 2 * pp - pk) // ps + 1, (ow + 2 * pp - pk) // ps + 1
-    mult, shift = _m(rng.uniform(0.002, 0.02, cout))
+    mult, shift = binary32_multiplier(rng.uniform(0.002, 0.02, cout))  # conv: float32 scale
     conv = Op("conv2d", "conv", ["x"], "c",
               attrs=dict(in_h=h, in_w=w, in_c=cin, out_h=oh, out_w=ow, out_c=cout, k_h=k, k_w=k, stride_h=s,
                          stride_w=s, dil_h=1, dil_w=1, pad_top=p, pad_left=p, groups=groups, input_zp=in_zp,

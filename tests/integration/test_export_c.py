@@ -118,3 +118,22 @@ def test_verify_c_fails_on_a_tampered_library(tmp_path, capsys):
     data = _eval_npz(tmp_path / "eval.npz", (1, 1, 8, 8), n=16)
     assert _run(["verify-c", str(out), "--data", str(data), "--no-valgrind"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_fits_uses_the_c_backend_arena_and_flash_for_mcu_targets(tmp_path, capsys):
+    """`fits --target cortex-m4` on an int8 model reports exactly what `export --to c` writes."""
+    model = tm.small_cnn_qdq(tmp_path / "cnn_int8.onnx")
+    out = tmp_path / "c"
+    assert _run(["export", str(model), "--to", "c", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    capsys.readouterr()
+    assert _run(["fits", str(model), "--target", "cortex-m4", "--json"]) == 0
+    fit = json.loads(capsys.readouterr().out)
+    from edgekiln.targets.profiles import load_profile
+
+    overhead = load_profile("cortex-m4").runtime_overhead_bytes
+    ram, flash = fit["ram"]["value"], fit["flash"]["value"]
+    assert fit["ram_source"].startswith("C backend") and fit["flash_source"].startswith("C backend"), fit
+    assert ram == report["ram_bytes"] + overhead, f"fits RAM {ram} != export arena+I/O {report['ram_bytes']} + " \
+                                                  f"runtime overhead {overhead}"
+    assert flash == report["flash_bytes"], f"fits flash {flash} != export flash {report['flash_bytes']}"

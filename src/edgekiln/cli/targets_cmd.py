@@ -53,7 +53,7 @@ def fits_command(
     """Check flash, RAM, estimated latency and energy against a device; exit 3 if it does not fit."""
     from edgekiln.models.analysis import analyze
     from edgekiln.models.intake import load_model, parse_shape
-    from edgekiln.search.trial import memory_plan_bytes, precision_of
+    from edgekiln.search.trial import c_backend_footprint, precision_of
     from edgekiln.targets.fit import estimate_fit
     from edgekiln.targets.profiles import load_profile
     from edgekiln.targets.units import parse_bytes
@@ -67,15 +67,17 @@ def fits_command(
         from edgekiln.bench.harness import benchmark
 
         measured = benchmark(art.path, runtime="onnxruntime", threads=1, runs=200).latency_ms["p50"]
-    arena = memory_plan_bytes(art.path, art.kind, profile)
-    report = estimate_fit(profile, weight_bytes=info.weight_bytes,
-                          peak_activation_bytes=arena if arena is not None else info.peak_activation_bytes,
-                          io_bytes=0 if arena is not None else info.io_bytes, macs=info.macs, precision=prec,
+    c_fp = c_backend_footprint(art.path, art.kind, profile)
+    report = estimate_fit(profile, weight_bytes=c_fp.flash["weights"] + c_fp.flash["params"] if c_fp else info.weight_bytes,
+                          code_bytes=c_fp.flash["code_estimate"] if c_fp else 0,
+                          peak_activation_bytes=c_fp.ram_bytes if c_fp else info.peak_activation_bytes,
+                          io_bytes=0 if c_fp else info.io_bytes, macs=info.macs, precision=prec,
                           measured_latency_ms=measured, max_latency_ms=max_latency_ms,
                           max_ram_bytes=parse_bytes(max_ram) if max_ram else None,
                           max_flash_bytes=parse_bytes(max_flash) if max_flash else None)
     data = report.to_dict()
-    data["ram_source"] = "C backend memory plan (arena incl. I/O)" if arena is not None else "analysis (peak activations)"
+    data["ram_source"] = "C backend memory plan (arena incl. I/O)" if c_fp else "analysis (peak activations)"
+    data["flash_source"] = "C backend (arrays + params + code estimate)" if c_fp else "analysis (weights only)"
     if out:
         from edgekiln.report import write_report
 

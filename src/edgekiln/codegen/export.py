@@ -15,9 +15,10 @@ from edgekiln.errors import EdgekilnError
 #: Cortex-M4 ``-mthumb -Os`` code bytes per kernel, measured with arm-none-eabi-gcc 12 on
 #: ek_kernels.c (``-ffunction-sections``); ``_call`` is the per-step call site in NAME.c and
 #: ``_ldiv`` libgcc's 64-bit division, pulled in by avg_pool and softmax; ``_conv_row`` the conv
-#: row helper shared by conv2d and the fused conv_pool.
-CODE_BYTES = {"_requant": 178, "_call": 28, "_ldiv": 400, "_conv_row": 314, "conv2d": 66, "fully_connected": 108,
-              "add": 108,
+#: row helper shared by conv2d and the fused conv_pool; ``_requant_b32`` the float32-exact conv/FC
+#: requantization with its 24-bit rounding helper (186 + 154 B).
+CODE_BYTES = {"_requant": 178, "_call": 28, "_ldiv": 400, "_conv_row": 314, "_requant_b32": 340, "conv2d": 66,
+              "fully_connected": 108, "add": 108,
               "requantize": 58, "max_pool": 164, "avg_pool": 360, "concat": 146, "softmax": 224,
               "transpose_nchw": 74, "reshape": 0, "conv_pool": 420}
 #: bytes of one int32 field in a ``static const`` parameter struct.
@@ -66,9 +67,36 @@ def estimate_flash(graph: IntGraph) -> dict[str, int]:
     code = CODE_BYTES["_requant"] + sum(CODE_BYTES[k] for k in kinds) + CODE_BYTES["_call"] * len(graph.ops)
     if kinds & {"conv2d", "conv_pool"}:
         code += CODE_BYTES["_conv_row"]
+    if kinds & {"conv2d", "conv_pool", "fully_connected"}:
+        code += CODE_BYTES["_requant_b32"]
     if kinds & {"avg_pool", "softmax", "conv_pool"}:
         code += CODE_BYTES["_ldiv"]
     return {"weights": weights, "params": params, "code_estimate": code, "total": weights + params + code}
+
+
+@dataclass(frozen=True)
+class McuFootprint:
+    """RAM and flash the default C export of a model needs (see :func:`mcu_footprint`)."""
+
+    arena_bytes: int
+    io_bytes: int          # the int8 input and output buffers the caller owns
+    flash: dict[str, int]  # weights, params, code_estimate, total (:func:`estimate_flash`)
+
+    @property
+    def ram_bytes(self) -> int:
+        return self.arena_bytes + self.io_bytes
+
+
+def mcu_footprint(model: str | Path | Any) -> McuFootprint:
+    """The arena, I/O and flash bytes ``export --to c`` would produce for an int8 QDQ model, without
+    writing files: the numbers ``fits`` and ``optimize`` use for microcontroller targets.
+
+    >>> # fp = mcu_footprint("mnist_int8.onnx"); fp.ram_bytes, fp.flash["total"]
+    """
+    graph = lower_for_c(model)  # fused, as the default export
+    plan = plan_memory(graph)
+    io = graph.tensors[graph.input].size + graph.tensors[graph.output].size
+    return McuFootprint(int(plan.arena_bytes), int(io), estimate_flash(graph))
 
 
 def export_c(model: str | Path, out_dir: str | Path, *, prefix: str = "model", reorder: bool = True,

@@ -65,7 +65,7 @@ def fuse_conv_pool(graph: IntGraph) -> IntGraph:
         attrs["pool_is_avg"] = int(pool.kind == "avg_pool")
         attrs["rows"] = rows
         fused = Op("conv_pool", conv.name, list(conv.inputs), pool.output, attrs=attrs, arrays=dict(conv.arrays),
-                   macs=conv.macs + pool.macs, scratch=scratch)
+                   macs=conv.macs + pool.macs, scratch=scratch, weight_scale=conv.weight_scale)
         graph.ops[graph.ops.index(conv)] = fused
         graph.ops.remove(pool)
         del graph.tensors[mid]

@@ -60,6 +60,9 @@ class Op:
     macs: int = 0
     #: name of a scratch tensor this op alone uses during its step ('' for none), e.g. conv_pool's rows.
     scratch: str = ""
+    #: float32 per-channel weight scales of conv/fc ops: export-time metadata for the TFLite
+    #: writer, never emitted to C and not counted in :attr:`const_bytes`.
+    weight_scale: np.ndarray | None = None
 
     @property
     def const_bytes(self) -> int:

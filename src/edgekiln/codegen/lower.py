@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekiln.codegen.binary32 import binary32_multiplier, onnx_qlinear_scale
 from edgekiln.codegen.ir import IntGraph, Op, QTensor, _Ctx, _qparams
 from edgekiln.errors import EdgekilnError
 from edgekiln.quant.fixed_point import quantize_multiplier
@@ -143,7 +144,11 @@ def _conv(ctx: _Ctx, node: Any) -> None:
     out_w = (w + pads[1] + pads[3] - dil[1] * (kw - 1) - 1) // strides[1] + 1
     y = _out(ctx, node, (1, out_h, out_w, cout))
     s_w = _weight_scales(node, ws, wz, cout)
-    mult, shift = _mult(x.scale * s_w / y.scale)
+    # NOTE: conv and FC requantize as binary32 arithmetic rounds (float32 scale, 24-bit
+    # significand, ties to even), emulated in integers: bit-exact with onnxruntime's QLinearConv.
+    # The 31-bit fixed-point multiplier rounds exactly instead and diverged on ~1e-6 of the
+    # outputs per layer, which grew to ~1% of the MobileNet-style logits (see binary32.py).
+    mult, shift = binary32_multiplier(onnx_qlinear_scale(x.scale, s_w, y.scale))
     ctx.graph.ops.append(Op(
         "conv2d", node.name or node.output[0], [x.name], y.name,
         attrs=dict(in_h=h, in_w=w, in_c=cin, out_h=out_h, out_w=out_w, out_c=cout, k_h=kh, k_w=kw,
@@ -152,7 +157,7 @@ def _conv(ctx: _Ctx, node: Any) -> None:
                    act_min=-128, act_max=127),
         arrays=dict(weights=np.ascontiguousarray(wq.transpose(0, 2, 3, 1)),
                     bias=_bias(ctx, node, 2, cout, x.scale * s_w), mult=mult, shift=shift),
-        macs=out_h * out_w * cout * kh * kw * cin_g))
+        macs=out_h * out_w * cout * kh * kw * cin_g, weight_scale=s_w.astype(np.float32)))
 
 
 def _fc(ctx: _Ctx, node: Any) -> None:
@@ -176,7 +181,7 @@ def _fc(ctx: _Ctx, node: Any) -> None:
         w = w.reshape(n_out, c, h, wd).transpose(0, 2, 3, 1).reshape(n_out, n_in)
     y = _out(ctx, node, (1, n_out))
     s_w = _weight_scales(node, ws, wz, n_out)
-    mult, shift = _mult(x.scale * s_w / y.scale)
+    mult, shift = binary32_multiplier(onnx_qlinear_scale(x.scale, s_w, y.scale))
     bias_idx = 2 if node.op_type == "Gemm" else 99
     ctx.graph.ops.append(Op(
         "fully_connected", node.name or node.output[0], [x.name], y.name,
@@ -184,7 +189,7 @@ def _fc(ctx: _Ctx, node: Any) -> None:
                    act_min=-128, act_max=127),
         arrays=dict(weights=np.ascontiguousarray(w), bias=_bias(ctx, node, bias_idx, n_out, x.scale * s_w),
                     mult=mult, shift=shift),
-        macs=n_in * n_out))
+        macs=n_in * n_out, weight_scale=s_w.astype(np.float32)))
 
 
 def _add(ctx: _Ctx, node: Any) -> None:

@@ -3,7 +3,9 @@
 Each kernel takes int8 arrays in C layout (NHWC, batch 1) plus the ``attrs``/``arrays`` of its
 :class:`~edgekiln.codegen.ir.Op` and returns int8. Accumulation is in int64 here and int32 in C;
 the export-time checks keep every accumulator within int32, so the results are identical.
-Requantization is :func:`edgekiln.quant.fixed_point.multiply_by_quantized_multiplier`.
+Requantization of conv/FC accumulators is :func:`edgekiln.codegen.binary32.requant_binary32`
+(float32 rounding emulated in integers, as ONNX QLinearConv computes it); every other rescale is
+:func:`edgekiln.quant.fixed_point.multiply_by_quantized_multiplier`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from edgekiln.codegen.binary32 import requant_binary32
 from edgekiln.codegen.ir import IntGraph, Op
 from edgekiln.quant.fixed_point import multiply_by_quantized_multiplier as mbqm
 
@@ -50,13 +53,13 @@ def conv2d(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.n
         ws = w[gi * cout_g:(gi + 1) * cout_g]
         acc[..., gi * cout_g:(gi + 1) * cout_g] = np.einsum("hwijc,oijc->hwo", xs, ws)
     acc += arr["bias"].astype(np.int64)
-    y = mbqm(acc, arr["mult"], arr["shift"]) + a["output_zp"]
+    y = requant_binary32(acc, arr["mult"], arr["shift"]) + a["output_zp"]
     return _sat(y, a["act_min"], a["act_max"])[None]
 
 
 def fully_connected(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.ndarray:
     acc = (x.astype(np.int64) - a["input_zp"]) @ arr["weights"].astype(np.int64).T + arr["bias"]
-    y = mbqm(acc, arr["mult"], arr["shift"]) + a["output_zp"]
+    y = requant_binary32(acc, arr["mult"], arr["shift"]) + a["output_zp"]
     return _sat(y, a["act_min"], a["act_max"])
 
 

@@ -100,11 +100,11 @@ def measure(cand: Candidate, model_path: Path, kind: str, payload: dict[str, Any
     profile = load_profile(payload["target"])
     precision = precision_of(kind)
     limits = payload["constraints"]
-    arena = memory_plan_bytes(model_path, kind, profile)
-    ram_act = arena if arena is not None else info.peak_activation_bytes
-    fit_kwargs = dict(weight_bytes=info.weight_bytes, peak_activation_bytes=ram_act,
-                      io_bytes=0 if arena is not None else info.io_bytes,
-                      macs=info.macs, precision=precision)
+    c_fp = c_backend_footprint(model_path, kind, profile)
+    fit_kwargs = dict(weight_bytes=c_fp.flash["weights"] + c_fp.flash["params"] if c_fp else info.weight_bytes,
+                      code_bytes=c_fp.flash["code_estimate"] if c_fp else 0,
+                      peak_activation_bytes=c_fp.ram_bytes if c_fp else info.peak_activation_bytes,
+                      io_bytes=0 if c_fp else info.io_bytes, macs=info.macs, precision=precision)
     fit = estimate_fit(profile, **fit_kwargs, max_ram_bytes=limits.get("max_ram_bytes"),
                        max_flash_bytes=limits.get("max_flash_bytes"))
     fd = fit.to_dict()
@@ -142,22 +142,25 @@ def violations(cand: Candidate, limits: dict[str, Any], exceeded: list[str]) -> 
     return out
 
 
-def memory_plan_bytes(model_path: Path, kind: str, profile: Any) -> int | None:
-    """For microcontroller targets and int8 models: the C backend's real RAM (static arena plus
-    the int8 input and output buffers). None when the model cannot be compiled to C; the
-    analysis estimate is used then."""
+def c_backend_footprint(model_path: Path, kind: str, profile: Any) -> Any:
+    """For microcontroller targets and int8 models: the C backend's real numbers
+    (:class:`edgekiln.codegen.export.McuFootprint`: static arena + int8 I/O buffers, flash =
+    constant arrays + parameter structs + code estimate). None when the model cannot be compiled
+    to C; the analysis estimate is used then."""
     if getattr(profile, "kind", None) != "mcu" or kind != "onnx-qdq":
         return None
-    from edgekiln.codegen.fuse import lower_for_c
-    from edgekiln.codegen.planner import plan_memory
+    from edgekiln.codegen.export import mcu_footprint
 
     try:
-        graph = lower_for_c(Path(model_path))   # the graph `export --to c` builds (conv+pool fused)
-        plan = plan_memory(graph)
+        return mcu_footprint(Path(model_path))   # the graph `export --to c` builds (conv+pool fused)
     except EdgekilnError:
         return None
-    io = graph.tensors[graph.input].size + graph.tensors[graph.output].size
-    return int(plan.arena_bytes + io)
+
+
+def memory_plan_bytes(model_path: Path, kind: str, profile: Any) -> int | None:
+    """RAM (arena + I/O) of :func:`c_backend_footprint`, or None."""
+    c_fp = c_backend_footprint(model_path, kind, profile)
+    return c_fp.ram_bytes if c_fp is not None else None
 
 
 def precision_of(kind: str) -> str:

@@ -19,10 +19,10 @@ static const int32_t op0_bias[4] = {
     -699, -78, 800, 2063
 };
 static const int32_t op0_mult[4] = {
-    1473481665, 1313608223, 1544063527, 1140838766
+    11511576, 10262564, 12062996, 8912803
 };
 static const int32_t op0_shift[4] = {
-    -7, -6, -7, -7
+    31, 30, 31, 31
 };
 static const ek_conv_pool_params op0_params = {
     .conv = { .in_h = 8, .in_w = 8, .in_c = 1, .out_h = 8, .out_w = 8, .out_c = 4, .k_h = 3, .k_w = 3, .stride_h = 1, .stride_w = 1, .dil_h = 1, .dil_w = 1, .pad_top = 1, .pad_left = 1, .groups = 1, .input_zp = 15, .output_zp = -128, .act_min = -128, .act_max = 127 },
@@ -54,10 +54,10 @@ static const int32_t op1_bias[8] = {
     134, -566, 543, -2751, 918, -323, 534, -394
 };
 static const int32_t op1_mult[8] = {
-    1462726869, 1493681448, 1570128425, 1591987210, 2035286709, 2062038463, 1948996318, 1252049793
+    11427553, 11669387, 12266628, 12437400, 15900678, 16109676, 15226534, 9781639
 };
 static const int32_t op1_shift[8] = {
-    -7, -7, -7, -7, -7, -7, -7, -6
+    31, 31, 31, 31, 31, 31, 31, 30
 };
 static const ek_conv_pool_params op1_params = {
     .conv = { .in_h = 4, .in_w = 4, .in_c = 4, .out_h = 4, .out_w = 4, .out_c = 8, .k_h = 3, .k_w = 3, .stride_h = 1, .stride_w = 1, .dil_h = 1, .dil_w = 1, .pad_top = 1, .pad_left = 1, .groups = 1, .input_zp = -128, .output_zp = -128, .act_min = -128, .act_max = 127 },
@@ -91,10 +91,10 @@ static const int32_t op3_bias[10] = {
     2798, -3263, -1727, 2260, -1163, 3018, 9521, -8386, -2354, 3699
 };
 static const int32_t op3_mult[10] = {
-    2073326588, 1630768630, 1517664360, 2045425084, 1994488499, 1970910992, 1947817733, 1559152489, 1238726751, 1174070842
+    16197864, 12740380, 11856753, 15979883, 15581942, 15397742, 15217326, 12180879, 9677552, 9172429
 };
 static const int32_t op3_shift[10] = {
-    -9, -9, -8, -9, -8, -9, -9, -9, -8, -8
+    33, 33, 32, 33, 32, 33, 33, 33, 32, 32
 };
 static const ek_fc_params op3_params = { .in_features = 32, .out_features = 10, .input_zp = -128, .output_zp = -34, .act_min = -128, .act_max = 127 };
 

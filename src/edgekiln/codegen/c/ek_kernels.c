@@ -54,6 +54,61 @@ int32_t ek_requant(int32_t acc, int32_t mult, int32_t shift) {
     return (int32_t)y;
 }
 
+/* Number of significant bits of v (0 for 0). GCC/Clang: one count-leading-zeros instruction
+ * (CLZ on Cortex-M3 and up); otherwise (or with -DEK_NO_BUILTINS) a portable binary search
+ * giving the same value. */
+static int32_t ek_bit_length(uint64_t v) {
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(EK_NO_BUILTINS)
+    return v == 0 ? 0 : 64 - (int32_t)__builtin_clzll(v);
+#else
+    int32_t n = 0;
+    if (v >> 32) { v >>= 32; n += 32; }
+    if (v >> 16) { v >>= 16; n += 16; }
+    if (v >> 8) { v >>= 8; n += 8; }
+    if (v >> 4) { v >>= 4; n += 4; }
+    if (v >> 2) { v >>= 2; n += 2; }
+    if (v >> 1) { v >>= 1; n += 1; }
+    return n + (int32_t)v;
+#endif
+}
+
+/* v / 2^n rounded to nearest, ties to even (n >= 1). */
+static uint64_t ek_shift_half_even(uint64_t v, int32_t n) {
+    const uint64_t half = (uint64_t)1 << (n - 1);
+    const uint64_t rem = v & ((half << 1) - 1);
+    uint64_t q = v >> n;
+    if (rem > half || (rem == half && (q & 1u) != 0)) {
+        q += 1;
+    }
+    return q;
+}
+
+/* v rounded to its 24 most significant bits, ties to even: the significand binary32 keeps. */
+static uint64_t ek_round24(uint64_t v) {
+    const int32_t n = ek_bit_length(v) - 24;
+    if (n <= 0) {
+        return v;
+    }
+    return ek_shift_half_even(v, n) << n;
+}
+
+int32_t ek_requant_b32(int32_t acc, int32_t mant, int32_t rshift) {
+    uint64_t a, q;
+    if (acc == 0 || mant == 0) {
+        return 0;
+    }
+    a = acc < 0 ? (uint64_t)(-(int64_t)acc) : (uint64_t)acc;
+    if ((a >> 24) != 0) {
+        a = ek_round24(a);                              /* float(acc) rounds only beyond 2^24 */
+    }
+    q = ek_round24(a * (uint64_t)mant);                 /* the float32 product; < 2^56 */
+    q = ek_shift_half_even(q, rshift);                  /* rint(): ties to even */
+    if (q > (uint64_t)INT32_MAX) {
+        q = (uint64_t)INT32_MAX;
+    }
+    return acc < 0 ? -(int32_t)q : (int32_t)q;
+}
+
 /* One output row `oy` of the convolution into out_row (out_w * out_c values). */
 static void ek_conv_row(const ek_conv_params *p, const int8_t *in, const int8_t *weights, const int32_t *bias,
                         const int32_t *mult, const int32_t *shift, int32_t oy, int8_t *out_row) {
@@ -84,7 +139,7 @@ static void ek_conv_row(const ek_conv_params *p, const int8_t *in, const int8_t 
                     }
                 }
             }
-            acc = ek_requant(acc, mult[oc], shift[oc]) + p->output_zp;
+            acc = ek_requant_b32(acc, mult[oc], shift[oc]) + p->output_zp;
             out_row[(int32_t)ox * p->out_c + oc] = ek_clamp8(acc, p->act_min, p->act_max);
         }
     }
@@ -173,7 +228,7 @@ void ek_fully_connected(const ek_fc_params *p, const int8_t *in, const int8_t *w
         for (i = 0; i < p->in_features; ++i) {
             acc += ((int32_t)in[i] - p->input_zp) * (int32_t)w[i];
         }
-        acc = ek_requant(acc, mult[o], shift[o]) + p->output_zp;
+        acc = ek_requant_b32(acc, mult[o], shift[o]) + p->output_zp;
         out[o] = ek_clamp8(acc, p->act_min, p->act_max);
     }
 }

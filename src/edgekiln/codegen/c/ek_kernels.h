@@ -6,6 +6,8 @@
  *
  * Requantization (ek_requant): y = floor((acc * mult + 2^(t-1)) / 2^t), t = 31 - shift,
  * i.e. one rounding of the exact 64-bit product, ties toward +infinity, saturated to int32.
+ * Conv and fully connected use ek_requant_b32 instead: rint(float32(float32(acc) * s)) for the
+ * float32 scale s = mant * 2^-rshift, computed with integers only (as ONNX QLinearConv rounds).
  */
 #ifndef EK_KERNELS_H
 #define EK_KERNELS_H
@@ -57,6 +59,7 @@ typedef struct {
 } ek_transpose_params;
 
 int32_t ek_requant(int32_t acc, int32_t mult, int32_t shift);
+int32_t ek_requant_b32(int32_t acc, int32_t mant, int32_t rshift);
 
 void ek_conv2d(const ek_conv_params *p, const int8_t *in, const int8_t *weights, const int32_t *bias,
                const int32_t *mult, const int32_t *shift, int8_t *out);

@@ -11,9 +11,8 @@ ONNX model), which is already in TFLite's layout:
   them), ``quantized_dimension`` 0;
 * biases are int32 with ``scale = input_scale * weight_scale`` per channel, zero point 0.
 
-The IR keeps per-channel *multipliers*, not the float weight scales TFLite stores. They are read
-back from the multipliers (:func:`weight_scales`): exact, because a float32 scale is recovered
-from a 31-bit mantissa; every recovered scale is re-checked against the IR's (mantissa, shift).
+The float32 weight scales TFLite stores come from the IR op's ``weight_scale`` (export-time
+metadata the lowering keeps next to the requantization multipliers, :func:`weight_scales`).
 
 Where TFLite kernels demand equal input/output quantization (concatenation inputs, pooling) or a
 fixed one (int8 softmax output: scale 1/256, zero point -128), a QUANTIZE (int8 -> int8
@@ -31,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from edgekiln.codegen.binary32 import binary32_multiplier, onnx_qlinear_scale
 from edgekiln.codegen.tflite.schema import TFLiteGraph, activation_code, options
 from edgekiln.errors import EdgekilnError
 from edgekiln.fileio import atomic_write_bytes
-from edgekiln.quant.fixed_point import quantize_multiplier
 
 #: IR op kinds this writer lowers, and the TFLite builtin each becomes.
 SUPPORTED_KINDS = {
@@ -52,19 +51,17 @@ _VERSION = {"CONV_2D": 3, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 4, "ADD": 2
 
 
 def weight_scales(op: Any, in_scale: float, out_scale: float) -> np.ndarray:
-    """Per-channel float32 weight scales of a conv/fc IR op, recovered from its multipliers.
+    """Per-channel float32 weight scales of a conv/fc IR op (as the QDQ model stored them).
 
-    ``mult * 2**(shift - 31)`` is ``in_scale * w_scale / out_scale`` to 2**-31 relative; the
-    float32 ``w_scale`` it came from is therefore the nearest float32 of the back-computed value.
+    ``in_scale``/``out_scale`` are only used to check them against the op's requantization
+    multipliers (``in * w / out`` evaluated in float32 must give the stored significand/shift).
     """
-    mult = np.asarray(op.arrays["mult"], dtype=np.int64)
-    shift = np.asarray(op.arrays["shift"], dtype=np.int64)
-    real = mult.astype(np.float64) * np.exp2(shift.astype(np.float64) - 31)
-    scales = (real * out_scale / in_scale).astype(np.float32)
-    for i, s in enumerate(scales):
-        if mult[i] == 0 or quantize_multiplier(in_scale * float(s) / out_scale) != (int(mult[i]), int(shift[i])):
-            raise EdgekilnError(f"node {op.name!r}: cannot recover the weight scale of channel {i} from its "
-                                "requantization multiplier (a zero or out-of-range multiplier)")
+    if op.weight_scale is None:
+        raise EdgekilnError(f"node {op.name!r}: the IR op carries no weight scales (not built by load_qdq)")
+    scales = np.asarray(op.weight_scale, dtype=np.float32).reshape(-1)
+    mant, rshift = binary32_multiplier(onnx_qlinear_scale(in_scale, scales, out_scale))
+    if not (np.array_equal(mant, op.arrays["mult"]) and np.array_equal(rshift, op.arrays["shift"])):
+        raise EdgekilnError(f"node {op.name!r}: weight scales do not match the op's requantization multipliers")
     return scales
 
 
