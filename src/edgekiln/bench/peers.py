@@ -133,6 +133,27 @@ def time_session(run: Any, feeds: dict[str, np.ndarray], *, warmup: int = 50, ru
     return {"p50": float(np.percentile(t, 50)), "p90": float(np.percentile(t, 90)), "mean": float(t.mean())}
 
 
+def time_interleaved(runs: Mapping[str, Any], feeds: Mapping[str, dict[str, np.ndarray]], *, warmup: int = 10,
+                     rounds: int = 40, per_round: int = 5) -> dict[str, dict[str, float]]:
+    """p50/p90 latency (ms) of several ``run(feeds)`` measured round-robin: each round times
+    ``per_round`` calls of every model in turn, so load from other processes on a shared machine
+    falls on all of them alike instead of on whichever happened to run during a busy spell."""
+    import time
+
+    for name, run in runs.items():
+        for _ in range(warmup):
+            run(feeds[name])
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                run(feeds[name])
+                samples[name].append((time.perf_counter() - start) * 1000.0)
+    return {name: {"p50": float(np.percentile(t, 50)), "p90": float(np.percentile(t, 90)),
+                   "mean": float(np.mean(t))} for name, t in samples.items()}
+
+
 def predict(run: Any, arrays: Mapping[str, np.ndarray], batch: int = 1) -> np.ndarray:
     """Outputs of ``run`` over every row of ``arrays`` (first output, concatenated)."""
     n = len(next(iter(arrays.values())))

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekiln.quant.size import byte_breakdown
 from edgekiln.report import md_table, new_figure, save_figure, write_report
 
 
@@ -80,6 +81,7 @@ def write_quantize_report(out: Path, *, scheme: str, metric_name: str, fp32: Pat
         "latency_by_runtime": runtimes, "fastest_runtime": fastest, "slower_than_fp32": slower,
         "kept_float": res.kept_float, "sensitivity": res.sensitivity, "attempts": res.attempts,
         "calibration": res.calibration, "parity": parity_result, "artifact": "model.onnx", "config": config,
+        "rewrites": getattr(res, "rewrites", {}), "byte_breakdown": byte_breakdown(res.path),
     }
     plot = _sensitivity_plot(out, res.sensitivity)
     lines = [f"# edgekiln quantize: {scheme}", "",
@@ -100,6 +102,15 @@ def write_quantize_report(out: Path, *, scheme: str, metric_name: str, fp32: Pat
                        [[k, _f(v.get("top1_agreement")), _f(v.get("max_abs_diff")) if "max_abs_diff" in v else v.get("error")]
                         for k, v in parity_result.items()]), "",
               "Reference: the same QDQ model in onnxruntime with graph optimizations off.", ""]
+    rw = data["rewrites"]
+    if rw:
+        lines += ["## Graph rewrites (int8-dynamic)", "",
+                  f"Activation inputs smoothed: {len(rw.get('smoothed', {}))}; attention-mask fills softened: "
+                  f"{rw.get('mask_fills', 0)}; residual adds kept out of SkipLayerNormalization: "
+                  f"{rw.get('residual_sums', 0)}; embedding tables int8 per row: "
+                  f"{', '.join(rw.get('embedding_tables', [])) or 'none'}.", ""]
+    lines += ["## Where the bytes go", "",
+              md_table(["part", "bytes"], [[k, f"{v:,}"] for k, v in data["byte_breakdown"].items()]), ""]
     if res.kept_float:
         lines += [f"Kept in float to meet the budget: {', '.join(res.kept_float)}.", ""]
     if res.sensitivity:

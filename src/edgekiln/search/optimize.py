@@ -137,18 +137,25 @@ def _execute(out: Path, payloads: list[dict[str, Any]], input_sha: str, recipe: 
     from edgekiln.search.executors import run_batch
 
     results: list[Candidate | None] = []
-    todo = []
+    todo: dict[str, dict[str, Any]] = {}   # NOTE: one run per distinct pipeline: a batch may propose one twice
     for p in payloads:
         cached = _cache_get(out, p, input_sha)
         results.append(cached)
         if cached is None:
-            todo.append(p)
-    fresh = iter(run_batch(todo, recipe.search) if todo else [])
-    final = []
+            todo.setdefault(payload_key(p, input_sha), p)
+    fresh = dict(zip(todo, run_batch(list(todo.values()), recipe.search), strict=True)) if todo else {}
+    final: list[Candidate] = []
+    done: dict[str, Candidate] = {}
     for p, cached in zip(payloads, results, strict=True):
-        cand = cached if cached is not None else Candidate.from_dict(next(fresh))
-        if cached is None:
+        key = payload_key(p, input_sha)
+        if cached is not None:
+            cand = cached
+        elif key in done:   # a duplicate of a pipeline run earlier in this batch
+            cand = Candidate.from_dict({**done[key].to_dict(), "number": p["number"], "cached": True})
+        else:
+            cand = Candidate.from_dict(fresh[key])
             _cache_put(out, p, input_sha, cand)
+            done[key] = cand
         final.append(cand)
     return final
 
