@@ -14,6 +14,14 @@ builders, so the factory string ``edgekiln.models.zoo:mnist_cnn`` rebuilds a mod
 | digits_cnn           | 1x8x8      | 3,818                 |
 | mobilenet_v2_style   | 1x28x28    | 39,082                |
 | ds_cnn               | 1x28x28    | 21,066                |
+| mobilenet_v1_style   | 1x28x28    | see edgekiln.models.zoo_light |
+| squeezenet_style     | 1x28x28    | see edgekiln.models.zoo_light |
+| cnn1d                | 3x128      | see edgekiln.models.zoo_light |
+| rnn_classifier       | 3x64 (C,T) | see edgekiln.models.zoo_light |
+
+The lightweight family beyond MobileNetV2 and DS-CNN (MobileNetV1, SqueezeNet Fire, a 1D-CNN
+for time series, a small GRU/LSTM) lives in :mod:`edgekiln.models.zoo_light` and is listed in
+:data:`BUILDERS` too.
 """
 
 from __future__ import annotations
@@ -65,14 +73,15 @@ class InvertedResidual(nn.Module):
     """MobileNetV2 block: 1x1 expand, 3x3 depthwise, 1x1 linear projection; residual add when
     the stride is 1 and the channel count is unchanged."""
 
-    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, expand: int, kernel_size: int = 3) -> None:
         super().__init__()
         hidden = cin * expand
         layers: list[nn.Module] = []
         if expand != 1:
             layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
         layers += [
-            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(hidden, hidden, kernel_size, stride, kernel_size // 2, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden), nn.ReLU6(),
             nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout),
         ]
         self.block = nn.Sequential(*layers)
@@ -93,23 +102,26 @@ _MOBILENET_BLOCKS = ((16, 1, 1), (24, 2, 4), (24, 1, 4), (32, 2, 4), (32, 1, 4),
 
 
 def mobilenet_v2_style(width_mult: float = 1.0, in_channels: int = 1, num_classes: int = 10,
-                       input_size: int = 28) -> nn.Sequential:
+                       input_size: int = 28, kernel_size: int = 3, blocks: int = 6) -> nn.Sequential:
     """A MobileNetV2-style network for small grayscale images: 3x3 stem, six inverted residual
     blocks (three with residual adds), global average pool, linear (39,082 parameters at 1.0).
 
     ``input_size`` only sets ``model.input_shape``: the global pool makes the network accept any
-    size of at least 4x4.
+    size of at least 4x4. ``kernel_size`` (odd) is the depthwise kernel; ``blocks`` (1-6) keeps
+    the first blocks of the table, so the architecture search can vary depth.
 
     >>> import torch
     >>> mobilenet_v2_style(width_mult=0.5)(torch.zeros(1, 1, 28, 28)).shape
     torch.Size([1, 10])
     """
+    if not 1 <= blocks <= len(_MOBILENET_BLOCKS) or kernel_size % 2 == 0:
+        raise ValueError(f"blocks must be 1-{len(_MOBILENET_BLOCKS)} and kernel_size odd")
     stem = _round8(16 * width_mult)
     layers: list[nn.Module] = [nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU6()]
     cin = stem
-    for out, stride, expand in _MOBILENET_BLOCKS:
+    for out, stride, expand in _MOBILENET_BLOCKS[:blocks]:
         cout = _round8(out * width_mult)
-        layers.append(InvertedResidual(cin, cout, stride, expand))
+        layers.append(InvertedResidual(cin, cout, stride, expand, kernel_size))
         cin = cout
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
     model = nn.Sequential(*layers)
@@ -118,17 +130,21 @@ def mobilenet_v2_style(width_mult: float = 1.0, in_channels: int = 1, num_classe
 
 
 def ds_cnn(in_channels: int = 1, num_classes: int = 10, input_size: int | tuple[int, int] = 28,
-           channels: int = 64, blocks: int = 4) -> nn.Sequential:
+           channels: int = 64, blocks: int = 4, kernel_size: int = 3) -> nn.Sequential:
     """A depthwise-separable CNN in the style of keyword-spotting DS-CNNs: a stride-2 3x3 stem,
     ``blocks`` x (depthwise 3x3 + BN + ReLU, pointwise 1x1 + BN + ReLU), global average pool,
     linear (21,066 parameters by default). ``input_size`` may be ``(H, W)``, e.g. ``(49, 10)``
     for MFCC features; like :func:`mobilenet_v2_style` it only sets ``model.input_shape``.
+    ``kernel_size`` (odd) is the depthwise kernel of the blocks.
     """
+    if kernel_size % 2 == 0 or blocks < 1 or channels < 1:
+        raise ValueError("kernel_size must be odd, blocks and channels >= 1")
     h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
     layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 3, 2, 1, bias=False), nn.BatchNorm2d(channels),
                                nn.ReLU()]
     for _ in range(blocks):
-        layers += [nn.Conv2d(channels, channels, 3, 1, 1, groups=channels, bias=False), nn.BatchNorm2d(channels),
+        layers += [nn.Conv2d(channels, channels, kernel_size, 1, kernel_size // 2, groups=channels, bias=False),
+                   nn.BatchNorm2d(channels),
                    nn.ReLU(), nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()]
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
     model = nn.Sequential(*layers)
@@ -142,6 +158,15 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "mobilenet_v2_style": mobilenet_v2_style,
     "ds_cnn": ds_cnn,
 }
+
+
+def _register_light() -> None:
+    from edgekiln.models import zoo_light
+
+    BUILDERS.update(zoo_light.BUILDERS)
+
+
+_register_light()
 
 
 def build(name: str, **kwargs: Any) -> nn.Module:

@@ -24,17 +24,27 @@ class DistillConfig(PassConfig):
     alpha: float = 0.7                          # weight of the soft (teacher) loss
     epochs: int = 8
     lr: float = 2e-3
-    mode: str = "logits"                        # logits (classifiers) | embedding (cosine to the teacher)
+    mode: str = "logits"                        # logits (classifiers) | embedding (match the teacher's outputs)
+    embedding_loss: str = "cosine"              # embedding mode: cosine | mse
+    hint_student_layer: str = ""                # optional feature hint: student module name ...
+    hint_teacher_layer: str = ""                # ... matched (MSE, 1x1 adapter) to this teacher module
+    hint_weight: float = 1.0
+    augment: bool = False                       # random small affine transforms (images only)
 
     def __post_init__(self) -> None:
         if self.temperature <= 0 or not 0 <= self.alpha <= 1 or self.epochs < 1:
             raise ValueError("temperature must be > 0, alpha in [0, 1], epochs >= 1")
         if self.mode not in ("logits", "embedding"):
             raise ValueError("mode must be logits or embedding")
+        if self.embedding_loss not in ("cosine", "mse"):
+            raise ValueError("embedding_loss must be cosine or mse")
+        if bool(self.hint_student_layer) != bool(self.hint_teacher_layer) or self.hint_weight < 0:
+            raise ValueError("a hint needs both hint_student_layer and hint_teacher_layer, and hint_weight >= 0")
 
     def __hash__(self) -> int:
         return hash((self.student, tuple(sorted(self.student_kwargs.items())), self.temperature, self.alpha,
-                     self.epochs, self.lr, self.mode))
+                     self.epochs, self.lr, self.mode, self.embedding_loss, self.hint_student_layer,
+                     self.hint_teacher_layer, self.hint_weight, self.augment))
 
 
 def _teacher_source(artifact: ModelArtifact, config: DistillConfig) -> TorchSource:
@@ -52,9 +62,10 @@ def _teacher_source(artifact: ModelArtifact, config: DistillConfig) -> TorchSour
 
 
 def run(artifact: ModelArtifact, config: DistillConfig, ctx: PassContext) -> ModelArtifact:
+    import numpy as np
     import torch
 
-    from edgekiln.compress.kd import distill_loss_fn
+    from edgekiln.compress.kd import DistillObjective, Hint
     from edgekiln.fileio import atomic_write_bytes
     from edgekiln.models.metrics import load_npz
     from edgekiln.models.torch_export import export_to_onnx
@@ -72,9 +83,20 @@ def run(artifact: ModelArtifact, config: DistillConfig, ctx: PassContext) -> Mod
     else:
         student = resolve_factory(config.student)(**config.student_kwargs)
         source = TorchSource(factory=config.student, factory_kwargs=dict(config.student_kwargs))
-    train_classifier(student, data["x"], data["y"], epochs=config.epochs, lr=config.lr, seed=ctx.seed, quiet=ctx.quiet,
-                     loss_fn=distill_loss_fn(teacher, temperature=config.temperature, alpha=config.alpha,
-                                             mode=config.mode), description="distill")
+    if "y" not in data and config.mode == "logits":
+        raise EdgekilnError(f"{path}: distilling a classifier needs labels 'y' (or use mode embedding)")
+    labels = data["y"] if "y" in data else np.zeros(len(data["x"]), np.int64)   # embedding mode ignores them
+    hint = Hint(config.hint_student_layer, config.hint_teacher_layer, config.hint_weight) \
+        if config.hint_student_layer else None
+    objective = DistillObjective(teacher, temperature=config.temperature, alpha=config.alpha, mode=config.mode,
+                                 embedding_kind=config.embedding_loss, hint=hint, student=student,
+                                 example=torch.from_numpy(np.ascontiguousarray(data["x"][:2], np.float32)))
+    try:
+        history = train_classifier(objective.trainable(student), data["x"], labels, epochs=config.epochs, lr=config.lr, seed=ctx.seed,
+                                   quiet=ctx.quiet, loss_fn=objective, augment=config.augment,
+                                   description="distill" if config.alpha else "train (no KD)")
+    finally:
+        objective.close()
     work = Path(ctx.work_dir)
     buf = io.BytesIO()
     torch.save(student.state_dict(), buf)
@@ -89,8 +111,44 @@ def run(artifact: ModelArtifact, config: DistillConfig, ctx: PassContext) -> Mod
                                  state_dict=work / "model.pt")
     record = provenance_record("distill", config, artifact,
                                student_params=sum(p.numel() for p in student.parameters()),
-                               teacher_params=sum(p.numel() for p in teacher.parameters()))
+                               teacher_params=sum(p.numel() for p in teacher.parameters()),
+                               history=[{k: e.get(k) for k in ("epoch", "loss", "accuracy", "seconds")}
+                                        for e in history])
     return artifact.with_pass(kind=ONNX_FLOAT, path=work / "model.onnx", record=record, torch=new_source)
+
+
+def resolve_student(name: str) -> str:
+    """A zoo builder name (``ds_cnn``) becomes its factory spec; specs and ``self`` pass through."""
+    from edgekiln.models.torch_source import is_factory_spec
+    from edgekiln.models.zoo import BUILDERS
+
+    if name == "self" or is_factory_spec(name):
+        return name
+    if name in BUILDERS:
+        fn = BUILDERS[name]
+        return f"{fn.__module__}:{fn.__name__}"
+    raise EdgekilnError(f"unknown student '{name}': give a zoo builder ({', '.join(BUILDERS)}), "
+                        "module:factory, file.py:factory or self")
+
+
+def parse_student_args(items: list[str]) -> dict[str, Any]:
+    """``["channels=32", "width_mult=0.5", "cell=gru"]`` -> typed kwargs (int, float, bool or str)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise EdgekilnError(f"--student-arg '{item}': expected key=value")
+        value: Any = raw
+        for cast in (int, float):
+            try:
+                value = cast(raw)
+                break
+            except ValueError:
+                continue
+        if raw in ("true", "false"):
+            value = raw == "true"
+        out[key] = value
+    return out
 
 
 SPEC = PassSpec(name="distill", config_type=DistillConfig, run=run, consumes=frozenset({ONNX_FLOAT}),

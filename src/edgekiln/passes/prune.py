@@ -26,11 +26,23 @@ class PruneConfig(PassConfig):
     importance: str = "l1"                   # structured: l1 | l2 | taylor | bn-scale
     scope: str = "per-layer"                 # per-layer | global
     target_macs_reduction: float | None = None  # structured: choose the ratio that removes this share of MACs
+    target_latency_reduction: float | None = None  # structured: ... this share of the estimated latency on `device`
+    device: str = "cortex-m7"                # device profile for target_latency_reduction (roofline estimate)
+    sensitivity_max_drop: float | None = None  # structured: per-layer ratios from a sensitivity scan on the
+    #                                            calibration data: each group's largest ratio within this drop
+    round_to: int | None = None              # structured: keep channel counts multiples of this (e.g. 8)
     iterative_steps: int = 1                 # prune -> fine-tune rounds
     finetune_epochs: int = 5                 # epochs after each round (0: no fine-tuning)
     lr: float = 2e-3
 
     def __post_init__(self) -> None:
+        targets = [t for t in (self.target_macs_reduction, self.target_latency_reduction) if t is not None]
+        if len(targets) > 1 or any(not 0 < t < 1 for t in targets):
+            raise ValueError("give at most one of target_macs_reduction / target_latency_reduction, in (0, 1)")
+        if self.sensitivity_max_drop is not None and (targets or self.sensitivity_max_drop < 0):
+            raise ValueError("sensitivity_max_drop (>= 0) replaces the ratio targets; give only one")
+        if self.round_to is not None and self.round_to < 1:
+            raise ValueError("round_to must be >= 1")
         if self.mode not in ("structured", "unstructured"):
             raise ValueError(f"mode must be structured or unstructured (got {self.mode!r})")
         if not 0 <= self.ratio < 1:
@@ -54,8 +66,11 @@ def _data(ctx: PassContext) -> tuple[Any, Any]:
 
 
 def prune_module(module: Any, input_shape: tuple[int, ...], config: PruneConfig, x: Any, y: Any, *,
-                 seed: int = 0, quiet: bool = True) -> dict[str, Any]:
-    """Prune ``module`` in place (and fine-tune); returns what happened."""
+                 seed: int = 0, quiet: bool = True, scan_data: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """Prune ``module`` in place (and fine-tune on ``x, y``); returns what happened.
+
+    ``scan_data`` (x, y) is what a sensitivity scan evaluates on (default: 500 training samples).
+    """
     import torch
 
     from edgekiln.compress import structured, unstructured
@@ -78,16 +93,71 @@ def prune_module(module: Any, input_shape: tuple[int, ...], config: PruneConfig,
         info["note"] = "unstructured sparsity does not speed up dense runtimes; it only compresses the file"
     else:
         ratio = config.ratio
-        kwargs = {"importance": config.importance, "global_pruning": config.scope == "global",
-                  "grad_batch": (torch.from_numpy(x[:64]), torch.from_numpy(y[:64]))}
+        kwargs: dict[str, Any] = {"importance": config.importance, "global_pruning": config.scope == "global",
+                                  "grad_batch": (torch.from_numpy(x[:64]), torch.from_numpy(y[:64])),
+                                  "round_to": config.round_to}
         if config.target_macs_reduction is not None:
             ratio = structured.ratio_for_macs(module, input_shape, config.target_macs_reduction, **kwargs)
+        elif config.target_latency_reduction is not None:
+            cost = latency_cost(config.device, input_shape)
+            ratio = structured.ratio_for_reduction(module, input_shape, config.target_latency_reduction, cost, **kwargs)
+            info["device"] = config.device
+        elif config.sensitivity_max_drop is not None:
+            layer_ratios, scan = sensitivity_ratios(module, input_shape, config, scan_data or (x[:500], y[:500]))
+            info["sensitivity"], info["layer_ratios"] = scan, layer_ratios
+            kwargs["layer_ratios"], ratio = layer_ratios, 0.0
         structured.iterative_prune(module, input_shape, ratio=ratio, steps=config.iterative_steps, finetune=finetune,
                                    **kwargs)
         info["ratio"] = ratio
     info["macs"] = structured.count_macs(module, input_shape)
     info["params"] = sum(p.numel() for p in module.parameters())
     return info
+
+
+def latency_cost(device: str, input_shape: tuple[int, ...]) -> Any:
+    """``cost(module) -> ms``: the roofline latency estimate of the module on ``device`` (int8 when
+    the device runs it, else fp32), from the analysis of its ONNX export."""
+    import tempfile
+
+    from edgekiln.models.analysis import analyze
+    from edgekiln.models.torch_export import export_to_onnx
+    from edgekiln.targets.fit import estimate_fit
+    from edgekiln.targets.profiles import load_profile
+
+    profile = load_profile(device)
+    precision = "int8" if "int8" in profile.precisions else "fp32"
+    scale = 4 if precision == "int8" else 1     # the analysis counts float32 bytes
+
+    def cost(module: Any) -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "m.onnx"
+            export_to_onnx(module.eval(), input_shape, path)
+            info = analyze(path)
+        fit = estimate_fit(profile, weight_bytes=info.weight_bytes // scale,
+                           peak_activation_bytes=info.peak_activation_bytes // scale, io_bytes=info.io_bytes // scale,
+                           macs=info.macs, precision=precision)
+        return float(fit.metrics["latency_ms"].value or 0.0)
+
+    return cost
+
+
+def sensitivity_ratios(module: Any, input_shape: tuple[int, ...], config: PruneConfig,
+                       data: tuple[Any, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+    """Scan each channel group at 25/50/75% and keep, per group, the largest ratio within
+    ``config.sensitivity_max_drop`` of the unpruned accuracy on ``data``."""
+    import torch
+
+    from edgekiln.compress.sensitivity import ratios_within, sensitivity_scan, to_dicts
+    from edgekiln.models.training import evaluate_accuracy
+
+    sx, sy = data
+    baseline = evaluate_accuracy(module, sx, sy)
+    groups, points = sensitivity_scan(module, input_shape, lambda m: evaluate_accuracy(m, sx, sy),
+                                      importance=config.importance,
+                                      grad_batch=(torch.from_numpy(sx[:64]), torch.from_numpy(sy[:64])))
+    assert config.sensitivity_max_drop is not None
+    return ratios_within(points, baseline, config.sensitivity_max_drop), {"baseline": baseline,
+                                                                           **to_dicts(groups, points)}
 
 
 def finetune_masked(module: Any, x: Any, y: Any, config: PruneConfig, seed: int, quiet: bool) -> None:
@@ -125,7 +195,13 @@ def run(artifact: ModelArtifact, config: PruneConfig, ctx: PassContext) -> Model
         raise EdgekilnError("prune needs the model's PyTorch source (give file.py:factory or an example run folder)")
     module = build_module(artifact.torch)
     x, y = _data(ctx)
-    info = prune_module(module, artifact.input_shape, config, x, y, seed=ctx.seed, quiet=ctx.quiet)
+    scan = None
+    if config.sensitivity_max_drop is not None and ctx.calib_path is not None:
+        from edgekiln.models.metrics import load_npz
+
+        calib = load_npz(ctx.calib_path)
+        scan = (calib["x"], calib["y"]) if "y" in calib else None
+    info = prune_module(module, artifact.input_shape, config, x, y, seed=ctx.seed, quiet=ctx.quiet, scan_data=scan)
     state = Path(ctx.work_dir) / "model.pt"
     buf = io.BytesIO()
     torch.save(module.state_dict(), buf)
