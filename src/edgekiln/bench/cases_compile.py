@@ -69,43 +69,6 @@ def pruning(work: Path, quick: bool) -> CaseResult:
     return CaseResult("pruning", "Structured pruning of the MNIST CNN", md, {"rows": rows})
 
 
-def distillation(work: Path, quick: bool) -> CaseResult:
-    """A student with <= 1/4 of the teacher's parameters, trained with and without KD, 3 seeds."""
-    import torch
-
-    from edgekiln.compress.kd import distill_loss_fn
-    from edgekiln.models import zoo
-    from edgekiln.models.datasets import load_dataset
-    from edgekiln.models.intake import load_model
-    from edgekiln.models.torch_source import build_module
-    from edgekiln.models.training import evaluate_accuracy, train_classifier
-
-    folder = _mnist(work)
-    teacher = build_module(load_model(folder).torch)
-    data = load_dataset("mnist", seed=0)
-    t_params = sum(p.numel() for p in teacher.parameters())
-    s_params = sum(p.numel() for p in zoo.ds_cnn().parameters())
-    epochs = 3 if quick else 8
-    results: dict[str, list[float]] = {"without KD": [], "with KD (T=4, alpha=0.7)": []}
-    for seed in (0, 1, 2):
-        for label in results:
-            torch.manual_seed(seed)
-            student = zoo.ds_cnn()
-            loss = distill_loss_fn(teacher, temperature=4.0, alpha=0.7) if "with" in label else None
-            train_classifier(student, data.train_x, data.train_y, epochs=epochs, lr=2e-3, seed=seed, quiet=True,
-                             augment=True, loss_fn=loss)
-            results[label].append(evaluate_accuracy(student, data.eval_x, data.eval_y))
-    rows = [[label, " / ".join(f"{a:.4f}" for a in accs), f"{np.mean(accs):.4f}", f"{np.std(accs):.4f}"]
-            for label, accs in results.items()]
-    teacher_acc = evaluate_accuracy(teacher, data.eval_x, data.eval_y)
-    md = (f"Teacher: the MNIST example CNN ({t_params:,} parameters, accuracy {teacher_acc:.4f}). Student: "
-          f"`ds_cnn()` ({s_params:,} parameters, {s_params / t_params:.3f}x), {epochs} epochs, "
-          "same data, seeds 0/1/2.\n\n" + md_table(["student training", "accuracy per seed", "mean", "std"], rows))
-    return CaseResult("distillation", "Knowledge distillation on MNIST (3 seeds)", md,
-                      {"results": results, "teacher_params": t_params, "student_params": s_params,
-                       "teacher_accuracy": teacher_acc})
-
-
 def mcu(work: Path, quick: bool) -> CaseResult:
     from edgekiln.codegen.export import export_c
     from edgekiln.codegen.verify import verify_c
