@@ -1,0 +1,115 @@
+"""The Flower ``ServerApp``: run the strategy chain for the configured rounds.
+
+:func:`run_server` is the whole server logic, used by both runtimes:
+
+- simulation: ``edgekiln federate`` builds a ``ServerApp`` around it (:func:`make_server_app`)
+  and gets the :class:`ServerResult` back in-process;
+- deployment: ``flwr run`` loads :data:`app` (``edgekiln.federated.server_app:app``) in the
+  SuperLink's ServerApp process; it reads the settings from the run config and writes the run
+  folder to the run config's ``out-dir``.
+
+After every round the server evaluates the global model on its held-out split (centralized
+evaluation: Flower's ``evaluate_fn``).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from edgekiln.federated.settings import FederatedSettings
+
+OUT_DIR_KEY = "out-dir"
+app = ServerApp()
+
+
+@dataclass
+class ServerResult:
+    """What a finished run hands to the report: per-round history, client records, final weights."""
+
+    settings: FederatedSettings
+    history: list[dict[str, Any]] = field(default_factory=list)
+    clients: list[dict[str, Any]] = field(default_factory=list)
+    state_dict: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def client_config(settings: FederatedSettings) -> ConfigRecord:
+    """The part of the settings every ClientApp needs, sent in each round's config."""
+    keys = ("example", "partition", "clients", "seed", "local_epochs", "optimizer", "lr", "batch_size", "compress",
+            "granularity")
+    return ConfigRecord({"edgekiln-" + k.replace("_", "-"): getattr(settings, k) for k in keys})
+
+
+def run_server(grid: Grid, settings: FederatedSettings,
+               on_round: Callable[[dict[str, Any]], None] | None = None) -> ServerResult:
+    """Run ``settings.rounds`` rounds on ``grid``; return the history and the final global model."""
+    from edgekiln.federated.strategy import build_strategy
+    from edgekiln.federated.task import accuracy_and_loss, build_model, server_data
+
+    # NOTE: Flower's strategies sample clients with the global `random` module and its DP wrapper
+    # draws noise from the global numpy generator; seed both so a run repeats exactly.
+    random.seed(settings.seed)
+    np.random.seed(settings.seed)  # noqa: NPY002 - Flower's DP noise uses the legacy global generator
+    model = build_model(settings.example, settings.seed, settings.init)
+    eval_x, eval_y = server_data(settings.example, settings.seed)
+    strategy = build_strategy(settings)
+    result = ServerResult(settings=settings)
+    start = time.perf_counter()
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        acc, loss = accuracy_and_loss(model, eval_x, eval_y)
+        entry = {"round": server_round, "accuracy": acc, "loss": loss,
+                 "elapsed_s": round(time.perf_counter() - start, 3)}
+        entry.update({k: v for k, v in strategy.rounds.get(server_round, {}).items() if k != "round"})
+        result.history.append(entry)
+        if on_round is not None:
+            on_round(entry)
+        return MetricRecord({"accuracy": acc, "loss": loss})
+
+    flower_result = strategy.start(
+        grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=settings.rounds,
+        train_config=client_config(settings), evaluate_fn=evaluate)
+    result.seconds = round(time.perf_counter() - start, 3)
+    result.clients = strategy.clients
+    final = flower_result.arrays if len(flower_result.arrays) else ArrayRecord(model.state_dict())
+    result.state_dict = final.to_torch_state_dict()
+    return result
+
+
+def make_server_app(settings: FederatedSettings, sink: list[ServerResult | BaseException],
+                    on_round: Callable[[dict[str, Any]], None] | None = None) -> ServerApp:
+    """A ServerApp for the simulation runtime that appends its :class:`ServerResult` (or the
+    exception that stopped it) to ``sink``."""
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid: Grid, context: Context) -> None:
+        try:
+            sink.append(run_server(grid, settings, on_round))
+        except BaseException as exc:
+            sink.append(exc)
+            raise
+
+    return server
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Deployment entry point: settings from the run config, run folder to ``out-dir``."""
+    from edgekiln.federated.report import write_run_folder
+
+    config = dict(context.run_config)
+    settings = FederatedSettings.from_run_config(config)
+    result = run_server(grid, settings)
+    out = str(config.get(OUT_DIR_KEY) or "")
+    if out:
+        write_run_folder(out, result, runtime="deployment", wall_seconds=result.seconds)
