@@ -199,3 +199,28 @@ def test_equalization_and_bias_correction_options_run_and_keep_accuracy(digits, 
     res = quantize_model(digits / "model.onnx", cfg, tmp_path, calib=digits / "calib.npz", eval_npz=digits / "eval.npz")
     assert res.metric_fp32 - res.metric <= 0.02, f"per-tensor int8 with CLE + bias correction drops " \
                                                  f"{res.metric_fp32 - res.metric:.4f} (> 0.02, seed 0)"
+
+
+def test_compaction_is_lossless_and_removes_waste(tmp_path):
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from edgekiln.bench.peers import _reader
+    from edgekiln.passes.quantize import compact_qdq
+    from edgekiln.testing.tiny import tiny_conv_onnx
+
+    src = tiny_conv_onnx(tmp_path / "m.onnx")
+    x = np.random.default_rng(0).standard_normal((16, 1, 8, 8)).astype(np.float32)
+    q = tmp_path / "q.onnx"
+    quantize_static(str(src), str(q), _reader([{"input": x[i:i + 1]} for i in range(16)]), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    before_bytes, before = q.stat().st_size, run_outputs(q, {"input": x})
+    saved = compact_qdq(q)
+    np.testing.assert_array_equal(run_outputs(q, {"input": x}), before)
+    m = onnx.load(str(q))
+    assert saved > 0 and q.stat().st_size < before_bytes, f"saved {saved} B, {before_bytes} -> {q.stat().st_size}"
+    assert len(m.graph.value_info) == 0
+    keys = [(i.data_type, tuple(i.dims), numpy_helper.to_array(i).tobytes()) for i in m.graph.initializer]
+    assert len(keys) == len(set(keys)), "duplicate initializers left"
+    names = {n.op_type: n.name for n in m.graph.node if n.op_type in ("Conv", "Gemm")}
+    assert names == {"Conv": "conv1", "Gemm": "fc"}, names
+    assert all(not n.name for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
