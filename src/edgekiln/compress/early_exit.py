@@ -5,7 +5,7 @@ slower, not faster), so the network is exported as one ONNX model per stage; the
 stage after stage and stops at the first exit whose confidence clears its threshold.
 
 The backbone must be an ``nn.Sequential`` (or expose one as ``.features`` plus a ``.head``);
-``exits`` are indices into it after which a head is attached. Heads are global-average-pool +
+``exits`` are indices into it after which a head is attached. Heads are a fixed average pool +
 linear, trained by distillation from the final head's softmax (backbone frozen), so the
 original model's accuracy is untouched when no exit is taken.
 """
@@ -24,13 +24,18 @@ from torch.nn import functional as F  # noqa: N812
 
 
 class ExitHead(nn.Module):
-    """Average-pool to ``pool`` x ``pool`` (keeps coarse spatial layout, which a global pool
-    loses on small digit images) and a linear classifier: a few hundred MACs per class."""
+    """Average-pool the stage's feature map to about ``pool`` x ``pool`` cells, then a linear
+    classifier. Keeping a coarse spatial layout matters on digit images (a global pool loses
+    which strokes are where). The pool is a fixed ``AvgPool2d`` whose kernel divides the map
+    (an adaptive pool to a size that does not divide it does not export to ONNX)."""
 
-    def __init__(self, channels: int, num_classes: int, pool: int = 2) -> None:
+    def __init__(self, channels: int, num_classes: int, spatial: tuple[int, int] = (1, 1), pool: int = 2) -> None:
         super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(pool)
-        self.fc = nn.Linear(channels * pool * pool, num_classes)
+        h, w = spatial
+        kh, kw = max(1, h // pool), max(1, w // pool)
+        self.pool = nn.AvgPool2d((kh, kw), stride=(kh, kw)) if (kh, kw) != (1, 1) else nn.Identity()
+        features = channels * (h // kh) * (w // kw)
+        self.fc = nn.Linear(features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(x).flatten(1) if x.dim() == 4 else x.flatten(1))
@@ -48,14 +53,15 @@ def split_stages(backbone: nn.Sequential, exits: Sequence[int]) -> list[nn.Seque
 
 
 def attach_exits(backbone: nn.Sequential, exits: Sequence[int], input_shape: tuple[int, ...],
-                 num_classes: int) -> StagedModel:
+                 num_classes: int, *, pool: int = 2) -> StagedModel:
     stages = split_stages(backbone, exits)
     heads = []
     x = torch.zeros(input_shape)
     with torch.no_grad():
         for stage in stages[:-1]:
             x = stage(x)
-            heads.append(ExitHead(x.shape[1], num_classes))
+            heads.append(ExitHead(x.shape[1], num_classes, tuple(x.shape[2:4]) if x.dim() == 4 else (1, 1),
+                                  pool=pool))
     return StagedModel(stages, heads)
 
 
@@ -90,7 +96,7 @@ def train_exits(model: StagedModel, x: np.ndarray, *, epochs: int = 10, temperat
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         history.append(total / len(data))
     return history
 
@@ -100,22 +106,27 @@ class _StageWithExit(nn.Module):
         super().__init__()
         self.stage, self.head = stage, head
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = self.stage(x)
-        return h, self.head(h)
+        logits = self.head(h)
+        # NOTE: the exit confidence (top-1 softmax probability) is computed in the graph: doing
+        # it in numpy between stage calls cost ~4 us per exit, a tenth of the whole small model.
+        return h, logits, F.softmax(logits, dim=1).amax(dim=1)
 
 
-def export_stages(model: StagedModel, input_shape: tuple[int, ...], out_dir: str | Path) -> list[Path]:
-    """One ONNX file per stage: ``stage{k}.onnx`` with outputs (features, exit_logits), the last
-    one with the final logits only."""
+def export_stages(model: StagedModel, input_shape: tuple[int, ...], out_dir: str | Path, *,
+                  heads: bool = True) -> list[Path]:
+    """One ONNX file per stage: ``stage{k}.onnx`` with outputs (features, exit_logits,
+    exit_confidence), the last one with the final logits only. ``heads=False`` exports the
+    bare backbone stages (to measure what the split itself costs)."""
     out = Path(out_dir)
     paths, x = [], torch.zeros(input_shape)
     for k, stage in enumerate(model.stages):
         last = k == len(model.stages) - 1
-        module = stage if last else _StageWithExit(stage, model.heads[k])
+        module = stage if last or not heads else _StageWithExit(stage, model.heads[k])
         path = out / f"stage{k}.onnx"
         shape = tuple(x.shape)
-        _export_multi(module, shape, path, last)
+        _export_multi(module, shape, path, last or not heads)
         with torch.no_grad():
             x = stage(x)
         paths.append(path)
@@ -130,7 +141,7 @@ def _export_multi(module: nn.Module, shape: tuple[int, ...], path: Path, last: b
 
     from edgekiln.fileio import atomic_save_onnx
 
-    names = ["logits"] if last else ["features", "exit_logits"]
+    names = ["logits"] if last else ["features", "exit_logits", "exit_confidence"]
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -73,9 +73,26 @@ def _variant_from_run(run: Path, staging: Path, used: set[str]) -> tuple[Variant
     variant = Variant(name=name, file=dest, sha256=sha256_of(staging / dest), precision=precision,
                       size_bytes=(staging / dest).stat().st_size, metric=metric,
                       metric_name=report.get("metric_name") or ("accuracy" if "accuracy" in report else None),
-                      latency_ms=latency, macs=None, provenance=tuple(report.get("provenance") or ()))
+                      latency_ms=latency, macs=_macs(report), provenance=_provenance(report))
     data = run / "eval.npz" if (run / "eval.npz").is_file() else None
     return variant, data
+
+
+def _provenance(report: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    """The pipeline that made the model: the report's own record, or the passes of the
+    candidate an optimize run selected."""
+    if report.get("provenance"):
+        return tuple(report["provenance"])
+    sel = report.get("selected")
+    if isinstance(sel, dict) and sel.get("passes"):
+        return tuple({"command": report.get("command", "optimize"), **p} for p in sel["passes"])
+    return ({"command": report["command"]},) if report.get("command") else ()
+
+
+def _macs(report: dict[str, Any]) -> int | None:
+    sel = report.get("selected")
+    macs = sel.get("macs") if isinstance(sel, dict) else report.get("macs")
+    return int(macs) if isinstance(macs, (int, float)) else None
 
 
 def _model_file(run: Path, report: dict[str, Any]) -> Path:
@@ -102,6 +119,9 @@ def _metric_and_latency(report: dict[str, Any]) -> tuple[float | None, dict[str,
     metric = report.get("metric", report.get("accuracy"))
     latency = report.get("latency_ms")
     lat = {"onnxruntime": float(latency)} if isinstance(latency, (int, float)) else {}
+    for row in report.get("latency_by_runtime") or ():   # quantize: p50 of the quantized model per runtime
+        if isinstance(row, dict) and isinstance(row.get("p50"), (int, float)) and row.get("runtime"):
+            lat[str(row["runtime"])] = float(row["p50"])
     return (float(metric) if isinstance(metric, (int, float)) else None), lat
 
 

@@ -1,7 +1,12 @@
 """Run an early-exit model exported as stages (numpy + onnxruntime only).
 
-Stage k returns (features, exit_logits); the runner stops at the first exit whose top-1
-softmax probability clears its threshold, otherwise feeds the features to the next stage.
+Stage k returns (features, exit_logits[, exit_confidence]); the runner stops at the first exit
+whose top-1 softmax probability clears its threshold, otherwise feeds the features to the next
+stage. Stages exported by :func:`edgekiln.compress.early_exit.export_stages` carry the
+confidence as a third output, so the decision between stage calls is one float comparison.
+
+>>> runner = StagedRunner(["stage0.onnx", "stage1.onnx"], [0.9])   # doctest: +SKIP
+>>> logits, exit_index = runner(x)                                  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ from edgekiln.runtime.cascade import confidence
 
 
 class StagedRunner:
+    """Batch-1 staged inference with per-exit confidence thresholds (a threshold above 1 means
+    "never exit here"). ``exits_taken[k]`` counts the requests answered by exit ``k`` (the last
+    index is the full model)."""
+
     def __init__(self, stage_paths: Sequence[str | Path], thresholds: Sequence[float], *, threads: int = 1) -> None:
         import onnxruntime as ort
 
@@ -25,16 +34,33 @@ class StagedRunner:
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
         self.sessions = [ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for p in stage_paths]
-        self.thresholds = list(thresholds)
+        self.input_names = [s.get_inputs()[0].name for s in self.sessions]
+        self.thresholds = [float(t) for t in thresholds]
         self.exits_taken = [0] * len(stage_paths)
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, int]:
         """Logits for one input (batch 1) and the index of the exit that produced them."""
         h = x
-        for k, sess in enumerate(self.sessions[:-1]):
-            h, logits = sess.run(None, {"input": h})
-            if confidence(logits)[0] >= self.thresholds[k]:
+        for k in range(len(self.sessions) - 1):
+            outs = self.sessions[k].run(None, {self.input_names[k]: h})
+            h, logits = outs[0], outs[1]
+            conf = float(outs[2].reshape(-1)[0]) if len(outs) > 2 else float(confidence(logits)[0])
+            if conf >= self.thresholds[k]:
                 self.exits_taken[k] += 1
                 return logits, k
         self.exits_taken[-1] += 1
-        return self.sessions[-1].run(None, {"input": h})[0], len(self.sessions) - 1
+        return self.sessions[-1].run(None, {self.input_names[-1]: h})[0], len(self.sessions) - 1
+
+    def all_exits(self, x: np.ndarray, batch_size: int = 256) -> list[np.ndarray]:
+        """Logits of every exit and of the final stage on a batch (for choosing thresholds)."""
+        outs: list[list[np.ndarray]] = [[] for _ in self.sessions]
+        for i in range(0, len(x), batch_size):
+            h = x[i:i + batch_size]
+            for k, sess in enumerate(self.sessions):
+                res = sess.run(None, {self.input_names[k]: h})
+                if k < len(self.sessions) - 1:
+                    h = res[0]
+                    outs[k].append(res[1])
+                else:
+                    outs[k].append(res[0])
+        return [np.concatenate(o) for o in outs]

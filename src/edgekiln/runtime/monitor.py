@@ -39,6 +39,14 @@ class Monitor:
         stats = self.variants.get(variant)
         return stats.p(95) if stats else None
 
+    def recent_p(self, variant: str, q: float, last: int) -> float | None:
+        """Percentile ``q`` of the variant's ``last`` most recent latencies."""
+        stats = self.variants.get(variant)
+        if not stats or not stats.window or last <= 0:
+            return None
+        recent = list(stats.window)[-last:]
+        return float(np.percentile(np.asarray(recent, float), q))
+
     def samples(self, variant: str) -> int:
         stats = self.variants.get(variant)
         return len(stats.window) if stats else 0

@@ -82,6 +82,9 @@ class CpuLoadPolicy:
         return state.current
 
 
+PROBE_SAMPLES = 3   # requests a step up is judged on before it may be undone (each costs one slow request)
+
+
 @dataclass
 class LatencyBudgetPolicy:
     """The most accurate variant whose rolling p95 stays under ``budget_ms``.
@@ -91,30 +94,46 @@ class LatencyBudgetPolicy:
     and when the more accurate variant's predicted p95 — the current p95 scaled by the ratio of
     their manifest latencies — is below ``budget_ms * (1 - hysteresis)``. That prediction is what
     keeps it from flapping: it only moves up when the slowdown that pushed it down has passed.
+    A load that only the more accurate variant feels is invisible to that prediction, so a step
+    up that has to be undone within ``dwell`` requests doubles the wait before the next one (up
+    to ``max_dwell``); a step up that holds resets it.
     """
 
     budget_ms: float
     hysteresis: float = 0.2
     min_samples: int = 10
     dwell: int = 50
+    max_dwell: int = 800
     _since_switch: int = 0
     _last: str | None = None
+    _wait: int = 0            # requests before the next step up: dwell, doubled after each failed one
+    _probing: bool = False    # the last switch was a step up that has not held for `dwell` requests yet
 
     def decide(self, state: DeviceState) -> str:
         if state.current != self._last:
             self._last, self._since_switch = state.current, 0
         self._since_switch += 1
+        wait = self._wait or self.dwell
+        if self._probing and self._since_switch > self.dwell:
+            self._probing, self._wait = False, self.dwell       # the step up held: back-off reset
         mon = state.monitor
-        if mon is None or mon.samples(state.current) < self.min_samples:
+        # NOTE: a variant is judged only on requests since it was chosen: its older samples
+        # describe the load that made the policy leave it, and would push it down again at once.
+        fresh = min(self._since_switch, mon.samples(state.current)) if mon is not None else 0
+        need = min(self.min_samples, PROBE_SAMPLES) if self._probing else self.min_samples
+        if mon is None or fresh < need:
             return state.current
         idx = state.variants.index(state.current)
-        p95 = mon.p95(state.current) or 0.0
+        p95 = mon.recent_p(state.current, 95, fresh) or 0.0
         if p95 > self.budget_ms and idx + 1 < len(state.variants):
+            if self._probing:       # the step up did not hold: wait twice as long before the next
+                self._wait, self._probing = min(2 * wait, self.max_dwell), False
             return state.variants[idx + 1]
-        if idx > 0 and self._since_switch >= self.dwell:
+        if idx > 0 and self._since_switch >= wait:
             up = state.variants[idx - 1]
             ratio = _ratio(state.expected_latency_ms, up, state.current)
             if p95 * ratio < self.budget_ms * (1 - self.hysteresis):
+                self._probing = True
                 return up
         return state.current
 

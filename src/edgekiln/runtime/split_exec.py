@@ -61,6 +61,28 @@ def session(path: str | Path, threads: int = 1) -> Any:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def probe_link(client: Any, *, path: str = "/v1/probe", sizes: Sequence[int] = (0, 16384, 65536),
+               repeats: int = 7) -> dict[str, float]:
+    """Measure the link as the planner models it: POST bodies of several sizes to the server's
+    probe endpoint and fit ``latency = rtt + bytes * 8 / bandwidth`` to the medians (least
+    squares). ``rtt_ms`` then includes the fixed cost of one HTTP request and
+    ``bandwidth_bps`` what the link delivers for bodies of these sizes (TCP included)."""
+    med = []
+    for size in sizes:
+        body = b"\0" * size
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            resp = client.post(path, content=body)
+            resp.raise_for_status()
+            times.append((time.perf_counter() - start) * 1000.0)
+        med.append(float(np.median(times)))
+    slope, intercept = np.polyfit(np.asarray(sizes, float), np.asarray(med), 1)
+    bandwidth = 8.0 / (slope / 1000.0) if slope > 0 else float("inf")
+    return {"rtt_ms": float(max(intercept, 0.0)), "bandwidth_bps": float(bandwidth),
+            "medians_ms": dict(zip(map(str, sizes), med, strict=True))}
+
+
 @dataclass
 class SplitResult:
     output: np.ndarray
@@ -86,22 +108,38 @@ class SplitClient:
         start = time.perf_counter()
         feeds = {self.head.get_inputs()[0].name: x}
         cut = {o.name: v for o, v in zip(self.head.get_outputs(), self.head.run(None, feeds), strict=True)}
-        reason = None
         try:
             resp = self.client.post("/v1/tail", content=pack(cut))
-            if resp.status_code != 200:
-                reason = f"server answered {resp.status_code}"
-            else:
-                out = unpack(resp.content)
-                name, shape = self.out_spec[0]
-                y = out.get(name)
-                if y is None or y.ndim != len(shape) or not np.all(np.isfinite(y)):
-                    reason = "server answered with something that is not the expected output"
-                else:
-                    self.paths["split"] += 1
-                    return SplitResult(y, "split", None, (time.perf_counter() - start) * 1000)
-        except Exception as exc:  # noqa: BLE001 - timeouts, refused connections, bad bodies
+            reason = self._refusal(resp, len(x))
+            if reason is None:
+                self.paths["split"] += 1
+                return SplitResult(self._answer, "split", None, (time.perf_counter() - start) * 1000)
+        except Exception as exc:  # noqa: BLE001 - timeouts, refused connections, broken streams
             reason = f"{type(exc).__name__}: {str(exc)[:120]}"
         y = self.full.run(None, feeds)[0]
         self.paths["local"] += 1
         return SplitResult(y, "local", reason, (time.perf_counter() - start) * 1000)
+
+    def _refusal(self, resp: Any, batch: int) -> str | None:
+        """Why the server's answer cannot be used (None: it can; it is left in ``_answer``)."""
+        if resp.status_code != 200:
+            return f"server answered {resp.status_code}"
+        try:
+            y = unpack(resp.content).get(self.out_spec[0][0])
+        except Exception:  # noqa: BLE001 - numpy raises several types for a broken body
+            return "server answered with a body that is not an npz of arrays"
+        if not self._plausible(y, batch):
+            return "server answered with something that is not the expected output"
+        self._answer = y
+        return None
+
+    def _plausible(self, y: np.ndarray | None, batch: int) -> bool:
+        """The server's answer has the full model's output name, dtype and (static) shape, and is finite."""
+        if y is None or y.dtype != np.float32 and y.dtype != np.float16:
+            return False
+        shape = self.out_spec[0][1]
+        if y.ndim != len(shape) or (y.ndim and y.shape[0] != batch):
+            return False
+        if any(isinstance(d, int) and d != got for d, got in zip(shape[1:], y.shape[1:], strict=True)):
+            return False
+        return bool(np.all(np.isfinite(y)))

@@ -43,6 +43,8 @@ class SplitGraph:
     tensor_bytes: Mapping[str, int]   # bytes sent if the tensor crosses the network
     graph_inputs: tuple[str, ...]     # produced on the device (the sensor data)
     graph_outputs: tuple[str, ...]    # needed back on the device
+    device_call_ms: float = 0.0       # fixed cost of one session call on the device (paid if it runs anything)
+    server_call_ms: float = 0.0       # the same on the server
 
 
 @dataclass(frozen=True)
@@ -84,18 +86,26 @@ def evaluate(graph: SplitGraph, device_nodes: frozenset[str], *, bandwidth_bps: 
     tx = sum(graph.tensor_bytes.get(t, 0) for t in sent | back) * 8.0 / bandwidth_bps * 1000.0
     remote = bool(sent or back or len(on_device) - 1 < len(graph.nodes))
     rtt = rtt_ms if remote else 0.0
+    if len(on_device) > 1:
+        dev += graph.device_call_ms
+    if remote:
+        srv += graph.server_call_ms
     return Split(frozenset(device_nodes), tuple(sorted(sent)), tuple(sorted(back)), dev + srv + tx + rtt,
                  {"device_ms": dev, "server_ms": srv, "transfer_ms": tx, "rtt_ms": rtt})
 
 
 def plan(graph: SplitGraph, *, bandwidth_bps: float, rtt_ms: float) -> Split:
-    """The split minimizing end-to-end latency (exact, by minimum cut)."""
-    all_device = evaluate(graph, frozenset(n.name for n in graph.nodes), bandwidth_bps=bandwidth_bps, rtt_ms=rtt_ms)
+    """The split minimizing end-to-end latency (exact, by minimum cut).
+
+    The per-call costs are left out of the cut: every split with nodes on both sides pays both,
+    so the cut's best such split stays the best; it is then compared with all-device and
+    all-server, which pay one call each."""
+    kw = {"bandwidth_bps": bandwidth_bps, "rtt_ms": rtt_ms}
+    candidates = [evaluate(graph, frozenset(n.name for n in graph.nodes), **kw), evaluate(graph, frozenset(), **kw)]
     device_nodes = _min_cut(graph, bandwidth_bps)
-    if len(device_nodes) == len(graph.nodes):
-        return all_device
-    best = evaluate(graph, device_nodes, bandwidth_bps=bandwidth_bps, rtt_ms=rtt_ms)
-    return best if best.latency_ms < all_device.latency_ms else all_device
+    if 0 < len(device_nodes) < len(graph.nodes):
+        candidates.append(evaluate(graph, device_nodes, **kw))
+    return min(candidates, key=lambda c: c.latency_ms)
 
 
 def _min_cut(graph: SplitGraph, bandwidth_bps: float) -> frozenset[str]:

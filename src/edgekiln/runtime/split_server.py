@@ -24,6 +24,14 @@ def create_app(tail_path: str | Path, *, threads: int = 1) -> Any:
     def health() -> dict[str, Any]:
         return {"ok": True, "inputs": sorted(names)}
 
+    @app.post("/v1/probe")
+    async def probe(request: Request) -> dict[str, int]:
+        """Reads and discards the body: devices time it to measure the uplink (see probe_link)."""
+        body = await request.body()
+        if len(body) > MAX_BODY:
+            raise HTTPException(413, "request too large")
+        return {"bytes": len(body)}
+
     @app.post("/v1/tail")
     async def tail(request: Request) -> Response:
         body = await request.body()

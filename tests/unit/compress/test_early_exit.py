@@ -38,7 +38,7 @@ def trained(tmp_path_factory):
 def _stage_outputs(paths, x):
     runner = StagedRunner(paths, [2.0])
     s0, s1 = runner.sessions
-    feats, exit_logits = s0.run(None, {"input": x})
+    feats, exit_logits = s0.run(None, {"input": x})[:2]
     return exit_logits, s1.run(None, {"input": feats})[0]
 
 

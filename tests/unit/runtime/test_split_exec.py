@@ -66,3 +66,26 @@ def test_server_rejects_wrong_tensors(parts):
     assert api.post("/v1/tail", content=b"not an npz").status_code == 400
     bad = api.post("/v1/tail", content=pack({"wrong": np.zeros(3, np.float32)}))
     assert bad.status_code == 400 and "expected tensors" in bad.json()["detail"]
+
+
+def test_probe_link_recovers_rtt_and_bandwidth(monkeypatch):
+    """A fake clock that a request advances by 4 ms + bytes / (20 Mbit/s): the fit returns both."""
+    import edgekiln.runtime.split_exec as se
+
+    clock = [0.0]
+    monkeypatch.setattr(se.time, "perf_counter", lambda: clock[0])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        clock[0] += 0.004 + len(request.content) * 8 / 20e6
+        return httpx.Response(200, json={"bytes": len(request.content)})
+
+    link = se.probe_link(httpx.Client(base_url="http://s", transport=httpx.MockTransport(handler)), repeats=3)
+    assert link["rtt_ms"] == pytest.approx(4.0, rel=1e-6) and link["bandwidth_bps"] == pytest.approx(20e6, rel=1e-6)
+
+
+def test_server_probe_endpoint_reads_the_body(parts):
+    from fastapi.testclient import TestClient
+
+    _, _, tail = parts
+    api = TestClient(create_app(tail))
+    assert api.post("/v1/probe", content=b"\0" * 1234).json() == {"bytes": 1234}

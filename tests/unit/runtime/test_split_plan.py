@@ -31,10 +31,14 @@ def _brute(graph, bw, rtt):
     return min(evaluate(graph, s, bandwidth_bps=bw, rtt_ms=rtt).latency_ms for s in valid_splits(graph))
 
 
+@pytest.mark.parametrize("calls", [(0.0, 0.0), (3.0, 0.2)], ids=["no-call-cost", "call-cost"])
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("bw", [1e6, 1e7, 1e8])
-def test_planner_matches_brute_force_on_a_branching_model(seed, bw):
-    graph = _residual(np.random.default_rng(seed))
+def test_planner_matches_brute_force_on_a_branching_model(seed, bw, calls):
+    import dataclasses
+
+    graph = dataclasses.replace(_residual(np.random.default_rng(seed)), device_call_ms=calls[0],
+                                server_call_ms=calls[1])
     best = plan(graph, bandwidth_bps=bw, rtt_ms=20.0)
     expected = _brute(graph, bw, 20.0)
     assert abs(best.latency_ms - expected) < 1e-9, f"seed {seed} bw {bw}: planner {best.latency_ms} vs brute {expected}"
@@ -86,3 +90,17 @@ def test_split_graph_from_onnx_measures_every_node(tmp_path):
     assert g.nodes[0].server_ms > 0
     g8 = split_graph(path, {"input": np.zeros((1, 1, 8, 8), np.float32)}, device_factor=1.0, int8_transfer=True, runs=5)
     assert g8.tensor_bytes["c1"] == 4 * 6 * 6
+
+
+def test_call_costs_are_paid_once_per_side_that_runs():
+    import dataclasses
+
+    graph = dataclasses.replace(chain([(1.0, 0.1)] * 3, [1000] * 3, input_bytes=1000), device_call_ms=5.0,
+                                server_call_ms=0.5)
+    every = frozenset(n.name for n in graph.nodes)
+    parts = {label: evaluate(graph, nodes, bandwidth_bps=1e9, rtt_ms=0.0).parts
+             for label, nodes in (("device", every), ("server", frozenset()), ("split", frozenset({"l0"})))}
+    assert parts["device"]["device_ms"] == pytest.approx(3.0 + 5.0) and parts["device"]["server_ms"] == 0.0
+    assert parts["server"]["device_ms"] == 0.0 and parts["server"]["server_ms"] == pytest.approx(0.3 + 0.5)
+    assert parts["split"]["device_ms"] == pytest.approx(1.0 + 5.0)
+    assert parts["split"]["server_ms"] == pytest.approx(0.2 + 0.5)
