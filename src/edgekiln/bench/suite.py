@@ -34,16 +34,32 @@ class CaseResult:
 
 
 def _cases() -> dict[str, Callable[[Path, bool], CaseResult]]:
-    from edgekiln.bench import cases_compile, cases_quant
+    from edgekiln.bench import (
+        cases_compile,
+        cases_compress,
+        cases_early_exit,
+        cases_federated,
+        cases_fleet,
+        cases_optimize_minilm,
+        cases_quant,
+        cases_split,
+    )
 
     return {
         "quantization": cases_quant.quantization_cnn,
         "minilm": cases_quant.quantization_minilm,
         "pruning": cases_compile.pruning,
-        "distillation": cases_compile.distillation,
+        "distillation": cases_compress.distillation,
+        "compress_stack": cases_compress.compress_stack,
+        "search_arch": cases_compress.search_arch,
         "mcu": cases_compile.mcu,
         "optimize": cases_compile.optimize_mnist,
+        "optimize_minilm": cases_optimize_minilm.optimize_minilm,
         "runtime": cases_compile.runtime_adaptive,
+        "early_exit": cases_early_exit.early_exit,
+        "split": cases_split.split_netns,
+        "fleet": cases_fleet.fleet_load,
+        "federated": cases_federated.federated,
     }
 
 

@@ -24,11 +24,17 @@ COMMAND_MODULES = (
     "edgekiln.cli.bench_cmd",
     "edgekiln.cli.example_cmd",
     "edgekiln.cli.quantize_cmd",
+    "edgekiln.cli.prune_cmd",
+    "edgekiln.cli.distill_cmd",
+    "edgekiln.cli.search_arch_cmd",
     "edgekiln.cli.optimize_cmd",
     "edgekiln.cli.runtime_cmd",
     "edgekiln.cli.split_cmd",
     "edgekiln.cli.export_cmd",
     "edgekiln.cli.verify_c_cmd",
+    "edgekiln.cli.agent_cmd",
+    "edgekiln.cli.fleet_cmd",
+    "edgekiln.cli.federate_cmd",
 )
 
 app = typer.Typer(
