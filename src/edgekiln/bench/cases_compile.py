@@ -13,7 +13,8 @@ from edgekiln.bench.suite import CaseResult
 from edgekiln.report import md_table
 
 
-def _mnist(work: Path) -> Path:
+def mnist_folder(work: Path) -> Path:
+    """The MNIST example run folder the cases share (trained once, seed 0)."""
     from edgekiln.models.examples import train_example
 
     folder = work.parent / "quantization" / "mnist"
@@ -31,7 +32,7 @@ def pruning(work: Path, quick: bool) -> CaseResult:
     from edgekiln.passes.prune import run as prune
     from edgekiln.passes.quantize import QuantizeConfig, quantize_model
 
-    folder = _mnist(work)
+    folder = mnist_folder(work)
     art, data = load_model(folder), run_folder_data(folder)
     x = np.load(data["eval"])["x"][:1]
     runs = 100 if quick else 500
@@ -75,7 +76,7 @@ def mcu(work: Path, quick: bool) -> CaseResult:
     from edgekiln.passes.quantize import QuantizeConfig, quantize_model
 
     work.mkdir(parents=True, exist_ok=True)
-    folder = _mnist(work)
+    folder = mnist_folder(work)
     models = {"MNIST CNN": folder}
     # NOTE: the MobileNet-style model is the quantization case's (trained once, shared); it is
     # trained here the same way when this case runs alone.
@@ -152,7 +153,7 @@ def optimize_mnist(work: Path, quick: bool) -> CaseResult:
     from edgekiln.search.optimize import optimize
     from edgekiln.search.recipe import Recipe
 
-    folder = _mnist(work)
+    folder = mnist_folder(work)
     out = work / "run"
     if out.exists():
         import shutil
@@ -190,7 +191,7 @@ def runtime_adaptive(work: Path, quick: bool) -> CaseResult:
     from edgekiln.runtime.engine import Runtime
     from edgekiln.runtime.policies import LatencyBudgetPolicy
 
-    folder = _mnist(work)
+    folder = mnist_folder(work)
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)

@@ -9,18 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from edgekiln.bench.cases_compile import mnist_folder
 from edgekiln.bench.suite import CaseResult
 from edgekiln.report import md_table
-
-
-def _mnist(work: Path) -> Path:
-    """The MNIST example run folder shared with the other cases (trained once, seed 0)."""
-    from edgekiln.models.examples import train_example
-
-    folder = work.parent / "quantization" / "mnist"
-    if not (folder / "model.onnx").is_file():
-        train_example("mnist", folder, seed=0, quiet=True)
-    return folder
 
 
 def distillation(work: Path, quick: bool) -> CaseResult:
@@ -34,7 +25,7 @@ def distillation(work: Path, quick: bool) -> CaseResult:
     from edgekiln.models.torch_source import build_module
     from edgekiln.models.training import evaluate_accuracy, train_classifier
 
-    folder = _mnist(work)
+    folder = mnist_folder(work)
     teacher = build_module(load_model(folder).torch)
     data = load_dataset("mnist", seed=0)
     student_kwargs = {"channels": 32, "blocks": 4}
@@ -83,7 +74,7 @@ def compress_stack(work: Path, quick: bool) -> CaseResult:
     from edgekiln.passes.prune import run as prune
     from edgekiln.passes.quantize import QuantizeConfig, quantize_model
 
-    folder = _mnist(work)
+    folder = mnist_folder(work)
     art, data = load_model(folder), run_folder_data(folder)
     x = np.load(data["eval"])["x"][:1]
     runs = 100 if quick else 500
@@ -133,7 +124,7 @@ def search_arch(work: Path, quick: bool) -> CaseResult:
     from edgekiln.search.arch import ArchBudget, ArchSearchConfig, ArchSpace, search_architecture
     from edgekiln.search.arch_report import write_arch_report
 
-    folder = _mnist(work)
+    folder = mnist_folder(work)
     if work.exists():
         shutil.rmtree(work)
     space = ArchSpace(resolution=(20, 28)) if not quick else ArchSpace(width=(0.5,), depth=(4,), kernel=(3,))

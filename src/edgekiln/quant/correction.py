@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 
-def _consumers(model: Any) -> dict[str, list[Any]]:
+def consumers(model: Any) -> dict[str, list[Any]]:
+    """Tensor name -> the nodes that read it."""
     out: dict[str, list[Any]] = {}
     for n in model.graph.node:
         for i in n.input:
@@ -35,7 +36,7 @@ def equalize_cross_layer(model: Any, *, iterations: int = 4) -> tuple[Any, dict[
     m = onnx.ModelProto()
     m.CopyFrom(model)
     inits = {i.name: i for i in m.graph.initializer}
-    cons = _consumers(m)
+    cons = consumers(m)
     pairs = []
     for a in m.graph.node:
         if a.op_type != "Conv" or a.input[1] not in inits:

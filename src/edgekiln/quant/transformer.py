@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from edgekiln.quant.correction import consumers as graph_consumers
+
 MASK_FILL = -40.0            # see the module doc: exp(-40) is 4e-18, far from float32's denormals
 HUGE_NEGATIVE = -1e30        # constants at or below this are treated as "minus infinity" mask fills
 
@@ -91,7 +93,7 @@ def _ancestors_of(model: Any, names: set[str]) -> set[str]:
 def residual_adds_as_sum(model: Any) -> int:
     """Write every ``Add`` whose only consumers are LayerNormalization nodes as ``Sum`` (in place),
     which onnxruntime does not fuse into SkipLayerNormalization. Returns the count."""
-    consumers = _consumers(model)
+    consumers = graph_consumers(model)
     count = 0
     for node in model.graph.node:
         users = consumers.get(node.output[0], []) if node.op_type == "Add" else []
@@ -228,14 +230,6 @@ def _weight_users(model: Any) -> dict[str, int]:
         for i in n.input:
             users[i] = users.get(i, 0) + 1
     return users
-
-
-def _consumers(model: Any) -> dict[str, list[Any]]:
-    out: dict[str, list[Any]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            out.setdefault(i, []).append(n)
-    return out
 
 
 def _insert_after(model: Any, pairs: list[tuple[Any, list[Any]]]) -> None:
