@@ -192,6 +192,9 @@ def test_cli_exit_codes(digits, tmp_path, capsys):
     for key in ("scheme", "metric_name", "metric_fp32", "metric", "model_bytes_fp32", "model_bytes", "latency_ms_fp32",
                 "latency_ms", "kept_float", "artifact"):
         assert key in rep
+    div = rep["parity"]["onnxruntime"]["divergence"]         # per-layer localization ran on the real model
+    assert div["checkpoints"] >= 4 and div["first"] is None, div
+    assert "first layer off by more than 1 LSB" in (tmp_path / "ok" / "report.md").read_text()
 
 
 def test_equalization_and_bias_correction_options_run_and_keep_accuracy(digits, tmp_path):
