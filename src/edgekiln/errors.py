@@ -11,7 +11,8 @@ from __future__ import annotations
 class EdgekilnError(Exception):
     """A user-facing failure: the message is one line and names the file or value at fault.
 
-    ``exit_code`` lets callers distinguish "bad input" (2) from "a budget cannot be met" (3).
+    ``exit_code`` lets callers distinguish "bad input" (2) from "a budget cannot be met" (3) and
+    "a server cannot be reached" (4, worth retrying later).
     """
 
     def __init__(self, message: str, *, exit_code: int = 2) -> None:
@@ -24,3 +25,10 @@ class BudgetNotMet(EdgekilnError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, exit_code=3)
+
+
+class ServerUnreachable(EdgekilnError):
+    """A server (the update server, a split-computing tail) could not be reached: retry later."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, exit_code=4)

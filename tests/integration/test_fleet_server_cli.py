@@ -101,7 +101,7 @@ def test_bad_token_and_unreachable_server_are_one_line_errors(served):
     bad = _cli("devices", "list", "--server", url, token="wrong-token-wrong-token")
     assert bad.returncode != 0 and "401" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     gone = _cli("devices", "list", "--server", f"http://127.0.0.1:{_free_port()}")
-    assert gone.returncode != 0 and "cannot reach the update server" in gone.stderr, gone.stderr
+    assert gone.returncode == 4 and "cannot reach the update server" in gone.stderr, gone.stderr
     assert len(gone.stderr.strip().splitlines()) == 1, gone.stderr
 
 

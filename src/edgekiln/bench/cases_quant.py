@@ -76,10 +76,35 @@ def _cnn_rows(name: str, folder: Path, work: Path, quick: bool) -> list[dict[str
         r["drop_points"] = 100 * (base - r["accuracy"])
         r["size_ratio"] = r["bytes"] / rows[0]["bytes"]
     rows[2]["kept_float"] = res.kept_float
+    rows[2]["divergence"] = _divergence(res.path, x[:16])
     rows[2]["byte_breakdown"] = byte_breakdown(res.path)
     rows[4]["byte_breakdown"] = byte_breakdown(ort_path)
     rows[2]["per_channel"] = per_channel_overhead(res.path)
     return rows
+
+
+def _divergence(path: Path, x: np.ndarray) -> dict[str, Any]:
+    """Per runtime: how far each int8 activation of the edgekiln model is from the QDQ simulation."""
+    from edgekiln.quant.parity import first_divergence, runtime_runner
+
+    feeds = [{"input": x[i:i + 1]} for i in range(len(x))]
+    return {rt: first_divergence(path, feeds, runtime_runner(rt), runtime=rt) for rt in ("onnxruntime", "openvino")}
+
+
+def _divergence_section(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in rows:
+        for rt, d in r.get("divergence", {}).items():
+            first = d["first"]
+            lsb = list(d["max_lsb"].values())
+            lines.append([r["model"], rt, d["checkpoints"], max(lsb), sum(v > 0 for v in lsb),
+                          "none" if first is None else f"`{first['layer']}` ({first['op']}): {first['cause']}"])
+    return "\n".join([
+        "Where each runtime parts from the simulation (`edgekiln quantize` parity, 16 held-out images): every int8 "
+        "activation of the edgekiln model read from the runtime through a prefix of the model, against the same QDQ "
+        "model in onnxruntime with optimizations off.", "",
+        md_table(["model", "runtime", "int8 activations", "max LSB off", "activations with any difference",
+                  "first layer off by more than 1 LSB"], lines)])
 
 
 def _size_section(rows: list[dict[str, Any]]) -> str:
@@ -127,6 +152,7 @@ def quantization_cnn(work: Path, quick: bool) -> CaseResult:
     md = "\n".join([
         "Eval: the held-out 1,000 MNIST samples (seed-0 split); calibration: 256 training samples for every tool. "
         "Size ratio: quantized file / FP32 ONNX file.", "", table, "", *verdicts, "", _size_section(rows), "",
+        _divergence_section(rows), "",
         "Tiny CNNs are call-overhead bound on this CPU: int8 makes them about 4x smaller, not faster; the quantize "
         "report flags every runtime where the quantized model is slower than FP32."])
     return CaseResult("quantization", "Quantization of CNNs: edgekiln vs ORT quantize_static vs NNCF", md, {"rows": rows})

@@ -97,7 +97,8 @@ def header(info: dict[str, Any], command: str) -> str:
     pk = ", ".join(f"{k} {v}" for k, v in info["packages"].items())
     return "\n".join([
         "# edgekiln benchmarks", "",
-        f"Written by `{command}` on {_dt.date.today().isoformat()}.", "",
+        f"Written by `make bench`; each section ends with its case's run time and date (last update: `{command}` "
+        f"on {_dt.date.today().isoformat()}).", "",
         f"Machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}. Packages: {pk}.", "",
         "Method: batch 1, one thread everywhere (`OMP_NUM_THREADS=1`, onnxruntime intra/inter-op 1, OpenVINO "
         "`INFERENCE_NUM_THREADS=1` with `INFERENCE_PRECISION_HINT=f32`), warm-up before timing, p50 and p90 of "

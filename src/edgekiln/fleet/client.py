@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from edgekiln.errors import EdgekilnError
+from edgekiln.errors import EdgekilnError, ServerUnreachable
 
 TIMEOUT_S = 60.0
 
@@ -52,7 +52,7 @@ def _request(server: str, token: str, method: str, path: str, transport: Any = N
         with _client(server, token, transport) as c:
             resp = c.request(method, path, **kw)
     except httpx.TransportError as exc:
-        raise EdgekilnError(f"cannot reach the update server at {server} ({type(exc).__name__}: "
+        raise ServerUnreachable(f"cannot reach the update server at {server} ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else 'no answer'})") from None
     if resp.status_code >= 400:
         try:

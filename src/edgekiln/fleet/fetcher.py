@@ -22,17 +22,10 @@ import httpx
 from tuf.api import exceptions as tuf_errors
 from tuf.ngclient import FetcherInterface
 
-from edgekiln.errors import EdgekilnError
+from edgekiln.errors import EdgekilnError, ServerUnreachable
 
 DEFAULT_CHUNK = 1 << 16
 FSYNC_EVERY = 1 << 20   # NOTE: durability of a .part only saves re-downloading; TUF checks correctness
-
-
-class ServerUnreachable(EdgekilnError):
-    """The update server could not be reached (refused, timed out, cut): retry later."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, exit_code=4)
 
 
 def make_client(server: str, token: str, *, timeout_s: float = 30.0, transport: Any = None) -> httpx.Client:
