@@ -9,11 +9,12 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from edgekiln.fleet.load import wait_until_healthy
 
 ADMIN = "integration-admin-token-0123456789"
 EXE = [sys.executable, "-m", "edgekiln.cli"]
@@ -46,17 +47,7 @@ def served(tmp_path):
                             env=_env(EDGEKILN_ADMIN_TOKEN=ADMIN), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"server did not start: {proc.communicate()}")
-        time.sleep(0.2)
+    wait_until_healthy(url, proc)
     yield url, folder
     proc.send_signal(signal.SIGTERM)
     try:

@@ -111,10 +111,26 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def wait_until_healthy(url: str, proc: subprocess.Popen[str], timeout_s: float = 60.0) -> None:
+    """Poll ``URL/healthz`` until the server started as ``proc`` answers; raise if it exits or times out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise EdgekilnError(f"update server did not start: {(proc.stderr.read() if proc.stderr else '')[-300:]}")
+        time.sleep(0.2)
+
+
 @contextmanager
 def served(folder: Path, db_url: str, admin_token: str) -> Iterator[tuple[str, int]]:
     """Run ``edgekiln serve`` in a subprocess on a loopback port; yield its URL and pid."""
-    import httpx
 
     port = free_port()
     env = {**os.environ, "EDGEKILN_ADMIN_TOKEN": admin_token, "OMP_NUM_THREADS": "1"}
@@ -122,17 +138,8 @@ def served(folder: Path, db_url: str, admin_token: str) -> Iterator[tuple[str, i
                              "--store", str(folder / "blobs"), "--keys", str(folder / "keys"), "--port", str(port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
     try:
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise EdgekilnError(f"update server did not start: {(proc.stderr.read() if proc.stderr else '')[-300:]}")
-            time.sleep(0.2)
+        wait_until_healthy(url, proc)
         yield url, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
