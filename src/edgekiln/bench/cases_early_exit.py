@@ -89,14 +89,17 @@ def _evaluate(label: str, width: int, state: Path, data: dict[str, dict[str, np.
     never = StagedRunner(paths, [1.01] * len(EXITS))
     full_sess = ort_session(out / "model.onnx")
 
+    bare_out = [[s.get_outputs()[0].name] for s in bare]
+    full_out = [full_sess.get_outputs()[0].name]
+
     def split_only(r: np.ndarray) -> np.ndarray:
-        for sess in bare:
-            r = sess.run(None, {"input": r})[0]
+        for sess, names in zip(bare, bare_out, strict=True):
+            r = sess.run(names, {"input": r})[0]
         return r
 
     x, y = data["eval"]["x"][:images], data["eval"]["y"][:images]
     rows = [x[i:i + 1].copy() for i in range(len(x))]
-    runs = {"full": lambda r: full_sess.run(None, {"input": r})[0], "early exit": lambda r: early(r)[0],
+    runs = {"full": lambda r: full_sess.run(full_out, {"input": r})[0], "early exit": lambda r: early(r)[0],
             "staged, no exit": lambda r: never(r)[0], "split, no heads": split_only}
     times: dict[str, list[np.ndarray]] = {k: [] for k in runs}
     preds: dict[str, np.ndarray] = {}

