@@ -41,7 +41,11 @@ def _mobilenet_run(work: Path, quick: bool) -> Path:
 
 
 def _accuracy(run: Any, x: np.ndarray, y: np.ndarray) -> float:
-    return float((peers.predict(run, {"input": x}).argmax(1) == y).mean())
+    return float((_top1(run, x) == y).mean())
+
+
+def _top1(run: Any, x: np.ndarray) -> np.ndarray:
+    return peers.predict(run, {"input": x}).argmax(1)
 
 
 def _cnn_rows(name: str, folder: Path, work: Path, quick: bool) -> list[dict[str, Any]]:
@@ -58,8 +62,9 @@ def _cnn_rows(name: str, folder: Path, work: Path, quick: bool) -> list[dict[str
     def add(tool: str, path: Path, run: Any, runtime: str) -> None:
         lat = peers.time_session(run, one, warmup=50, runs=runs)
         size = path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0)
-        rows.append({"model": name, "tool": tool, "runtime": runtime, "accuracy": _accuracy(run, x, y),
-                     "bytes": size, "p50_ms": lat["p50"], "p90_ms": lat["p90"]})
+        top1 = _top1(run, x)
+        rows.append({"model": name, "tool": tool, "runtime": runtime, "accuracy": float((top1 == y).mean()),
+                     "top1": top1, "images": len(y), "bytes": size, "p50_ms": lat["p50"], "p90_ms": lat["p90"]})
 
     add("FP32", fp32, peers.onnxruntime_session(fp32), "onnxruntime")
     add("FP32", fp32, peers.openvino_session(fp32), "openvino")
@@ -71,9 +76,12 @@ def _cnn_rows(name: str, folder: Path, work: Path, quick: bool) -> list[dict[str
     add("ORT quantize_static (defaults)", ort_path, peers.onnxruntime_session(ort_path), "onnxruntime")
     nncf_xml = peers.nncf_openvino(fp32, feeds, work / f"{name}-nncf.xml")
     add("NNCF nncf.quantize (OpenVINO)", nncf_xml, peers.openvino_session(nncf_xml), "openvino")
-    base = rows[0]["accuracy"]
+    base, ref = rows[0]["accuracy"], rows[0]["top1"]
     for r in rows:
         r["drop_points"] = 100 * (base - r["accuracy"])
+        # NOTE: counting predictions that differ from the FP32 model's sees every flip; accuracy
+        # lets a wrong-to-right flip hide a right-to-wrong one.
+        r["flips"] = int((r.pop("top1") != ref).sum())
         r["size_ratio"] = r["bytes"] / rows[0]["bytes"]
     rows[2]["kept_float"] = res.kept_float
     rows[2]["divergence"] = _divergence(res.path, x[:16])
@@ -137,17 +145,19 @@ def quantization_cnn(work: Path, quick: bool) -> CaseResult:
         train_example("mnist", mnist, seed=0, quiet=True)
     rows = _cnn_rows("MNIST CNN", mnist, work, quick) + _cnn_rows("MobileNet-style", _mobilenet_run(work, quick), work,
                                                                      quick)
-    table = md_table(["model", "tool", "runtime", "accuracy", "drop (points)", "size ratio", "p50 ms", "p90 ms"],
+    table = md_table(["model", "tool", "runtime", "accuracy", "drop (points)", "top-1 differs from FP32", "size ratio",
+                      "p50 ms", "p90 ms"],
                      [[r["model"], r["tool"], r["runtime"], f"{r['accuracy']:.4f}", f"{r['drop_points']:.2f}",
-                       f"{r['size_ratio']:.3f}", f"{r['p50_ms']:.4f}", f"{r['p90_ms']:.4f}"] for r in rows])
+                       f"{r['flips']} of {r['images']:,}", f"{r['size_ratio']:.3f}",
+                       f"{r['p50_ms']:.4f}", f"{r['p90_ms']:.4f}"] for r in rows])
     verdicts = []
     for model in ("MNIST CNN", "MobileNet-style"):
         mine = next(r for r in rows if r["model"] == model and r["tool"].startswith("edgekiln") and
                     r["runtime"] == "onnxruntime")
-        peer_drops = {r["tool"]: r["drop_points"] for r in rows if r["model"] == model and
-                      r["tool"].startswith(("ORT", "NNCF"))}
-        verdicts.append(f"- {model}: edgekiln drop {mine['drop_points']:.2f} points (budget 0.30), size "
-                        f"{mine['size_ratio']:.3f}x; peers: " + ", ".join(f"{k} {v:.2f}" for k, v in peer_drops.items())
+        peers_ = [r for r in rows if r["model"] == model and r["tool"].startswith(("ORT", "NNCF"))]
+        verdicts.append(f"- {model}: edgekiln drop {mine['drop_points']:.2f} points (budget 0.30; top-1 differs from FP32 on "
+                        f"{mine['flips']} of {mine['images']:,} images), size {mine['size_ratio']:.3f}x; peers: "
+                        + ", ".join(f"{r['tool']} {r['drop_points']:.2f} ({r['flips']} differ)" for r in peers_)
                         + f"; kept float: {mine.get('kept_float') or 'none'}.")
     md = "\n".join([
         "Eval: the held-out 1,000 MNIST samples (seed-0 split); calibration: 256 training samples for every tool. "
