@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from edgekiln.quant.transformer import ancestors
+
 Runner = Callable[[Path], Callable[[dict[str, np.ndarray]], np.ndarray]]   # prefix model -> run(feeds) -> output
 INTEGER_KERNELS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 FUSED_ACTIVATIONS = ("Relu", "Clip")
@@ -210,20 +212,10 @@ def _prefix(model: Any, point: Checkpoint, path: Path) -> Path:
     import onnx
     from onnx import TensorProto, helper
 
-    producer = {o: n for n in model.graph.node for o in n.output}
-    needed, stack, keep = set(), [point.tensor], set()
-    while stack:
-        name = stack.pop()
-        if name in needed:
-            continue
-        needed.add(name)
-        node = producer.get(name)
-        if node is not None and id(node) not in keep:
-            keep.add(id(node))
-            stack.extend(i for i in node.input if i)
+    needed = ancestors(model, {point.tensor})
     elem = TensorProto.UINT8 if point.qmin == 0 else TensorProto.INT8
     graph = helper.make_graph(
-        [n for n in model.graph.node if id(n) in keep], "prefix",
+        [n for n in model.graph.node if any(o in needed for o in n.output)], "prefix",
         [i for i in model.graph.input if i.name in needed],
         [helper.make_tensor_value_info(point.tensor, elem, None)],
         [i for i in model.graph.initializer if i.name in needed])

@@ -53,7 +53,7 @@ def soften_mask_fills(model: Any, fill: float = MASK_FILL) -> int:
     by ``fill``, in place, when they feed a Softmax. Returns how many were replaced."""
     from onnx import numpy_helper
 
-    feeds_softmax = _ancestors_of(model, {i for n in model.graph.node if n.op_type == "Softmax" for i in n.input})
+    feeds_softmax = ancestors(model, {i for n in model.graph.node if n.op_type == "Softmax" for i in n.input})
     count = 0
     for node in model.graph.node:
         if node.op_type == "Constant" and node.output[0] in feeds_softmax:
@@ -75,7 +75,8 @@ def _is_fill(arr: np.ndarray) -> bool:
     return arr.dtype in (np.float32, np.float64) and arr.size > 0 and bool((arr <= HUGE_NEGATIVE).all())
 
 
-def _ancestors_of(model: Any, names: set[str]) -> set[str]:
+def ancestors(model: Any, names: set[str]) -> set[str]:
+    """Every tensor ``names`` are computed from (``names`` included), through the graph's nodes."""
     producer = {o: n for n in model.graph.node for o in n.output}
     seen: set[str] = set()
     stack = list(names)
