@@ -75,25 +75,18 @@ def checkpoints(model: Any) -> list[Checkpoint]:
     return out
 
 
-def ort_runner(prefix: Path) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-    """onnxruntime with its default (full) optimizations: the fused integer kernels."""
-    from edgekiln.bench.runtimes import load_session
-
-    sess = load_session(prefix, "onnxruntime")
-    return lambda feeds: np.asarray(sess.run(feeds)[0])
-
-
 def runtime_runner(name: str) -> Runner:
-    """A :data:`Runner` for a runtime of the bench adapter table."""
-    if name == "onnxruntime":
-        return ort_runner
-    from edgekiln.bench.runtimes import load_session
-
+    """A :data:`Runner` for a runtime of the bench adapter table, with its default optimizations."""
     def load(prefix: Path) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+        from edgekiln.bench.runtimes import load_session
+
         sess = load_session(prefix, name)
         return lambda feeds: np.asarray(sess.run(feeds)[0])
 
     return load
+
+
+ort_runner = runtime_runner("onnxruntime")   # onnxruntime's fused integer kernels
 
 
 def first_divergence(quant: str | Path, feeds: Sequence[dict[str, np.ndarray]], runner: Runner, *,
