@@ -26,19 +26,14 @@ def mnist_folder(work: Path) -> Path:
 def _conv_channels(path: Path) -> list[int]:
     """Output channels of each Conv, in graph order (QDQ models included)."""
     import onnx
-    from onnx import numpy_helper
+
+    from edgekiln.quant.size import weight_of
 
     m = onnx.load(str(path))
     inits = {i.name: i for i in m.graph.initializer}
     producer = {o: n for n in m.graph.node for o in n.output}
-    out = []
-    for n in m.graph.node:
-        if n.op_type == "Conv":
-            w = n.input[1]
-            if w not in inits and w in producer:          # int8: the weight comes through DequantizeLinear
-                w = producer[w].input[0]
-            out.append(int(numpy_helper.to_array(inits[w]).shape[0]) if w in inits else -1)
-    return out
+    found = [weight_of(n, inits, producer) for n in m.graph.node if n.op_type == "Conv"]
+    return [int(f[0].dims[0]) if f else -1 for f in found]
 
 
 def pruning(work: Path, quick: bool) -> CaseResult:

@@ -40,10 +40,6 @@ def _mobilenet_run(work: Path, quick: bool) -> Path:
     return out
 
 
-def _accuracy(run: Any, x: np.ndarray, y: np.ndarray) -> float:
-    return float((_top1(run, x) == y).mean())
-
-
 def _top1(run: Any, x: np.ndarray) -> np.ndarray:
     return peers.predict(run, {"input": x}).argmax(1)
 

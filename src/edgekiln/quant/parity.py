@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekiln.quant.size import weight_of
 from edgekiln.quant.transformer import ancestors
 
 Runner = Callable[[Path], Callable[[dict[str, np.ndarray]], np.ndarray]]   # prefix model -> run(feeds) -> output
@@ -244,11 +245,10 @@ def _weights_of(model: Any, layer: str) -> tuple[np.ndarray, bool] | None:
     from onnx import numpy_helper
 
     node = next((n for n in model.graph.node if (n.name or n.output[0]) == layer), None)
-    if node is None or len(node.input) < 2:
-        return None
     inits = {i.name: i for i in model.graph.initializer}
-    dq = next((n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == node.input[1]), None)
-    if dq is None or dq.input[0] not in inits:
+    found = weight_of(node, inits, {o: n for n in model.graph.node for o in n.output}) if node is not None else None
+    if found is None or found[1] is None:
         return None
+    weight, dq = found
     scale = numpy_helper.to_array(inits[dq.input[1]]) if dq.input[1] in inits else np.zeros(1)
-    return numpy_helper.to_array(inits[dq.input[0]]), scale.size > 1
+    return numpy_helper.to_array(weight), scale.size > 1

@@ -56,6 +56,20 @@ def _category(init: Any, dq_scale: set[str]) -> str:
     return "other tensors"
 
 
+def weight_of(node: Any, inits: dict[str, Any], producer: dict[str, Any]) -> tuple[Any, Any] | None:
+    """The weight initializer of a Conv/Gemm/MatMul ``node`` and the DequantizeLinear it passes
+    through (None for a float weight); None when the weight is not an initializer."""
+    if len(node.input) < 2:
+        return None
+    name = node.input[1]
+    if name in inits:
+        return inits[name], None
+    dq = producer.get(name)
+    if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
+        return inits[dq.input[0]], dq
+    return None
+
+
 def per_channel_overhead(path: str | Path) -> list[dict[str, Any]]:
     """For each Conv/Gemm of a QDQ model: its int8 weight bytes and the bytes of its per-channel
     parameters (weight scales, int32 bias, bias scales), and whether it is depthwise."""
@@ -68,10 +82,10 @@ def per_channel_overhead(path: str | Path) -> list[dict[str, Any]]:
     for node in model.graph.node:
         if node.op_type not in ("Conv", "Gemm"):
             continue
-        w_dq = producer.get(node.input[1])
-        if w_dq is None or w_dq.op_type != "DequantizeLinear" or w_dq.input[0] not in inits:
+        found = weight_of(node, inits, producer)
+        if found is None or found[1] is None:
             continue
-        weight = inits[w_dq.input[0]]
+        weight, w_dq = found
         meta = inits[w_dq.input[1]].ByteSize() if w_dq.input[1] in inits else 0
         b_dq = producer.get(node.input[2]) if len(node.input) > 2 else None
         if b_dq is not None and b_dq.op_type == "DequantizeLinear":
