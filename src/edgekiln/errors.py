@@ -28,7 +28,7 @@ class BudgetNotMet(EdgekilnError):
 
 
 class ServerUnreachable(EdgekilnError):
-    """A server (the update server, a split-computing tail) could not be reached: retry later."""
+    """The update server could not be reached (refused, timed out, cut): retry later."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, exit_code=4)
