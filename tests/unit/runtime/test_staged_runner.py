@@ -63,3 +63,19 @@ def test_all_exits_returns_every_exit_on_a_batch(stages):
 def test_threshold_count_must_match_the_stages(stages):
     with pytest.raises(ValueError, match="3 stages need 2 thresholds, got 1"):
         StagedRunner(stages, [0.9])
+
+
+def test_returned_logits_are_not_overwritten_by_the_next_call(stages):
+    # The batch-1 path reuses bound buffers between calls; what it returns must be a copy.
+    runner = StagedRunner(stages, [0.9, 0.28])
+    first, _ = runner(np.array([[8.0, 0.0, 0.0, 0.0]], np.float32))
+    runner(np.array([[0.1, 0.0, 0.0, 0.0]], np.float32))
+    runner(np.array([[0.0, 0.0, 0.0, 9.0]], np.float32))
+    assert np.array_equal(first, [[8.0, 0.0, 0.0, 0.0]]), first
+
+
+def test_batch_one_and_larger_batches_give_the_same_logits(stages):
+    x = np.random.default_rng(1).standard_normal((6, 4)).astype(np.float32)
+    runner = StagedRunner(stages, [1.01, 1.01])
+    one_by_one = np.concatenate([runner(x[i:i + 1])[0] for i in range(len(x))])
+    assert np.allclose(one_by_one, runner.all_exits(x)[-1]) and np.allclose(one_by_one, -4 * x)
