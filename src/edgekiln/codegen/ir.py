@@ -119,6 +119,7 @@ def load_qdq(model: Any) -> IntGraph:
     from onnx import numpy_helper
 
     from edgekiln.codegen import lower
+    from edgekiln.quant.bias_scale import is_constant_mul
 
     if isinstance(model, str | Path):
         model = onnx.load(str(model))
@@ -127,6 +128,8 @@ def load_qdq(model: Any) -> IntGraph:
     for node in g.node:
         if node.op_type == "Constant":
             inits[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        elif is_constant_mul(node, inits):   # a bias scale computed from the two scales
+            inits[node.output[0]] = (inits[node.input[0]] * inits[node.input[1]]).astype(np.float32)
     real_inputs = [i for i in g.input if i.name not in inits]
     if len(real_inputs) != 1 or len(g.output) != 1:
         raise EdgekilnError(f"C export needs exactly one graph input and one output, got "
@@ -147,7 +150,7 @@ def load_qdq(model: Any) -> IntGraph:
     for node in g.node:
         if node.op_type == "DequantizeLinear":
             _read_dq(ctx, node)
-        elif node.op_type in ("QuantizeLinear", "Constant"):
+        elif node.op_type in ("QuantizeLinear", "Constant") or is_constant_mul(node, inits):
             continue
         elif node.op_type not in SUPPORTED_OPS:
             raise EdgekilnError(f"op {node.op_type} (node {node.name or node.output[0]!r}) is not supported "

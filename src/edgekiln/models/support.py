@@ -62,10 +62,17 @@ def unsupported_ops(model: Any, shapes: Mapping[str, Sequence[int]] | None = Non
     >>> unsupported_ops(helper.make_model(g))["c"]
     ['Erf (e)']
     """
+    from edgekiln.quant.bias_scale import is_constant_mul
+
     out: dict[str, list[str]] = {c: [] for c in CONSUMERS}
+    constants = {i.name for i in model.graph.initializer}
     for i, node in enumerate(model.graph.node):
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            constants.update(node.output)
             continue  # NOTE: data stored as a node, folded by every consumer; not an op to implement.
+        if is_constant_mul(node, constants):
+            constants.update(node.output)
+            continue  # a shared bias scale: every consumer folds it at load time
         label = f"{node.op_type} ({node.name or f'#{i}'})"
         for consumer, table in SUPPORTED_OPS.items():
             if table is None:

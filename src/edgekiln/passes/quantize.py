@@ -118,7 +118,10 @@ def compact_qdq(path: Path) -> int:
     """Remove what a quantized file does not need, in place; returns the bytes saved:
 
     * all-zero zero points of constant DequantizeLinear inputs (the input is optional and
-      defaults to 0; per-channel int32 bias zero points are pure overhead);
+      defaults to 0; per-channel int32 bias zero points are pure overhead), except a Gemm
+      weight's (onnxruntime fuses QGemm only with it);
+    * stored bias scales that equal ``input_scale * weight_scale``, computed by a ``Mul``
+      instead (:mod:`edgekiln.quant.bias_scale`);
     * duplicate initializers (same type, shape and bytes: shared scales and zero points);
     * ``value_info`` (shapes onnxruntime infers again at load time) and the doc string;
     * the generated names of Q/DQ nodes and of internal tensors (layer node names are kept:
@@ -127,11 +130,18 @@ def compact_qdq(path: Path) -> int:
     import onnx
     from onnx import numpy_helper
 
+    from edgekiln.quant.bias_scale import share_bias_scales
+
     model = onnx.load(str(path))
     before = model.ByteSize()
+    share_bias_scales(model)
     inits = {i.name: i for i in model.graph.initializer}
+    # NOTE: onnxruntime 1.31 fuses Q/DQ around a Gemm into QGemm only when the weight's
+    # DequantizeLinear spells out its zero point; without it the Gemm runs in float.
+    gemm_weights = {n.input[1] for n in model.graph.node if n.op_type == "Gemm" and len(n.input) > 1}
     for node in model.graph.node:
-        if node.op_type != "DequantizeLinear" or len(node.input) < 3 or node.input[0] not in inits:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3 or node.input[0] not in inits \
+                or node.output[0] in gemm_weights:
             continue
         zp = inits.get(node.input[2])
         if zp is not None and not numpy_helper.to_array(zp).any():
