@@ -68,7 +68,7 @@ def _evaluate(label: str, width: int, state: Path, data: dict[str, dict[str, np.
     from edgekiln.models import zoo
     from edgekiln.models.analysis import analyze
     from edgekiln.models.torch_export import export_to_onnx
-    from edgekiln.runtime.bound import BoundSession
+    from edgekiln.runtime.bound import BoundSession, bind_chain
     from edgekiln.runtime.early_exit import StagedRunner
     from edgekiln.runtime.split_exec import session as ort_session  # 1 intra-op, 1 inter-op thread
 
@@ -93,9 +93,7 @@ def _evaluate(label: str, width: int, state: Path, data: dict[str, dict[str, np.
     # NOTE: every run calls onnxruntime the same way: buffers bound once for the batch-1 shape
     # (what StagedRunner does for its stages), so the ratios compare the models, not the calls.
     full_bound = BoundSession(full_sess, np.zeros((1, 1, 28, 28), np.float32))
-    bare_chain = [BoundSession(bare[0], np.zeros((1, 1, 28, 28), np.float32))]
-    for sess in bare[1:]:
-        bare_chain.append(BoundSession(sess, bare_chain[-1].outputs[0]))
+    bare_chain = bind_chain(bare, np.zeros((1, 1, 28, 28), np.float32))
 
     def full(r: np.ndarray) -> np.ndarray:
         np.copyto(full_bound.input, r)

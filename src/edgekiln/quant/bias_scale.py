@@ -48,7 +48,7 @@ def share_bias_scales(model: Any) -> int:
         if product.size != b_s.size:
             continue
         product = product.reshape(b_s.shape)
-        if product.dtype != np.float32 or not np.array_equal(product.view(np.uint32), b_s.view(np.uint32)):
+        if not np.array_equal(product.view(np.uint32), b_s.view(np.uint32)):
             continue
         out = f"{b_dq.input[1]}__product"
         muls[id(b_dq)] = helper.make_node("Mul", [names[0], names[1]], [out])

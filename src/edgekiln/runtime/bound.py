@@ -57,3 +57,11 @@ class BoundSession:
         """Run on the current contents of ``self.input``; returns ``self.outputs`` (reused)."""
         self._call()
         return self.outputs
+
+
+def bind_chain(sessions: Any, input_buffer: np.ndarray) -> list[BoundSession]:
+    """Sessions run one after another, each reading the previous one's first output buffer."""
+    chain: list[BoundSession] = []
+    for sess in sessions:
+        chain.append(BoundSession(sess, input_buffer if not chain else chain[-1].outputs[0]))
+    return chain

@@ -21,8 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekiln.runtime.bound import BoundSession
+from edgekiln.runtime.bound import BoundSession, bind_chain
 from edgekiln.runtime.cascade import confidence
+
+
+def _exit_confidence(outs: Sequence[np.ndarray]) -> float:
+    """The exit's confidence: the stage's third output, or the top-1 softmax of its logits."""
+    return float(outs[2].reshape(-1)[0]) if len(outs) > 2 else float(confidence(outs[1])[0])
 
 
 class StagedRunner:
@@ -56,11 +61,7 @@ class StagedRunner:
         if not dims or any(not isinstance(d, int) for d in dims[1:]) or "float" not in first.type:
             return None
         dtype = np.float16 if "float16" in first.type else np.float32
-        chain, buffer = [], np.zeros([1, *dims[1:]], dtype)
-        for sess in self.sessions:
-            chain.append(BoundSession(sess, buffer))
-            buffer = chain[-1].outputs[0]
-        return chain
+        return bind_chain(self.sessions, np.zeros([1, *dims[1:]], dtype))
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, int]:
         """Logits for one input (batch 1) and the index of the exit that produced them."""
@@ -74,8 +75,7 @@ class StagedRunner:
         for k in range(len(self.sessions) - 1):
             outs = self.sessions[k].run(self.output_names[k], {self.input_names[k]: h})
             h, logits = outs[0], outs[1]
-            conf = float(outs[2].reshape(-1)[0]) if len(outs) > 2 else float(confidence(logits)[0])
-            if conf >= self.thresholds[k]:
+            if _exit_confidence(outs) >= self.thresholds[k]:
                 self.exits_taken[k] += 1
                 return logits, k
         self.exits_taken[-1] += 1
@@ -85,8 +85,7 @@ class StagedRunner:
         np.copyto(chain[0].input, x, casting="same_kind")
         for k in range(len(chain) - 1):
             outs = chain[k]()
-            conf = float(outs[2].reshape(-1)[0]) if len(outs) > 2 else float(confidence(outs[1])[0])
-            if conf >= self.thresholds[k]:
+            if _exit_confidence(outs) >= self.thresholds[k]:
                 self.exits_taken[k] += 1
                 return outs[1].copy(), k
         self.exits_taken[-1] += 1
