@@ -99,5 +99,7 @@ def _print_summary(result, rec) -> None:  # noqa: ANN001
     console.print(table)
     if result.interrupted:
         console.print("[yellow]interrupted: the best model so far is saved; continue with --resume[/]")
+    if result.exhausted:
+        console.print(f"the search space holds {len(result.candidates)} distinct pipeline(s): every one was tried")
     console.print(f"report: {result.out_dir / 'report.md'} (also report.html, report.json); "
                   f"model: {result.out_dir / 'model.onnx'}")

@@ -11,6 +11,7 @@ SQLite in the output folder, so ``--resume`` continues where an interrupted sear
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class OptimizeResult:
     pareto: list[Candidate]
     out_dir: Path
     interrupted: bool = False
+    exhausted: bool = False      # the space held fewer distinct pipelines than the trial budget
 
 
 def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = False,
@@ -48,7 +50,7 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
 
     from edgekiln.models.intake import load_model, run_folder_data
     from edgekiln.search.report import write_optimize_report
-    from edgekiln.search.space import default_space, describe, sample_steps
+    from edgekiln.search.space import default_space, describe, params_key
     from edgekiln.targets.profiles import load_profile
 
     out = Path(out_dir)
@@ -89,21 +91,28 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
     _close_stale_trials(study)
     candidates = [Candidate.from_dict(t.user_attrs["candidate"]) for t in study.trials
                   if "candidate" in t.user_attrs]
+    seen = {params_key(t.params) for t in study.trials if "candidate" in t.user_attrs}
     started = time.monotonic()
-    interrupted = False
+    interrupted = exhausted = False
     best: Candidate | None = select_best(candidates, recipe.prefer)
     try:
         while len(candidates) < recipe.search.trials:
             if recipe.search.timeout_s is not None and time.monotonic() - started > recipe.search.timeout_s:
                 break
             n = min(BATCH, recipe.search.trials - len(candidates))
-            trials = [study.ask() for _ in range(n)]
-            payloads = []
-            for t in trials:
-                steps = sample_steps(t, spaces)
+            trials, payloads = [], []
+            for _ in range(n):
+                drawn = _ask_distinct(study, spaces, seen, recipe.search.seed)
+                if drawn is None:
+                    exhausted = True
+                    break
+                t, steps = drawn
+                trials.append(t)
                 payloads.append({**base_payload, "number": t.number, "label": describe(steps, spaces),
                                  "steps": [s.to_dict() for s in steps],
                                  "work_dir": str(out / "work" / f"trial-{t.number:04d}")})
+            if not trials:
+                break
             results = _execute(out, payloads, input_sha, recipe)
             for t, cand in zip(trials, results, strict=True):
                 t.set_user_attr("candidate", cand.to_dict())
@@ -125,38 +134,56 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
             best.runtimes = runtime_choice(Path(best.artifact), recipe.search.bench_runs)
             _save_best(out, best)
     front = pareto_front([c for c in candidates if c.metric is not None] + [baseline])
-    write_optimize_report(out, recipe, profile, baseline, candidates, best, partial=interrupted)
-    result = OptimizeResult(best, baseline, candidates, front, out, interrupted)
+    write_optimize_report(out, recipe, profile, baseline, candidates, best, partial=interrupted, exhausted=exhausted)
+    result = OptimizeResult(best, baseline, candidates, front, out, interrupted, exhausted)
     if best is None and not interrupted:
         raise BudgetNotMet(_no_fit_message(candidates, baseline))
     return result
+
+
+def _ask_distinct(study: Any, spaces: Any, seen: set[Any], seed: int) -> tuple[Any, list[Any]] | None:
+    """Ask for a trial whose pipeline has not been tried yet (``None`` when the space is exhausted).
+
+    A drawn duplicate is closed as failed (samplers ignore it, resume skips it) and the next trial
+    is steered to an untried point, picked reproducibly from the seed: TPE's random start-up draws
+    repeat often in small spaces, and re-running a pipeline spends a trial to learn nothing.
+    """
+    from optuna.trial import TrialState
+
+    from edgekiln.search.space import enumerate_points, params_key, sample_steps
+
+    for _ in range(64):
+        t = study.ask()
+        steps = sample_steps(t, spaces)
+        key = params_key(t.params)
+        if key not in seen:
+            seen.add(key)
+            return t, steps
+        t.set_user_attr("duplicate", True)
+        study.tell(t, state=TrialState.FAIL)
+        points = enumerate_points(spaces)
+        if points is None:
+            continue                      # too large to list: a fresh draw is likely distinct
+        untried = [p for p in points if params_key(p) not in seen]
+        if not untried:
+            return None
+        study.enqueue_trial(untried[random.Random(f"{seed}-{len(seen)}").randrange(len(untried))])
+    return None
 
 
 def _execute(out: Path, payloads: list[dict[str, Any]], input_sha: str, recipe: Recipe) -> list[Candidate]:
     """Run a batch, reusing cached results; the executor decides where the rest run."""
     from edgekiln.search.executors import run_batch
 
-    results: list[Candidate | None] = []
-    todo: dict[str, dict[str, Any]] = {}   # NOTE: one run per distinct pipeline: a batch may propose one twice
-    for p in payloads:
-        cached = _cache_get(out, p, input_sha)
-        results.append(cached)
-        if cached is None:
-            todo.setdefault(payload_key(p, input_sha), p)
-    fresh = dict(zip(todo, run_batch(list(todo.values()), recipe.search), strict=True)) if todo else {}
+    results = [_cache_get(out, p, input_sha) for p in payloads]   # batches hold distinct pipelines
+    todo = [p for p, cached in zip(payloads, results, strict=True) if cached is None]
+    fresh = iter(run_batch(todo, recipe.search) if todo else [])
     final: list[Candidate] = []
-    done: dict[str, Candidate] = {}
     for p, cached in zip(payloads, results, strict=True):
-        key = payload_key(p, input_sha)
-        if cached is not None:
-            cand = cached
-        elif key in done:   # a duplicate of a pipeline run earlier in this batch
-            cand = Candidate.from_dict({**done[key].to_dict(), "number": p["number"], "cached": True})
-        else:
-            cand = Candidate.from_dict(fresh[key])
-            _cache_put(out, p, input_sha, cand)
-            done[key] = cand
-        final.append(cand)
+        if cached is None:
+            cached = Candidate.from_dict(next(fresh))
+            _cache_put(out, p, input_sha, cached)
+        final.append(cached)
     return final
 
 

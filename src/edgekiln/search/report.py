@@ -27,7 +27,7 @@ def summary(c: Candidate) -> dict[str, Any]:
 
 
 def write_optimize_report(out: Path, recipe: Recipe, profile: Any, baseline: Candidate, candidates: list[Candidate],
-                          best: Candidate | None, *, partial: bool) -> Path:
+                          best: Candidate | None, *, partial: bool, exhausted: bool = False) -> Path:
     front = pareto_front([c for c in candidates if c.metric is not None] + [baseline])
     data = {
         "target": recipe.target,
@@ -40,12 +40,16 @@ def write_optimize_report(out: Path, recipe: Recipe, profile: Any, baseline: Can
         "pareto": [summary(c) for c in front],
         "trials": [summary(c) for c in candidates],
         "complete": not partial,
+        "space_exhausted": exhausted,
         "recipe": recipe.to_dict(),
     }
     if best and baseline.model_bytes:
         data["size_reduction"] = baseline.model_bytes / max(1, best.model_bytes or 1)
     plot = _plot(out, baseline, candidates, best)
     md = _markdown(recipe, baseline, candidates, best, front, plot, partial, data.get("size_reduction"))
+    if exhausted:
+        md += (f"\n*The search space holds {len(candidates)} distinct pipeline(s), fewer than the "
+               f"{recipe.search.trials} trials asked for: every one was tried.*\n")
     atomic_write_text(out / "report.html", _html(md, plot))
     return write_report(out, command="optimize", data=data, markdown=md)
 

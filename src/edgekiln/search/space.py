@@ -6,6 +6,7 @@ Optuna trial (``suggest_categorical``) so any Optuna sampler can drive it.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,6 +74,30 @@ def sample_steps(trial: Any, spaces: Sequence[PassSpace]) -> list[Step]:
         spec = get_pass(space.name)
         steps.append(Step(spec.name, spec.config_type.from_dict(values)))
     return steps
+
+
+def params_key(params: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """Identity of a point of the space: the values :func:`sample_steps` drew, in name order."""
+    return tuple(sorted(params.items()))
+
+
+def enumerate_points(spaces: Sequence[PassSpace], limit: int = 4096) -> list[dict[str, Any]] | None:
+    """Every point of the space as the parameters :func:`sample_steps` would draw for it, in a
+    fixed order; ``None`` when there are more than ``limit``."""
+    per_space: list[list[dict[str, Any]]] = []
+    for space in spaces:
+        varied = [(f"{space.name}.{k}", list(v)) for k, v in space.options.items() if len(v) > 1]
+        combos = [dict(zip([name for name, _ in varied], values, strict=True))
+                  for values in itertools.product(*[choices for _, choices in varied])]
+        if space.optional:
+            combos = [{f"{space.name}.enabled": True, **c} for c in combos] + [{f"{space.name}.enabled": False}]
+        per_space.append(combos)
+    size = 1
+    for combos in per_space:
+        size *= len(combos)
+    if size > limit:
+        return None
+    return [{k: v for part in parts for k, v in part.items()} for parts in itertools.product(*per_space)]
 
 
 def describe(steps: Sequence[Step], spaces: Sequence[PassSpace] = ()) -> str:
