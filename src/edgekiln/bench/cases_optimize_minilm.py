@@ -15,6 +15,7 @@ from edgekiln.bench.suite import CaseResult
 from edgekiln.report import md_table
 
 MAX_DROP = 0.005
+NOISE = 0.03   # ratios closer to 1 than this flip between runs of the same models here
 
 
 def optimize_minilm(work: Path, quick: bool) -> CaseResult:
@@ -57,7 +58,10 @@ def optimize_minilm(work: Path, quick: bool) -> CaseResult:
                      [[r["tool"], r["runtime"], f"{r['cosine_mean']:.5f}", f"{r['cosine_min']:.5f}",
                        f"{r['size_ratio']:.3f}", f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}"] for r in rows])
     runtimes = ", ".join(f"{r['runtime']} {r['p50_ms']:.2f} ms" for r in best.runtimes if "p50_ms" in r)
-    faster = mine["p50_ms"] < ort_dyn["p50_ms"] and mine["p50_ms"] < nncf["p50_ms"]
+    peer = min(ort_dyn["p50_ms"], nncf["p50_ms"])
+    verdict = ("faster than both" if mine["p50_ms"] < peer * (1 - NOISE) else
+               f"on par with the faster peer (within {NOISE:.0%}, this machine's run-to-run noise): not shown faster"
+               if mine["p50_ms"] <= peer * (1 + NOISE) else "NOT faster than both")
     drop = 1.0 - mine["cosine_mean"]
     md = "\n".join([
         "`edgekiln optimize model.onnx --metric cosine --max-drop 0.005 --target host` on all-MiniLM-L6-v2 "
@@ -66,7 +70,7 @@ def optimize_minilm(work: Path, quick: bool) -> CaseResult:
         f"against the FP32 PyTorch embeddings of {len(ref)} sentences.", "", table, "",
         f"- Selected: `{best.label}`; optimize's runtime table: {runtimes or 'n/a'} -> deployed to **{fastest}**.",
         f"- Selected p50 vs ORT quantize_dynamic {mine['p50_ms'] / ort_dyn['p50_ms']:.2f}x, vs NNCF+OpenVINO "
-        f"{mine['p50_ms'] / nncf['p50_ms']:.2f}x: {'faster than both' if faster else 'NOT faster than both'}; "
+        f"{mine['p50_ms'] / nncf['p50_ms']:.2f}x: {verdict}; "
         f"cosine drop {drop:.4f} (budget {MAX_DROP}).", "",
         md_table(["trial", "pipeline", "cosine", "drop", "host p50 ms", "feasible"], trials)])
     return CaseResult("optimize_minilm", "edgekiln optimize on MiniLM: selected model vs ORT dynamic vs NNCF", md,

@@ -18,12 +18,21 @@ def _latency(c: Candidate) -> float:
     return float("inf") if value is None else float(value)
 
 
-def select_best(candidates: Sequence[Candidate], prefer: str) -> Candidate | None:
+def select_best(candidates: Sequence[Candidate], prefer: str, latency_tolerance: float = 0.0) -> Candidate | None:
     """The feasible candidate that is fastest on the target (``latency``), smallest (``size``)
-    or most accurate (``accuracy``); the other objectives break ties, then the trial number."""
+    or most accurate (``accuracy``); the other objectives break ties, then the trial number.
+
+    ``latency_tolerance`` is for latencies measured on a noisy machine: candidates within that
+    fraction of the fastest count as equally fast, and the most accurate of them wins (otherwise
+    run-to-run noise picks between models with the same graph).
+    """
     feasible = [c for c in candidates if c.feasible and c.state == "complete" and c.metric is not None]
     if not feasible:
         return None
+    if prefer == "latency" and latency_tolerance > 0:
+        fastest = min(_latency(c) for c in feasible)
+        tied = [c for c in feasible if _latency(c) <= fastest * (1 + latency_tolerance)]
+        return min(tied, key=lambda c: (-(c.metric or 0.0), c.model_bytes or 0, _latency(c), c.number))
     keys = {
         "latency": lambda c: (_latency(c), c.model_bytes or 0, -(c.metric or 0.0), c.number),
         "size": lambda c: (c.model_bytes or 0, _latency(c), -(c.metric or 0.0), c.number),
