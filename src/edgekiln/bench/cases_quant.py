@@ -79,11 +79,14 @@ def _cnn_rows(name: str, folder: Path, work: Path, quick: bool) -> list[dict[str
     nncf_xml = peers.nncf_openvino(fp32, feeds, work / f"{name}-nncf.xml")
     add("NNCF nncf.quantize (OpenVINO)", nncf_xml, peers.openvino_session(nncf_xml), "openvino")
     base, ref = rows[0]["accuracy"], rows[0]["top1"]
+    margin_rank = _margin_ranks(peers.predict(peers.onnxruntime_session(fp32), {"input": x}))
     for r in rows:
         r["drop_points"] = 100 * (base - r["accuracy"])
         # NOTE: counting predictions that differ from the FP32 model's sees every flip; accuracy
         # lets a wrong-to-right flip hide a right-to-wrong one.
-        r["flips"] = int((r.pop("top1") != ref).sum())
+        flipped = np.flatnonzero(r.pop("top1") != ref)
+        r["flips"] = len(flipped)
+        r["flip_margin_ranks"] = sorted(int(margin_rank[i]) for i in flipped)
         r["size_ratio"] = r["bytes"] / rows[0]["bytes"]
     rows[2]["kept_float"] = res.kept_float
     rows[2]["divergence"] = _divergence(res.path, x[:16])
@@ -91,6 +94,13 @@ def _cnn_rows(name: str, folder: Path, work: Path, quick: bool) -> list[dict[str
     rows[4]["byte_breakdown"] = byte_breakdown(ort_path)
     rows[2]["per_channel"] = per_channel_overhead(res.path)
     return rows
+
+
+def _margin_ranks(logits: np.ndarray) -> np.ndarray:
+    """Per image: the rank of the FP32 model's top-1 minus top-2 logit among all images
+    (1 = the closest call): a flip of a rank-1 image is a coin toss, not a broken layer."""
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    return np.argsort(np.argsort(top2[:, 1] - top2[:, 0], kind="stable"), kind="stable") + 1
 
 
 def _divergence(path: Path, x: np.ndarray) -> dict[str, Any]:
@@ -163,7 +173,10 @@ def quantization_cnn(work: Path, quick: bool) -> CaseResult:
         verdicts.append(f"- {model}: edgekiln drop {mine['drop_points']:.2f} points (budget 0.30; top-1 differs from FP32 on "
                         f"{mine['flips']} of {mine['images']:,} images), size {mine['size_ratio']:.3f}x; peers: "
                         + ", ".join(f"{r['tool']} {r['drop_points']:.2f} ({r['flips']} differ)" for r in peers_)
-                        + f"; kept float: {mine.get('kept_float') or 'none'}.")
+                        + f"; kept float: {mine.get('kept_float') or 'none'}"
+                        + (f"; the images edgekiln flips rank {_ranks(mine['flip_margin_ranks'])} of "
+                           f"{mine['images']:,} by FP32 top-2 logit margin (1 = closest call)" if mine["flips"] else "")
+                        + ".")
     md = "\n".join([
         "Eval: the held-out 1,000 MNIST samples (seed-0 split); calibration: 256 training samples for every tool. "
         "Size ratio: quantized file / FP32 ONNX file.", "", table, "", *verdicts, "", _size_section(rows), "",
@@ -171,6 +184,10 @@ def quantization_cnn(work: Path, quick: bool) -> CaseResult:
         "Tiny CNNs are call-overhead bound on this CPU: int8 makes them about 4x smaller, not faster; the quantize "
         "report flags every runtime where the quantized model is slower than FP32."])
     return CaseResult("quantization", "Quantization of CNNs: edgekiln vs ORT quantize_static vs NNCF", md, {"rows": rows})
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ", ".join(str(r) for r in ranks[:8]) + (" ..." if len(ranks) > 8 else "")
 
 
 def minilm_cosine(out: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
