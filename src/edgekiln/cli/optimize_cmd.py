@@ -25,7 +25,7 @@ def optimize_command(
     max_ram: str = typer.Option(None, "--max-ram", help="RAM budget, e.g. 256KB (default: the profile's RAM)."),
     max_flash: str = typer.Option(None, "--max-flash", help="Flash budget, e.g. 1MB (default: the profile's flash)."),
     prefer: str = typer.Option(None, "--prefer", help="latency | size | accuracy: which feasible model wins."),
-    trials: int = typer.Option(None, "--trials", help="Number of trials."),
+    trials: int = typer.Option(None, "--trials", help="Number of trials (distinct pipelines; fewer when the space holds fewer)."),
     timeout: float = typer.Option(None, "--timeout", help="Stop starting trials after this many seconds."),
     seed: int = typer.Option(None, "--seed"),
     workers: int = typer.Option(None, "--workers", help="Trials run in parallel on this machine."),

@@ -27,6 +27,7 @@ from edgekiln.search.trial import Candidate, keep_artifact, payload_key, run_tri
 # NOTE: host p50s of one model measured minutes apart in a search differ by up to ~5% here
 # (shared machine); within that, the more accurate candidate is selected.
 HOST_LATENCY_NOISE = 0.05
+DISTINCT_DRAWS = 64  # draws per trial before a repeat is accepted (only in spaces too large to list)
 BATCH = 4            # trials asked per round; fixed so parallel and serial runs see the same proposals
 STUDY_NAME = "edgekiln-optimize"
 
@@ -156,16 +157,18 @@ def _ask_distinct(study: Any, spaces: Any, seen: set[Any], seed: int) -> tuple[A
 
     from edgekiln.search.space import enumerate_points, params_key, sample_steps
 
-    for _ in range(64):
+    points = enumerate_points(spaces)
+    for attempt in range(DISTINCT_DRAWS):
         t = study.ask()
         steps = sample_steps(t, spaces)
         key = params_key(t.params)
         if key not in seen:
             seen.add(key)
             return t, steps
+        if points is None and attempt == DISTINCT_DRAWS - 1:
+            return t, steps               # a space too large to list kept repeating: run it (from the cache)
         t.set_user_attr("duplicate", True)
         study.tell(t, state=TrialState.FAIL)
-        points = enumerate_points(spaces)
         if points is None:
             continue                      # too large to list: a fresh draw is likely distinct
         untried = [p for p in points if params_key(p) not in seen]
