@@ -89,13 +89,16 @@ def _print_summary(result, rec) -> None:  # noqa: ANN001
     from edgekiln.search.report import HEADERS, table_rows
 
     console = Console()
+    # NOTE: one column per model, one row per measure: readable in an 80-column terminal, where a
+    # row per model squeezed the selected pipeline to "prune… -> quant…".
     table = Table(title=f"edgekiln optimize -> {rec.target}")
-    for h in HEADERS:
-        table.add_column(h)
-    rows = [result.baseline] + ([result.selected] if result.selected else [])
-    for row, label in zip(table_rows(rows), ["baseline", "selected"], strict=False):
-        row[0] = label
-        table.add_row(*[str(v) for v in row])
+    models = [result.baseline] + ([result.selected] if result.selected else [])
+    table.add_column("")
+    for label in ["baseline", "selected"][:len(models)]:
+        table.add_column(label, overflow="fold")
+    rows = table_rows(models)
+    for i, header in enumerate(HEADERS[1:], start=1):
+        table.add_row(header, *[str(row[i]) for row in rows])
     console.print(table)
     if result.interrupted:
         console.print("[yellow]interrupted: the best model so far is saved; continue with --resume[/]")
