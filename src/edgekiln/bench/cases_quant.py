@@ -76,7 +76,8 @@ def _cnn_rows(name: str, folder: Path, work: Path, quick: bool) -> list[dict[str
         size = path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0)
         top1 = _top1(run, x)
         rows.append({"model": name, "tool": tool, "runtime": runtime, "accuracy": float((top1 == y).mean()),
-                     "top1": top1, "images": len(y), "top1_all": _top1(run, every), "images_all": len(every), "bytes": size, "p50_ms": lat["p50"], "p90_ms": lat["p90"]})
+                     "top1": top1, "images": len(y), "top1_all": _top1(run, every), "images_all": len(every),
+                     "bytes": size, "p50_ms": lat["p50"], "p90_ms": lat["p90"]})
 
     add("FP32", fp32, peers.onnxruntime_session(fp32), "onnxruntime")
     add("FP32", fp32, peers.openvino_session(fp32), "openvino")
@@ -194,7 +195,8 @@ def quantization_cnn(work: Path, quick: bool) -> CaseResult:
     md = "\n".join([
         "Eval: the held-out 1,000 MNIST samples (seed-0 split); calibration: 256 training samples for every tool. "
         "Size ratio: quantized file / FP32 ONNX file. Agreement with the FP32 model needs no labels, so it is "
-        "also counted over all 5,000 MNIST images (training images included).", "", table, "", *verdicts, "", _size_section(rows), "",
+        "also counted over all 5,000 MNIST images (training images included).", "", table, "", *verdicts, "",
+        _size_section(rows), "",
         _divergence_section(rows), "",
         "Tiny CNNs are call-overhead bound on this CPU: int8 makes them about 4x smaller, not faster; the quantize "
         "report flags every runtime where the quantized model is slower than FP32."])

@@ -166,7 +166,7 @@ def _ask_distinct(study: Any, spaces: Any, seen: set[Any], seed: int) -> tuple[A
             seen.add(key)
             return t, steps
         if points is None and attempt == DISTINCT_DRAWS - 1:
-            return t, steps               # a space too large to list kept repeating: run it (from the cache)
+            return t, steps               # a space too large to list kept repeating: run the repeat
         t.set_user_attr("duplicate", True)
         study.tell(t, state=TrialState.FAIL)
         if points is None:
