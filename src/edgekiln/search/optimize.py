@@ -54,7 +54,7 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
 
     from edgekiln.models.intake import load_model, run_folder_data
     from edgekiln.search.report import write_optimize_report
-    from edgekiln.search.space import default_space, describe, params_key
+    from edgekiln.search.space import default_space, describe, enumerate_points, params_key
     from edgekiln.targets.profiles import load_profile
 
     out = Path(out_dir)
@@ -97,6 +97,7 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
                   if "candidate" in t.user_attrs]
     tolerance = HOST_LATENCY_NOISE if profile.kind in ("host", "linux") else 0.0
     seen = {params_key(t.params) for t in study.trials if "candidate" in t.user_attrs}
+    points = enumerate_points(spaces)
     started = time.monotonic()
     interrupted = exhausted = False
     best: Candidate | None = select_best(candidates, recipe.prefer, tolerance)
@@ -107,7 +108,7 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
             n = min(BATCH, recipe.search.trials - len(candidates))
             trials, payloads = [], []
             for _ in range(n):
-                drawn = _ask_distinct(study, spaces, seen, recipe.search.seed)
+                drawn = _ask_distinct(study, spaces, points, seen, recipe.search.seed)
                 if drawn is None:
                     exhausted = True
                     break
@@ -146,18 +147,19 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
     return result
 
 
-def _ask_distinct(study: Any, spaces: Any, seen: set[Any], seed: int) -> tuple[Any, list[Any]] | None:
+def _ask_distinct(study: Any, spaces: Any, points: list[dict[str, Any]] | None, seen: set[Any],
+                  seed: int) -> tuple[Any, list[Any]] | None:
     """Ask for a trial whose pipeline has not been tried yet (``None`` when the space is exhausted).
 
-    A drawn duplicate is closed as failed (samplers ignore it, resume skips it) and the next trial
-    is steered to an untried point, picked reproducibly from the seed: TPE's random start-up draws
-    repeat often in small spaces, and re-running a pipeline spends a trial to learn nothing.
+    ``points`` lists the whole space (``None`` when too large to list). A drawn duplicate is
+    closed as failed (samplers ignore it, resume skips it) and the next trial is steered to an
+    untried point, picked reproducibly from the seed: TPE's random start-up draws repeat often in
+    small spaces, and re-running a pipeline spends a trial to learn nothing.
     """
     from optuna.trial import TrialState
 
-    from edgekiln.search.space import enumerate_points, params_key, sample_steps
+    from edgekiln.search.space import params_key, sample_steps
 
-    points = enumerate_points(spaces)
     for attempt in range(DISTINCT_DRAWS):
         t = study.ask()
         steps = sample_steps(t, spaces)

@@ -7,6 +7,7 @@ Optuna trial (``suggest_categorical``) so any Optuna sampler can drive it.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -92,10 +93,7 @@ def enumerate_points(spaces: Sequence[PassSpace], limit: int = 4096) -> list[dic
         if space.optional:
             combos = [{f"{space.name}.enabled": True, **c} for c in combos] + [{f"{space.name}.enabled": False}]
         per_space.append(combos)
-    size = 1
-    for combos in per_space:
-        size *= len(combos)
-    if size > limit:
+    if math.prod(len(combos) for combos in per_space) > limit:
         return None
     return [{k: v for part in parts for k, v in part.items()} for parts in itertools.product(*per_space)]
 
