@@ -53,7 +53,8 @@ def test_structured_prune_with_scan_and_schedule_then_quantize_the_run_folder(di
     assert rep["sensitivity"]["points"] and "## " not in (out / "report.md").read_text()[:2]
     art = load_model(out)               # the run folder feeds the next command
     assert art.torch is not None and art.input_shape == (1, 1, 8, 8)
-    assert _run(["quantize", str(out), "--out", str(tmp_path / "q"), "--bench-runs", "20"]) == 0
+    assert _run(["quantize", str(out), "--adaround", "--out", str(tmp_path / "q"), "--bench-runs", "20"]) == 0
+    assert _report(tmp_path / "q")["config"]["adaround"] is True
 
 
 def test_unstructured_prune_reports_the_honest_sparse_size(digits, tmp_path):

@@ -25,6 +25,8 @@ def quantize_command(
     samples: int = typer.Option(256, "--calib-samples"),
     equalize: bool = typer.Option(False, "--equalize", help="Cross-layer equalization first (int8)."),
     bias_correction: bool = typer.Option(False, "--bias-correction", help="Correct each layer's mean shift (int8)."),
+    adaround: bool = typer.Option(False, "--adaround",
+                                  help="int8: learn each weight's rounding from its layer's output error (slower)."),
     smooth_alpha: float = typer.Option(0.7, "--smooth-alpha",
                                        help="int8-dynamic: SmoothQuant strength in (0, 1); 0 turns smoothing off."),
     rewrites: bool = typer.Option(True, "--transformer-rewrites/--no-transformer-rewrites",
@@ -48,7 +50,7 @@ def quantize_command(
     cfg = QuantizeConfig.from_dict({"scheme": scheme, "calibration": calibration, "max_drop": max_drop,
                                     "keep_float": tuple(keep_float or ()), "symmetric_activations": symmetric,
                                     "per_channel": per_channel, "calib_samples": samples, "equalize": equalize,
-                                    "bias_correction": bias_correction,
+                                    "bias_correction": bias_correction, "adaround": adaround,
                                     "smooth_alpha": smooth_alpha or None, "transformer_rewrites": rewrites})
     art = load_model(model, work_dir=out / "input")
     from rich.progress import Progress

@@ -44,6 +44,7 @@ class QuantizeConfig(PassConfig):
     transformer_rewrites: bool = True    # int8-dynamic: soft attention-mask fill, residual adds kept unfused
     equalize: bool = False               # int8: cross-layer equalization of Conv-ReLU-Conv pairs first
     bias_correction: bool = False        # int8: remove the mean output shift of each Conv/Gemm
+    adaround: bool = False               # int8: learn each weight's rounding from the layer's output error
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -65,6 +66,7 @@ class QuantizeResult:
     kept_float: list[str] = field(default_factory=list)
     calibration: dict[str, str] = field(default_factory=dict)      # tensor -> method used
     rewrites: dict[str, Any] = field(default_factory=dict)         # int8-dynamic graph rewrites applied
+    adaround: dict[str, Any] = field(default_factory=dict)         # int8 + adaround: per layer, what moved
     metric_fp32: float | None = None
     metric: float | None = None
     sensitivity: list[dict[str, Any]] = field(default_factory=list)
@@ -93,16 +95,18 @@ def layer_names(model_path: str | Path) -> list[str]:
 
 
 def quantize_once(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[str, np.ndarray]] | None,
-                  exclude: list[str], seed: int = 0, rewrites: dict[str, Any] | None = None) -> dict[str, str]:
+                  exclude: list[str], seed: int = 0, rewrites: dict[str, Any] | None = None,
+                  adaround_report: dict[str, Any] | None = None) -> dict[str, str]:
     """One quantization of ``src`` into ``dst``; returns the calibration method per tensor
-    (and fills ``rewrites`` with what the int8-dynamic graph rewrites changed)."""
+    (and fills ``rewrites`` with what the int8-dynamic graph rewrites changed, ``adaround_report``
+    with AdaRound's per-layer errors)."""
     import warnings
 
     logging_quiet()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if cfg.scheme == "int8":
-            return _int8_static(src, dst, cfg, feeds, exclude, seed)
+            return _int8_static(src, dst, cfg, feeds, exclude, seed, adaround_report)
         if cfg.scheme == "int8-dynamic":
             report = _int8_dynamic(src, dst, cfg, feeds, exclude)
             if rewrites is not None:
@@ -245,7 +249,7 @@ def _preprocess(src: Path, work: Path) -> Path:
 
 
 def _int8_static(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[str, np.ndarray]] | None,
-                 exclude: list[str], seed: int) -> dict[str, str]:
+                 exclude: list[str], seed: int, adaround_report: dict[str, Any] | None = None) -> dict[str, str]:
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -275,6 +279,14 @@ def _int8_static(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[str
 
             fixed, _ = correct_bias(onnx.load(str(pre)), onnx.load(str(dst)), feeds[:64])
             onnx.save(fixed, str(dst))
+        if cfg.adaround:
+            from edgekiln.compress.adaround import AdaRoundSettings, adaround
+
+            rounded, report = adaround(onnx.load(str(pre)), onnx.load(str(dst)), feeds, AdaRoundSettings(seed=seed))
+            onnx.save(rounded, str(dst))
+            if adaround_report is not None:
+                adaround_report.clear()
+                adaround_report.update(report)
     compact_qdq(dst)
     return {t: r.method for t, r in ranges.items()}
 
@@ -317,10 +329,10 @@ def _int8_dynamic(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[st
 
 def _same_outputs(a: Any, b: Any, feeds: list[dict[str, np.ndarray]], rel: float = 1e-5) -> bool:
     """Whether two float models give the same outputs on ``feeds`` (to ``rel`` of the output range)."""
-    from edgekiln.quant.correction import _outputs
+    from edgekiln.quant.correction import tensor_values
 
     names = [o.name for o in a.graph.output]
-    ya, yb = _outputs(a, feeds, names), _outputs(b, feeds, names)
+    ya, yb = tensor_values(a, feeds, names), tensor_values(b, feeds, names)
     return all(np.abs(ya[n] - yb[n]).max() <= rel * max(float(np.abs(ya[n]).max()), 1e-12) for n in names)
 
 
@@ -368,8 +380,9 @@ def quantize_model(src: str | Path, cfg: QuantizeConfig, work: str | Path, *, ca
     dst = work / "model.onnx"
     exclude = list(cfg.keep_float)
     rewrites: dict[str, Any] = {}
-    methods = quantize_once(src, dst, cfg, feeds, exclude, seed, rewrites)
-    result = QuantizeResult(dst, SCHEMES[cfg.scheme], list(exclude), methods, rewrites)
+    rounding: dict[str, Any] = {}
+    methods = quantize_once(src, dst, cfg, feeds, exclude, seed, rewrites, rounding)
+    result = QuantizeResult(dst, SCHEMES[cfg.scheme], list(exclude), methods, rewrites, rounding)
     if eval_npz is None:
         return result
     ref = src if metric in ("cosine", "sqnr") else None
@@ -394,7 +407,7 @@ def quantize_model(src: str | Path, cfg: QuantizeConfig, work: str | Path, *, ca
     best = (result.metric, list(exclude))
     for row in result.sensitivity[:-1]:   # keeping every layer float is not quantization
         exclude.append(row["layer"])
-        quantize_once(src, trial, cfg, feeds, exclude, seed)
+        quantize_once(src, trial, cfg, feeds, exclude, seed, adaround_report=rounding)
         m = evaluate(trial, eval_npz, metric, reference_path=ref)
         result.attempts.append({"kept_float": list(exclude), "metric": m})
         if m > best[0]:

@@ -109,9 +109,9 @@ def correct_bias(float_model: Any, qdq_model: Any, feeds: list[dict[str, np.ndar
     layers = [n for n in q.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 2 and n.input[2]
               and n.name in float_out]
     names = [n.output[0] for n in layers]
-    ref_by_float = _outputs(float_model, feeds, [float_out[n.name] for n in layers])
+    ref_by_float = tensor_values(float_model, feeds, [float_out[n.name] for n in layers])
     ref = {n.output[0]: ref_by_float[float_out[n.name]] for n in layers if float_out[n.name] in ref_by_float}
-    got = _outputs(q, feeds, names)
+    got = tensor_values(q, feeds, names)
     inits = {i.name: i for i in q.graph.initializer}
     producers = {o: n for n in q.graph.node for o in n.output}
     report = {}
@@ -133,7 +133,7 @@ def correct_bias(float_model: Any, qdq_model: Any, feeds: list[dict[str, np.ndar
         else:
             continue
         report[node.name or name] = {"mean_error_before": float(np.abs(err).mean())}
-    after = _outputs(q, feeds, names)
+    after = tensor_values(q, feeds, names)
     for node in layers:
         key = node.name or node.output[0]
         if key in report:
@@ -142,7 +142,8 @@ def correct_bias(float_model: Any, qdq_model: Any, feeds: list[dict[str, np.ndar
     return q, report
 
 
-def _outputs(model: Any, feeds: list[dict[str, np.ndarray]], names: list[str]) -> dict[str, np.ndarray]:
+def tensor_values(model: Any, feeds: list[dict[str, np.ndarray]], names: list[str]) -> dict[str, np.ndarray]:
+    """The values of the tensors `names` over `feeds` (concatenated along the batch axis), run unoptimized."""
     import onnx
     import onnxruntime as ort
 

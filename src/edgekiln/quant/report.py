@@ -104,7 +104,8 @@ def write_quantize_report(out: Path, *, scheme: str, metric_name: str, fp32: Pat
         "latency_by_runtime": runtimes, "fastest_runtime": fastest, "slower_than_fp32": slower,
         "kept_float": res.kept_float, "sensitivity": res.sensitivity, "attempts": res.attempts,
         "calibration": res.calibration, "parity": parity_result, "artifact": "model.onnx", "config": config,
-        "rewrites": getattr(res, "rewrites", {}), "byte_breakdown": byte_breakdown(res.path),
+        "rewrites": getattr(res, "rewrites", {}), "adaround": getattr(res, "adaround", {}),
+        "byte_breakdown": byte_breakdown(res.path),
     }
     plot = _sensitivity_plot(out, res.sensitivity)
     lines = [f"# edgekiln quantize: {scheme}", "",
@@ -135,6 +136,15 @@ def write_quantize_report(out: Path, *, scheme: str, metric_name: str, fp32: Pat
                   f"{rw.get('mask_fills', 0)}; residual adds kept out of SkipLayerNormalization: "
                   f"{rw.get('residual_sums', 0)}; embedding tables int8 per row: "
                   f"{', '.join(rw.get('embedding_tables', [])) or 'none'}.", ""]
+    if data["adaround"]:
+        lines += ["## AdaRound (learned rounding of int8 weights)", "",
+                  md_table(["layer", "output MSE, nearest", "output MSE, as stored", "held-out MSE, nearest",
+                            "held-out MSE, learned", "kept", "weights moved"],
+                           [[k, f"{v['mse_nearest']:.4g}", f"{v['mse']:.4g}", f"{v['held_out_mse_nearest']:.4g}",
+                             f"{v['held_out_mse_learned']:.4g}", "yes" if v["kept"] else "no (nearest)",
+                             f"{v['flipped_weights']:,} of {v['weights']:,}"] for k, v in data["adaround"].items()]),
+                  "", "Output MSE against the float layer on the calibration samples; a fifth of them is held out "
+                  "of the fit and decides whether the layer keeps the learned rounding.", ""]
     lines += ["## Where the bytes go", "",
               md_table(["part", "bytes"], [[k, f"{v:,}"] for k, v in data["byte_breakdown"].items()]), ""]
     if res.kept_float:

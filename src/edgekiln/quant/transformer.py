@@ -186,7 +186,7 @@ def smooth_activations(model: Any, feeds: Sequence[dict[str, np.ndarray]], *, al
     """
     from onnx import helper, numpy_helper
 
-    from edgekiln.quant.correction import _outputs
+    from edgekiln.quant.correction import tensor_values
 
     inits = {i.name: i for i in model.graph.initializer}
     groups: dict[str, list[Any]] = {}
@@ -198,7 +198,7 @@ def smooth_activations(model: Any, feeds: Sequence[dict[str, np.ndarray]], *, al
     groups = {x: g for x, g in groups.items() if all(shared[n.input[1]] == 1 and n.name not in skip for n in g)}
     if not groups or not feeds:
         return {}
-    acts = _outputs(model, list(feeds), list(groups))
+    acts = tensor_values(model, list(feeds), list(groups))
     report: dict[str, float] = {}
     new_nodes = []
     for x, nodes in groups.items():
