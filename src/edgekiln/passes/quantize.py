@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -388,7 +388,7 @@ def quantize_model(src: str | Path, cfg: QuantizeConfig, work: str | Path, *, ca
     ref = src if metric in ("cosine", "sqnr") else None
     result.metric_fp32 = evaluate(src, eval_npz, metric, reference_path=ref) if metric != "sqnr" else float("inf")
     result.metric = evaluate(dst, eval_npz, metric, reference_path=ref)
-    result.attempts.append({"kept_float": list(exclude), "metric": result.metric})
+    result.attempts.append({"kept_float": list(exclude), "metric": result.metric, "adaround": cfg.adaround})
     if cfg.max_drop is None or _drop(result) <= cfg.max_drop + 1e-9:
         return result
     # Sensitivity: quantize one layer at a time (everything else float) and measure the damage.
@@ -396,8 +396,11 @@ def quantize_model(src: str | Path, cfg: QuantizeConfig, work: str | Path, *, ca
     # layers hurts whichever of them is quantized, so both rank high and both are kept float.
     layers = [n for n in layer_names(src) if n not in exclude]
     trial = work / "trial.onnx"
+    # NOTE: the search rounds to nearest: AdaRound refits every quantized layer (minutes on a
+    # MobileNetV2) and would do so for each attempt; it is applied once to the layer set found.
+    search = replace(cfg, adaround=False)
     for i, name in enumerate(layers):
-        quantize_once(src, trial, cfg, feeds, [*exclude, *[x for x in layers if x != name]], seed)
+        quantize_once(src, trial, search, feeds, [*exclude, *[x for x in layers if x != name]], seed)
         m = evaluate(trial, eval_npz, metric, reference_path=ref)
         result.sensitivity.append({"layer": name, "metric_if_only_this_quantized": m,
                                    "damage": result.metric_fp32 - m, "bytes_float": _layer_bytes(src, name)})
@@ -407,19 +410,38 @@ def quantize_model(src: str | Path, cfg: QuantizeConfig, work: str | Path, *, ca
     best = (result.metric, list(exclude))
     for row in result.sensitivity[:-1]:   # keeping every layer float is not quantization
         exclude.append(row["layer"])
-        quantize_once(src, trial, cfg, feeds, exclude, seed, adaround_report=rounding)
+        quantize_once(src, trial, search, feeds, exclude, seed)
         m = evaluate(trial, eval_npz, metric, reference_path=ref)
-        result.attempts.append({"kept_float": list(exclude), "metric": m})
+        result.attempts.append({"kept_float": list(exclude), "metric": m, "adaround": False})
         if m > best[0]:
             best = (m, list(exclude))
         if result.metric_fp32 - m <= cfg.max_drop + 1e-9:
             shutil.copyfile(trial, dst)
             result.metric, result.kept_float = m, list(exclude)
+            rounding.clear()
+            if cfg.adaround:
+                _adaround_last(src, trial, dst, cfg, feeds, exclude, seed, result, eval_npz, metric, ref)
             return result
     drop = result.metric_fp32 - best[0]
     raise BudgetNotMet(f"the accuracy budget cannot be met: best drop {drop:.4f} > max-drop {cfg.max_drop:.4f} "
                        f"(misses by {drop - cfg.max_drop:.4f}); closest keeps {len(best[1])} layer(s) float: "
                        f"{', '.join(best[1][:6])}{' ...' if len(best[1]) > 6 else ''}")
+
+
+def _adaround_last(src: Path, trial: Path, dst: Path, cfg: QuantizeConfig, feeds: Any, exclude: list[str], seed: int,
+                   result: QuantizeResult, eval_npz: Any, metric: str, ref: Any) -> None:
+    """Re-round the layers the budget search left quantized with AdaRound; keep it only if the
+    metric is no worse than with nearest rounding."""
+    from edgekiln.models.metrics import evaluate
+
+    rounding: dict[str, Any] = {}
+    quantize_once(src, trial, cfg, feeds, exclude, seed, adaround_report=rounding)
+    m = evaluate(trial, eval_npz, metric, reference_path=ref)
+    result.attempts.append({"kept_float": list(exclude), "metric": m, "adaround": True})
+    if m >= (result.metric or 0.0):
+        shutil.copyfile(trial, dst)
+        result.metric = m
+        result.adaround.update(rounding)
 
 
 def _drop(r: QuantizeResult) -> float:

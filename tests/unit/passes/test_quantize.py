@@ -227,3 +227,17 @@ def test_compaction_is_lossless_and_removes_waste(tmp_path):
     names = {n.op_type: n.name for n in m.graph.node if n.op_type in ("Conv", "Gemm")}
     assert names == {"Conv": "conv1", "Gemm": "fc"}, names
     assert all(not n.name for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
+
+
+def test_accuracy_budget_with_adaround_searches_with_nearest_rounding_then_re_rounds(tmp_path):
+    src = _outlier_model(tmp_path)
+    cfg = QuantizeConfig(per_channel=False, max_drop=0.03, adaround=True)
+    res = quantize_model(src, cfg, tmp_path / "budget", calib=tmp_path / "c.npz", eval_npz=tmp_path / "e.npz")
+    assert res.metric_fp32 - res.metric <= 0.03, f"drop {res.metric_fp32 - res.metric:.3f} after rescue"
+    assert res.kept_float and "fc0" not in res.kept_float, res.kept_float
+    # The first attempt (everything int8) and the last (the layer set found) are AdaRound's; the
+    # search between them rounds to nearest, so AdaRound runs twice, not once per attempt.
+    used = [a["adaround"] for a in res.attempts]
+    assert used[0] and used[-1] and not any(used[1:-1]) and len(used) > 2, res.attempts
+    assert set(res.adaround) <= {"fc0", "fc1", "fc2"} - set(res.kept_float), (res.adaround, res.kept_float)
+    assert evaluate(res.path, tmp_path / "e.npz") == pytest.approx(res.metric)
