@@ -47,9 +47,12 @@ def adaround(float_model: Any, qdq_model: Any, feeds: list[dict[str, np.ndarray]
     q.CopyFrom(qdq_model)
     float_nodes = {n.name: n for n in float_model.graph.node if n.name}
     float_inits = {i.name: i for i in float_model.graph.initializer}
+    # Storing a layer rewrites its initializer in place, so these maps stay valid for the whole walk.
+    inits = {i.name: i for i in q.graph.initializer}
+    producers = {o: n for n in q.graph.node for o in n.output}
     report: dict[str, Any] = {}
     for node in list(q.graph.node):
-        layer = _layer(q, node, float_nodes, float_inits)
+        layer = _layer(node, inits, producers, float_nodes, float_inits)
         if layer is None:
             continue
         x = tensor_values(q, feeds, [node.input[0]])[node.input[0]]
@@ -78,13 +81,12 @@ class _Layer:
         self.init.CopyFrom(numpy_helper.from_array(ints.astype(np.int8), self.init.name))
 
 
-def _layer(q: Any, node: Any, float_nodes: dict[str, Any], float_inits: dict[str, Any]) -> _Layer | None:
+def _layer(node: Any, inits: dict[str, Any], producers: dict[str, Any], float_nodes: dict[str, Any],
+           float_inits: dict[str, Any]) -> _Layer | None:
     from onnx import helper, numpy_helper
 
     if node.op_type not in ("Conv", "Gemm", "MatMul") or node.name not in float_nodes:
         return None
-    inits = {i.name: i for i in q.graph.initializer}
-    producers = {o: n for n in q.graph.node for o in n.output}
     dq = producers.get(node.input[1])
     fw = float_nodes[node.name].input[1]
     if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or fw not in float_inits:
@@ -119,7 +121,6 @@ def _layer(q: Any, node: Any, float_nodes: dict[str, Any], float_inits: dict[str
 def _fit(layer: _Layer, x: np.ndarray, target: np.ndarray, s: AdaRoundSettings) -> tuple[np.ndarray, dict[str, Any]]:
     import torch
 
-    torch.manual_seed(s.seed)
     w = torch.from_numpy(layer.weight)
     scale = torch.from_numpy(layer.scale)
     floor = torch.floor(w / scale)

@@ -285,7 +285,6 @@ def _int8_static(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[str
             rounded, report = adaround(onnx.load(str(pre)), onnx.load(str(dst)), feeds, AdaRoundSettings(seed=seed))
             onnx.save(rounded, str(dst))
             if adaround_report is not None:
-                adaround_report.clear()
                 adaround_report.update(report)
     compact_qdq(dst)
     return {t: r.method for t, r in ranges.items()}
