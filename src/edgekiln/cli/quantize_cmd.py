@@ -28,9 +28,10 @@ def quantize_command(
     adaround: bool = typer.Option(False, "--adaround",
                                   help="int8: learn each weight's rounding from its layer's output error (slower)."),
     smooth_alpha: float = typer.Option(0.7, "--smooth-alpha",
-                                       help="int8-dynamic: SmoothQuant strength in (0, 1); 0 turns smoothing off."),
+                                       help="Transformers: SmoothQuant strength in (0, 1); 0 turns smoothing off."),
     rewrites: bool = typer.Option(True, "--transformer-rewrites/--no-transformer-rewrites",
-                                  help="int8-dynamic: soft attention-mask fill, residual adds kept unfused."),
+                                  help="Transformers: soft attention-mask fill; int8-dynamic: residual adds kept "
+                                       "unfused; int8: only weighted MatMuls, massive-activation rows float."),
     runs: int = typer.Option(200, "--bench-runs", help="Timed runs per latency measurement."),
     out: Path = typer.Option(..., "--out"),
 ) -> None:

@@ -40,8 +40,9 @@ class QuantizeConfig(PassConfig):
     keep_float: tuple[str, ...] = ()     # node names always left in float
     block_size: int = 32                 # int4-weight: weights per scale
     quantize_embeddings: bool = True     # int8-dynamic: also int8 Gather tables (embeddings, one scale per row)
-    smooth_alpha: float | None = 0.7     # int8-dynamic with calibration data: SmoothQuant strength (None: off)
-    transformer_rewrites: bool = True    # int8-dynamic: soft attention-mask fill, residual adds kept unfused
+    smooth_alpha: float | None = 0.7     # transformers, with calibration data: SmoothQuant strength (None: off)
+    transformer_rewrites: bool = True    # transformers: soft mask fill; int8-dynamic: residual adds kept unfused;
+    #                                      int8: only weighted MatMul/Gemm quantized, massive-activation rows float
     equalize: bool = False               # int8: cross-layer equalization of Conv-ReLU-Conv pairs first
     bias_correction: bool = False        # int8: remove the mean output shift of each Conv/Gemm
     adaround: bool = False               # int8: learn each weight's rounding from the layer's output error
@@ -106,7 +107,7 @@ def quantize_once(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[st
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if cfg.scheme == "int8":
-            return _int8_static(src, dst, cfg, feeds, exclude, seed, adaround_report)
+            return _int8_static(src, dst, cfg, feeds, exclude, seed, adaround_report, rewrites)
         if cfg.scheme == "int8-dynamic":
             report = _int8_dynamic(src, dst, cfg, feeds, exclude)
             if rewrites is not None:
@@ -249,11 +250,13 @@ def _preprocess(src: Path, work: Path) -> Path:
 
 
 def _int8_static(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[str, np.ndarray]] | None,
-                 exclude: list[str], seed: int, adaround_report: dict[str, Any] | None = None) -> dict[str, str]:
+                 exclude: list[str], seed: int, adaround_report: dict[str, Any] | None = None,
+                 rewrites: dict[str, Any] | None = None) -> dict[str, str]:
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from edgekiln.bench.peers import _reader
+    from edgekiln.quant import transformer as tr
     from edgekiln.quant.calibration import choose_ranges
 
     if not feeds:
@@ -265,13 +268,26 @@ def _int8_static(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[str
             eq, _ = equalize_cross_layer(onnx.load(str(src)))
             src = Path(tmp) / "equalized.onnx"
             onnx.save(eq, str(src))
-        pre = _preprocess(src, Path(tmp))
-        ranges = choose_ranges(onnx.load(str(pre)), feeds, cfg.calibration, symmetric=cfg.symmetric_activations,
-                               seed=seed)
+        model = onnx.load(str(src))
+        layers, tensors = None, None
+        if cfg.transformer_rewrites and tr.is_attention_model(model):
+            # NOTE: quantizing every tensor of MiniLM (LayerNorm, Softmax, the mask arithmetic) left
+            # cosine 0.03; see quant/transformer.py for what this keeps float and why.
+            report, layers = tr.prepare_static(model, feeds, alpha=cfg.smooth_alpha, skip=set(exclude))
+            if rewrites is not None:
+                rewrites.update(report.to_dict())
+            pre = Path(tmp) / "rewritten.onnx"
+            onnx.save(model, str(pre))
+            tensors = sorted({n.input[0] for n in model.graph.node if n.name in set(layers)})
+        else:
+            pre = _preprocess(src, Path(tmp))
+        ranges = choose_ranges(onnx.load(str(pre)), feeds, cfg.calibration, tensors=tensors,
+                               symmetric=cfg.symmetric_activations, seed=seed)
         overrides = {t: [{"rmin": np.float32(r.lo), "rmax": np.float32(r.hi)}] for t, r in ranges.items()}
         quantize_static(str(pre), str(dst), _reader(feeds), quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
                         reduce_range=cfg.reduce_range, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax,
+                        nodes_to_quantize=layers, op_types_to_quantize=["MatMul", "Gemm"] if layers else None,
                         extra_options={"TensorQuantOverrides": overrides,
                                        "ActivationSymmetric": cfg.symmetric_activations, "WeightSymmetric": True})
         if cfg.bias_correction:
@@ -301,7 +317,7 @@ def _int8_dynamic(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[st
     report = tr.RewriteReport()
     if cfg.transformer_rewrites:
         report.mask_fills = tr.soften_mask_fills(model)
-        if report.mask_fills and feeds and not _same_outputs(onnx.load(str(src)), model, feeds[:4]):
+        if report.mask_fills and feeds and not tr.same_outputs(onnx.load(str(src)), model, feeds[:4]):
             model, report.mask_fills = onnx.load(str(src)), 0   # the fill mattered: keep the original
     if cfg.smooth_alpha is not None and feeds:
         report.smoothed = tr.smooth_activations(model, feeds[:32], alpha=cfg.smooth_alpha, skip=set(exclude))
@@ -324,15 +340,6 @@ def _int8_dynamic(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[st
             onnx.save(q, str(dst))
     compact_qdq(dst)
     return report.to_dict()
-
-
-def _same_outputs(a: Any, b: Any, feeds: list[dict[str, np.ndarray]], rel: float = 1e-5) -> bool:
-    """Whether two float models give the same outputs on ``feeds`` (to ``rel`` of the output range)."""
-    from edgekiln.quant.correction import tensor_values
-
-    names = [o.name for o in a.graph.output]
-    ya, yb = tensor_values(a, feeds, names), tensor_values(b, feeds, names)
-    return all(np.abs(ya[n] - yb[n]).max() <= rel * max(float(np.abs(ya[n]).max()), 1e-12) for n in names)
 
 
 def _layernorm_width(model: Any) -> int | None:
