@@ -128,10 +128,29 @@ def _outlier_matmul_model(path, rng):
     return path
 
 
-def _outlier_inputs(rng, n):
+def _outlier_inputs(rng, n, where=(Ellipsis, 3)):
+    """(n, 16, 32) normal samples, 40x larger at ``where`` (default: channel 3)."""
     x = rng.standard_normal((n, 16, 32)).astype(np.float32)
-    x[..., 3] *= 40.0
+    x[where] *= 40.0
     return x
+
+
+def _calibrated(tmp_path, build, inputs, seed):
+    """The model ``build`` writes, 16 calibration samples (seed), 16 test samples (seed + 1) and
+    the float outputs on them."""
+    rng = np.random.default_rng(seed)
+    src = build(tmp_path / "m.onnx", rng)
+    atomic_save_npz(tmp_path / "calib.npz", x=inputs(rng, 16))
+    x = inputs(np.random.default_rng(seed + 1), 16)
+    return src, x, run_outputs(src, {"x": x})
+
+
+def _quantized_sqnr(src, cfg, work, x, y):
+    """SQNR (dB) of the quantized model's outputs on ``x`` against the float ones ``y``; calibrated
+    on ``work/../calib.npz``."""
+    res = quantize_model(src, cfg, work, calib=work.parent / "calib.npz")
+    yq = run_outputs(res.path, {"x": x})
+    return float(20 * np.log10(np.linalg.norm(y) / np.linalg.norm(y - yq))), res
 
 
 def test_smoothing_keeps_the_float_function(tmp_path):
@@ -147,17 +166,11 @@ def test_smoothing_keeps_the_float_function(tmp_path):
 
 
 def test_smoothing_raises_dynamic_int8_sqnr_on_outlier_channels(tmp_path):
-    rng = np.random.default_rng(4)
-    src = _outlier_matmul_model(tmp_path / "m.onnx", rng)
-    atomic_save_npz(tmp_path / "calib.npz", x=_outlier_inputs(rng, 16))
-    x = _outlier_inputs(np.random.default_rng(5), 16)
-    y = run_outputs(src, {"x": x})
+    src, x, y = _calibrated(tmp_path, _outlier_matmul_model, _outlier_inputs, seed=4)
 
     def sqnr(alpha):
-        res = quantize_model(src, QuantizeConfig(scheme="int8-dynamic", smooth_alpha=alpha), tmp_path / f"q{alpha}",
-                             calib=tmp_path / "calib.npz")
-        yq = run_outputs(res.path, {"x": x})
-        return float(20 * np.log10(np.linalg.norm(y) / np.linalg.norm(y - yq))), res
+        return _quantized_sqnr(src, QuantizeConfig(scheme="int8-dynamic", smooth_alpha=alpha), tmp_path / f"q{alpha}",
+                               x, y)
 
     plain, _ = sqnr(None)
     smooth, res = sqnr(0.7)
@@ -182,9 +195,7 @@ def _massive_row_model(path, rng):
 
 
 def _massive_row_inputs(rng, n):
-    x = rng.standard_normal((n, 16, 32)).astype(np.float32)
-    x[:, 0, :] *= 40.0
-    return x
+    return _outlier_inputs(rng, n, where=(slice(None), 0))
 
 
 def test_massive_first_row_is_split_off_and_the_float_function_kept(tmp_path):
@@ -212,17 +223,11 @@ def test_no_row_is_split_without_a_massive_one():
 
 
 def test_static_int8_on_an_attention_graph_quantizes_only_the_weighted_layers(tmp_path):
-    rng = np.random.default_rng(8)
-    src = _massive_row_model(tmp_path / "m.onnx", rng)
-    atomic_save_npz(tmp_path / "calib.npz", x=_massive_row_inputs(rng, 16))
-    x = _massive_row_inputs(np.random.default_rng(9), 16)
-    y = run_outputs(src, {"x": x})
+    src, x, y = _calibrated(tmp_path, _massive_row_model, _massive_row_inputs, seed=8)
 
     def quantize(rewrites):
-        res = quantize_model(src, QuantizeConfig(scheme="int8", transformer_rewrites=rewrites),
-                             tmp_path / f"q{rewrites}", calib=tmp_path / "calib.npz")
-        yq = run_outputs(res.path, {"x": x})
-        return float(20 * np.log10(np.linalg.norm(y) / np.linalg.norm(y - yq))), res
+        return _quantized_sqnr(src, QuantizeConfig(scheme="int8", transformer_rewrites=rewrites),
+                               tmp_path / f"q{rewrites}", x, y)
 
     plain, _ = quantize(False)
     sqnr, res = quantize(True)
