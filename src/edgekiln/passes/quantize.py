@@ -39,7 +39,7 @@ class QuantizeConfig(PassConfig):
     max_drop: float | None = None        # with eval data: keep sensitive layers float until the drop fits
     keep_float: tuple[str, ...] = ()     # node names always left in float
     block_size: int = 32                 # int4-weight: weights per scale
-    quantize_embeddings: bool = True     # int8-dynamic: also int8 Gather tables (embeddings, one scale per row)
+    quantize_embeddings: bool = True     # transformers: also int8 Gather tables (embeddings, one scale per row)
     smooth_alpha: float | None = 0.7     # transformers, with calibration data: SmoothQuant strength (None: off)
     transformer_rewrites: bool = True    # transformers: soft mask fill; int8-dynamic: residual adds kept unfused;
     #                                      int8: only weighted MatMul/Gemm quantized, massive-activation rows float
@@ -273,7 +273,8 @@ def _int8_static(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[str
         if cfg.transformer_rewrites and tr.is_attention_model(model):
             # NOTE: quantizing every tensor of MiniLM (LayerNorm, Softmax, the mask arithmetic) left
             # cosine 0.03; see quant/transformer.py for what this keeps float and why.
-            report, layers = tr.prepare_static(model, feeds, alpha=cfg.smooth_alpha, skip=set(exclude))
+            report, layers = tr.prepare_static(model, feeds, alpha=cfg.smooth_alpha,
+                                               embeddings=cfg.quantize_embeddings, skip=set(exclude))
             if rewrites is not None:
                 rewrites.update(report.to_dict())
             pre = Path(tmp) / "rewritten.onnx"
