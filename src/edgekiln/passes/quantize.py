@@ -279,10 +279,12 @@ def _int8_static(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[str
                 rewrites.update(report.to_dict())
             pre = Path(tmp) / "rewritten.onnx"
             onnx.save(model, str(pre))
-            tensors = sorted({n.input[0] for n in model.graph.node if n.name in set(layers)})
+            quantized = set(layers)
+            tensors = sorted({n.input[0] for n in model.graph.node if n.name in quantized})
         else:
             pre = _preprocess(src, Path(tmp))
-        ranges = choose_ranges(onnx.load(str(pre)), feeds, cfg.calibration, tensors=tensors,
+            model = onnx.load(str(pre))
+        ranges = choose_ranges(model, feeds, cfg.calibration, tensors=tensors,
                                symmetric=cfg.symmetric_activations, seed=seed)
         overrides = {t: [{"rmin": np.float32(r.lo), "rmax": np.float32(r.hi)}] for t, r in ranges.items()}
         quantize_static(str(pre), str(dst), _reader(feeds), quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
@@ -317,9 +319,7 @@ def _int8_dynamic(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[st
     model = onnx.load(str(src))
     report = tr.RewriteReport()
     if cfg.transformer_rewrites:
-        report.mask_fills = tr.soften_mask_fills(model)
-        if report.mask_fills and feeds and not tr.same_outputs(onnx.load(str(src)), model, feeds[:4]):
-            model, report.mask_fills = onnx.load(str(src)), 0   # the fill mattered: keep the original
+        report.mask_fills = tr.soften_mask_fills_if_harmless(model, feeds or [])
     if cfg.smooth_alpha is not None and feeds:
         report.smoothed = tr.smooth_activations(model, feeds[:32], alpha=cfg.smooth_alpha, skip=set(exclude))
     if cfg.quantize_embeddings:

@@ -310,15 +310,8 @@ def prepare_static(model: Any, feeds: Sequence[dict[str, np.ndarray]], *, alpha:
     weighted MatMul/Gemm layers (LayerNorm, Softmax, GELU and the mask arithmetic stay float, as
     NNCF's transformer mode does), with the mask fill softened (if outputs do not move),
     activations smoothed, embedding tables int8 per row and massive-activation rows in float."""
-    import onnx
-
     report = RewriteReport()
-    before = onnx.ModelProto()
-    before.CopyFrom(model)
-    report.mask_fills = soften_mask_fills(model)
-    if report.mask_fills and not same_outputs(before, model, list(feeds[:4])):
-        model.CopyFrom(before)
-        report.mask_fills = 0
+    report.mask_fills = soften_mask_fills_if_harmless(model, feeds)
     if alpha is not None:
         report.smoothed = smooth_activations(model, feeds[:32], alpha=alpha, skip=skip)
     if embeddings:
@@ -328,6 +321,20 @@ def prepare_static(model: Any, feeds: Sequence[dict[str, np.ndarray]], *, alpha:
     nodes = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits
              and n.name not in skip and not n.name.endswith("/head_rows")]
     return report, nodes
+
+
+def soften_mask_fills_if_harmless(model: Any, feeds: Sequence[dict[str, np.ndarray]]) -> int:
+    """:func:`soften_mask_fills`, undone when the outputs on the first calibration samples move
+    (without samples the fill is kept soft). Returns how many fills were softened."""
+    import onnx
+
+    before = onnx.ModelProto()
+    before.CopyFrom(model)
+    count = soften_mask_fills(model)
+    if count and feeds and not same_outputs(before, model, list(feeds[:4])):
+        model.CopyFrom(before)
+        return 0
+    return count
 
 
 def same_outputs(a: Any, b: Any, feeds: list[dict[str, np.ndarray]], rel: float = 1e-5) -> bool:
