@@ -107,3 +107,9 @@ def test_host_target_picks_the_fastest_runtime(digits, tmp_path):
     measured = [r for r in sel["runtimes"] if "p50_ms" in r]
     assert {r["runtime"] for r in measured} >= {"onnxruntime"}
     assert sel["runtime"] == min(measured, key=lambda r: r["p50_ms"])["runtime"]
+    # every trial is timed on each installed runtime, and its host latency is the fastest one's
+    trials = json.loads((tmp_path / "opt" / "report.json").read_text())["trials"]
+    for t in [t for t in trials if t["state"] == "complete"]:
+        timed = [r for r in t["runtimes"] if "p50_ms" in r]
+        assert {r["runtime"] for r in timed} >= {"onnxruntime"}, t["runtimes"]
+        assert t["latency_ms_host"] == min(r["p50_ms"] for r in timed), (t["latency_ms_host"], t["runtimes"])

@@ -35,7 +35,7 @@ def optimize_minilm(work: Path, quick: bool) -> CaseResult:
     recipe = Recipe.from_dict({
         "model": str(fp32), "calib": str(files["calib"]), "eval": str(files["eval"]), "metric": "cosine",
         "target": "host", "constraints": {"max_drop": MAX_DROP},
-        "search": {"trials": 2 if quick else 4, "seed": 0, "bench_runs": 20 if quick else 50}})
+        "search": {"trials": 2 if quick else 6, "seed": 0, "bench_runs": 20 if quick else 50}})
     result = optimize(recipe, out, quiet=True)
     best = result.selected
     if best is None:

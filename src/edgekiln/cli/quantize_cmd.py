@@ -20,7 +20,9 @@ def quantize_command(
     max_drop: float = typer.Option(None, "--max-drop", help="Largest allowed metric drop, in its units."),
     calibration: str = typer.Option("minmax", "--calibration", help="minmax | percentile | entropy | mse | auto"),
     keep_float: list[str] = typer.Option(None, "--keep-float", help="Node name to leave in float (repeatable)."),
-    symmetric: bool = typer.Option(False, "--symmetric-activations"),
+    symmetric: bool = typer.Option(None, "--symmetric-activations/--asymmetric-activations",
+                                   help="int8 zero points. Default: asymmetric; transformers: symmetric "
+                                        "except one-sided ranges (GELU outputs)."),
     per_channel: bool = typer.Option(True, "--per-channel/--per-tensor"),
     samples: int = typer.Option(256, "--calib-samples"),
     equalize: bool = typer.Option(False, "--equalize", help="Cross-layer equalization first (int8)."),
@@ -31,7 +33,9 @@ def quantize_command(
                                        help="Transformers: SmoothQuant strength in (0, 1); 0 turns smoothing off."),
     rewrites: bool = typer.Option(True, "--transformer-rewrites/--no-transformer-rewrites",
                                   help="Transformers: soft attention-mask fill; int8-dynamic: residual adds kept "
-                                       "unfused; int8: only weighted MatMuls, massive-activation rows float."),
+                                       "unfused; int8: only weighted MatMul inputs quantized."),
+    outlier_rows: bool = typer.Option(True, "--outlier-rows/--no-outlier-rows",
+                                      help="Transformers, int8: massive-activation leading rows in float."),
     runs: int = typer.Option(200, "--bench-runs", help="Timed runs per latency measurement."),
     out: Path = typer.Option(..., "--out"),
 ) -> None:
@@ -52,7 +56,8 @@ def quantize_command(
                                     "keep_float": tuple(keep_float or ()), "symmetric_activations": symmetric,
                                     "per_channel": per_channel, "calib_samples": samples, "equalize": equalize,
                                     "bias_correction": bias_correction, "adaround": adaround,
-                                    "smooth_alpha": smooth_alpha or None, "transformer_rewrites": rewrites})
+                                    "smooth_alpha": smooth_alpha or None, "transformer_rewrites": rewrites,
+                                    "outlier_rows": outlier_rows})
     art = load_model(model, work_dir=out / "input")
     from rich.progress import Progress
 

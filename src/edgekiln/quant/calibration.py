@@ -33,11 +33,23 @@ QUANTIZED_OPS = {"Conv", "Gemm", "MatMul", "Add", "Mul", "MaxPool", "AveragePool
                  "Squeeze", "Unsqueeze", "Split", "LeakyRelu", "ConvTranspose", "Where", "Pad", "Sub", "Div"}
 
 
+# NOTE: a range whose smaller side is under this share of its larger one (GELU and ReLU outputs)
+# is quantized asymmetrically when symmetry is left to the tensor: symmetric int8 would leave
+# half of its levels unused there. Two-sided tensors go symmetric, which OpenVINO runs faster.
+ONE_SIDED = 0.25
+
+
 @dataclass(frozen=True)
 class TensorRange:
     lo: float
     hi: float
     method: str
+    symmetric: bool = False
+
+
+def one_sided(lo: float, hi: float) -> bool:
+    """Whether a range is (nearly) all on one side of zero."""
+    return min(-lo, hi) < ONE_SIDED * max(-lo, hi)
 
 
 @dataclass
@@ -184,28 +196,31 @@ def _kl_threshold(a: np.ndarray, levels: int, bins: int = 2048) -> float:
 
 
 def choose_ranges(model: Any, feeds: Sequence[dict[str, np.ndarray]], method: str, *,
-                  tensors: Sequence[str] | None = None, symmetric: bool = False, seed: int = 0) -> dict[str, TensorRange]:
-    """Calibrate every tensor (default: :func:`default_tensors`) with ``method``."""
+                  tensors: Sequence[str] | None = None, symmetric: bool | None = False,
+                  seed: int = 0) -> dict[str, TensorRange]:
+    """Calibrate every tensor (default: :func:`default_tensors`) with ``method``; ``symmetric``
+    None lets each tensor choose: asymmetric when its range is :func:`one_sided`."""
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
     names = list(tensors) if tensors is not None else default_tensors(model)
     stats = collect(model, feeds, names, seed=seed)
+    sym = {t: (not one_sided(s.lo, s.hi)) if symmetric is None else symmetric for t, s in stats.items()}
     if method != "auto":
-        out = {t: TensorRange(*range_for(s, method, symmetric=symmetric), method) for t, s in stats.items()}
+        out = {t: TensorRange(*range_for(s, method, symmetric=sym[t]), method, sym[t]) for t, s in stats.items()}
     else:
-        out = _auto(model, feeds, stats, symmetric)
+        out = _auto(model, feeds, stats, sym)
     # NOTE: graph outputs (logits, embeddings) are never clipped: clipping the largest logit
     # changes the prediction, which no per-tensor error measure sees.
     for o in model.graph.output:
         if o.name in stats:
-            out[o.name] = TensorRange(stats[o.name].lo, stats[o.name].hi, "minmax")
+            out[o.name] = TensorRange(stats[o.name].lo, stats[o.name].hi, "minmax", sym[o.name])
     return out
 
 
 def _auto(model: Any, feeds: Sequence[dict[str, np.ndarray]], stats: dict[str, TensorStats],
-          symmetric: bool) -> dict[str, TensorRange]:
+          symmetric: dict[str, bool]) -> dict[str, TensorRange]:
     """Per layer input: the candidate range with the smallest error in the layer's own output."""
-    out = {t: TensorRange(*range_for(s, "mse", symmetric=symmetric), "mse") for t, s in stats.items()}
+    out = {t: TensorRange(*range_for(s, "mse", symmetric=symmetric[t]), "mse", symmetric[t]) for t, s in stats.items()}
     inits = {i.name: i for i in model.graph.initializer}
     layers = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[0] in stats]
     if not layers:
@@ -221,12 +236,12 @@ def _auto(model: Any, feeds: Sequence[dict[str, np.ndarray]], stats: dict[str, T
         if run is None:
             continue
         ref = run(x)
-        best, best_err = None, np.inf
+        best, best_err, sym = None, np.inf, symmetric[t]
         for m in ("minmax", "percentile", "entropy", "mse"):
-            lo, hi = range_for(stats[t], m, symmetric=symmetric)
-            err = float(np.mean((run(fake_quant(x, compute_qparams(lo, hi, symmetric=symmetric))) - ref) ** 2))
+            lo, hi = range_for(stats[t], m, symmetric=sym)
+            err = float(np.mean((run(fake_quant(x, compute_qparams(lo, hi, symmetric=sym))) - ref) ** 2))
             if err < best_err:
-                best, best_err = TensorRange(lo, hi, m), err
+                best, best_err = TensorRange(lo, hi, m, sym), err
         out[t] = best
     return out
 

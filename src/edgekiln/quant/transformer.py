@@ -304,8 +304,8 @@ def split_outlier_rows(model: Any, feeds: Sequence[dict[str, np.ndarray]], *, ra
 
 
 def prepare_static(model: Any, feeds: Sequence[dict[str, np.ndarray]], *, alpha: float | None,
-                   embeddings: bool = True, skip: set[str] | frozenset[str] = frozenset()
-                   ) -> tuple[RewriteReport, list[str]]:
+                   embeddings: bool = True, outlier_rows: bool = True,
+                   skip: set[str] | frozenset[str] = frozenset()) -> tuple[RewriteReport, list[str]]:
     """Rewrite a transformer for static int8 (in place) and name the nodes to quantize: only the
     weighted MatMul/Gemm layers (LayerNorm, Softmax, GELU and the mask arithmetic stay float, as
     NNCF's transformer mode does), with the mask fill softened (if outputs do not move),
@@ -316,7 +316,8 @@ def prepare_static(model: Any, feeds: Sequence[dict[str, np.ndarray]], *, alpha:
         report.smoothed = smooth_activations(model, feeds[:32], alpha=alpha, skip=skip)
     if embeddings:
         report.embedding_tables = embedding_tables_per_row(model, skip=skip)
-    report.outlier_rows = split_outlier_rows(model, feeds[:32], skip=skip)
+    if outlier_rows:
+        report.outlier_rows = split_outlier_rows(model, feeds[:32], skip=skip)
     inits = {i.name for i in model.graph.initializer}
     nodes = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits
              and n.name not in skip and not n.name.endswith("/head_rows")]

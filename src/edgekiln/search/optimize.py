@@ -22,7 +22,7 @@ from edgekiln.errors import BudgetNotMet, EdgekilnError
 from edgekiln.fileio import atomic_write_json, sha256_file
 from edgekiln.search.recipe import Recipe
 from edgekiln.search.selection import pareto_front, select_best
-from edgekiln.search.trial import Candidate, keep_artifact, payload_key, run_trial
+from edgekiln.search.trial import Candidate, keep_artifact, payload_key, run_trial, runtime_latencies
 
 # NOTE: host p50s of one model measured minutes apart in a search differ by up to ~5% here
 # (shared machine); within that, the more accurate candidate is selected.
@@ -231,16 +231,7 @@ def _save_best(out: Path, best: Candidate) -> Candidate:
 
 def runtime_choice(model: Path, runs: int) -> list[dict[str, Any]]:
     """The selected model on every installed runtime that runs it, fastest (p50) first."""
-    from edgekiln.bench.harness import compare
-    from edgekiln.bench.runtimes import REAL
-
-    rows = []
-    for r in compare(model, list(REAL), runs=max(runs, 50), warmup=min(50, runs)):
-        if isinstance(r, dict):
-            rows.append(r)
-        else:
-            rows.append({"runtime": r.runtime, "p50_ms": r.latency_ms["p50"], "p90_ms": r.latency_ms["p90"]})
-    return sorted(rows, key=lambda r: r.get("p50_ms", float("inf")))
+    return runtime_latencies(model, runs=max(runs, 50), warmup=min(50, runs))
 
 
 def _tell(study: Any, trial: Any, cand: Candidate) -> None:

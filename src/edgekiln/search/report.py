@@ -58,9 +58,15 @@ def table_rows(cands: list[Candidate]) -> list[list[Any]]:
     rows = []
     for c in cands:
         rows.append([c.number if c.number >= 0 else "-", c.label, _f(c.metric), _f(c.drop), _kb(c.model_bytes),
-                     _kb(c.peak_ram_bytes), _f(c.latency_ms_target_est), _f(c.latency_ms_host),
+                     _kb(c.peak_ram_bytes), _f(c.latency_ms_target_est), _host(c),
                      "yes" if c.feasible else ("; ".join(c.violations) or c.state + (f": {c.error[:80]}" if c.error else ""))])
     return rows
+
+
+def _host(c: Candidate) -> str:
+    """Host p50, with the runtime that gave it when several were timed."""
+    timed = [r for r in c.runtimes if "p50_ms" in r]
+    return _f(c.latency_ms_host) + (f" ({timed[0]['runtime']})" if len(timed) > 1 else "")
 
 
 HEADERS = ["trial", "pipeline", "metric", "drop", "size KB", "RAM KB", "target ms (est)", "host p50 ms", "fits"]
@@ -95,7 +101,8 @@ def _markdown(recipe: Recipe, baseline: Candidate, candidates: list[Candidate], 
     lines += ["## Pareto front (metric vs size vs target latency)", "", md_table(HEADERS, table_rows(front)), ""]
     lines += ["## All trials", "", md_table(HEADERS, table_rows(candidates)), ""]
     lines += ["Target latency is estimated from the device profile (roofline, see docs/targets.md) except for the "
-              "`host` target, where it is measured. Host latency: onnxruntime, 1 thread, batch 1, p50.", ""]
+              "`host` target, where it is measured. Host latency: 1 thread, batch 1, p50, on the fastest installed "
+              "runtime (named in brackets) for host and Linux-class targets, on onnxruntime otherwise.", ""]
     return "\n".join(lines)
 
 

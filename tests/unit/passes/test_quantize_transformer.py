@@ -123,7 +123,7 @@ def test_two_input_token_model_runs_in_a_strict_pipeline(encoder, tmp_path):
     assert out.kind == "onnx-qdq" and drop <= 0.005, f"kind {out.kind}, cosine drop {drop:.5f}"
 
 
-def test_optimize_searches_the_dynamic_scheme_for_matmul_models(encoder):
+def test_optimize_searches_both_int8_schemes_for_matmul_models(encoder):
     from edgekiln.models.intake import load_model
     from edgekiln.search.recipe import Recipe
     from edgekiln.search.space import default_space
@@ -131,5 +131,6 @@ def test_optimize_searches_the_dynamic_scheme_for_matmul_models(encoder):
     recipe = Recipe.from_dict({"model": str(encoder / "model.onnx"), "metric": "cosine", "target": "host",
                                "constraints": {"max_drop": 0.005}})
     (space,) = default_space(load_model(encoder / "model.onnx"), recipe, ("int8", "fp16", "fp32"))
-    assert space.name == "quantize" and space.options["scheme"] == ("int8-dynamic",), space
+    assert space.name == "quantize" and space.options["scheme"] == ("int8-dynamic", "int8"), space
+    assert space.options["outlier_rows"] == (False,), space
     assert space.options["max_drop"] == (0.005,) and len(space.options["smooth_alpha"]) > 1, space

@@ -241,3 +241,52 @@ def test_static_int8_on_an_attention_graph_quantizes_only_the_weighted_layers(tm
     # the same with only the MatMul quantized; with that row in float 37.4 dB (seed 8; seeds 10-12:
     # 9.4-9.8 -> 37.6-38.2 dB). +6 dB fails if the split is lost.
     assert sqnr >= plain + 6.0, f"SQNR {sqnr:.1f} dB with transformer rewrites vs {plain:.1f} dB without (need +6)"
+
+
+def _two_layer_attention_model(path, rng):
+    """x -> MatMul -> Relu -> MatMul -> LayerNormalization -> Softmax: the second layer reads a
+    one-sided tensor (as an FFN down-projection reads GELU outputs), the first a two-sided one."""
+    w1 = numpy_helper.from_array((rng.standard_normal((32, 48)) / 6).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array((rng.standard_normal((48, 24)) / 6).astype(np.float32), "w2")
+    g = numpy_helper.from_array(np.ones(24, np.float32), "g")
+    b = numpy_helper.from_array(np.zeros(24, np.float32), "b")
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="up"),
+             helper.make_node("Relu", ["h"], ["a"], name="act"),
+             helper.make_node("MatMul", ["a", "w2"], ["d"], name="down"),
+             helper.make_node("LayerNormalization", ["d", "g", "b"], ["n"], axis=-1),
+             helper.make_node("Softmax", ["n"], ["y"], axis=-1)]
+    onnx.save(_model(nodes, [_vi("x", ["N", 16, 32])], [_vi("y", ["N", 16, 24])], [w1, w2, g, b]), str(path))
+    return path
+
+
+def test_static_int8_on_transformers_keeps_layer_outputs_float_and_zero_points_follow_the_range(tmp_path):
+    src, x, y = _calibrated(tmp_path, _two_layer_attention_model, _massive_row_inputs, seed=5)
+    sqnr, res = _quantized_sqnr(src, QuantizeConfig(scheme="int8"), tmp_path / "q", x, y)
+    q = onnx.load(str(res.path))
+    producers = {o: n for n in q.graph.node for o in n.output}
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    for n in q.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] in producers:
+            assert producers[n.input[0]].op_type not in ("MatMul", "Gemm"), \
+                f"output of {producers[n.input[0]].name} is quantized: int8 rounding before the bias add"
+
+    def input_zero_point(layer):
+        (node,) = [n for n in q.graph.node if n.name == layer]
+        quant = producers[producers[node.input[0]].input[0]]   # MatMul <- DequantizeLinear <- QuantizeLinear
+        assert quant.op_type == "QuantizeLinear", f"{layer} input is not quantized"
+        return int(inits[quant.input[2]]) if len(quant.input) > 2 else 0
+
+    zp_up, zp_down = input_zero_point("up"), input_zero_point("down")
+    assert zp_up == 0, f"two-sided input of 'up' should be symmetric (zero point 0), got {zp_up}"
+    assert zp_down <= -100, f"one-sided (Relu) input of 'down' should be asymmetric, zero point {zp_down}"
+    assert sqnr >= 30.0, f"SQNR {sqnr:.1f} dB (need >= 30, seed 5)"
+
+
+def test_outlier_rows_switch_off_keeps_every_row_quantized(tmp_path):
+    src, x, y = _calibrated(tmp_path, _massive_row_model, _massive_row_inputs, seed=8)
+    on, res_on = _quantized_sqnr(src, QuantizeConfig(scheme="int8"), tmp_path / "on", x, y)
+    off, res_off = _quantized_sqnr(src, QuantizeConfig(scheme="int8", outlier_rows=False), tmp_path / "off", x, y)
+    assert res_on.rewrites.get("outlier_rows") and not res_off.rewrites.get("outlier_rows"), \
+        (res_on.rewrites, res_off.rewrites)
+    assert not any(n.name.endswith("/head_rows") for n in onnx.load(str(res_off.path)).graph.node)
+    assert on >= off + 6.0, f"SQNR {on:.1f} dB with the massive row float vs {off:.1f} dB without (need +6)"
