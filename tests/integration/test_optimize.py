@@ -107,6 +107,7 @@ def test_host_target_picks_the_fastest_runtime(digits, tmp_path):
     measured = [r for r in sel["runtimes"] if "p50_ms" in r]
     assert {r["runtime"] for r in measured} >= {"onnxruntime"}
     assert sel["runtime"] == min(measured, key=lambda r: r["p50_ms"])["runtime"]
+    assert sel["final_round"], "the selected model was not timed in the final round"
     # every trial is timed on each installed runtime, and its host latency is the fastest one's
     trials = json.loads((tmp_path / "opt" / "report.json").read_text())["trials"]
     for t in [t for t in trials if t["state"] == "complete"]:

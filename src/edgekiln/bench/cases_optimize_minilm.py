@@ -80,7 +80,9 @@ def optimize_minilm(work: Path, quick: bool) -> CaseResult:
         f"- At the same budget: NNCF's accuracy-controlled model (cosine drop {1.0 - nncf_budget['cosine_mean']:.4f}) "
         f"p50 {nncf_budget['p50_ms']:.2f} ms; the selected model is {mine['p50_ms'] / nncf_budget['p50_ms']:.2f}x that. "
         f"NNCF's default model is faster but misses the budget (drop {1.0 - nncf['cosine_mean']:.4f}).", "",
-        md_table(["trial", "pipeline", "cosine", "drop", "host p50 ms", "feasible"], trials)])
+        md_table(["trial", "pipeline", "cosine", "drop", "host p50 ms", "runtime", "final round", "feasible"], trials),
+        "", "Host p50: the trial's own measurement, or for the final round (the fastest feasible trials timed again "
+        "side by side on every runtime before selecting) that round's."])
     return CaseResult("optimize_minilm", "edgekiln optimize on MiniLM: selected model vs ORT dynamic vs NNCF", md,
                       {"rows": rows, "selected": best.to_dict(), "trials": [c.to_dict() for c in result.candidates]})
 
@@ -89,5 +91,6 @@ def _trial_row(c: Any) -> list[Any]:
     def f(v: float | None, digits: int) -> str:
         return "-" if v is None else f"{v:.{digits}f}"
 
-    return [c.number, c.label, f(c.metric, 5), f(c.drop, 5), f(c.latency_ms_host, 3),
-            "yes" if c.feasible else (c.error or "; ".join(c.violations) or "no")[:80]]
+    runtime = next((r["runtime"] for r in c.runtimes if "p50_ms" in r), "-")
+    return [c.number, c.label, f(c.metric, 5), f(c.drop, 5), f(c.latency_ms_host, 3), runtime,
+            "yes" if c.final_round else "", "yes" if c.feasible else (c.error or "; ".join(c.violations) or "no")[:80]]

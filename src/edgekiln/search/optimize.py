@@ -20,9 +20,10 @@ from typing import Any
 
 from edgekiln.errors import BudgetNotMet, EdgekilnError
 from edgekiln.fileio import atomic_write_json, sha256_file
+from edgekiln.search.final_round import final_selection
 from edgekiln.search.recipe import Recipe
 from edgekiln.search.selection import pareto_front, select_best
-from edgekiln.search.trial import Candidate, keep_artifact, payload_key, run_trial, runtime_latencies
+from edgekiln.search.trial import Candidate, keep_artifact, payload_key, run_trial
 
 # NOTE: host p50s of one model measured minutes apart in a search differ by up to ~5% here
 # (shared machine); within that, the more accurate candidate is selected.
@@ -134,11 +135,12 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
     except KeyboardInterrupt:
         interrupted = True
     best = select_best(candidates, recipe.prefer, tolerance)
+    if best is not None and profile.kind in ("host", "linux") and not interrupted:
+        best = final_selection(candidates, best, prefer=recipe.prefer, tolerance=tolerance,
+                               runs=recipe.search.bench_runs, host_is_target=profile.kind == "host",
+                               max_latency_ms=recipe.constraints.max_latency_ms)
     if best is not None:
         best = _save_best(out, best)
-        if profile.kind in ("host", "linux") and not interrupted:
-            best.runtimes = runtime_choice(Path(best.artifact), recipe.search.bench_runs)
-            _save_best(out, best)
     front = pareto_front([c for c in candidates if c.metric is not None] + [baseline])
     write_optimize_report(out, recipe, profile, baseline, candidates, best, partial=interrupted, exhausted=exhausted)
     result = OptimizeResult(best, baseline, candidates, front, out, interrupted, exhausted)
@@ -227,11 +229,6 @@ def _save_best(out: Path, best: Candidate) -> Candidate:
     kept = keep_artifact(best, out)
     atomic_write_json(out / "selected.json", kept.to_dict())
     return kept
-
-
-def runtime_choice(model: Path, runs: int) -> list[dict[str, Any]]:
-    """The selected model on every installed runtime that runs it, fastest (p50) first."""
-    return runtime_latencies(model, runs=max(runs, 50), warmup=min(50, runs))
 
 
 def _tell(study: Any, trial: Any, cand: Candidate) -> None:

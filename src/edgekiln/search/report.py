@@ -23,6 +23,7 @@ def summary(c: Candidate) -> dict[str, Any]:
         "passes": c.steps, "artifact": Path(c.artifact).name if c.artifact else None, "feasible": c.feasible,
         "violations": c.violations, "state": c.state, "error": c.error, "seconds": c.seconds, "cached": c.cached,
         "runtimes": c.runtimes, "runtime": next((r["runtime"] for r in c.runtimes if "p50_ms" in r), None),
+        "final_round": c.final_round,
     }
 
 
@@ -96,6 +97,7 @@ def _markdown(recipe: Recipe, baseline: Candidate, candidates: list[Candidate], 
                            [[r["runtime"], _f(r.get("p50_ms")), _f(r.get("p90_ms")) if "p90_ms" in r else r.get("skipped")]
                             for r in best.runtimes]), "",
                   f"Deploy with **{best.runtimes[0]['runtime']}**: the fastest on this machine.", ""]
+    lines += _final_round(candidates)
     if plot:
         lines += [f"![trade-offs]({plot})", ""]
     lines += ["## Pareto front (metric vs size vs target latency)", "", md_table(HEADERS, table_rows(front)), ""]
@@ -104,6 +106,21 @@ def _markdown(recipe: Recipe, baseline: Candidate, candidates: list[Candidate], 
               "`host` target, where it is measured. Host latency: 1 thread, batch 1, p50, on the fastest installed "
               "runtime (named in brackets) for host and Linux-class targets, on onnxruntime otherwise.", ""]
     return "\n".join(lines)
+
+
+def _final_round(candidates: list[Candidate]) -> list[str]:
+    finals = [c for c in candidates if c.final_round]
+    if not finals:
+        return []
+    names = sorted({r["runtime"] for c in finals for r in c.runtimes if "p50_ms" in r})
+    rows = [[c.number, c.label, _f(c.metric), *[_f(next((r["p50_ms"] for r in c.runtimes
+                                                          if r["runtime"] == n and "p50_ms" in r), None))
+                                                for n in names]] for c in finals]
+    return ["### Final round (timed side by side, round-robin; p50 ms)", "",
+            md_table(["trial", "pipeline", "metric", *names], rows), "",
+            "The fastest feasible trials were timed again together on every installed runtime, so that load "
+            "on this machine fell on all of them alike; the selection and the deployment runtime use these numbers.",
+            ""]
 
 
 def _plot(out: Path, baseline: Candidate, candidates: list[Candidate], best: Candidate | None) -> str | None:

@@ -42,7 +42,8 @@ class Candidate:
     error: str | None = None
     seconds: float = 0.0
     cached: bool = False
-    runtimes: list[dict[str, Any]] = field(default_factory=list)  # selected model on every runtime, fastest first
+    runtimes: list[dict[str, Any]] = field(default_factory=list)  # host/Linux targets: every runtime, fastest first
+    final_round: bool = False  # timed again side by side with the other finalists (search/final_round.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
