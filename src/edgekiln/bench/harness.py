@@ -122,14 +122,12 @@ def benchmark(model_path: str | Path, *, runtime: str = "onnxruntime", threads: 
 def compare(model_path: str | Path, runtimes: list[str], **kwargs: Any) -> list[BenchResult | dict[str, Any]]:
     """Benchmark on several runtimes; unavailable or incompatible ones come back as
     ``{"runtime": name, "skipped": reason}``."""
-    from edgekiln.bench.runtimes import available_runtimes, runs_file
+    from edgekiln.bench.runtimes import available_runtimes, skip_reason
 
     avail = available_runtimes()
     out: list[BenchResult | dict[str, Any]] = []
     for name in runtimes:
-        reason = avail.get(name) if name in avail else None
-        if reason is None and not runs_file(name, model_path):
-            reason = f"does not run {Path(model_path).suffix} files"
+        reason = skip_reason(name, model_path, avail)
         if reason:
             out.append({"runtime": name, "skipped": reason})
             continue

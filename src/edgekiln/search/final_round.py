@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from edgekiln.search.selection import select_best
-from edgekiln.search.trial import Candidate
+from edgekiln.search.trial import Candidate, violations
 
 FINALISTS = 4      # at most this many candidates are timed again
 WITHIN = 1.0       # ... those up to 2x the fastest feasible trial's host latency (at 1.5x, the MiniLM
@@ -43,19 +43,18 @@ def retime(cands: Sequence[Candidate], *, runs: int, warmup: int, host_is_target
     ``runtimes``, host latencies and, when the host is the target, target latency and latency
     constraint, in place."""
     from edgekiln.bench.harness import latency_stats, make_inputs
-    from edgekiln.bench.runtimes import REAL, available_runtimes, load_session, runs_file
+    from edgekiln.bench.runtimes import REAL, available_runtimes, load_session, skip_reason
 
     unavailable = available_runtimes()
     sessions: dict[tuple[int, str], tuple[Any, dict[str, np.ndarray]]] = {}
     skipped: dict[int, list[dict[str, Any]]] = {c.number: [] for c in cands}
     for c in cands:
+        path = Path(c.artifact or "")
         for name in REAL:
-            reason = unavailable.get(name)
-            if reason is None and not runs_file(name, c.artifact or ""):
-                reason = f"does not run {Path(c.artifact or '').suffix} files"
+            reason = skip_reason(name, path, unavailable)
             if reason is None:
                 try:
-                    session = load_session(Path(c.artifact or ""), name, threads=1)
+                    session = load_session(path, name, threads=1)
                     feeds = make_inputs(session, 1, 0)
                     for _ in range(warmup):
                         session.run(feeds)
@@ -86,10 +85,8 @@ def retime(cands: Sequence[Candidate], *, runs: int, warmup: int, host_is_target
         c.final_round = True
         if host_is_target:
             c.latency_ms_target_est = c.latency_ms_host
-            c.violations = [v for v in c.violations if not v.startswith("latency:")]
-            if max_latency_ms is not None and c.latency_ms_host > max_latency_ms:
-                c.violations.append(f"latency: {c.latency_ms_host:.3f} ms, budget {max_latency_ms:.3f} ms, "
-                                    f"over by {c.latency_ms_host - max_latency_ms:.3f} ms")
+            c.violations = [v for v in c.violations if not v.startswith("latency:")] + \
+                violations(c, {"max_latency_ms": max_latency_ms}, [])
             c.feasible = not c.violations
 
 

@@ -146,14 +146,12 @@ def runtime_latencies(model_path: Path, *, runs: int, warmup: int) -> list[dict[
     fastest p50 first; a runtime that is missing or fails to load the model is listed with
     the reason under ``skipped``."""
     from edgekiln.bench.harness import benchmark
-    from edgekiln.bench.runtimes import REAL, available_runtimes, runs_file
+    from edgekiln.bench.runtimes import REAL, available_runtimes, skip_reason
 
     unavailable = available_runtimes()
     rows: list[dict[str, Any]] = []
     for name in REAL:
-        reason = unavailable.get(name)
-        if reason is None and not runs_file(name, model_path):
-            reason = f"does not run {Path(model_path).suffix} files"
+        reason = skip_reason(name, model_path, unavailable)
         if reason is None:
             try:
                 r = benchmark(model_path, runtime=name, threads=1, batch=1, warmup=warmup, runs=runs)

@@ -48,6 +48,15 @@ def runs_file(name: str, model_path: str | Path) -> bool:
     return Path(model_path).suffix.lower() in _module(name).SUFFIXES
 
 
+def skip_reason(name: str, model_path: str | Path, unavailable: dict[str, str | None] | None = None) -> str | None:
+    """Why ``name`` cannot run ``model_path`` (not installed, or not its file type), or None.
+    ``unavailable`` is :func:`available_runtimes`' answer when the caller already has it."""
+    reason = (unavailable if unavailable is not None else available_runtimes()).get(name)
+    if reason is None and not runs_file(name, model_path):
+        reason = f"does not run {Path(model_path).suffix} files"
+    return reason
+
+
 def load_session(model_path: str | Path, runtime: str = "onnxruntime", *, threads: int = 1) -> Session:
     """Load ``model_path`` in ``runtime`` with ``threads`` intra-op threads."""
     mod = _module(runtime)
