@@ -32,10 +32,10 @@ test: install
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider
 
 bench: install system-deps
-	$(BIN)/python -m edgekiln.bench.suite
+	$(BIN)/python -m benchmarks.suite
 
 lint: install
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

@@ -4,7 +4,7 @@
 >>> check_chain("onnx", [Step("export", ExportConfig())], has_torch_source=False)
 Traceback (most recent call last):
 ...
-edgekiln.errors.EdgekilnError: step 1 'export' needs the PyTorch source of the model, which this model does not have
+edgekiln.errors.EdgekilnError: step 1 'export' needs the model's PyTorch source, which this model does not have (give file.py:factory, or a run folder that has it)
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def check_chain(start_kind: str, steps: Sequence[Step], *, has_torch_source: boo
             raise EdgekilnError(f"step {i} '{step.name}': config is {type(step.config).__name__}, "
                                 f"expected {spec.config_type.__name__}")
         if spec.needs_torch_source and not has_torch_source:
-            raise EdgekilnError(f"step {i} '{step.name}' needs the PyTorch source of the model, which this model does not have")
+            raise EdgekilnError(f"step {i} '{step.name}' needs the model's PyTorch source, which this model does "
+                                "not have (give file.py:factory, or a run folder that has it)")
         if kind not in spec.consumes:
             raise EdgekilnError(f"step {i} '{step.name}' takes {'/'.join(sorted(spec.consumes))} models, "
                                 f"but receives '{kind}' from the step before")
@@ -78,6 +79,10 @@ def run_pipeline(
             raise EdgekilnError(f"step {i} '{step.name}' returned its input unchanged (passes must produce a new artifact)")
         if len(result.provenance) != len(current.provenance) + 1:
             raise EdgekilnError(f"step {i} '{step.name}' did not record its provenance")
+        declared = spec.output_kind(step.config)
+        if result.kind != declared:
+            raise EdgekilnError(f"step {i} '{step.name}' produced a '{result.kind}' model, but its pass declares "
+                                f"'{declared}'")
         if ctx.strict and result.kind in ONNX_KINDS:
             shapes = _output_shapes(result)
             if ref_shapes is not None and shapes != ref_shapes:
@@ -92,28 +97,17 @@ def run_pipeline(
 def _output_shapes(artifact: ModelArtifact) -> list[tuple[int, ...]]:
     """Validate an ONNX artifact by running it once on zeros; return its output shapes."""
     import numpy as np
-    import onnxruntime as ort
 
+    from edgekiln.execution.ort import error_line, ort_session
     from edgekiln.models.intake import load_onnx
 
     model = load_onnx(artifact.path)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
     try:
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        feeds = {}
-        for k, inp in enumerate(sess.get_inputs()):
-            # NOTE: every input gets zeros (token-id models such as MiniLM have several); the first
-            # uses the artifact's shape, others their declared one with symbolic dims as the first's.
-            dims = list(artifact.input_shape) if k == 0 else \
-                [d if isinstance(d, int) else (artifact.input_shape[j] if j < len(artifact.input_shape) else 1)
-                 for j, d in enumerate(inp.shape)]
-            dtype = {"tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
-                     "tensor(bool)": np.bool_}.get(inp.type, np.float32)
-            feeds[inp.name] = np.zeros(dims, dtype=dtype)
+        sess = ort_session(model)
+        # NOTE: every input (token-id models such as MiniLM have several) gets zeros of the shape
+        # and dtype the intake resolved for it.
+        feeds = {s.name: np.zeros(s.shape, dtype=s.dtype) for s in artifact.inputs}
         outs = sess.run(None, feeds)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise EdgekilnError(f"{artifact.path}: does not run in onnxruntime: {str(exc).splitlines()[0][:240]}") from exc
+        raise EdgekilnError(f"{artifact.path}: does not run in onnxruntime: {error_line(exc, 240)}") from exc
     return [tuple(o.shape) for o in outs]

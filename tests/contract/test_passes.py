@@ -30,7 +30,7 @@ def tiny(tmp_path_factory):
     """A torch-backed tiny CNN (8x8 input) exported to ONNX, with calibration/eval data."""
     d = tmp_path_factory.mktemp("tiny")
     src = TorchSource(factory="edgekiln.testing.tiny:tiny_torch_cnn")
-    art = load_model(src.factory, input_shape=(1, 1, 8, 8), work_dir=d / "model")
+    art = load_model(src.factory, input_shapes=(1, 1, 8, 8), work_dir=d / "model")
     data = {"calib": random_npz(d / "calib.npz", (1, 1, 8, 8), n=32, seed=1),
             "eval": random_npz(d / "eval.npz", (1, 1, 8, 8), n=32, seed=2)}
     return art, data

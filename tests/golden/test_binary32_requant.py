@@ -102,9 +102,10 @@ def test_c_kernel_matches_numpy_emulation(tmp_path, defines):
 
 
 def _qlinearconv_session(w, b, xs, xz, ws, ys, yz, pad):
-    import onnxruntime as ort
     from onnx import TensorProto, helper
     from onnx import numpy_helper as nh
+
+    from edgekiln.execution.ort import ort_session
 
     inits = [nh.from_array(np.array(xs, F), "xs"), nh.from_array(np.array(xz, np.int8), "xz"), nh.from_array(w, "w"),
              nh.from_array(ws.astype(F), "ws"), nh.from_array(np.zeros(ws.shape, np.int8), "wz"),
@@ -114,10 +115,7 @@ def _qlinearconv_session(w, b, xs, xz, ws, ys, yz, pad):
     graph = helper.make_graph([node], "qlinearconv", [helper.make_tensor_value_info("x", TensorProto.INT8, None)],
                               [helper.make_tensor_value_info("y", TensorProto.INT8, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return ort_session(model, threads=1)
 
 
 @pytest.mark.parametrize("case", ["power_of_two_scales_exact_ties", "random_per_channel_scales"])

@@ -17,7 +17,6 @@ def _model(path, dims, op="Relu"):
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
     onnx.save(m, str(path))
     return path
 

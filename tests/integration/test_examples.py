@@ -16,7 +16,7 @@ from edgekiln.models.intake import load_model
 RUN_FILES = ("model.pt", "model.onnx", "calib.npz", "eval.npz", "train.npz", "report.json", "report.md",
              "training.png")
 REPORT_KEYS = ("example", "accuracy", "params", "seed", "epochs", "train_seconds", "history", "preprocessing",
-               "files", "model")
+               "files", "model", "provenance", "export")
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +33,12 @@ def test_digits_example_writes_a_complete_run_folder(digits_run):
     report = json.loads((d / "report.json").read_text())
     missing = [k for k in REPORT_KEYS if k not in report]
     assert not missing, f"report.json lacks {missing}"
-    assert report["model"] == {**report["model"], "torch_factory": "edgekiln.models.zoo:digits_cnn",
-                               "factory_kwargs": {}, "state_dict": "model.pt", "onnx": "model.onnx",
-                               "input_shape": [1, 1, 8, 8], "input_name": "input", "output_name": "logits"}
+    assert report["model"] == {"path": "model.onnx", "kind": "onnx", "precision": "fp32",
+                               "inputs": [{"name": "input", "shape": [1, 1, 8, 8], "dtype": "float32"}],
+                               "data": {"calib": "calib.npz", "eval": "eval.npz", "train": "train.npz"},
+                               "torch": {"factory": "edgekiln.models.zoo:digits_cnn", "factory_kwargs": {},
+                                         "state_dict": "model.pt"}}
+    assert [p["pass"] for p in report["provenance"]] == ["train", "export"] and report["export"]["opset"] == 17
     assert (report["example"], report["seed"], report["epochs"]) == ("digits", 0, 30)
     assert report["split"] == {"train": 1438, "calib": 300, "eval": 359}
     assert len(report["history"]) == 30 and report["history"][-1]["loss"] < report["history"][0]["loss"]

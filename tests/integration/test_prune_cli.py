@@ -76,7 +76,7 @@ def test_distill_into_a_zoo_student_with_the_no_kd_comparison(digits, tmp_path):
     assert all(rep[k] is not None for k in KEYS) and rep["metric_no_kd"] is not None
     assert rep["params"] < rep["params_before"] / 2, (rep["params"], rep["params_before"])
     assert rep["metric"] >= 0.5, f"distilled ds_cnn(16) accuracy {rep['metric']:.3f} < 0.5 (seed 0)"
-    assert rep["model"]["torch_factory"] == "edgekiln.models.zoo:ds_cnn" and (out / "comparison.png").is_file()
+    assert rep["model"]["torch"]["factory"] == "edgekiln.models.zoo:ds_cnn" and (out / "comparison.png").is_file()
 
 
 def test_search_arch_cli_fits_the_budget(digits, tmp_path):
@@ -93,7 +93,7 @@ def test_search_arch_cli_fits_the_budget(digits, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["prune", "{d}", "--importance", "random"], "importance must be l1|l2|taylor|bn-scale"),
-    (["prune", "{d}/model.onnx", "--train", "{d}/train.npz"], "prune needs the model's PyTorch source"),
+    (["prune", "{d}/model.onnx", "--train", "{d}/train.npz"], "'prune' needs the model's PyTorch source"),
     (["prune", "{d}", "--target-macs-reduction", "0.5", "--target-latency-reduction", "0.5"], "at most one of"),
     (["distill", "{d}", "--student", "resnet"], "unknown student 'resnet'"),
     (["search-arch", "--data", "{d}", "--families", "resnet"], "unknown architecture family resnet"),

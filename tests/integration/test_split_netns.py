@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from edgekiln.bench.netns import ShapedLink, unusable_reason
+from benchmarks.netns import ShapedLink, unusable_reason
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ def test_namespaces_are_removed_even_when_the_body_fails():
 
 
 def test_planner_choice_is_the_best_measured_cut_at_10_mbit(tmp_path):
-    from edgekiln.bench.cases_split import chain_cnn, measure_all_cuts
+    from benchmarks.cases_split import chain_cnn, measure_all_cuts
 
     model = chain_cnn(tmp_path / "chain.onnx")
     with ShapedLink(tag="test") as link:

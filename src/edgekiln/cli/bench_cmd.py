@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from edgekiln.errors import EdgekilnError
+from edgekiln.cli.options import input_shape_option
 
 
 def register(app: typer.Typer) -> None:
@@ -21,39 +21,25 @@ def bench_command(
     batch: int = typer.Option(1, "--batch"),
     warmup: int = typer.Option(50, "--warmup"),
     runs: int = typer.Option(200, "--runs"),
-    input_shape: str = typer.Option(None, "--input-shape"),
+    input_shape: list[str] = input_shape_option(),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     out: Path = typer.Option(None, "--out", help="Write a run folder with report.json/.md and latency.png."),
 ) -> None:
     """Measure latency (min/mean/p50/p90/p99), throughput, peak RSS increase and model size."""
-    from edgekiln.bench.harness import compare
-    from edgekiln.bench.runtimes import REAL, RUNTIMES, available_runtimes
+    from edgekiln.api import bench, bench_artifact
+    from edgekiln.models.intake import parse_shapes
 
-    path = _model_path(model, input_shape)
-    names = list(REAL) if runtime == "all" else [runtime]
-    if runtime != "all":
-        if runtime not in RUNTIMES:
-            raise EdgekilnError(f"unknown runtime '{runtime}'; known: {', '.join(RUNTIMES)}, all")
-        reason = available_runtimes().get(runtime)
-        if reason:
-            raise EdgekilnError(f"runtime '{runtime}' is not available: {reason}")
-    results = compare(path, names, threads=threads, batch=batch, warmup=warmup, runs=runs, progress=not as_json)
+    shapes = parse_shapes(input_shape)
+    art = bench_artifact(model, shapes)
+    results = bench(art or model, runtimes=(runtime,), input_shapes=shapes, threads=threads, batch=batch,
+                    warmup=warmup, runs=runs, progress=not as_json)
     rows = [r if isinstance(r, dict) else r.to_dict() for r in results]
     if out:
-        _write_run(out, path, results)
+        _write_run(out, art.path if art is not None else Path(model), art, results)
     if as_json:
         typer.echo(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2))
         return
     _table(rows)
-
-
-def _model_path(model: str, input_shape: str | None) -> Path:
-    p = Path(model)
-    if p.is_file() and p.suffix.lower() in (".tflite", ".xml"):
-        return p
-    from edgekiln.models.intake import load_model, parse_shape
-
-    return load_model(model, input_shape=parse_shape(input_shape) if input_shape else None).path
 
 
 def _table(rows: list[dict]) -> None:
@@ -80,8 +66,9 @@ def _table(rows: list[dict]) -> None:
         console.print(f"skipped {line}")
 
 
-def _write_run(out: Path, model: Path, results: list) -> None:  # noqa: ANN001
-    from edgekiln.report import md_table, new_figure, save_figure, write_report
+def _write_run(out: Path, model: Path, art, results: list) -> None:  # noqa: ANN001
+    from edgekiln.models.run_folder import RunFolder
+    from edgekiln.report import md_table, new_figure, save_figure
 
     measured = [r for r in results if not isinstance(r, dict)]
     fig, ax = new_figure(7, 3.5)
@@ -100,5 +87,5 @@ def _write_run(out: Path, model: Path, results: list) -> None:  # noqa: ANN001
                     f"{measured[0].runs if measured else 0} timed runs after {measured[0].warmup if measured else 0} "
                     f"warm-up runs, batch {measured[0].batch if measured else 1}, "
                     f"{measured[0].threads if measured else 1} thread(s).", "", "![latency](latency.png)"])
-    write_report(out, command="bench", data={"model": str(model), "results": [
-        r if isinstance(r, dict) else r.to_dict() for r in results]}, markdown=md)
+    RunFolder(out).write(command="bench", model=art, markdown=md, measurements={
+        "source": str(model), "results": [r if isinstance(r, dict) else r.to_dict() for r in results]})

@@ -1,11 +1,18 @@
 """`edgekiln distill`: train a student from a teacher with soft targets (and optionally a feature
-hint), optionally also without KD for comparison; a run folder with the before/after keys."""
+hint), optionally also without KD for comparison; a run folder with the before/after keys.
+
+Thin: the options become a :class:`~edgekiln.passes.distill.DistillConfig` (whose fields hold
+the help texts) and :func:`edgekiln.api.distill` runs it through the pass pipeline.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import typer
+
+from edgekiln.cli.options import config_option, input_shape_option
+from edgekiln.passes.distill import DistillConfig as D
 
 
 def register(app: typer.Typer) -> None:
@@ -21,16 +28,17 @@ def distill_command(
     student_arg: list[str] = typer.Option(None, "--student-arg", help="key=value for the student builder "
                                                                       "(repeatable), e.g. channels=32."),
     weights: Path = typer.Option(None, "--weights", help="Teacher state_dict for a file.py:factory TEACHER."),
-    temperature: float = typer.Option(4.0, "--temperature", help="Softmax temperature of the soft targets."),
-    alpha: float = typer.Option(0.7, "--alpha", help="Weight of the soft-target loss (1 - alpha: hard labels)."),
-    epochs: int = typer.Option(8, "--epochs"),
-    lr: float = typer.Option(2e-3, "--lr"),
-    mode: str = typer.Option("logits", "--mode", help="logits (classifiers) | embedding (match the outputs)."),
-    embedding_loss: str = typer.Option("cosine", "--embedding-loss", help="embedding mode: cosine | mse."),
-    hint_student: str = typer.Option("", "--hint-student", help="Student layer for a feature hint (module name)."),
-    hint_teacher: str = typer.Option("", "--hint-teacher", help="Teacher layer the hint matches."),
-    hint_weight: float = typer.Option(1.0, "--hint-weight"),
-    augment: bool = typer.Option(False, "--augment", help="Small random affine transforms (images)."),
+    input_shape: list[str] = input_shape_option(),
+    temperature: float = config_option(D, "temperature"),
+    alpha: float = config_option(D, "alpha"),
+    epochs: int = config_option(D, "epochs"),
+    lr: float = config_option(D, "lr"),
+    mode: str = config_option(D, "mode"),
+    embedding_loss: str = config_option(D, "embedding_loss"),
+    hint_student: str = config_option(D, "hint_student_layer", "--hint-student"),
+    hint_teacher: str = config_option(D, "hint_teacher_layer", "--hint-teacher"),
+    hint_weight: float = config_option(D, "hint_weight"),
+    augment: bool = config_option(D, "augment"),
     compare: bool = typer.Option(False, "--compare-no-kd", help="Also train the same student without KD "
                                                                 "(same seed) and report both."),
     train: Path = typer.Option(None, "--train", help="Training data (.npz with x, y); a run folder's train.npz."),
@@ -41,38 +49,20 @@ def distill_command(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Distill a teacher into a (smaller) student; report both, and the student without KD if asked."""
-    from edgekiln.compress.report import before_after, measure, share_data, write_distill_report
-    from edgekiln.errors import EdgekilnError
-    from edgekiln.models.intake import load_model, run_folder_data
-    from edgekiln.passes.base import PassContext
-    from edgekiln.passes.distill import DistillConfig, parse_student_args, resolve_student
-    from edgekiln.passes.distill import run as distill
+    from edgekiln.api import distill
+    from edgekiln.models.intake import parse_shapes
+    from edgekiln.passes.distill import parse_student_args, resolve_student
 
-    data = run_folder_data(teacher)
-    data.update({k: v for k, v in (("train", train), ("eval", eval_)) if v is not None})
-    if "train" not in data:
-        raise EdgekilnError("distill needs training data: pass --train TRAIN.npz or a run folder with train.npz")
-    fields = {"student": resolve_student(student), "student_kwargs": parse_student_args(student_arg or []),
-              "temperature": temperature, "alpha": alpha, "epochs": epochs, "lr": lr, "mode": mode,
-              "embedding_loss": embedding_loss, "hint_student_layer": hint_student, "hint_teacher_layer": hint_teacher,
-              "hint_weight": hint_weight, "augment": augment}
-    cfg = DistillConfig.from_dict(fields)
-    art = load_model(teacher, weights=weights, work_dir=out / "input")
-    metric = "accuracy" if mode == "logits" else "cosine"
-    ref = art.path if metric == "cosine" else None
-    before = measure(art.path, data.get("eval"), metric=metric, reference=ref, runs=runs)
-    result = distill(art, cfg, PassContext(work_dir=out, train_path=data["train"], seed=seed, quiet=quiet))
-    keys = before_after(before, measure(result.path, data.get("eval"), metric=metric, reference=ref, runs=runs))
-    no_kd = None
-    if compare:
-        plain = DistillConfig.from_dict({**fields, "alpha": 0.0, "hint_student_layer": "", "hint_teacher_layer": ""})
-        base = distill(art, plain, PassContext(work_dir=out / "no-kd", train_path=data["train"], seed=seed,
-                                               quiet=quiet))
-        no_kd = measure(base.path, data.get("eval"), metric=metric, reference=ref, runs=runs)
-    share_data({k: v for k, v in data.items() if k in ("calib", "eval", "train")}, out)
-    rep = write_distill_report(out, keys=keys, config=cfg, result=result, metric_name=metric, no_kd=no_kd)
-    without = "" if no_kd is None else f" (same student without KD: {_f(no_kd['metric'])})"
-    line = (f"distill: {rep['before_is']} {metric} {_f(rep['metric_before'])}, student {_f(rep['metric'])}{without}; "
+    cfg = D.from_dict({"student": resolve_student(student), "student_kwargs": parse_student_args(student_arg or []),
+                       "temperature": temperature, "alpha": alpha, "epochs": epochs, "lr": lr, "mode": mode,
+                       "embedding_loss": embedding_loss, "hint_student_layer": hint_student,
+                       "hint_teacher_layer": hint_teacher, "hint_weight": hint_weight, "augment": augment})
+    run = distill(teacher, cfg, data={"train": train, "eval": eval_}, weights=weights,
+                  input_shapes=parse_shapes(input_shape), out=out, seed=seed, bench_runs=runs, compare_no_kd=compare,
+                  quiet=quiet)
+    rep = run.report()
+    without = f" (same student without KD: {_f(rep['metric_no_kd'])})" if compare else ""
+    line = (f"distill: {rep['before_is']} {rep['metric_name']} {_f(rep['metric_before'])}, student {_f(rep['metric'])}{without}; "
             f"params {rep['params_before']:,} -> {rep['params']:,}; host p50 {rep['latency_ms_before']:.4f} -> "
             f"{rep['latency_ms']:.4f} ms; report: {out / 'report.md'}")
     typer.echo(line)

@@ -89,9 +89,9 @@ def parse_expiry(text: str | None) -> Any:
 
 
 def _redact(url: str) -> str:
-    from edgekiln.fleet.db import _redact as redact
+    from edgekiln.fleet.db import redact_url
 
-    return redact(url)
+    return redact_url(url)
 
 
 def publish_command(

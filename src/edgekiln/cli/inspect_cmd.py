@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from edgekiln.cli.options import input_shape_option
+
 
 def register(app: typer.Typer) -> None:
     app.command("inspect")(inspect_command)
@@ -13,8 +15,7 @@ def register(app: typer.Typer) -> None:
 
 def inspect_command(
     model: str = typer.Argument(..., help="Model: .onnx, file.py:factory, TorchScript/.pt2, or a run folder."),
-    input_shape: str = typer.Option(None, "--input-shape",
-                                    help="Input shape, e.g. 1,1,28,28 (or name:1,3,224,224;other:1,8)."),
+    input_shape: list[str] = input_shape_option(),
     json_out: bool = typer.Option(False, "--json", help="Print the analysis as JSON on stdout (nothing else)."),
     out: Path = typer.Option(None, "--out", help="Run folder for report.json, report.md and analysis.png."),
 ) -> None:
@@ -22,23 +23,12 @@ def inspect_command(
     import json
     import sys
 
-    from edgekiln.models.analysis import analyze, plot_analysis, render_markdown
-    from edgekiln.models.intake import load_model, parse_shape
+    from edgekiln.api import inspect
+    from edgekiln.models.intake import parse_shapes
 
-    shape = parse_shape(input_shape) if input_shape else None
-    artifact = load_model(model, input_shape=shape, work_dir=(out / "model") if out else None)
-    shapes = dict(shape) if isinstance(shape, dict) else {artifact.input_name: tuple(artifact.input_shape)}
-    analysis = analyze(artifact.path, input_shapes=shapes)
-    data = analysis.to_dict()
-    if out is not None:
-        from edgekiln.report import write_report
-
-        plot_analysis(analysis, Path(out) / "analysis.png")
-        write_report(out, command="inspect", data={"model": {"spec": model, "onnx": str(artifact.path),
-                                                              "kind": artifact.kind}, **data},
-                     markdown=render_markdown(analysis) + "\n![analysis](analysis.png)\n")
+    analysis = inspect(model, input_shapes=parse_shapes(input_shape), out=out)
     if json_out:
-        sys.stdout.write(json.dumps(data) + "\n")
+        sys.stdout.write(json.dumps(analysis.to_dict()) + "\n")
         return
     _print_rich(analysis, model)
     if out is not None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from edgekiln.errors import EdgekilnError
+from edgekiln.cli.options import input_shape_option
 
 
 def register(app: typer.Typer) -> None:
@@ -16,6 +16,7 @@ def register(app: typer.Typer) -> None:
 def optimize_command(
     model: str = typer.Argument(None, help="Model: .onnx, file.py:factory, or a run folder from `edgekiln example`."),
     recipe: Path = typer.Option(None, "--recipe", help="YAML recipe; flags given as well override its fields."),
+    input_shape: list[str] = input_shape_option(),
     calib: str = typer.Option(None, "--calib", help="Calibration data (.npz with x)."),
     eval_: str = typer.Option(None, "--eval", help="Evaluation data (.npz with x, y)."),
     metric: str = typer.Option(None, "--metric", help="accuracy | cosine | sqnr | module:function"),
@@ -37,28 +38,22 @@ def optimize_command(
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Find the best model that fits the target and budget, with the evidence."""
-    from edgekiln.search.optimize import optimize
-    from edgekiln.search.recipe import Recipe, load_recipe
+    from edgekiln.api import make_recipe, optimize
+    from edgekiln.search.recipe import load_recipe
     from edgekiln.targets.units import parse_bytes
 
     base = load_recipe(recipe).to_dict() if recipe else {}
-    if model is None and not base.get("model"):
-        raise EdgekilnError("give a MODEL or --recipe")
-    flags = {"model": model, "calib": calib, "eval": eval_, "metric": metric, "target": target, "prefer": prefer}
-    data = {**base, **{k: v for k, v in flags.items() if v is not None}}
-    constraints = dict(base.get("constraints") or {})
-    for key, value in (("max_drop", max_drop), ("max_latency_ms", max_latency_ms),
-                       ("max_ram_bytes", parse_bytes(max_ram) if max_ram else None),
-                       ("max_flash_bytes", parse_bytes(max_flash) if max_flash else None)):
-        if value is not None:
-            constraints[key] = value
-    search = dict(base.get("search") or {})
-    for key, value in (("trials", trials), ("timeout_s", timeout), ("seed", seed), ("workers", workers),
-                       ("executor", executor), ("ray_address", address)):
-        if value is not None:
-            search[key] = value
-    data["constraints"], data["search"] = constraints, search
-    rec = Recipe.from_dict(data)
+    if prefer is not None:
+        base["prefer"] = prefer
+    constraints = {key: value for key, value in (
+        ("max_drop", max_drop), ("max_latency_ms", max_latency_ms),
+        ("max_ram_bytes", parse_bytes(max_ram) if max_ram else None),
+        ("max_flash_bytes", parse_bytes(max_flash) if max_flash else None)) if value is not None}
+    search = {key: value for key, value in (
+        ("trials", trials), ("timeout_s", timeout), ("seed", seed), ("workers", workers), ("executor", executor),
+        ("ray_address", address)) if value is not None}
+    rec = make_recipe(model, recipe=base, target=target, calib=calib, eval=eval_, metric=metric,
+                      input_shapes=input_shape or None, constraints=constraints, search=search)
     result = _run(optimize, rec, out, resume, quiet)
     _print_summary(result, rec)
 
@@ -78,7 +73,7 @@ def _run(optimize, rec, out, resume, quiet):  # noqa: ANN001, ANN202 - thin prog
             bar.update(task, advance=1, description=f"#{c.number} {c.label[:60]} [{status}]")
 
         try:
-            return optimize(rec, out, resume=resume, quiet=quiet, on_trial=on_trial)
+            return optimize(recipe=rec, out=out, resume=resume, quiet=quiet, on_trial=on_trial)
         except BudgetNotMet as exc:
             raise BudgetNotMet(f"{exc} (report: {out / 'report.md'})") from None
 

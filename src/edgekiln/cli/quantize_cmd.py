@@ -1,10 +1,17 @@
-"""`edgekiln quantize`: int8 / int8-dynamic / fp16 / int4-weight with an accuracy budget."""
+"""`edgekiln quantize`: int8 / int8-dynamic / fp16 / int4-weight with an accuracy budget.
+
+Thin: the options become a :class:`~edgekiln.passes.quantize.QuantizeConfig` (whose fields hold
+the help texts) and :func:`edgekiln.api.quantize` does the rest, as it does for Python callers.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import typer
+
+from edgekiln.cli.options import config_option, input_shape_option
+from edgekiln.passes.quantize import QuantizeConfig as Q
 
 
 def register(app: typer.Typer) -> None:
@@ -13,65 +20,43 @@ def register(app: typer.Typer) -> None:
 
 def quantize_command(
     model: str = typer.Argument(..., help="Float model (.onnx, file.py:factory, or a run folder)."),
-    scheme: str = typer.Option("int8", "--scheme", help="int8 | int8-dynamic | fp16 | int4-weight"),
+    scheme: str = config_option(Q, "scheme"),
     calib: Path = typer.Option(None, "--calib", help="Calibration data (.npz); a run folder's calib.npz by default."),
     eval_: Path = typer.Option(None, "--eval", help="Evaluation data (.npz); a run folder's eval.npz by default."),
     metric: str = typer.Option("accuracy", "--metric", help="accuracy | cosine | sqnr | module:function"),
-    max_drop: float = typer.Option(None, "--max-drop", help="Largest allowed metric drop, in its units."),
-    calibration: str = typer.Option("minmax", "--calibration", help="minmax | percentile | entropy | mse | auto"),
-    keep_float: list[str] = typer.Option(None, "--keep-float", help="Node name to leave in float (repeatable)."),
-    symmetric: bool = typer.Option(None, "--symmetric-activations/--asymmetric-activations",
-                                   help="int8 zero points. Default: asymmetric; transformers: symmetric "
-                                        "except one-sided ranges (GELU outputs)."),
-    per_channel: bool = typer.Option(True, "--per-channel/--per-tensor"),
-    samples: int = typer.Option(256, "--calib-samples"),
-    equalize: bool = typer.Option(False, "--equalize", help="Cross-layer equalization first (int8)."),
-    bias_correction: bool = typer.Option(False, "--bias-correction", help="Correct each layer's mean shift (int8)."),
-    adaround: bool = typer.Option(False, "--adaround",
-                                  help="int8: learn each weight's rounding from its layer's output error (slower)."),
-    smooth_alpha: float = typer.Option(0.7, "--smooth-alpha",
-                                       help="Transformers: SmoothQuant strength in (0, 1); 0 turns smoothing off."),
-    rewrites: bool = typer.Option(True, "--transformer-rewrites/--no-transformer-rewrites",
-                                  help="Transformers: soft attention-mask fill; int8-dynamic: residual adds kept "
-                                       "unfused; int8: only weighted MatMul inputs quantized."),
-    outlier_rows: bool = typer.Option(True, "--outlier-rows/--no-outlier-rows",
-                                      help="Transformers, int8: massive-activation leading rows in float."),
+    max_drop: float = config_option(Q, "max_drop"),
+    calibration: str = config_option(Q, "calibration"),
+    keep_float: list[str] = config_option(Q, "keep_float"),
+    symmetric: bool = config_option(Q, "symmetric_activations", "--symmetric-activations/--asymmetric-activations"),
+    per_channel: bool = config_option(Q, "per_channel", "--per-channel/--per-tensor"),
+    samples: int = config_option(Q, "calib_samples"),
+    equalize: bool = config_option(Q, "equalize"),
+    bias_correction: bool = config_option(Q, "bias_correction"),
+    adaround: bool = config_option(Q, "adaround"),
+    smooth_alpha: float = config_option(Q, "smooth_alpha"),
+    rewrites: bool = config_option(Q, "transformer_rewrites", "--transformer-rewrites/--no-transformer-rewrites"),
+    outlier_rows: bool = config_option(Q, "outlier_rows", "--outlier-rows/--no-outlier-rows"),
     runs: int = typer.Option(200, "--bench-runs", help="Timed runs per latency measurement."),
+    input_shape: list[str] = input_shape_option(),
     out: Path = typer.Option(..., "--out"),
 ) -> None:
     """Quantize a model; report accuracy, size and latency against FP32 on every runtime."""
-    from edgekiln.models.intake import load_model, run_folder_data
-    from edgekiln.models.metrics import load_npz
-    from edgekiln.passes.quantize import QuantizeConfig, quantize_model
-    from edgekiln.quant.report import parity, runtime_table, write_quantize_report
-
-    data = run_folder_data(model)
-    calib = calib or data.get("calib")
-    eval_ = eval_ or data.get("eval")
-    if max_drop is not None and eval_ is None:
-        from edgekiln.errors import EdgekilnError
-
-        raise EdgekilnError("--max-drop needs evaluation data: pass --eval EVAL.npz")
-    cfg = QuantizeConfig.from_dict({"scheme": scheme, "calibration": calibration, "max_drop": max_drop,
-                                    "keep_float": tuple(keep_float or ()), "symmetric_activations": symmetric,
-                                    "per_channel": per_channel, "calib_samples": samples, "equalize": equalize,
-                                    "bias_correction": bias_correction, "adaround": adaround,
-                                    "smooth_alpha": smooth_alpha or None, "transformer_rewrites": rewrites,
-                                    "outlier_rows": outlier_rows})
-    art = load_model(model, work_dir=out / "input")
     from rich.progress import Progress
 
+    from edgekiln.api import quantize
+    from edgekiln.models.intake import parse_shapes
+
+    cfg = Q.from_dict({"scheme": scheme, "calibration": calibration, "max_drop": max_drop,
+                       "keep_float": tuple(keep_float or ()), "symmetric_activations": symmetric,
+                       "per_channel": per_channel, "calib_samples": samples, "equalize": equalize,
+                       "bias_correction": bias_correction, "adaround": adaround,
+                       "smooth_alpha": smooth_alpha or None, "transformer_rewrites": rewrites,
+                       "outlier_rows": outlier_rows})
     with Progress(transient=True) as bar:
         task = bar.add_task("sensitivity", total=None)
-        res = quantize_model(art.path, cfg, out, calib=calib, eval_npz=eval_, metric=metric,
-                             progress=lambda i, n: bar.update(task, completed=i, total=n))
-    runtimes = runtime_table(art.path, res.path, runs=runs, warmup=min(50, runs))
-    par = parity(res.path, load_npz(eval_ or calib)) if (eval_ or calib) and cfg.scheme != "fp16" else {}
-    write_quantize_report(out, scheme=scheme, metric_name=metric, fp32=art.path, res=res, runtimes=runtimes,
-                          parity_result=par, config=cfg.to_dict())
-    import json
-
-    rep = json.loads((out / "report.json").read_text())
+        run = quantize(model, config=cfg, calib=calib, eval=eval_, metric=metric, input_shapes=parse_shapes(input_shape),
+                       out=out, bench_runs=runs, progress=lambda i, n: bar.update(task, completed=i, total=n))
+    rep = run.report()
     typer.echo(f"{scheme}: {metric} {_f(rep['metric_fp32'])} -> {_f(rep['metric'])}, size {rep['size_ratio']:.3f}x, "
                f"onnxruntime p50 {_f(rep['latency_ms_fp32'])} -> {_f(rep['latency_ms'])} ms; "
                f"fastest runtime: {rep['fastest_runtime']}; report: {out / 'report.md'}")

@@ -73,8 +73,9 @@ def search_arch_command(
     if baseline:
         from edgekiln.compress.report import measure
         from edgekiln.models.intake import load_model
+        from edgekiln.models.run_folder import RunFolder
 
-        base = measure(load_model(baseline, work_dir=out / "baseline").path, eval_npz)
+        base = measure(load_model(baseline, work_dir=RunFolder(out).work_dir / "baseline").path, eval_npz)
     result = search_architecture(train_npz, eval_npz, out, cfg, calib_npz=calib_npz if calib_npz and
                                  Path(calib_npz).is_file() else None, quiet=quiet)
     rep = write_arch_report(out, result, cfg, base)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from edgekiln.cli.options import input_shape_option, load_cli_model
 from edgekiln.errors import EdgekilnError
 
 split_app = typer.Typer(help="Edge-cloud split computing: plan the cut, serve the tail.", no_args_is_help=True)
@@ -26,21 +27,20 @@ def plan_command(
     bandwidth: str = typer.Option("10mbit", "--bandwidth", help="Uplink bandwidth, e.g. 10mbit."),
     rtt: str = typer.Option("20ms", "--rtt", help="Round-trip time."),
     int8: bool = typer.Option(False, "--int8-transfer", help="Send cut tensors as int8 (4x fewer bytes)."),
-    input_shape: str = typer.Option(None, "--input-shape"),
+    input_shape: list[str] = input_shape_option(),
     out: Path = typer.Option(None, "--out", help="Write head.onnx, tail.onnx and plan.json here."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Choose the cut that minimizes end-to-end latency, with the bandwidth breakpoint table."""
     import numpy as np
 
-    from edgekiln.models.intake import load_model, parse_shape
     from edgekiln.runtime.split_plan import breakpoints, plan
     from edgekiln.runtime.split_profile import split_graph
     from edgekiln.targets.units import parse_bandwidth_bps, parse_duration_ms
 
-    art = load_model(model, input_shape=parse_shape(input_shape) if input_shape else None)
+    art = load_cli_model(model, input_shape)
     factor = device_factor if device_factor is not None else _profile_factor(device_profile)
-    feeds = {art.input_name: np.zeros(art.input_shape, np.float32)}
+    feeds = {s.name: np.zeros(s.shape, s.dtype) for s in art.inputs}
     graph = split_graph(art.path, feeds, device_factor=factor, int8_transfer=int8)
     bw, rtt_ms = parse_bandwidth_bps(bandwidth), parse_duration_ms(rtt)
     best = plan(graph, bandwidth_bps=bw, rtt_ms=rtt_ms)

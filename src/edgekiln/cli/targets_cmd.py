@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from edgekiln.cli.options import input_shape_option, load_cli_model
+
 
 def register(app: typer.Typer) -> None:
     app.command("targets")(targets_command)
@@ -46,27 +48,28 @@ def fits_command(
     max_latency_ms: float = typer.Option(None, "--max-latency-ms"),
     max_ram: str = typer.Option(None, "--max-ram", help="e.g. 256KB (default: the profile's RAM)."),
     max_flash: str = typer.Option(None, "--max-flash", help="e.g. 1MB (default: the profile's flash)."),
-    input_shape: str = typer.Option(None, "--input-shape"),
+    input_shape: list[str] = input_shape_option(),
     as_json: bool = typer.Option(False, "--json"),
     out: Path = typer.Option(None, "--out", help="Write a run folder with report.json/report.md."),
 ) -> None:
     """Check flash, RAM, estimated latency and energy against a device; exit 3 if it does not fit."""
     from edgekiln.models.analysis import analyze
-    from edgekiln.models.intake import load_model, parse_shape
-    from edgekiln.search.trial import c_backend_footprint, precision_of
+    from edgekiln.models.run_folder import RunFolder, precision_of
+    from edgekiln.search.trial import c_backend_footprint
     from edgekiln.targets.fit import estimate_fit
     from edgekiln.targets.profiles import load_profile
     from edgekiln.targets.units import parse_bytes
 
     profile = load_profile(target)
-    art = load_model(model, input_shape=parse_shape(input_shape) if input_shape else None)
-    info = analyze(art.path, {art.input_name: art.input_shape})
+    art = load_cli_model(model, input_shape, work_dir=RunFolder(out).work_dir / "model" if out else None)
+    info = analyze(art.path, art.input_shapes)
     prec = precision or precision_of(art.kind)
     measured = None
     if profile.measured:
-        from edgekiln.bench.harness import benchmark
+        from edgekiln.execution.timing import benchmark
 
-        measured = benchmark(art.path, runtime="onnxruntime", threads=1, runs=200).latency_ms["p50"]
+        measured = benchmark(art.path, runtime="onnxruntime", threads=1, runs=200,
+                             input_shapes=art.input_shapes).latency_ms["p50"]
     c_fp = c_backend_footprint(art.path, art.kind, profile)
     report = estimate_fit(profile, weight_bytes=c_fp.flash["weights"] + c_fp.flash["params"] if c_fp else info.weight_bytes,
                           code_bytes=c_fp.flash["code_estimate"] if c_fp else 0,
@@ -79,9 +82,7 @@ def fits_command(
     data["ram_source"] = "C backend memory plan (arena incl. I/O)" if c_fp else "analysis (peak activations)"
     data["flash_source"] = "C backend (arrays + params + code estimate)" if c_fp else "analysis (weights only)"
     if out:
-        from edgekiln.report import write_report
-
-        write_report(out, command="fits", data=data, markdown=report.render_markdown())
+        RunFolder(out).write(command="fits", model=art, measurements=data, markdown=report.render_markdown())
     if as_json:
         typer.echo(json.dumps(data, indent=2))
     else:

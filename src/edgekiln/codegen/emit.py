@@ -19,10 +19,13 @@ from edgekiln.codegen.planner import MemoryPlan
 from edgekiln.errors import EdgekilnError
 from edgekiln.fileio import atomic_write_text
 
-_STRUCT = {"conv2d": "ek_conv_params", "fully_connected": "ek_fc_params", "add": "ek_add_params",
-           "requantize": "ek_requant_params", "max_pool": "ek_pool_params", "avg_pool": "ek_pool_params",
-           "concat": "ek_concat_params", "softmax": "ek_softmax_params", "transpose_nchw": "ek_transpose_params"}
-_FIELDS = {  # struct field order, as declared in ek_kernels.h
+#: op kind -> the C parameter struct its call takes.
+PARAM_STRUCT = {"conv2d": "ek_conv_params", "fully_connected": "ek_fc_params", "add": "ek_add_params",
+                "requantize": "ek_requant_params", "max_pool": "ek_pool_params", "avg_pool": "ek_pool_params",
+                "concat": "ek_concat_params", "softmax": "ek_softmax_params",
+                "transpose_nchw": "ek_transpose_params"}
+#: C parameter struct -> its field names in declaration order (as in ek_kernels.h).
+STRUCT_FIELDS = {
     "ek_conv_params": ("in_h in_w in_c out_h out_w out_c k_h k_w stride_h stride_w dil_h dil_w pad_top pad_left "
                        "groups input_zp output_zp act_min act_max"),
     "ek_fc_params": "in_features out_features input_zp output_zp act_min act_max",
@@ -78,11 +81,11 @@ def _op_decls(i: int, op: Op) -> str:
         out.append(_array(_CTYPE[arr.dtype], f"op{i}_{key}", arr))
     if op.kind == "conv_pool":
         out.append(_conv_pool_params(i, op))
-    if op.kind in _STRUCT:
-        struct = _STRUCT[op.kind]
+    if op.kind in PARAM_STRUCT:
+        struct = PARAM_STRUCT[op.kind]
         # NOTE: max_pool shares ek_pool_params with avg_pool and leaves the averaging fields 0.
-        attrs = {**dict.fromkeys(_FIELDS[struct].split(), 0), **op.attrs} if op.kind == "max_pool" else op.attrs
-        fields = ", ".join(f".{f} = {int(attrs[f])}" for f in _FIELDS[struct].split())
+        attrs = {**dict.fromkeys(STRUCT_FIELDS[struct].split(), 0), **op.attrs} if op.kind == "max_pool" else op.attrs
+        fields = ", ".join(f".{f} = {int(attrs[f])}" for f in STRUCT_FIELDS[struct].split())
         out.append(f"static const {struct} op{i}_params = {{ {fields} }};\n")
     return "".join(out)
 
@@ -91,8 +94,8 @@ def _conv_pool_params(i: int, op: Op) -> str:
     from edgekiln.codegen.fuse import split_attrs
 
     conv, pool = split_attrs(op.attrs)
-    cf = ", ".join(f".{f} = {int(conv[f])}" for f in _FIELDS["ek_conv_params"].split())
-    pf = ", ".join(f".{f} = {int(pool[f])}" for f in _FIELDS["ek_pool_params"].split())
+    cf = ", ".join(f".{f} = {int(conv[f])}" for f in STRUCT_FIELDS["ek_conv_params"].split())
+    pf = ", ".join(f".{f} = {int(pool[f])}" for f in STRUCT_FIELDS["ek_pool_params"].split())
     return (f"static const ek_conv_pool_params op{i}_params = {{\n    .conv = {{ {cf} }},\n"
             f"    .pool = {{ {pf} }},\n    .is_avg = {int(op.attrs['pool_is_avg'])}, .rows = {int(op.attrs['rows'])} }};\n")
 

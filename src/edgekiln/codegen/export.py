@@ -56,12 +56,12 @@ class CExport:
 
 def estimate_flash(graph: IntGraph) -> dict[str, int]:
     """Flash bytes: constant arrays + parameter structs + a code-size estimate (see :data:`CODE_BYTES`)."""
-    from edgekiln.codegen.emit import _FIELDS, _STRUCT
+    from edgekiln.codegen.emit import PARAM_STRUCT, STRUCT_FIELDS
 
     weights = graph.weight_bytes
-    params = sum(len(_FIELDS[_STRUCT[op.kind]].split()) * _FIELD_BYTES for op in graph.ops if op.kind in _STRUCT)
+    params = sum(len(STRUCT_FIELDS[PARAM_STRUCT[op.kind]].split()) * _FIELD_BYTES for op in graph.ops if op.kind in PARAM_STRUCT)
     n_conv_pool = sum(op.kind == "conv_pool" for op in graph.ops)
-    params += n_conv_pool * (len(_FIELDS["ek_conv_params"].split()) + len(_FIELDS["ek_pool_params"].split()) + 2) \
+    params += n_conv_pool * (len(STRUCT_FIELDS["ek_conv_params"].split()) + len(STRUCT_FIELDS["ek_pool_params"].split()) + 2) \
         * _FIELD_BYTES
     kinds = {op.kind for op in graph.ops}
     code = CODE_BYTES["_requant"] + sum(CODE_BYTES[k] for k in kinds) + CODE_BYTES["_call"] * len(graph.ops)
@@ -91,7 +91,10 @@ def mcu_footprint(model: str | Path | Any) -> McuFootprint:
     """The arena, I/O and flash bytes ``export --to c`` would produce for an int8 QDQ model, without
     writing files: the numbers ``fits`` and ``optimize`` use for microcontroller targets.
 
-    >>> # fp = mcu_footprint("mnist_int8.onnx"); fp.ram_bytes, fp.flash["total"]
+    >>> from edgekiln.codegen.testmodels import tiny_qdq_model
+    >>> fp = mcu_footprint(tiny_qdq_model("tiny_int8.onnx"))
+    >>> fp.ram_bytes, fp.flash["total"]
+    (234, 3100)
     """
     graph = lower_for_c(model)  # fused, as the default export
     plan = plan_memory(graph)
@@ -106,7 +109,10 @@ def export_c(model: str | Path, out_dir: str | Path, *, prefix: str = "model", r
     ``fuse`` (default) runs :func:`edgekiln.codegen.fuse.fuse_conv_pool`: conv -> pool pairs
     become one kernel that never stores the full conv output (a smaller arena).
 
-    >>> # res = export_c("mnist_int8.onnx", "out/c", prefix="mnist"); res.plan.arena_bytes
+    >>> from edgekiln.codegen.testmodels import tiny_qdq_model
+    >>> res = export_c(tiny_qdq_model("tiny_int8.onnx"), "out/c", prefix="tiny")
+    >>> res.plan.arena_bytes, sorted(p.name for p in res.out_dir.glob("tiny.*"))
+    (160, ['tiny.c', 'tiny.h'])
     """
     check_prefix(prefix)
     model = Path(model)
@@ -141,10 +147,11 @@ def render_markdown(res: CExport, model: str) -> str:
     return "\n".join(lines)
 
 
-def write_export_report(res: CExport, model: str) -> Path:
-    """Write ``memory.png``, ``report.json`` and ``report.md`` next to the library."""
-    from edgekiln.report import write_report
+def write_export_report(res: CExport, model: Any) -> Path:
+    """Write ``memory.png``, ``report.json`` and ``report.md`` next to the library; the run
+    folder's model is ``model``, the QDQ ModelArtifact the library was generated from."""
+    from edgekiln.models.run_folder import RunFolder
 
     plot_live_memory(res.plan, str(res.out_dir / "memory.png"))
-    return write_report(res.out_dir, command="export", data={"model": str(model), **res.to_dict()},
-                        markdown=render_markdown(res, model))
+    return RunFolder(res.out_dir).write(command="export", model=model, measurements=res.to_dict(),
+                                        markdown=render_markdown(res, str(model.path)))

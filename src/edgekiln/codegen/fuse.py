@@ -10,8 +10,11 @@ Bit-exactness holds by construction: every conv row is computed by the same code
 unfused kernel and pooled by the same arithmetic; the numpy reference
 (:func:`edgekiln.codegen.reference.conv_pool`) *is* the unfused composition.
 
->>> # graph = fuse_conv_pool(load_qdq("cnn_int8.onnx")); [op.kind for op in graph.ops][:2]
->>> # ['conv_pool', 'conv_pool']
+>>> from edgekiln.codegen.ir import load_qdq
+>>> from edgekiln.codegen.testmodels import tiny_qdq_model
+>>> graph = fuse_conv_pool(load_qdq(tiny_qdq_model("tiny_int8.onnx")))
+>>> [op.kind for op in graph.ops]
+['conv_pool', 'conv_pool', 'reshape', 'fully_connected']
 """
 
 from __future__ import annotations

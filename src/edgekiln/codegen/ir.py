@@ -94,7 +94,7 @@ class IntGraph:
 
 
 @dataclass
-class _Ctx:
+class LowerContext:
     """Lookup tables over the ONNX graph, used while lowering nodes."""
 
     inits: dict[str, np.ndarray]
@@ -111,15 +111,15 @@ def load_qdq(model: Any) -> IntGraph:
     Raises :class:`EdgekilnError` naming the op and node for anything outside
     :data:`SUPPORTED_OPS`, a float (unquantized) path, or a second graph input/output.
 
-    >>> from edgekiln.codegen.testmodels import tiny_qdq_model  # doctest: +SKIP
-    >>> load_qdq(tiny_qdq_model("/tmp/t")).ops[0].kind            # doctest: +SKIP
+    >>> from edgekiln.codegen.testmodels import tiny_qdq_model
+    >>> load_qdq(tiny_qdq_model("tiny_int8.onnx")).ops[0].kind
     'conv2d'
     """
     import onnx
     from onnx import numpy_helper
 
     from edgekiln.codegen import lower
-    from edgekiln.quant.bias_scale import is_constant_mul
+    from edgekiln.models.support import is_constant_mul
 
     if isinstance(model, str | Path):
         model = onnx.load(str(model))
@@ -138,7 +138,7 @@ def load_qdq(model: Any) -> IntGraph:
     if not q_nodes:
         raise EdgekilnError("model has no QuantizeLinear nodes: it is a float model; "
                             "run `edgekiln quantize --scheme int8` first and export the QDQ model")
-    ctx = _Ctx(inits=inits, act_dq={}, const_dq={}, q_of={}, float_consumers={},
+    ctx = LowerContext(inits=inits, act_dq={}, const_dq={}, q_of={}, float_consumers={},
                graph=IntGraph(tensors={}, ops=[], input="", output="", onnx_input_name=real_inputs[0].name,
                               onnx_input_shape=(), onnx_output_shape=()))
     for node in g.node:
@@ -162,7 +162,9 @@ def load_qdq(model: Any) -> IntGraph:
     return ctx.graph
 
 
-def _qparams(ctx: _Ctx, node: Any) -> tuple[float, int]:
+def activation_qparams(ctx: LowerContext, node: Any) -> tuple[float, int]:
+    """``(scale, zero_point)`` of the per-tensor int8 activation quantization ``node`` (a
+    QuantizeLinear) applies; an :class:`EdgekilnError` for per-channel or non-int8 ones."""
     scale = np.asarray(ctx.inits[node.input[1]], dtype=np.float64)
     zp = np.asarray(ctx.inits[node.input[2]]) if len(node.input) > 2 and node.input[2] else np.zeros(1, np.int8)
     if scale.size != 1 or zp.size != 1:
@@ -173,21 +175,21 @@ def _qparams(ctx: _Ctx, node: Any) -> tuple[float, int]:
     return float(scale.reshape(())), int(zp.reshape(()))
 
 
-def _read_input(ctx: _Ctx, vi: Any) -> None:
+def _read_input(ctx: LowerContext, vi: Any) -> None:
     dims = [d.dim_value if d.dim_value > 0 else 1 for d in vi.type.tensor_type.shape.dim]
     qs = ctx.q_of.get(vi.name, [])
     if len(qs) != 1 or len(ctx.float_consumers.get(vi.name, [])) != 1:
         raise EdgekilnError(f"graph input {vi.name!r} must feed exactly one QuantizeLinear (an int8 QDQ model)")
     if dims[0] != 1:
         raise EdgekilnError(f"graph input {vi.name!r} has batch {dims[0]}; C export needs batch 1")
-    scale, zp = _qparams(ctx, qs[0])
+    scale, zp = activation_qparams(ctx, qs[0])
     name = qs[0].output[0]
     ctx.graph.tensors[name] = QTensor(name, to_c_shape(tuple(dims)), scale, zp)
     ctx.graph.input = name
     ctx.graph.onnx_input_shape = tuple(dims)
 
 
-def _read_dq(ctx: _Ctx, node: Any) -> None:
+def _read_dq(ctx: LowerContext, node: Any) -> None:
     src = node.input[0]
     if src in ctx.inits:
         scale = np.asarray(ctx.inits[node.input[1]], dtype=np.float64)
@@ -202,7 +204,7 @@ def _read_dq(ctx: _Ctx, node: Any) -> None:
                             "quantized activation")
 
 
-def _read_output(ctx: _Ctx, g: Any) -> None:
+def _read_output(ctx: LowerContext, g: Any) -> None:
     from edgekiln.codegen import lower
 
     out = g.output[0].name

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from edgekiln.codegen.binary32 import binary32_multiplier, onnx_qlinear_scale
-from edgekiln.codegen.ir import IntGraph, Op, QTensor, _Ctx, _qparams
+from edgekiln.codegen.ir import IntGraph, LowerContext, Op, QTensor, activation_qparams
 from edgekiln.errors import EdgekilnError
 from edgekiln.quant.fixed_point import quantize_multiplier
 
@@ -36,7 +36,7 @@ def _label(node: Any) -> str:
     return f"{node.op_type} (node {node.name or node.output[0]!r})"
 
 
-def _in(ctx: _Ctx, node: Any, i: int, *, flat_ok: bool = False) -> QTensor:
+def _in(ctx: LowerContext, node: Any, i: int, *, flat_ok: bool = False) -> QTensor:
     name = node.input[i]
     if name not in ctx.act_dq:
         raise EdgekilnError(f"input {name!r} of {_label(node)} is not a dequantized int8 tensor "
@@ -47,7 +47,7 @@ def _in(ctx: _Ctx, node: Any, i: int, *, flat_ok: bool = False) -> QTensor:
     return t
 
 
-def _const(ctx: _Ctx, node: Any, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def _const(ctx: LowerContext, node: Any, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     name = node.input[i]
     if name in ctx.const_dq:
         return ctx.const_dq[name]
@@ -57,18 +57,18 @@ def _const(ctx: _Ctx, node: Any, i: int) -> tuple[np.ndarray, np.ndarray, np.nda
     raise EdgekilnError(f"input {name!r} of {_label(node)} must be a constant (weight or bias)")
 
 
-def _out(ctx: _Ctx, node: Any, shape: tuple[int, ...], name_suffix: str = "") -> QTensor:
+def _out(ctx: LowerContext, node: Any, shape: tuple[int, ...], name_suffix: str = "") -> QTensor:
     qs = ctx.q_of.get(node.output[0], [])
     if not qs:
         raise EdgekilnError(f"output of {_label(node)} is not quantized (no QuantizeLinear follows it)")
-    scale, zp = _qparams(ctx, qs[0])
+    scale, zp = activation_qparams(ctx, qs[0])
     name = qs[0].output[0] + name_suffix
     t = QTensor(name, tuple(int(d) for d in shape), scale, zp)
     ctx.graph.tensors[name] = t
     return t
 
 
-def _new(ctx: _Ctx, name: str, shape: tuple[int, ...], scale: float, zp: int) -> QTensor:
+def _new(ctx: LowerContext, name: str, shape: tuple[int, ...], scale: float, zp: int) -> QTensor:
     t = QTensor(name, tuple(int(d) for d in shape), scale, zp)
     ctx.graph.tensors[name] = t
     return t
@@ -92,7 +92,7 @@ def _weight_scales(node: Any, scale: np.ndarray, zp: np.ndarray, n: int) -> np.n
     return np.broadcast_to(scale, (n,)).copy() if scale.size == 1 else scale
 
 
-def _bias(ctx: _Ctx, node: Any, idx: int, n: int, acc_scale: np.ndarray) -> np.ndarray:
+def _bias(ctx: LowerContext, node: Any, idx: int, n: int, acc_scale: np.ndarray) -> np.ndarray:
     if len(node.input) <= idx or not node.input[idx]:
         return np.zeros(n, dtype=np.int32)
     q, scale, zp, _ = _const(ctx, node, idx)
@@ -117,14 +117,14 @@ def _pool_geometry(node: Any, x: QTensor, kernel: tuple[int, int]) -> dict[str, 
                 stride_h=strides[0], stride_w=strides[1], pad_top=pads[0], pad_left=pads[1])
 
 
-def lower_node(ctx: _Ctx, node: Any) -> None:
+def lower_node(ctx: LowerContext, node: Any) -> None:
     """Append the integer op(s) for one float ONNX node sitting between DQ inputs and a Q output."""
     {"Conv": _conv, "Gemm": _fc, "MatMul": _fc, "Add": _add, "Relu": _clamp, "Clip": _clamp,
      "MaxPool": _maxpool, "AveragePool": _avgpool, "GlobalAveragePool": _avgpool, "Flatten": _reshape,
      "Reshape": _reshape, "Concat": _concat, "Softmax": _softmax}[node.op_type](ctx, node)
 
 
-def _conv(ctx: _Ctx, node: Any) -> None:
+def _conv(ctx: LowerContext, node: Any) -> None:
     x = _in(ctx, node, 0)
     wq, ws, wz, _ = _const(ctx, node, 1)
     if wq.dtype != np.int8 or wq.ndim != 4:
@@ -160,7 +160,7 @@ def _conv(ctx: _Ctx, node: Any) -> None:
         macs=out_h * out_w * cout * kh * kw * cin_g, weight_scale=s_w.astype(np.float32)))
 
 
-def _fc(ctx: _Ctx, node: Any) -> None:
+def _fc(ctx: LowerContext, node: Any) -> None:
     x = _in(ctx, node, 0, flat_ok=True)
     wq, ws, wz, axis = _const(ctx, node, 1)
     if wq.dtype != np.int8 or wq.ndim != 2 or len(x.shape) != 2:
@@ -192,7 +192,7 @@ def _fc(ctx: _Ctx, node: Any) -> None:
         macs=n_in * n_out, weight_scale=s_w.astype(np.float32)))
 
 
-def _add(ctx: _Ctx, node: Any) -> None:
+def _add(ctx: LowerContext, node: Any) -> None:
     a, b = _in(ctx, node, 0), _in(ctx, node, 1)
     if a.shape != b.shape:
         raise EdgekilnError(f"{_label(node)}: broadcasting Add {a.shape} + {b.shape} is not supported")
@@ -209,7 +209,7 @@ def _add(ctx: _Ctx, node: Any) -> None:
         macs=a.size))
 
 
-def _requant(ctx: _Ctx, name: str, x: QTensor, y: QTensor, lo: int = -128, hi: int = 127) -> None:
+def _requant(ctx: LowerContext, name: str, x: QTensor, y: QTensor, lo: int = -128, hi: int = 127) -> None:
     m, s = quantize_multiplier(x.scale / y.scale)
     ctx.graph.ops.append(Op(
         "requantize", name, [x.name], y.name,
@@ -217,7 +217,7 @@ def _requant(ctx: _Ctx, name: str, x: QTensor, y: QTensor, lo: int = -128, hi: i
                    act_min=lo, act_max=hi), macs=x.size))
 
 
-def _clamp(ctx: _Ctx, node: Any) -> None:
+def _clamp(ctx: LowerContext, node: Any) -> None:
     x = _in(ctx, node, 0)
     y = _out(ctx, node, x.shape)
     if node.op_type == "Relu":
@@ -237,7 +237,7 @@ def _clamp(ctx: _Ctx, node: Any) -> None:
     _requant(ctx, node.name or node.output[0], x, y, lo, hi)
 
 
-def _maybe_requant_after(ctx: _Ctx, node: Any, x: QTensor, shape: tuple[int, ...]) -> tuple[QTensor, QTensor | None]:
+def _maybe_requant_after(ctx: LowerContext, node: Any, x: QTensor, shape: tuple[int, ...]) -> tuple[QTensor, QTensor | None]:
     """Output tensor for a scale-preserving op; a second tensor if ORT gave it new qparams."""
     probe = _out(ctx, node, shape)
     if probe.scale == x.scale and probe.zero_point == x.zero_point:
@@ -248,7 +248,7 @@ def _maybe_requant_after(ctx: _Ctx, node: Any, x: QTensor, shape: tuple[int, ...
     return pre, probe
 
 
-def _maxpool(ctx: _Ctx, node: Any) -> None:
+def _maxpool(ctx: LowerContext, node: Any) -> None:
     x = _in(ctx, node, 0)
     geo = _pool_geometry(node, x, tuple(_attr(node, "kernel_shape", [1, 1])))
     shape = (1, geo["out_h"], geo["out_w"], geo["channels"])
@@ -259,7 +259,7 @@ def _maxpool(ctx: _Ctx, node: Any) -> None:
         _requant(ctx, (node.name or node.output[0]) + "_requant", y, final)
 
 
-def _avgpool(ctx: _Ctx, node: Any) -> None:
+def _avgpool(ctx: LowerContext, node: Any) -> None:
     x = _in(ctx, node, 0)
     if node.op_type == "GlobalAveragePool":
         geo = dict(in_h=x.shape[1], in_w=x.shape[2], channels=x.shape[3], out_h=1, out_w=1, k_h=x.shape[1],
@@ -283,7 +283,7 @@ def _avgpool(ctx: _Ctx, node: Any) -> None:
         macs=y.size * k))
 
 
-def _reshape(ctx: _Ctx, node: Any) -> None:
+def _reshape(ctx: LowerContext, node: Any) -> None:
     x = _in(ctx, node, 0, flat_ok=True)
     onnx_in = x.shape if len(x.shape) != 4 else (1, x.shape[3], x.shape[1], x.shape[2])
     if node.op_type == "Flatten":
@@ -320,7 +320,7 @@ def _reshape(ctx: _Ctx, node: Any) -> None:
         _requant(ctx, (node.name or node.output[0]) + "_requant", y, final)
 
 
-def _concat(ctx: _Ctx, node: Any) -> None:
+def _concat(ctx: LowerContext, node: Any) -> None:
     xs = [_in(ctx, node, i) for i in range(len(node.input))]
     rank = len(xs[0].shape)
     axis = int(_attr(node, "axis", 1))
@@ -339,7 +339,7 @@ def _concat(ctx: _Ctx, node: Any) -> None:
                     mult=mult, shift=shift)))
 
 
-def _softmax(ctx: _Ctx, node: Any) -> None:
+def _softmax(ctx: LowerContext, node: Any) -> None:
     x = _in(ctx, node, 0)
     axis = int(_attr(node, "axis", -1))
     rank = len(x.shape)
@@ -361,7 +361,7 @@ def _softmax(ctx: _Ctx, node: Any) -> None:
         arrays=dict(lut=lut), macs=x.size * 2))
 
 
-def emit_nchw_transpose(ctx: _Ctx, name: str) -> str:
+def emit_nchw_transpose(ctx: LowerContext, name: str) -> str:
     """Make an NCHW-ordered copy of a flattened NHWC map (only when something other than FC reads it)."""
     t = ctx.graph.tensors[name]
     out_name = name + "_nchw"

@@ -5,7 +5,8 @@ Every optional tool is used when present and reported as ``"skipped: <reason>"``
 (tflite-micro, valgrind, arm-none-eabi-gcc), so the benchmark suite can call
 :func:`mcu_report` anywhere and print whatever was measured.
 
->>> # rep = mcu_report("mnist_int8.onnx", "runs/mcu"); rep["ratio_arena_vs_tflm_reported"]
+>>> rep = mcu_report("mnist_int8.onnx", "runs/mcu")    # doctest: +SKIP
+>>> rep["ratio_arena_vs_tflm_reported"]                 # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -34,10 +34,14 @@ class _Buffer:
 class GreedyArenaPlanner:
     """Greedy-by-size arena placement.
 
+    ``a`` and ``c`` are never live together, so they share offset 0; ``b`` overlaps both in time
+    and goes after them. Offsets are aligned, the total is not (the arena ends where the last
+    byte in use ends, as TFLM's ``GetMaximumMemorySize``):
+
     >>> p = GreedyArenaPlanner()
     >>> a, b, c = p.add_buffer(100, 0, 1), p.add_buffer(50, 1, 2), p.add_buffer(100, 2, 3)
     >>> p.offset(a), p.offset(b), p.offset(c), p.total_size()
-    (0, 100, 0, 152)
+    (0, 100, 0, 150)
     """
 
     def __init__(self, alignment: int = ALIGNMENT) -> None:
@@ -188,7 +192,11 @@ def _memory_aware_order(graph: IntGraph) -> list[Op]:
 def plan_memory(graph: IntGraph, *, reorder: bool = True) -> MemoryPlan:
     """Plan the arena for ``graph``; with ``reorder`` also try a memory-aware op order.
 
-    >>> # plan = plan_memory(load_qdq("model_qdq.onnx")); plan.arena_bytes
+    >>> from edgekiln.codegen.ir import load_qdq
+    >>> from edgekiln.codegen.testmodels import tiny_qdq_model
+    >>> plan = plan_memory(load_qdq(tiny_qdq_model("tiny_int8.onnx")))
+    >>> plan.arena_bytes, plan.naive_bytes
+    (320, 480)
     """
     plan = _plan_schedule(graph, list(graph.ops))
     if reorder:

@@ -153,7 +153,12 @@ def run_op(op: Op, inputs: list[np.ndarray]) -> np.ndarray:
 def run_graph(graph: IntGraph, x: np.ndarray) -> np.ndarray:
     """Run the whole integer graph on one int8 input in C layout; return the int8 output.
 
-    >>> # y = run_graph(load_qdq("model_qdq.onnx"), x_int8_nhwc)
+    >>> from edgekiln.codegen.ir import load_qdq
+    >>> from edgekiln.codegen.testmodels import tiny_qdq_model
+    >>> graph = load_qdq(tiny_qdq_model("tiny_int8.onnx"))
+    >>> y = run_graph(graph, np.zeros(graph.tensors[graph.input].shape, np.int8))
+    >>> y.shape, y.dtype
+    ((1, 10), dtype('int8'))
     """
     values = {graph.input: np.asarray(x, np.int8).reshape(graph.tensors[graph.input].shape)}
     for op in graph.ops:

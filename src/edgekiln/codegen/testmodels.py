@@ -46,7 +46,6 @@ def _finish(nodes: list[Any], p: _Params, shape: tuple[int, ...], out_shape: lis
     graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(shape))],
                               [helper.make_tensor_value_info("output", TensorProto.FLOAT, out_shape)], p.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgekiln.codegen")
-    model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -122,10 +121,13 @@ def quantize_qdq(float_model: Any, out_path: str | Path, *, calib_n: int = 16, s
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
+    from edgekiln.execution.ort import lower_for_ort
+
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     float_path = out_path.with_name(out_path.stem + "_float.onnx")
-    onnx.save(float_model, str(float_path))
+    # NOTE: quantize_static opens the file in onnxruntime: write the IR/opset it reads
+    onnx.save(lower_for_ort(float_model), str(float_path))
     shape = [d.dim_value for d in float_model.graph.input[0].type.tensor_type.shape.dim]
     rng = np.random.default_rng(seed)
     batches = [{"input": rng.standard_normal(shape).astype(np.float32)} for _ in range(calib_n)]

@@ -16,7 +16,6 @@ cross-compile (``arm-none-eabi-gcc -mcpu=cortex-m4 -mthumb -Os``) with section s
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import tempfile
@@ -63,15 +62,25 @@ class VerifyResult:
 
 
 def _lib_info(lib_dir: Path, model: str | Path | None) -> tuple[str, Path, bool]:
-    report = lib_dir / "report.json"
-    meta = json.loads(report.read_text()) if report.is_file() else {}
+    from edgekiln.models.run_folder import RunFolder
+
+    run = RunFolder(lib_dir)
+    meta = run.report() if run.is_run_folder() else {}
     prefix = meta.get("prefix")
     if prefix is None:
         heads = [p.stem for p in lib_dir.glob("*.h") if p.name != "ek_kernels.h"]
         if len(heads) != 1:
             raise EdgekilnError(f"{lib_dir}: not an edgekiln C library (no report.json and {len(heads)} headers)")
         prefix = heads[0]
-    model_path = Path(model) if model else Path(meta.get("model", ""))
+    if model:
+        model_path = Path(model)
+    elif meta:
+        try:
+            model_path = run.read().path
+        except EdgekilnError as exc:
+            raise EdgekilnError(f"{exc}; pass --model") from None
+    else:
+        model_path = Path("")
     if not model_path.is_file():
         raise EdgekilnError(f"{lib_dir}: cannot find the QDQ model ({model_path or 'not recorded'}); pass --model")
     # NOTE: libraries written before fusion existed have no "fused" key and were unfused.
@@ -91,12 +100,10 @@ def ort_int8_outputs(model_path: Path, graph: IntGraph, q_inputs: np.ndarray) ->
     NOTE: ORT is fed the dequantized int8 input, so its internal QuantizeLinear sees the same
     integers the C code gets (no double rounding of the float input).
     """
-    import onnxruntime as ort
+    from edgekiln.execution.ort import ort_session
 
     ti, to = graph.tensors[graph.input], graph.tensors[graph.output]
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    sess = ort_session(Path(model_path))
     outs = []
     for q in q_inputs:
         onnx_q = q.transpose(2, 0, 1) if q.ndim == 3 else q
@@ -150,7 +157,8 @@ def verify_c(lib_dir: str | Path, data: str | Path, *, model: str | Path | None 
              valgrind: bool = True, valgrind_inputs: int = 10, limit: int | None = None) -> VerifyResult:
     """Compile ``lib_dir`` with gcc, run it on ``data`` (npz with ``x``), compare with onnxruntime.
 
-    >>> # res = verify_c("out/c", "eval.npz"); res.passed
+    >>> verify_c("out/c", "eval.npz").passed    # doctest: +SKIP
+    True
     """
     from edgekiln.codegen.reference import run_graph
 

@@ -1,15 +1,14 @@
 """Run folders of `edgekiln prune` and `edgekiln distill`: the same before/after measurement
-(metric, parameters, MACs, size, host latency p50/p90) for both, a comparison plot, and a
-``model`` block so the folder feeds the next command (``edgekiln quantize runs/pruned``).
+(metric, parameters, MACs, size, host latency p50/p90) for both and a comparison plot, written
+through :class:`edgekiln.models.run_folder.RunFolder`, so the folder feeds the next command
+(``edgekiln quantize runs/pruned``).
 
-NOTE: measuring host latency uses the benchmark harness (``edgekiln.bench``), imported inside
-:func:`measure`; the rest of ``compress/`` stays torch + models only.
+NOTE: measuring host latency uses the timing loop of ``edgekiln.execution``, imported inside
+:func:`measure`.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ def measure(onnx_path: str | Path, eval_npz: str | Path | None, *, metric: str =
             reference: str | Path | None = None, runs: int = 200) -> dict[str, Any]:
     """Parameters and MACs (ONNX analysis, as `edgekiln inspect` counts them), file size, the metric
     on ``eval_npz`` (None without it) and onnxruntime latency (1 thread, batch 1, p50/p90 in ms)."""
-    from edgekiln.bench.harness import benchmark
+    from edgekiln.execution.timing import benchmark
     from edgekiln.models.analysis import analyze
     from edgekiln.models.metrics import evaluate
 
@@ -86,39 +85,13 @@ def plot_comparison(keys: Mapping[str, Any], path: str | Path, metric_name: str,
     return save_figure(fig, path)
 
 
-def model_block(artifact: Any, out: Path) -> dict[str, Any]:
-    """What `edgekiln.models.intake` reads back from a run folder (relative ONNX path)."""
-    src = artifact.torch
-    return {"onnx": str(Path(artifact.path).resolve().relative_to(out.resolve())),
-            "input_shape": list(artifact.input_shape), "input_name": artifact.input_name,
-            "torch_factory": src.factory if src else None,
-            "factory_kwargs": dict(src.factory_kwargs) if src else {},
-            "state_dict": str(Path(src.state_dict).resolve().relative_to(out.resolve())) if src and src.state_dict
-            else None}
-
-
-def share_data(data: Mapping[str, Path], out: Path) -> list[str]:
-    """Hard-link (or copy) calib/eval/train npz into the run folder so the next command finds them."""
-    out.mkdir(parents=True, exist_ok=True)
-    shared = []
-    for key, src in data.items():
-        dst = out / f"{key}.npz"
-        if Path(src).resolve() == dst.resolve():
-            continue
-        dst.unlink(missing_ok=True)
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copyfile(src, dst)
-        shared.append(dst.name)
-    return shared
-
-
 def write_prune_report(out: Path, *, keys: Mapping[str, Any], config: Any, result: Any,
                        sensitivity: Mapping[str, Any] | None) -> dict[str, Any]:
-    """report.json/report.md, comparison.png and (with a scan) sensitivity.png for `edgekiln prune`."""
+    """report.json/report.md, comparison.png and (with a scan) sensitivity.png for `edgekiln prune`;
+    ``result`` is the pruned artifact (its ``data`` names the files it was tuned and evaluated on)."""
     from edgekiln.compress.sensitivity import Group, SensitivityPoint, plot_sensitivity
-    from edgekiln.report import md_table, write_report
+    from edgekiln.models.run_folder import RunFolder
+    from edgekiln.report import md_table
 
     record = dict(result.provenance[-1])
     plots = [plot_comparison(keys, out / "comparison.png", "accuracy").name]
@@ -130,8 +103,7 @@ def write_prune_report(out: Path, *, keys: Mapping[str, Any], config: Any, resul
     data: dict[str, Any] = {
         **keys, "metric_name": "accuracy", "mode": config.mode, "config": config.to_dict(),
         "ratio": record.get("ratio", config.ratio), "layer_ratios": record.get("layer_ratios"),
-        "sensitivity": sensitivity, "plots": plots, "artifact": "model.onnx", "model": model_block(result, out),
-        "provenance": list(result.provenance),
+        "sensitivity": sensitivity, "plots": plots,
     }
     if unstructured:
         data.update({"dense_bytes": record.get("dense_bytes"), "sparse_compressed_bytes":
@@ -150,14 +122,16 @@ def write_prune_report(out: Path, *, keys: Mapping[str, Any], config: Any, resul
         md += ["", "Per-layer ratios from the sensitivity scan:", "",
                md_table(["group", "ratio"], sorted(data["layer_ratios"].items()))]
     md += ["", *[f"![{p}]({p})" for p in plots]]
-    write_report(out, command="prune", data=data, markdown="\n".join(md))
-    return data
+    run = RunFolder(out)
+    run.write(command="prune", model=result, measurements=data, markdown="\n".join(md))
+    return run.report()
 
 
 def write_distill_report(out: Path, *, keys: Mapping[str, Any], config: Any, result: Any, metric_name: str,
                          no_kd: Mapping[str, Any] | None) -> dict[str, Any]:
     """report.json/report.md and comparison.png (teacher vs student) for `edgekiln distill`."""
-    from edgekiln.report import md_table, write_report
+    from edgekiln.models.run_folder import RunFolder
+    from edgekiln.report import md_table
 
     record = dict(result.provenance[-1])
     # NOTE: with student "self" (after a prune) the input is the student before KD, not the teacher.
@@ -169,8 +143,7 @@ def write_distill_report(out: Path, *, keys: Mapping[str, Any], config: Any, res
         "student_kwargs": dict(config.student_kwargs), "params_ratio": keys["params"] / keys["params_before"],
         "metric_no_kd": None if no_kd is None else no_kd["metric"],
         "kd_gain": None if no_kd is None or keys["metric"] is None else keys["metric"] - no_kd["metric"],
-        "history": record.get("history"), "plots": plots, "artifact": "model.onnx", "model": model_block(result, out),
-        "provenance": list(result.provenance),
+        "history": record.get("history"), "plots": plots,
     }
     md = [f"# distill: {config.student} from the teacher", "",
           f"Temperature {config.temperature}, alpha {config.alpha} (soft-target weight), {config.epochs} epochs, "
@@ -182,5 +155,6 @@ def write_distill_report(out: Path, *, keys: Mapping[str, Any], config: Any, res
         md += ["", md_table(["student trained", metric_name], [["with KD", f"{keys['metric']:.4f}"],
                                                                ["without KD (same seed)", f"{no_kd['metric']:.4f}"]])]
     md += ["", *[f"![{p}]({p})" for p in plots]]
-    write_report(out, command="distill", data=data, markdown="\n".join(md))
-    return data
+    run = RunFolder(out)
+    run.write(command="distill", model=result, measurements=data, markdown="\n".join(md))
+    return run.report()

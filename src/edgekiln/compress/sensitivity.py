@@ -126,7 +126,7 @@ def scan_artifact(artifact: Any, data_npz: str | Path, *, importance: str = "l1"
     """:func:`sensitivity_scan` of an artifact's PyTorch model, accuracy on ``limit`` samples of
     ``data_npz``; returns ``{"baseline", "groups", "points"}`` (what the prune report plots)."""
     from edgekiln.errors import EdgekilnError
-    from edgekiln.models.metrics import load_npz
+    from edgekiln.execution.feeds import load_npz
     from edgekiln.models.torch_source import build_module
     from edgekiln.models.training import evaluate_accuracy
 

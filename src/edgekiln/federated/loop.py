@@ -5,8 +5,8 @@ The recipe is the one the previous deployment was optimized with; only its ``mod
 replaced by the federated run folder (and data paths it names are kept). The version is one
 above the highest the server holds for the model, unless given.
 
->>> # close_loop("runs/fed", "recipe.yaml", "runs/fed/loop", server="http://fleet:8080",
->>> #            token=ADMIN, model_name="mnist")["published"]["version"]
+>>> close_loop("runs/fed", "recipe.yaml", "runs/fed/loop", server="http://fleet:8080",  # doctest: +SKIP
+...            token=ADMIN, model_name="mnist")["published"]["version"]
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ def optimize_only(run_dir: str | Path, recipe: str | Path, out_dir: str | Path, 
     from edgekiln.search.recipe import Recipe, load_recipe
 
     run_dir, out = Path(run_dir), Path(out_dir)
-    if not (run_dir / "report.json").is_file():
-        raise EdgekilnError(f"{run_dir}: not a federate run folder (no report.json)")
+    from edgekiln.models.run_folder import RunFolder
+
+    RunFolder(run_dir).read()  # one-line error when it holds no model
     if (out / "optimize").exists():
         raise EdgekilnError(f"{out / 'optimize'}: exists; choose a new folder")
     rec = Recipe.from_dict({**load_recipe(recipe).to_dict(), "model": str(run_dir)})

@@ -1,7 +1,8 @@
 """The run folder of ``edgekiln federate``: global model, report.json / report.md, plots.
 
 The folder is a model other commands accept, like an ``edgekiln example`` folder: the
-``model`` block names the torch factory, ``model.pt`` and ``model.onnx``; ``calib.npz`` and
+``model`` block (:class:`edgekiln.models.run_folder.RunFolder`) names ``model.onnx``, the torch
+factory and ``model.pt``; ``calib.npz`` and
 ``eval.npz`` are the server's held-out data (never a client's), so ``edgekiln optimize DIR``
 can quantize and evaluate the federated model. There is no ``train.npz``: the training data
 stayed on the clients.
@@ -26,12 +27,14 @@ def write_run_folder(out_dir: str | Path, result: ServerResult, *, runtime: str,
     """Write every file of the run folder (report.json last); return report.json's data."""
     import torch
 
+    from edgekiln.execution.specs import TensorSpec
     from edgekiln.federated.task import build_model, example_splits, partition_indices
     from edgekiln.fileio import atomic_save_npz, atomic_write_bytes
     from edgekiln.models import zoo
+    from edgekiln.models.artifact import ONNX_FLOAT, ModelArtifact, TorchSource
     from edgekiln.models.examples import EXAMPLES
+    from edgekiln.models.run_folder import RunFolder
     from edgekiln.models.torch_export import export_to_onnx
-    from edgekiln.report import write_report
 
     s = result.settings
     out = Path(out_dir)
@@ -61,19 +64,25 @@ def write_run_folder(out_dir: str | Path, result: ServerResult, *, runtime: str,
         "privacy": {"mechanism": "central DP, client-side fixed clipping (Flower)", "clipping_norm": s.dp_clip,
                     "noise_multiplier": s.dp_noise} if s.dp_clip is not None else None,
         "params": zoo.count_params(model), "split": splits.sizes(), "preprocessing": splits.preprocessing,
-        "files": FILES, "artifact": "model.onnx",
-        "model": {"torch_factory": f"edgekiln.models.zoo:{EXAMPLES[s.example].builder}", "factory_kwargs": {},
-                  "state_dict": "model.pt", "onnx": "model.onnx", "input_shape": list(splits.input_shape),
-                  "input_name": "input", "output_name": "logits", "exporter": export["exporter"],
-                  "opset": export["opset"], "export_max_abs_error": export["max_abs_error"]},
-        "provenance": [{"step": "federate", "runtime": runtime, "strategy": s.strategy, "rounds": s.rounds,
-                        "clients": s.clients, "partition": s.partition, "compress": s.compress}],
+        "files": FILES,
+        "export": {"exporter": export["exporter"], "opset": export["opset"], "output_name": "logits",
+                   "max_abs_error": export["max_abs_error"]},
     }
     report.update(extra or {})
+    model_art = ModelArtifact(
+        kind=ONNX_FLOAT, path=out / "model.onnx", inputs=(TensorSpec("input", tuple(splits.input_shape)),),
+        torch=TorchSource(factory=f"edgekiln.models.zoo:{EXAMPLES[s.example].builder}", state_dict=out / "model.pt"),
+        provenance=({"pass": "federate", "config": {"runtime": runtime, "strategy": s.strategy, "rounds": s.rounds,
+                                                    "clients": s.clients, "partition": s.partition,
+                                                    "compress": s.compress}},
+                    {"pass": "export", "config": {"opset": export["opset"], "exporter": export["exporter"]},
+                     "max_abs_error": export["max_abs_error"]}),
+        data={"calib": out / "calib.npz", "eval": out / "eval.npz"})
     _plot_accuracy(result.history, out / "accuracy.png", report)
     _plot_traffic(result.history, out / "traffic.png")
-    write_report(out, command="federate", data=report, markdown=markdown(report))
-    return report
+    run = RunFolder(out)
+    run.write(command="federate", model=model_art, measurements=report, markdown=markdown(report))
+    return run.report()
 
 
 def traffic_totals(history: list[dict[str, Any]]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from edgekiln.federated.settings import FederatedSettings
 def simulate(settings: FederatedSettings, *, cpus: int = 2, quiet: bool = False, verbose: bool = False) -> Any:
     """Run ``settings`` in the simulation engine; return the :class:`ServerResult` and wall seconds.
 
-    >>> # r, seconds = simulate(FederatedSettings(clients=3, rounds=2, partition="iid"), quiet=True)
+    >>> r, seconds = simulate(FederatedSettings(clients=3, rounds=2, partition="iid"), quiet=True)  # doctest: +SKIP
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -202,7 +202,7 @@ class PostgresDatabase(_Base):
         except psycopg.OperationalError as exc:
             self.close()
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise EdgekilnError(f"cannot connect to PostgreSQL at {_redact(url)}: {first}") from None
+            raise EdgekilnError(f"cannot connect to PostgreSQL at {redact_url(url)}: {first}") from None
         self.create_schema("BYTEA", "BIGSERIAL PRIMARY KEY")
 
     @contextmanager
@@ -230,7 +230,12 @@ class PostgresDatabase(_Base):
             self._pool.get_nowait().close()
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
+    """``url`` with its credentials hidden, for messages and logs.
+
+    >>> redact_url("postgresql://fleet:secret@db:5432/fleet")
+    'postgresql://***@db:5432/fleet'
+    """
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"

@@ -19,7 +19,9 @@ def sample_bundle(out: str | Path, *, name: str = "digits", version: int = 1, se
     """Build a one-variant bundle of the tiny test CNN at ``out``. ``broken=True`` gives a bundle that
     is valid (publishable, hashes match) but fails the device health check: its expected outputs
     are shifted far beyond the health tolerance."""
-    from edgekiln.fileio import atomic_write_json
+    from edgekiln.execution.specs import TensorSpec
+    from edgekiln.models.artifact import ONNX_FLOAT, ModelArtifact
+    from edgekiln.models.run_folder import RunFolder
     from edgekiln.runtime.bundle import build_bundle
     from edgekiln.testing.tiny import random_npz, tiny_conv_onnx
 
@@ -29,8 +31,10 @@ def sample_bundle(out: str | Path, *, name: str = "digits", version: int = 1, se
         run.mkdir()
         tiny_conv_onnx(run / "model.onnx", seed=seed)
         random_npz(run / "eval.npz", (1, 1, 8, 8), n=4, seed=seed + 100)
-        atomic_write_json(run / "report.json", {"artifact": "model.onnx", "metric": 0.9, "latency_ms": 0.1,
-                                                "metric_name": "accuracy"})
+        model = ModelArtifact(kind=ONNX_FLOAT, path=run / "model.onnx", inputs=(TensorSpec("input", (1, 1, 8, 8)),),
+                              data={"eval": run / "eval.npz"})
+        RunFolder(run).write(command="example", model=model, markdown="# sample",
+                             measurements={"metric": 0.9, "latency_ms": 0.1, "metric_name": "accuracy"})
         manifest = build_bundle([run], out, name=name, version=str(version), samples=4)
     if broken:
         path = out / str(manifest.sample_outputs)

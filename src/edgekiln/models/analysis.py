@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekiln.errors import EdgekilnError
+from edgekiln.models.control_flow import body_cost, body_initializers, subgraph_value_infos
 from edgekiln.models.liveness import compute_liveness
 from edgekiln.models.support import unsupported_ops
 
@@ -47,6 +48,7 @@ _NON_PARAM_INPUTS: dict[str, frozenset[int]] = {
     "Upsample": frozenset({1}), "Expand": frozenset({1}), "Tile": frozenset({1}), "Split": frozenset({1}),
     "Clip": frozenset({1, 2}), "TopK": frozenset({1}), "Gather": frozenset({1}), "OneHot": frozenset({0, 1, 2}),
     "ConstantOfShape": frozenset({0}), "Range": frozenset({0, 1, 2}),
+    "If": frozenset({0}), "Loop": frozenset({0, 1}),   # the condition and trip count
     **{op: frozenset({1}) for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd",
                                      "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")},
 }
@@ -145,6 +147,7 @@ def analyze(model: Any, input_shapes: Mapping[str, Shape] | None = None) -> Mode
 
     sources: dict[str, frozenset[str]] = {}  # constant value -> initializers it is made from
     counted: set[str] = set()
+    body_params = 0
     layers: list[LayerInfo] = []
     for i, node in enumerate(graph.node):
         skip = _NON_PARAM_INPUTS.get(node.op_type, frozenset())
@@ -156,6 +159,10 @@ def analyze(model: Any, input_shapes: Mapping[str, Shape] | None = None) -> Mode
                 used.add(name)
             elif name in sources:
                 used |= sources[name]
+        body = body_cost(node, shapes, inits, _macs)   # If/Loop/Scan: weights and MACs of the bodies
+        if body is not None:
+            used |= {n for n in _implicit_inputs(node) if n in inits}
+            body_params += body.params
         is_const = all(o in constants for o in node.output if o)
         outs = [o for o in node.output if o]
         if is_const:
@@ -166,8 +173,8 @@ def analyze(model: Any, input_shapes: Mapping[str, Shape] | None = None) -> Mode
         first = shapes.get(outs[0]) if outs else None
         layers.append(LayerInfo(
             name=node.name or f"{node.op_type}_{i}", op=node.op_type, output_shape=first,
-            params=sum(math.prod(inits[n].dims) for n in used),
-            macs=0 if is_const else _macs(node, shapes),
+            params=sum(math.prod(inits[n].dims) for n in used) + (body.params if body else 0),
+            macs=0 if is_const else _macs(node, shapes) + (body.macs if body else 0),
             activation_bytes=0 if is_const else sum(nbytes(o) for o in outs),
             constant=is_const))
 
@@ -187,6 +194,7 @@ def analyze(model: Any, input_shapes: Mapping[str, Shape] | None = None) -> Mode
                             outputs=[o for o in out_names if o not in constants and o not in inits])
 
     weight_bytes = sum(_nbytes(t.data_type, math.prod(t.dims)) for t in inits.values())
+    weight_bytes += sum(_nbytes(t.data_type, math.prod(t.dims)) for t in body_initializers(graph))
     for node in graph.node:
         for attr in node.attribute:
             if node.op_type == "Constant" and attr.name == "value":
@@ -194,7 +202,7 @@ def analyze(model: Any, input_shapes: Mapping[str, Shape] | None = None) -> Mode
     io_names = list(dict.fromkeys([*fixed, *out_names]))
     counts = Counter(node.op_type for node in graph.node)
     return ModelAnalysis(
-        params=sum(math.prod(inits[n].dims) for n in counted),
+        params=sum(math.prod(inits[n].dims) for n in counted) + body_params,
         macs=sum(layer.macs for layer in layers),
         model_bytes=model_bytes,
         weight_bytes=weight_bytes,
@@ -238,7 +246,8 @@ def _fixed_input_shapes(inputs: list[Any], given: Mapping[str, Shape], label: st
     fixed: dict[str, Shape] = {}
     for inp in inputs:
         dims = inp.type.tensor_type.shape.dim
-        shown = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+        # NOTE: Paddle declares dynamic dims as -1, some exporters as 0: dynamic like a symbol.
+        shown = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?") for d in dims]
         if inp.name in given:
             shape = tuple(int(d) for d in given[inp.name])
             if len(shape) != len(dims) and dims:
@@ -325,7 +334,8 @@ def _value_shapes(proto: Any, fixed: Mapping[str, Shape], label: str) -> tuple[d
     types: dict[str, int] = {}
     try:
         inferred = onnx.shape_inference.infer_shapes(work, strict_mode=False, data_prop=True)
-        infos = [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+        infos = [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output,
+                 *subgraph_value_infos(inferred.graph)]
     except Exception:  # noqa: BLE001 - fall back to onnxruntime below
         infos = list(work.graph.input)
     for vi in infos:
@@ -346,31 +356,19 @@ def _shapes_from_onnxruntime(work: Any, fixed: Mapping[str, Shape], names: list[
                              label: str) -> tuple[dict[str, Shape], dict[str, int]]:
     import numpy as np
     import onnx
-    import onnxruntime as ort
 
-    existing = {o.name for o in work.graph.output}
-    for name in names:
-        if name not in existing:
-            work.graph.output.append(onnx.ValueInfoProto(name=name))
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
+    from edgekiln.execution.ort import error_line, run_with_intermediates
+    from edgekiln.execution.specs import onnx_elem_dtype
+
+    inits = {t.name for t in work.graph.initializer}
+    feeds = {inp.name: np.zeros(fixed[inp.name], dtype=onnx_elem_dtype(inp.type.tensor_type.elem_type))
+             for inp in work.graph.input if inp.name not in inits}
     try:
-        sess = ort.InferenceSession(work.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        inits = {t.name for t in work.graph.initializer}
-        feeds = {}
-        for inp in work.graph.input:
-            if inp.name in inits:
-                continue
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
-            feeds[inp.name] = np.zeros(fixed[inp.name], dtype=dtype)
-        out_names = [o.name for o in sess.get_outputs()]
-        values = sess.run(out_names, feeds)
+        found = run_with_intermediates(work, feeds, names)
     except Exception as exc:  # noqa: BLE001
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise EdgekilnError(f"{label}: shape inference was incomplete and onnxruntime could not run the model "
-                            f"to find the shapes: {first}") from exc
+                            f"to find the shapes: {error_line(exc, 200)}") from exc
+    out_names, values = list(found), list(found.values())
     shapes: dict[str, Shape] = {}
     types: dict[str, int] = {}
     for name, value in zip(out_names, values, strict=True):

@@ -5,64 +5,50 @@
 - ``sqnr``: signal-to-quantization-noise ratio in dB, ``20*log10(|y_ref| / |y - y_ref|)``.
 - ``module:function``: your own ``f(outputs: np.ndarray, data: dict[str, np.ndarray]) -> float``.
 
-The npz holds ``x`` (the model's single input) or arrays named after the model's inputs.
+The npz holds ``x`` (the model's first input) or arrays named after the model's inputs
+(:func:`edgekiln.execution.feeds.npz_feeds`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgekiln.errors import EdgekilnError
+from edgekiln.execution.feeds import load_npz
 
 BUILTIN = ("accuracy", "cosine", "sqnr")
 
 
-def load_npz(path: str | Path) -> dict[str, np.ndarray]:
-    path = Path(path)
-    if not path.is_file():
-        raise EdgekilnError(f"{path}: data file not found")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except (ValueError, OSError) as exc:
-        raise EdgekilnError(f"{path}: not an .npz of arrays ({exc})") from None
-
-
-def model_feeds(session: Any, data: dict[str, np.ndarray], where: str = "data") -> dict[str, np.ndarray]:
-    """Arrays for every model input: ``x`` for a single-input model, else by input name."""
-    inputs = session.get_inputs()
-    if "x" in data and len(inputs) == 1:
-        return {inputs[0].name: data["x"]}
-    missing = [i.name for i in inputs if i.name not in data]
-    if missing:
-        raise EdgekilnError(f"{where}: has no array for input(s) {', '.join(missing)} (arrays: {', '.join(data)})")
-    return {i.name: data[i.name] for i in inputs}
-
-
 def run_outputs(model_path: str | Path, data: dict[str, np.ndarray], *, batch_size: int = 64,
-                where: str = "data") -> np.ndarray:
-    """First output of the model over every row of the data (onnxruntime, 1 thread)."""
-    import onnxruntime as ort
+                where: str = "data", runtime: str = "onnxruntime") -> np.ndarray:
+    """First output of the model over every row of the data, on ``runtime`` (1 thread).
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
-    feeds = model_feeds(sess, data, where)
-    types = {i.name: i.type for i in sess.get_inputs()}
+    >>> run_outputs("model.onnx", {"x": x}, runtime="openvino").shape    # doctest: +SKIP
+    (100, 10)
+    """
+    from edgekiln.execution.feeds import npz_feeds, specs_from_session
+    from edgekiln.execution.runtimes import load_session
+
+    sess = load_session(model_path, runtime, threads=1)
+    specs = specs_from_session(sess)
+    if runtime == "litert":
+        # NOTE: LiteRT takes float NCHW feeds and quantizes/transposes them itself: do not cast.
+        specs = tuple(dataclasses.replace(s, dtype=np.asarray(data.get(s.name, data.get("x"))).dtype.name)
+                      for s in specs)
+    feeds = npz_feeds(data, specs, where=where)
     n = len(next(iter(feeds.values())))
+    declared = sess.input_shapes[0][0] if sess.input_shapes and sess.input_shapes[0] else None
+    if declared is not None and declared > 0:
+        batch_size = int(declared)   # the model fixes its batch size
     if _quantizes_at_run_time(model_path):
         # NOTE: dynamic quantization picks one activation range per call: a batch of 64 shares
         # it, so its outputs differ from the batch-1 deployment being measured. Score at batch 1.
         batch_size = 1
-    outs = []
-    for i in range(0, n, batch_size):
-        batch = {k: _cast(v[i:i + batch_size], types[k]) for k, v in feeds.items()}
-        outs.append(sess.run(None, batch)[0])
+    outs = [np.asarray(sess.run({k: v[i:i + batch_size] for k, v in feeds.items()})[0]) for i in range(0, n, batch_size)]
     return np.concatenate(outs)
 
 
@@ -76,24 +62,24 @@ def _quantizes_at_run_time(model_path: str | Path) -> bool:
     return any(n.op_type in ("DynamicQuantizeLinear", "DynamicQuantizeMatMul") for n in model.graph.node)
 
 
-def _cast(a: np.ndarray, ort_type: str) -> np.ndarray:
-    want = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-            "tensor(int32)": np.int32}.get(ort_type)
-    return a.astype(want) if want is not None and a.dtype != want else a
-
-
 def evaluate(model_path: str | Path, eval_npz: str | Path, metric: str = "accuracy", *,
-             reference_path: str | Path | None = None, batch_size: int = 64) -> float:
-    """The metric of ``model_path`` on ``eval_npz`` (see module doc)."""
+             reference_path: str | Path | None = None, batch_size: int = 64, runtime: str = "onnxruntime") -> float:
+    """The metric of ``model_path`` on ``eval_npz`` (see module doc), run on ``runtime`` (one of
+    :data:`edgekiln.execution.RUNTIMES`; a reference model always runs on onnxruntime).
+
+    >>> evaluate("model.onnx", "eval.npz", "accuracy", runtime="openvino")    # doctest: +SKIP
+    0.9812
+    """
     return evaluate_detailed(model_path, eval_npz, metric, reference_path=reference_path,
-                             batch_size=batch_size)["value"]
+                             batch_size=batch_size, runtime=runtime)["value"]
 
 
 def evaluate_detailed(model_path: str | Path, eval_npz: str | Path, metric: str = "accuracy", *,
-                      reference_path: str | Path | None = None, batch_size: int = 64) -> dict[str, Any]:
+                      reference_path: str | Path | None = None, batch_size: int = 64,
+                      runtime: str = "onnxruntime") -> dict[str, Any]:
     """Like :func:`evaluate`, with extra detail (``min`` cosine, the number of samples)."""
     data = load_npz(eval_npz)
-    out = run_outputs(model_path, data, batch_size=batch_size, where=str(eval_npz))
+    out = run_outputs(model_path, data, batch_size=batch_size, where=str(eval_npz), runtime=runtime)
     if metric == "accuracy":
         if "y" not in data:
             raise EdgekilnError(f"{eval_npz}: the accuracy metric needs labels 'y'")

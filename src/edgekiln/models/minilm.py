@@ -122,9 +122,9 @@ def export_minilm(out_dir: str | Path, *, seq_len: int = SEQ_LEN) -> dict[str, A
     import warnings
 
     import onnx
-    import onnxruntime as ort
     import torch
 
+    from edgekiln.execution.ort import ort_session
     from edgekiln.fileio import atomic_save_npz, atomic_save_onnx, atomic_write_bytes
 
     out = Path(out_dir)
@@ -141,7 +141,7 @@ def export_minilm(out_dir: str | Path, *, seq_len: int = SEQ_LEN) -> dict[str, A
                           output_names=[OUTPUT_NAME], dynamic_axes=axes)
     model = onnx.load_from_string(buf.getvalue())
     onnx.checker.check_model(model, full_check=True)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort_session(model)
     got = sess.run(None, feeds)[0]
     err = float(np.abs(got - ref).max())
     if err > 1e-4:

@@ -62,8 +62,6 @@ def unsupported_ops(model: Any, shapes: Mapping[str, Sequence[int]] | None = Non
     >>> unsupported_ops(helper.make_model(g))["c"]
     ['Erf (e)']
     """
-    from edgekiln.quant.bias_scale import is_constant_mul
-
     out: dict[str, list[str]] = {c: [] for c in CONSUMERS}
     constants = {i.name for i in model.graph.initializer}
     for i, node in enumerate(model.graph.node):
@@ -86,6 +84,21 @@ def unsupported_ops(model: Any, shapes: Mapping[str, Sequence[int]] | None = Non
             if not ok:
                 out[consumer].append(label)
     return out
+
+
+def is_constant_mul(node: Any, constants: set[str] | Mapping[str, Any]) -> bool:
+    """Whether ``node`` is a ``Mul`` of two constants: folded by every consumer at load time, not
+    an op a backend has to implement. :func:`edgekiln.quant.bias_scale.share_bias_scales` writes
+    such a ``Mul`` for each bias scale it computes from the input and weight scales.
+
+    >>> from onnx import helper
+    >>> is_constant_mul(helper.make_node("Mul", ["a", "b"], ["c"]), {"a", "b"})
+    True
+    >>> is_constant_mul(helper.make_node("Mul", ["a", "x"], ["c"]), {"a", "b"})
+    False
+    """
+    return node.op_type == "Mul" and node.domain in ("", "ai.onnx") and len(node.input) == 2 and \
+        all(i in constants for i in node.input)
 
 
 def _known_to_ort(node: Any, model: Any) -> bool:

@@ -69,10 +69,11 @@ def verify_against_torch(module: Any, model: Any, input_shape: tuple[int, ...], 
                          trials: int = 3) -> float:
     """Max abs difference between ONNX Runtime and PyTorch over a few random inputs (scaled
     by the output magnitude when it exceeds 1, so large logits are not held to a tighter bar)."""
-    import onnxruntime as ort
     import torch
 
-    sess = ort.InferenceSession(model.SerializeToString(), _session_options(), providers=["CPUExecutionProvider"])
+    from edgekiln.execution.ort import ort_session
+
+    sess = ort_session(model)
     name = sess.get_inputs()[0].name
     rng = np.random.default_rng(seed)
     worst = 0.0
@@ -113,16 +114,6 @@ def _export(module: Any, example: Any, input_name: str, output_name: str, opset:
         except Exception as exc:  # noqa: BLE001
             errors.append(f"dynamo exporter: {_first_line(exc)}")
     raise EdgekilnError("cannot export the PyTorch model to ONNX (" + "; ".join(errors) + ")")
-
-
-def _session_options() -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return so
 
 
 def _first_line(exc: BaseException) -> str:

@@ -26,6 +26,19 @@ from edgekiln.fileio import sha256_file
 from edgekiln.models.artifact import ModelArtifact
 
 
+def option(default: Any, help: str) -> Any:
+    """A config field with its one help text (the CLI's ``--help`` reads it from the field).
+
+    >>> from dataclasses import dataclass, fields
+    >>> @dataclass(frozen=True, kw_only=True)
+    ... class C(PassConfig):
+    ...     ratio: float = option(0.5, "Share of channels removed.")
+    >>> fields(C)[0].metadata["help"]
+    'Share of channels removed.'
+    """
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True, kw_only=True)
 class PassConfig:
     """Base of every pass config. Subclasses are frozen, keyword-only dataclasses whose fields
@@ -78,6 +91,7 @@ class PassContext:
     seed: int = 0
     strict: bool = True
     quiet: bool = False
+    progress: Callable[[int, int], None] | None = None   # (done, total) of a pass's long inner loop
 
 
 RunFn = Callable[[ModelArtifact, Any, PassContext], ModelArtifact]

@@ -13,23 +13,24 @@ from typing import Any
 
 from edgekiln.errors import EdgekilnError
 from edgekiln.models.artifact import ONNX_FLOAT, ModelArtifact, TorchSource
-from edgekiln.passes.base import PassConfig, PassContext, PassSpec, provenance_record
+from edgekiln.passes.base import PassConfig, PassContext, PassSpec, option, provenance_record
 
 
 @dataclass(frozen=True, kw_only=True)
 class DistillConfig(PassConfig):
-    student: str = "self"                       # factory spec of the student, or "self"
+    student: str = option("self", "Factory spec of the student (module:factory, file.py:factory), or 'self' "
+                                  "(a pruned model: the model before pruning teaches it).")
     student_kwargs: dict[str, Any] = field(default_factory=dict)
-    temperature: float = 4.0
-    alpha: float = 0.7                          # weight of the soft (teacher) loss
-    epochs: int = 8
-    lr: float = 2e-3
-    mode: str = "logits"                        # logits (classifiers) | embedding (match the teacher's outputs)
-    embedding_loss: str = "cosine"              # embedding mode: cosine | mse
-    hint_student_layer: str = ""                # optional feature hint: student module name ...
-    hint_teacher_layer: str = ""                # ... matched (MSE, 1x1 adapter) to this teacher module
-    hint_weight: float = 1.0
-    augment: bool = False                       # random small affine transforms (images only)
+    temperature: float = option(4.0, "Softmax temperature of the soft targets.")
+    alpha: float = option(0.7, "Weight of the soft-target loss (1 - alpha: hard labels).")
+    epochs: int = option(8, "Training epochs.")
+    lr: float = option(2e-3, "Learning rate.")
+    mode: str = option("logits", "logits (classifiers) | embedding (match the outputs).")
+    embedding_loss: str = option("cosine", "embedding mode: cosine | mse.")
+    hint_student_layer: str = option("", "Student layer for a feature hint (module name).")
+    hint_teacher_layer: str = option("", "Teacher layer the hint matches (MSE through a 1x1 adapter).")
+    hint_weight: float = option(1.0, "Weight of the feature-hint loss.")
+    augment: bool = option(False, "Small random affine transforms (images).")
 
     def __post_init__(self) -> None:
         if self.temperature <= 0 or not 0 <= self.alpha <= 1 or self.epochs < 1:
@@ -66,8 +67,8 @@ def run(artifact: ModelArtifact, config: DistillConfig, ctx: PassContext) -> Mod
     import torch
 
     from edgekiln.compress.kd import DistillObjective, Hint
+    from edgekiln.execution.feeds import load_npz
     from edgekiln.fileio import atomic_write_bytes
-    from edgekiln.models.metrics import load_npz
     from edgekiln.models.torch_export import export_to_onnx
     from edgekiln.models.torch_source import build_module, resolve_factory
     from edgekiln.models.training import train_classifier

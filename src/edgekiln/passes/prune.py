@@ -14,26 +14,29 @@ from typing import Any
 
 from edgekiln.errors import EdgekilnError
 from edgekiln.models.artifact import ONNX_FLOAT, ModelArtifact, TorchSource
-from edgekiln.passes.base import PassConfig, PassContext, PassSpec, provenance_record
+from edgekiln.passes.base import PassConfig, PassContext, PassSpec, option, provenance_record
 
 REBUILD = "edgekiln.compress.structured:rebuild"
 
 
 @dataclass(frozen=True, kw_only=True)
 class PruneConfig(PassConfig):
-    mode: str = "structured"                 # structured (channels) | unstructured (weights)
-    ratio: float = 0.5                       # share of channels (structured) or weights (unstructured) removed
-    importance: str = "l1"                   # structured: l1 | l2 | taylor | bn-scale
-    scope: str = "per-layer"                 # per-layer | global
-    target_macs_reduction: float | None = None  # structured: choose the ratio that removes this share of MACs
-    target_latency_reduction: float | None = None  # structured: ... this share of the estimated latency on `device`
-    device: str = "cortex-m7"                # device profile for target_latency_reduction (roofline estimate)
-    sensitivity_max_drop: float | None = None  # structured: per-layer ratios from a sensitivity scan on the
-    #                                            calibration data: each group's largest ratio within this drop
-    round_to: int | None = None              # structured: keep channel counts multiples of this (e.g. 8)
-    iterative_steps: int = 1                 # prune -> fine-tune rounds
-    finetune_epochs: int = 5                 # epochs after each round (0: no fine-tuning)
-    lr: float = 2e-3
+    mode: str = option("structured", "structured (channels: smaller and faster) | unstructured (weights: "
+                                     "compresses only).")
+    ratio: float = option(0.5, "Share of channels (structured) or weights removed.")
+    importance: str = option("l1", "l1 | l2 | taylor (data-driven) | bn-scale.")
+    scope: str = option("per-layer", "per-layer (same ratio everywhere) | global.")
+    target_macs_reduction: float | None = option(None, "Choose the ratio that removes this share of MACs (0.5 = half).")
+    target_latency_reduction: float | None = option(
+        None, "Choose the ratio that cuts the estimated latency on the device by this share (roofline estimate).")
+    device: str = option("cortex-m7", "Device profile for the latency-reduction target.")
+    sensitivity_max_drop: float | None = option(
+        None, "Per-layer ratios from a sensitivity scan on the calibration data: each layer's largest ratio "
+              "within this accuracy drop (0.01 = 1 point).")
+    round_to: int | None = option(None, "Keep channel counts multiples of this (e.g. 8).")
+    iterative_steps: int = option(1, "Iterative schedule: prune -> fine-tune this many times.")
+    finetune_epochs: int = option(5, "Epochs after each step (0: none).")
+    lr: float = option(2e-3, "Learning rate of the fine-tuning.")
 
     def __post_init__(self) -> None:
         targets = [t for t in (self.target_macs_reduction, self.target_latency_reduction) if t is not None]
@@ -54,7 +57,7 @@ class PruneConfig(PassConfig):
 
 
 def _data(ctx: PassContext) -> tuple[Any, Any]:
-    from edgekiln.models.metrics import load_npz
+    from edgekiln.execution.feeds import load_npz
 
     path = ctx.train_path or ctx.calib_path
     if path is None:
@@ -197,7 +200,7 @@ def run(artifact: ModelArtifact, config: PruneConfig, ctx: PassContext) -> Model
     x, y = _data(ctx)
     scan = None
     if config.sensitivity_max_drop is not None and ctx.calib_path is not None:
-        from edgekiln.models.metrics import load_npz
+        from edgekiln.execution.feeds import load_npz
 
         calib = load_npz(ctx.calib_path)
         scan = (calib["x"], calib["y"]) if "y" in calib else None

@@ -33,7 +33,7 @@ def run(artifact: ModelArtifact, config: QATConfig, ctx: PassContext) -> ModelAr
     import torch
 
     from edgekiln.compress.qat import prepare_qat, strip_qat
-    from edgekiln.models.metrics import load_npz
+    from edgekiln.execution.feeds import load_npz
     from edgekiln.models.torch_export import export_to_onnx
     from edgekiln.models.torch_source import build_module
     from edgekiln.models.training import train_classifier

@@ -21,7 +21,7 @@ import numpy as np
 
 from edgekiln.errors import BudgetNotMet, EdgekilnError
 from edgekiln.models.artifact import ONNX_FLOAT, ONNX_FP16, ONNX_INT4W, ONNX_QDQ, ModelArtifact
-from edgekiln.passes.base import PassConfig, PassContext, PassSpec, provenance_record
+from edgekiln.passes.base import PassConfig, PassContext, PassSpec, option, provenance_record
 
 SCHEMES = {"int8": ONNX_QDQ, "int8-dynamic": ONNX_QDQ, "fp16": ONNX_FP16, "int4-weight": ONNX_INT4W}
 CALIBRATIONS = ("minmax", "percentile", "entropy", "mse", "auto")
@@ -30,24 +30,25 @@ LAYER_OPS = ("Conv", "Gemm", "MatMul", "Gather", "ConvTranspose")
 
 @dataclass(frozen=True, kw_only=True)
 class QuantizeConfig(PassConfig):
-    scheme: str = "int8"                 # int8 | int8-dynamic | fp16 | int4-weight
-    calibration: str = "minmax"          # activation ranges (int8): minmax | percentile | entropy | mse | auto
-    symmetric_activations: bool | None = None  # int8 activations with zero point 0; None: asymmetric,
-    #                                      except transformers: symmetric unless the range is one-sided
-    per_channel: bool = True             # one weight scale per output channel
-    reduce_range: bool = False           # 7-bit weights, for pre-VNNI x86 CPUs only
-    calib_samples: int = 256             # calibration samples used (from the context's calibration data)
-    max_drop: float | None = None        # with eval data: keep sensitive layers float until the drop fits
-    keep_float: tuple[str, ...] = ()     # node names always left in float
-    block_size: int = 32                 # int4-weight: weights per scale
-    quantize_embeddings: bool = True     # transformers: also int8 Gather tables (embeddings, one scale per row)
-    smooth_alpha: float | None = 0.7     # transformers, with calibration data: SmoothQuant strength (None: off)
-    transformer_rewrites: bool = True    # transformers: soft mask fill; int8-dynamic: residual adds kept unfused;
-    #                                      int8: only weighted MatMul/Gemm inputs quantized (outputs stay float)
-    outlier_rows: bool = True            # transformers, int8: massive-activation leading rows computed in float
-    equalize: bool = False               # int8: cross-layer equalization of Conv-ReLU-Conv pairs first
-    bias_correction: bool = False        # int8: remove the mean output shift of each Conv/Gemm
-    adaround: bool = False               # int8: learn each weight's rounding from the layer's output error
+    scheme: str = option("int8", "int8 | int8-dynamic | fp16 | int4-weight")
+    calibration: str = option("minmax", "Activation ranges (int8): minmax | percentile | entropy | mse | auto")
+    symmetric_activations: bool | None = option(
+        None, "int8 zero points. Default: asymmetric; transformers: symmetric except one-sided ranges (GELU outputs).")
+    per_channel: bool = option(True, "One weight scale per output channel (else one per tensor).")
+    reduce_range: bool = option(False, "7-bit weights, for pre-VNNI x86 CPUs only.")
+    calib_samples: int = option(256, "Calibration samples used (from the calibration data).")
+    max_drop: float | None = option(None, "Largest allowed metric drop, in its units; needs evaluation data: "
+                                          "the most sensitive layers stay float until it fits.")
+    keep_float: tuple[str, ...] = option((), "Node name to leave in float (repeatable).")
+    block_size: int = option(32, "int4-weight: weights per scale (a power of two >= 16).")
+    quantize_embeddings: bool = option(True, "Transformers: also int8 Gather tables (embeddings, one scale per row).")
+    smooth_alpha: float | None = option(0.7, "Transformers: SmoothQuant strength in (0, 1); 0 (None in a config) turns smoothing off.")
+    transformer_rewrites: bool = option(True, "Transformers: soft attention-mask fill; int8-dynamic: residual adds "
+                                              "kept unfused; int8: only weighted MatMul inputs quantized.")
+    outlier_rows: bool = option(True, "Transformers, int8: massive-activation leading rows in float.")
+    equalize: bool = option(False, "Cross-layer equalization of Conv-ReLU-Conv pairs first (int8).")
+    bias_correction: bool = option(False, "Correct each layer's mean output shift (int8).")
+    adaround: bool = option(False, "int8: learn each weight's rounding from its layer's output error (slower).")
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -74,18 +75,6 @@ class QuantizeResult:
     metric: float | None = None
     sensitivity: list[dict[str, Any]] = field(default_factory=list)
     attempts: list[dict[str, Any]] = field(default_factory=list)
-
-
-def calib_feeds(model_path: str | Path, calib_npz: str | Path, limit: int) -> list[dict[str, np.ndarray]]:
-    """One feed dict per calibration sample (batch 1)."""
-    import onnxruntime as ort
-
-    from edgekiln.models.metrics import load_npz, model_feeds
-
-    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    arrays = model_feeds(sess, load_npz(calib_npz), str(calib_npz))
-    n = min(limit, len(next(iter(arrays.values()))))
-    return [{k: v[i:i + 1] for k, v in arrays.items()} for i in range(n)]
 
 
 def layer_names(model_path: str | Path) -> list[str]:
@@ -236,34 +225,19 @@ def logging_quiet() -> None:
     logging.getLogger().setLevel(logging.ERROR)
 
 
-def _preprocess(src: Path, work: Path) -> Path:
-    """onnxruntime's quant_pre_process (shape inference + graph optimization) when it works;
-    transformer exports need its symbolic shape inference skipped; else the model as is."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    out = work / "preprocessed.onnx"
-    for skip_symbolic in (False, True):
-        try:
-            quant_pre_process(str(src), str(out), skip_symbolic_shape=skip_symbolic)
-            return out
-        except Exception:  # noqa: BLE001, S112 - try the next, more conservative setting
-            continue
-    return src
-
-
 def _int8_static(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[str, np.ndarray]] | None,
                  exclude: list[str], seed: int, adaround_report: dict[str, Any] | None = None,
                  rewrites: dict[str, Any] | None = None) -> dict[str, str]:
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from edgekiln.bench.peers import _reader
     from edgekiln.quant import transformer as tr
-    from edgekiln.quant.calibration import choose_ranges
+    from edgekiln.quant.calibration import calibration_reader, choose_ranges
+    from edgekiln.quant.ort_quantizer import float_statistics, prepare_for_quantizer, preprocess
 
     if not feeds:
         raise EdgekilnError("int8 static quantization needs calibration data (--calib CALIB.npz)")
-    with tempfile.TemporaryDirectory(prefix="edgekiln-q-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgekiln-q-", dir=dst.parent) as tmp:   # scratch beside the output
         if cfg.equalize:
             from edgekiln.quant.correction import equalize_cross_layer
 
@@ -271,7 +245,7 @@ def _int8_static(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[str
             src = Path(tmp) / "equalized.onnx"
             onnx.save(eq, str(src))
         model = onnx.load(str(src))
-        layers, tensors = None, None
+        layers, tensors, statistics = None, None, []
         if cfg.transformer_rewrites and tr.is_attention_model(model):
             # NOTE: quantizing every tensor of MiniLM (LayerNorm, Softmax, the mask arithmetic) left
             # cosine 0.03; see quant/transformer.py for what this keeps float and why.
@@ -280,12 +254,18 @@ def _int8_static(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[str
             if rewrites is not None:
                 rewrites.update(report.to_dict())
             pre = Path(tmp) / "rewritten.onnx"
+            prepare_for_quantizer(model)
             onnx.save(model, str(pre))
             quantized = set(layers)
             tensors = sorted({n.input[0] for n in model.graph.node if n.name in quantized})
         else:
-            pre = _preprocess(src, Path(tmp))
+            pre = preprocess(src, Path(tmp))
             model = onnx.load(str(pre))
+            fixes = prepare_for_quantizer(model)
+            statistics = float_statistics(model)   # NOTE: a divisor in int8 is noise, or 1/0
+            if any(fixes.values()) or statistics:
+                pre = Path(tmp) / "prepared.onnx"
+                onnx.save(model, str(pre))
         symmetric = cfg.symmetric_activations
         if symmetric is None and layers is None:
             symmetric = False  # NOTE: the integer-only MCU kernels are tuned on asymmetric activations
@@ -299,9 +279,9 @@ def _int8_static(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[str
             # rounding before the bias add cost cosine 0.989 -> 0.867 on both runtimes (smoothed,
             # symmetric, no float rows).
             extra["OpTypesToExcludeOutputQuantization"] = ["MatMul", "Gemm"]
-        quantize_static(str(pre), str(dst), _reader(feeds), quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
+        quantize_static(str(pre), str(dst), calibration_reader(feeds), quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
                         reduce_range=cfg.reduce_range, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax,
+                        nodes_to_exclude=[*exclude, *statistics], calibrate_method=CalibrationMethod.MinMax,
                         nodes_to_quantize=layers, op_types_to_quantize=["MatMul", "Gemm"] if layers else None,
                         extra_options=extra)
         if cfg.bias_correction:
@@ -337,7 +317,7 @@ def _int8_dynamic(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[st
         # NOTE: edgekiln's own per-row tables, not onnxruntime's Gather quantization (one scale
         # for the whole table: it cost MiniLM 0.0006 mean cosine for nothing).
         report.embedding_tables = tr.embedding_tables_per_row(model, skip=set(exclude))
-    with tempfile.TemporaryDirectory(prefix="edgekiln-dq-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgekiln-dq-", dir=dst.parent) as tmp:
         pre = Path(tmp) / "rewritten.onnx"
         onnx.save(model, str(pre))
         # NOTE: Conv -> ConvInteger is 4-6x slower than float on this CPU class: only MatMul/Gemm.
@@ -367,7 +347,10 @@ def _fp16(src: Path, dst: Path, exclude: list[str]) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    from edgekiln.quant.ort_quantizer import sort_nodes
+
     model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, node_block_list=list(exclude) or None)
+    sort_nodes(model)
     onnx.save(model, str(dst))
 
 
@@ -389,23 +372,28 @@ def quantize_model(src: str | Path, cfg: QuantizeConfig, work: str | Path, *, ca
     Raises :class:`BudgetNotMet` naming the shortfall and the closest result when even keeping
     every layer but one in float cannot meet the budget.
     """
+    from edgekiln.execution.feeds import calibration_feeds
+    from edgekiln.execution.ort import readable_file
     from edgekiln.models.metrics import evaluate
+    from edgekiln.quant.ort_quantizer import check_quantized
 
     src, work = Path(src), Path(work)
     work.mkdir(parents=True, exist_ok=True)
+    # NOTE: onnxruntime's quantization tools open files themselves: give them IR/opset they read
+    src = readable_file(src, work / "scratch")
     uses_calib = cfg.scheme == "int8" or (cfg.scheme == "int8-dynamic" and cfg.smooth_alpha is not None)
-    feeds = calib_feeds(src, calib, cfg.calib_samples) if calib and uses_calib else None
+    feeds = calibration_feeds(src, calib, cfg.calib_samples) if calib and uses_calib else None
     dst = work / "model.onnx"
     exclude = list(cfg.keep_float)
     rewrites: dict[str, Any] = {}
     rounding: dict[str, Any] = {}
     methods = quantize_once(src, dst, cfg, feeds, exclude, seed, rewrites, rounding)
+    check_quantized(src, dst, feeds)
     result = QuantizeResult(dst, SCHEMES[cfg.scheme], list(exclude), methods, rewrites, rounding)
     if eval_npz is None:
         return result
     ref = src if metric in ("cosine", "sqnr") else None
-    result.metric_fp32 = evaluate(src, eval_npz, metric, reference_path=ref) if metric != "sqnr" else float("inf")
-    result.metric = evaluate(dst, eval_npz, metric, reference_path=ref)
+    result.metric_fp32, result.metric = metric_pair(src, dst, eval_npz, metric)
     result.attempts.append({"kept_float": list(exclude), "metric": result.metric, "adaround": cfg.adaround})
     if cfg.max_drop is None or _drop(result) <= cfg.max_drop + 1e-9:
         return result
@@ -413,7 +401,8 @@ def quantize_model(src: str | Path, cfg: QuantizeConfig, work: str | Path, *, ca
     # NOTE: this sees tensor-level problems too: an outlier-dominated activation between two
     # layers hurts whichever of them is quantized, so both rank high and both are kept float.
     layers = [n for n in layer_names(src) if n not in exclude]
-    trial = work / "trial.onnx"
+    trial = work / "scratch" / "trial.onnx"     # NOTE: never beside the output (or the user's) model
+    trial.parent.mkdir(exist_ok=True)
     # NOTE: the search rounds to nearest: AdaRound refits every quantized layer (minutes on a
     # MobileNetV2) and would do so for each attempt; it is applied once to the layer set found.
     search = replace(cfg, adaround=False)
@@ -444,6 +433,16 @@ def quantize_model(src: str | Path, cfg: QuantizeConfig, work: str | Path, *, ca
     raise BudgetNotMet(f"the accuracy budget cannot be met: best drop {drop:.4f} > max-drop {cfg.max_drop:.4f} "
                        f"(misses by {drop - cfg.max_drop:.4f}); closest keeps {len(best[1])} layer(s) float: "
                        f"{', '.join(best[1][:6])}{' ...' if len(best[1]) > 6 else ''}")
+
+
+def metric_pair(src: str | Path, dst: str | Path, eval_npz: str | Path, metric: str) -> tuple[float, float]:
+    """``(metric of the float model, metric of the quantized one)`` on ``eval_npz``; ``cosine`` and
+    ``sqnr`` compare against the float model's outputs (its own sqnr is infinite)."""
+    from edgekiln.models.metrics import evaluate
+
+    ref = src if metric in ("cosine", "sqnr") else None
+    fp32 = evaluate(src, eval_npz, metric, reference_path=ref) if metric != "sqnr" else float("inf")
+    return fp32, evaluate(dst, eval_npz, metric, reference_path=ref)
 
 
 def _adaround_last(src: Path, trial: Path, dst: Path, cfg: QuantizeConfig, feeds: Any, exclude: list[str], seed: int,
@@ -478,12 +477,28 @@ def _layer_bytes(src: Path, name: str) -> int:
 def run(artifact: ModelArtifact, config: QuantizeConfig, ctx: PassContext) -> ModelArtifact:
     res = quantize_model(artifact.path, config, ctx.work_dir, calib=ctx.calib_path,
                          eval_npz=ctx.eval_path if config.max_drop is not None else None, metric=ctx.metric,
-                         seed=ctx.seed)
-    record = provenance_record("quantize", config, artifact, kept_float=res.kept_float,
-                               metric=res.metric, metric_fp32=res.metric_fp32)
+                         seed=ctx.seed, progress=ctx.progress)
+    # NOTE: the record holds what `edgekiln quantize` reports (sensitivity, attempts, calibration
+    # per tensor, rewrites): the CLI runs this pass through the pipeline and reads them back here.
+    record = provenance_record("quantize", config, artifact, kept_float=res.kept_float, metric=res.metric,
+                               metric_fp32=res.metric_fp32, calibration=res.calibration, rewrites=res.rewrites,
+                               adaround=res.adaround, sensitivity=res.sensitivity, attempts=res.attempts)
     return artifact.with_pass(kind=res.kind, path=res.path, record=record)
 
 
-SPEC = PassSpec(name="quantize", config_type=QuantizeConfig, run=run, consumes=frozenset({ONNX_FLOAT}),
+def result_of(artifact: ModelArtifact) -> QuantizeResult:
+    """The :class:`QuantizeResult` the quantize pass that made ``artifact`` recorded in its provenance."""
+    rec = next((r for r in reversed(artifact.provenance) if r.get("pass") == "quantize"), None)
+    if rec is None:
+        raise EdgekilnError(f"{artifact.path}: no quantize step in its provenance")
+    return QuantizeResult(artifact.path, artifact.kind, list(rec.get("kept_float") or []),
+                          dict(rec.get("calibration") or {}), dict(rec.get("rewrites") or {}),
+                          dict(rec.get("adaround") or {}), rec.get("metric_fp32"), rec.get("metric"),
+                          list(rec.get("sensitivity") or []), list(rec.get("attempts") or []))
+
+
+# NOTE: an int8 QDQ model is taken too: `edgekiln quantize` accepts every run folder, also one that
+# quantize or optimize wrote (its Q/DQ pairs stay; the float ops between them are quantized).
+SPEC = PassSpec(name="quantize", config_type=QuantizeConfig, run=run, consumes=frozenset({ONNX_FLOAT, ONNX_QDQ}),
                 produces=ONNX_QDQ, summary="INT8 static/dynamic, FP16 or INT4 weight-only, with an accuracy budget",
                 produces_for=lambda cfg: SCHEMES[cfg.scheme])

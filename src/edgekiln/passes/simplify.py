@@ -41,22 +41,19 @@ class SimplifyConfig(PassConfig):
 
 def run(artifact: ModelArtifact, config: SimplifyConfig, ctx: PassContext) -> ModelArtifact:
     import onnx
-    import onnxruntime as ort
+
+    from edgekiln.execution.ort import error_line, ort_session
 
     out = ctx.work_dir / "model.onnx"
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if config.level == "basic"
-                                   else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
-    so.intra_op_num_threads = 1
     fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=ctx.work_dir)
     os.close(fd)
     try:
-        so.optimized_model_filepath = tmp
         try:
-            ort.InferenceSession(str(artifact.path), so, providers=["CPUExecutionProvider"])
+            ort_session(Path(artifact.path), optimize="basic" if config.level == "basic" else "extended",
+                        save_optimized=tmp)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types for a bad graph
-            raise EdgekilnError(f"simplify: onnxruntime cannot load {artifact.path}: {str(exc).splitlines()[0]}") from exc
+            raise EdgekilnError(f"simplify: onnxruntime cannot load {artifact.path}: {error_line(exc)}") from exc
         err = _relative_error(artifact.path, Path(tmp), artifact, ctx.seed)
         if not err <= config.max_rel_error:
             raise EdgekilnError(f"simplify: the simplified model differs from its input by {err:.3g} "
@@ -73,20 +70,17 @@ def run(artifact: ModelArtifact, config: SimplifyConfig, ctx: PassContext) -> Mo
 
 
 def _relative_error(original: Path, simplified: Path, artifact: ModelArtifact, seed: int) -> float:
-    """Max abs difference of the first output over 4 random inputs, relative to the output's range."""
-    import onnxruntime as ort
+    """Max abs difference of the first output over 4 random feeds, relative to the output's range."""
+    from edgekiln.execution.feeds import random_feeds
+    from edgekiln.execution.ort import ort_session
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.intra_op_num_threads = 1
-    a = ort.InferenceSession(str(original), so, providers=["CPUExecutionProvider"])
-    b = ort.InferenceSession(str(simplified), so, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(seed)
+    a = ort_session(original, optimize=False)
+    b = ort_session(simplified, optimize=False)
     worst, scale = 0.0, 0.0
-    for _ in range(4):
-        x = rng.standard_normal(artifact.input_shape).astype(np.float32)
-        ya = a.run(None, {a.get_inputs()[0].name: x})[0]
-        yb = b.run(None, {b.get_inputs()[0].name: x})[0]
+    for k in range(4):
+        feeds = random_feeds(artifact.inputs, seed=seed + k)   # every input, in its dtype
+        ya = a.run(None, feeds)[0]
+        yb = b.run(None, feeds)[0]
         worst = max(worst, float(np.abs(ya - yb).max()))
         scale = max(scale, float(np.abs(ya).max()))
     return worst / max(scale, 1e-12)

@@ -5,7 +5,7 @@ construction, ``input_scale * weight_scale`` (one float per output channel). Bot
 already in the file, so the product can be a ``Mul`` of the two initializers instead of a third
 per-channel tensor. onnxruntime and OpenVINO fold the ``Mul`` at load time (onnxruntime before
 its QDQ fusion: the same QLinearConv kernels run, bit-exact); edgekiln's C and TFLite backends
-fold it when they read the graph (:func:`is_constant_mul`).
+fold it when they read the graph (:func:`edgekiln.models.support.is_constant_mul`).
 
 On depthwise layers the saving is a third of the per-channel parameters (a 3x3 depthwise
 channel has 9 weight bytes against 12 bytes of bias, weight scale and bias scale); on
@@ -63,10 +63,3 @@ def share_bias_scales(model: Any) -> int:
     del g.node[:]
     g.node.extend(ordered)
     return len(muls)
-
-
-def is_constant_mul(node: Any, constants: set[str] | dict[str, Any]) -> bool:
-    """Whether ``node`` is a ``Mul`` of two constants (a shared bias scale): folded by every
-    consumer, not an op a backend has to implement."""
-    return node.op_type == "Mul" and node.domain in ("", "ai.onnx") and len(node.input) == 2 and \
-        all(i in constants for i in node.input)

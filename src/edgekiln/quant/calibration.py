@@ -52,6 +52,32 @@ def one_sided(lo: float, hi: float) -> bool:
     return min(-lo, hi) < ONE_SIDED * max(-lo, hi)
 
 
+def calibration_reader(feeds: Sequence[dict[str, np.ndarray]]) -> Any:
+    """onnxruntime's ``CalibrationDataReader`` over ``feeds`` (one feed dict per calibration
+    batch), rewindable, for ``onnxruntime.quantization.quantize_static``.
+
+    >>> x = np.zeros((1, 4), np.float32)
+    >>> reader = calibration_reader([{"x": x}, {"x": x + 1}])
+    >>> [float(f["x"].sum()) for f in iter(reader.get_next, None)]
+    [0.0, 4.0]
+    >>> reader.rewind(); reader.get_next()["x"].shape
+    (1, 4)
+    """
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _FeedsReader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
+
+        def rewind(self) -> None:
+            self._it = iter(feeds)
+
+    return _FeedsReader()
+
+
 @dataclass
 class TensorStats:
     lo: float = np.inf
@@ -78,31 +104,20 @@ def default_tensors(model: Any) -> list[str]:
 def collect(model: Any, feeds: Sequence[dict[str, np.ndarray]], tensors: Sequence[str], *, seed: int = 0,
             batch: int = 16) -> dict[str, TensorStats]:
     """Run ``model`` on ``feeds`` (one dict per sample) and gather statistics for ``tensors``."""
-    import onnx
-    import onnxruntime as ort
+    from edgekiln.execution.ort import intermediates_runner
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    existing = {o.name for o in m.graph.output}
-    for t in tensors:
-        if t not in existing:
-            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    out_names = [o.name for o in sess.get_outputs()]
+    run = intermediates_runner(model, tensors)
     batch = fixed_batch(model) or batch
     rng = np.random.default_rng(seed)
     stats = {t: TensorStats() for t in tensors}
     for i in range(0, len(feeds), batch):
         chunk = feeds[i:i + batch]
         joined = {k: np.concatenate([f[k] for f in chunk]) for k in chunk[0]}
-        values = dict(zip(out_names, sess.run(None, joined), strict=True))
+        values = run(joined)
         for t in tensors:
-            v = np.asarray(values.get(t, joined.get(t)))
+            if t not in values:
+                continue
+            v = np.asarray(values[t])
             if v.dtype.kind != "f":
                 continue
             _update(stats[t], v.reshape(-1).astype(np.float32), rng)
@@ -247,35 +262,20 @@ def _auto(model: Any, feeds: Sequence[dict[str, np.ndarray]], stats: dict[str, T
 
 
 def _activations(model: Any, feeds: Sequence[dict[str, np.ndarray]], names: list[str]) -> dict[str, np.ndarray]:
-    import onnx
-    import onnxruntime as ort
+    from edgekiln.execution.ort import run_with_intermediates
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    existing = {o.name for o in m.graph.output}
-    for t in names:
-        if t not in existing:
-            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     step = fixed_batch(model) or len(feeds)
-    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    out_names = [o.name for o in sess.get_outputs()]
-    for i in range(0, len(feeds), step):
-        joined = {k: np.concatenate([f[k] for f in feeds[i:i + step]]) for k in feeds[0]}
-        outs = dict(zip(out_names, sess.run(None, joined), strict=True))
-        for n in names:
-            parts[n].append(outs.get(n, joined.get(n)))
-    return {n: np.concatenate(v) for n, v in parts.items()}
+    batches = [{k: np.concatenate([f[k] for f in feeds[i:i + step]]) for k in feeds[0]}
+               for i in range(0, len(feeds), step)]
+    return run_with_intermediates(model, batches, names)
 
 
 def _single_node(node: Any, inits: dict[str, Any], model: Any) -> Any:
     """A callable running just ``node`` (its weights included) in onnxruntime."""
     import onnx
-    import onnxruntime as ort
     from onnx import helper
+
+    from edgekiln.execution.ort import ort_session
 
     if any(i and i not in inits for i in node.input[1:]):
         return None  # a second activation input (MatMul of two activations): not a layer with weights
@@ -285,10 +285,8 @@ def _single_node(node: Any, inits: dict[str, Any], model: Any) -> Any:
                               [inits[i] for i in node.input[1:] if i])
     m = helper.make_model(graph, opset_imports=list(model.opset_import))
     m.ir_version = model.ir_version
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
     try:
-        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess = ort_session(m)
     except Exception:  # noqa: BLE001
         return None
     return lambda x: sess.run(None, {x_name: x.astype(np.float32)})[0]

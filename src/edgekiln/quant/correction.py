@@ -144,24 +144,6 @@ def correct_bias(float_model: Any, qdq_model: Any, feeds: list[dict[str, np.ndar
 
 def tensor_values(model: Any, feeds: list[dict[str, np.ndarray]], names: list[str]) -> dict[str, np.ndarray]:
     """The values of the tensors `names` over `feeds` (concatenated along the batch axis), run unoptimized."""
-    import onnx
-    import onnxruntime as ort
+    from edgekiln.execution.ort import run_with_intermediates
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for n in names:
-        if n not in have:
-            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    outs: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    onames = [o.name for o in sess.get_outputs()]
-    for f in feeds:
-        vals = dict(zip(onames, sess.run(None, f), strict=True))
-        for n in names:
-            if n in vals:
-                outs[n].append(vals[n])
-    return {n: np.concatenate(v) for n, v in outs.items() if v}
+    return run_with_intermediates(model, feeds, names)

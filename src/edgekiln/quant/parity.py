@@ -79,7 +79,7 @@ def checkpoints(model: Any) -> list[Checkpoint]:
 def runtime_runner(name: str) -> Runner:
     """A :data:`Runner` for a runtime of the bench adapter table, with its default optimizations."""
     def load(prefix: Path) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-        from edgekiln.bench.runtimes import load_session
+        from edgekiln.execution.runtimes import load_session
 
         sess = load_session(prefix, name)
         return lambda feeds: np.asarray(sess.run(feeds)[0])
@@ -183,22 +183,9 @@ class _Probe:
 
 def _reference(model: Any, points: list[Checkpoint], feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Every checkpoint's integers in the simulation (onnxruntime, optimizations off)."""
-    import onnx
-    import onnxruntime as ort
+    from edgekiln.execution.ort import run_with_intermediates
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    known = {o.name for o in m.graph.output}
-    for p in points:
-        if p.tensor not in known:
-            m.graph.output.append(onnx.ValueInfoProto(name=p.tensor))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    names = [p.tensor for p in points]
-    runs = [sess.run(names, f) for f in feeds]
-    return {n: np.concatenate([r[k] for r in runs]) for k, n in enumerate(names)}
+    return run_with_intermediates(model, list(feeds), [p.tensor for p in points])
 
 
 def _prefix(model: Any, point: Checkpoint, path: Path) -> Path:

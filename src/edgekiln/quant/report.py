@@ -9,23 +9,26 @@ from typing import Any
 
 import numpy as np
 
+from edgekiln.models.run_folder import RunFolder
 from edgekiln.quant.parity import first_divergence, runtime_runner
 from edgekiln.quant.size import byte_breakdown
-from edgekiln.report import md_table, new_figure, save_figure, write_report
+from edgekiln.report import md_table, new_figure, save_figure
 
 
-def runtime_table(fp32: Path, quant: Path, *, runs: int, warmup: int) -> list[dict[str, Any]]:
-    """p50/p90 (1 thread, batch 1) of both models on every available runtime that runs ONNX."""
-    from edgekiln.bench.harness import benchmark
-    from edgekiln.bench.runtimes import available_runtimes, runs_file
+def runtime_table(fp32: Path, quant: Path, *, runs: int, warmup: int,
+                  input_shapes: dict[str, tuple[int, ...]] | None = None) -> list[dict[str, Any]]:
+    """p50/p90 (1 thread, batch 1) of both models on every available runtime that runs ONNX
+    (``input_shapes`` fixes dynamic input dimensions, as the intake resolved them)."""
+    from edgekiln.execution.runtimes import available_runtimes, runs_file
+    from edgekiln.execution.timing import benchmark
 
     rows = []
     for name, reason in available_runtimes().items():
         if reason or not runs_file(name, fp32):
             continue
         try:
-            a = benchmark(fp32, runtime=name, runs=runs, warmup=warmup)
-            b = benchmark(quant, runtime=name, runs=runs, warmup=warmup)
+            a = benchmark(fp32, runtime=name, runs=runs, warmup=warmup, input_shapes=input_shapes)
+            b = benchmark(quant, runtime=name, runs=runs, warmup=warmup, input_shapes=input_shapes)
         except Exception as exc:  # noqa: BLE001 - a runtime that cannot load this model is reported, not fatal
             rows.append({"runtime": name, "error": str(exc).splitlines()[0][:160]})
             continue
@@ -42,17 +45,12 @@ def parity(quant: Path, data: dict[str, np.ndarray], limit: int = 64) -> dict[st
     """Outputs of the quantized model on each runtime against onnxruntime with graph
     optimizations off (the QDQ reference semantics): top-1 agreement, max difference, and the
     first layer whose int8 activations differ by more than 1 LSB, with a likely cause."""
-    import onnxruntime as ort
+    from edgekiln.execution.feeds import batch_rows, npz_feeds, specs_from_session
+    from edgekiln.execution.ort import ort_session
+    from edgekiln.execution.runtimes import available_runtimes, load_session
 
-    from edgekiln.bench.runtimes import available_runtimes, load_session
-    from edgekiln.models.metrics import model_feeds
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    ref_sess = ort.InferenceSession(str(quant), so, providers=["CPUExecutionProvider"])
-    feeds = {k: v[:limit] for k, v in model_feeds(ref_sess, data).items()}
-    rows = [{k: v[i:i + 1] for k, v in feeds.items()} for i in range(len(next(iter(feeds.values()))))]
+    ref_sess = ort_session(Path(quant), optimize=False)
+    rows = batch_rows(npz_feeds(data, specs_from_session(ref_sess), count=limit))
     ref = np.concatenate([ref_sess.run(None, r)[0] for r in rows])
     out: dict[str, Any] = {}
     for name, reason in available_runtimes().items():
@@ -89,7 +87,8 @@ def _divergence_cell(v: dict[str, Any]) -> str:
 
 
 def write_quantize_report(out: Path, *, scheme: str, metric_name: str, fp32: Path, res: Any, runtimes: list[dict],
-                          parity_result: dict[str, Any], config: dict[str, Any]) -> Path:
+                          parity_result: dict[str, Any], config: dict[str, Any], model: Any) -> Path:
+    """The run folder of `edgekiln quantize`; ``model`` is the quantized ModelArtifact (``res.path``)."""
     size_fp32, size = os.path.getsize(fp32), os.path.getsize(res.path)
     ort = next((r for r in runtimes if r["runtime"] == "onnxruntime" and "p50" in r), None)
     measured = [r for r in runtimes if "p50" in r]
@@ -103,7 +102,7 @@ def write_quantize_report(out: Path, *, scheme: str, metric_name: str, fp32: Pat
         "latency_ms_fp32": ort["fp32_p50"] if ort else None, "latency_ms": ort["p50"] if ort else None,
         "latency_by_runtime": runtimes, "fastest_runtime": fastest, "slower_than_fp32": slower,
         "kept_float": res.kept_float, "sensitivity": res.sensitivity, "attempts": res.attempts,
-        "calibration": res.calibration, "parity": parity_result, "artifact": "model.onnx", "config": config,
+        "calibration": res.calibration, "parity": parity_result, "config": config,
         "rewrites": getattr(res, "rewrites", {}), "adaround": getattr(res, "adaround", {}),
         "byte_breakdown": byte_breakdown(res.path),
     }
@@ -162,7 +161,7 @@ def write_quantize_report(out: Path, *, scheme: str, metric_name: str, fp32: Pat
             counts[m] = counts.get(m, 0) + 1
         lines += ["Calibration method per tensor: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
                   + " (full list in report.json).", ""]
-    return write_report(out, command="quantize", data=data, markdown="\n".join(lines))
+    return RunFolder(out).write(command="quantize", model=model, measurements=data, markdown="\n".join(lines))
 
 
 def _sensitivity_plot(out: Path, rows: list[dict[str, Any]]) -> str | None:

@@ -30,6 +30,7 @@ weighted MatMul inputs, outputs float: 0.996; with the rows split: 0.9985; NNCF:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,8 +120,10 @@ def skip_layernorm_is_slower(hidden: int, tokens: int = 64, runs: int = 300) -> 
     on this machine (1 thread, thread CPU time, ``(1, tokens, hidden)``)."""
     import time
 
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+
+    from edgekiln.execution.ort import ort_session
+    from edgekiln.execution.timing import time_round_robin
 
     def model(add_op: str) -> Any:
         io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, tokens, hidden]) for n in ("a", "b", "y")]
@@ -129,24 +132,14 @@ def skip_layernorm_is_slower(hidden: int, tokens: int = 64, runs: int = 300) -> 
         graph = helper.make_graph([helper.make_node(add_op, ["a", "b"], ["s"]),
                                    helper.make_node("LayerNormalization", ["s", "g", "z"], ["y"], axis=-1)],
                                   "ln", io[:2], io[2:], inits)
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
     rng = np.random.default_rng(0)
     feeds = {k: rng.standard_normal((1, tokens, hidden)).astype(np.float32) for k in ("a", "b")}
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = 1, 1, 3
-    medians = []
-    for op in ("Add", "Sum"):
-        sess = ort.InferenceSession(model(op).SerializeToString(), so, providers=["CPUExecutionProvider"])
-        for _ in range(20):
-            sess.run(None, feeds)
-        t = []
-        for _ in range(runs):
-            start = time.thread_time()
-            sess.run(None, feeds)
-            t.append(time.thread_time() - start)
-        medians.append(float(np.median(t)))
-    return medians[0] > 1.2 * medians[1]
+    sessions = {op: ort_session(model(op)) for op in ("Add", "Sum")}
+    t = time_round_robin({op: functools.partial(s.run, None, feeds) for op, s in sessions.items()}, rounds=runs,
+                         warmup=20, clock=time.thread_time_ns)
+    return float(np.median(t["Add"])) > 1.2 * float(np.median(t["Sum"]))
 
 
 def embedding_tables_per_row(model: Any, min_elements: int = 4096, skip: set[str] | frozenset[str] = frozenset()

@@ -1,3 +1,3 @@
-from edgekiln.report.writer import md_table, new_figure, save_figure, write_report
+from edgekiln.report.writer import envelope, md_table, new_figure, save_figure
 
-__all__ = ["md_table", "new_figure", "save_figure", "write_report"]
+__all__ = ["envelope", "md_table", "new_figure", "save_figure"]

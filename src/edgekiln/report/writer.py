@@ -1,8 +1,8 @@
-"""Run folders: ``report.json`` (machine-readable), ``report.md`` (readable) and PNG plots.
+"""Presentation pieces of a run folder: the ``report.json`` envelope, Markdown tables and PNG plots.
 
-Every command that produces artifacts calls :func:`write_report` once at the end. The JSON
-carries a small envelope (schema version, command, edgekiln version, creation time) around the
-command's own keys; docs/report-schema.md lists the keys per command.
+The run folder itself (``report.json`` with its typed ``model`` block, ``report.md``, the
+model and its data) is :class:`edgekiln.models.run_folder.RunFolder`; docs/report-schema.md
+lists the keys.
 """
 
 from __future__ import annotations
@@ -10,33 +10,26 @@ from __future__ import annotations
 import datetime as _dt
 import platform
 from collections.abc import Iterable, Sequence
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from edgekiln import __version__
-from edgekiln.fileio import atomic_write_json, atomic_write_text
-
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2
 
 
-def write_report(run_dir: str | Path, *, command: str, data: dict[str, Any], markdown: str) -> Path:
-    """Write ``report.json`` and ``report.md`` into ``run_dir``; return the JSON path.
+def envelope(command: str) -> dict[str, Any]:
+    """The keys every ``report.json`` starts with.
 
-    ``data`` holds the command's own keys; the envelope keys are added around it and never
-    overwrite a key the command set.
+    >>> sorted(envelope("bench"))
+    ['command', 'created', 'edgekiln_version', 'machine', 'schema_version']
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    envelope = {
+    return {
         "schema_version": REPORT_SCHEMA_VERSION,
         "command": command,
-        "edgekiln_version": __version__,
+        "edgekiln_version": version("edgekiln"),   # the installed distribution; the package root is the top layer
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_summary(),
     }
-    out = {**envelope, **data}
-    atomic_write_text(run_dir / "report.md", markdown.rstrip() + "\n")
-    return atomic_write_json(run_dir / "report.json", out)
 
 
 def machine_summary() -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Build a deployment bundle from run folders (`edgekiln bundle DIR1 DIR2 ... --out BUNDLE`).
 
-Each run folder contributes one variant: its model file (``artifact`` or the example's
-``model.onnx``), the metric and measured latency its report gives, and its provenance. The
+Each run folder contributes one variant: its model (:meth:`edgekiln.models.run_folder.RunFolder.read`),
+the metric and measured latency its report gives, and its provenance. The
 bundle also carries a few sample inputs and the default variant's outputs on them, which the
 update agent's health check compares against after installing.
 """
@@ -19,8 +19,6 @@ import numpy as np
 
 from edgekiln.errors import EdgekilnError
 from edgekiln.runtime.manifest import MANIFEST_NAME, Manifest, TensorSpec, Variant, load_manifest, sha256_of
-
-PRECISION_BY_KIND = {"onnx-qdq": "int8", "onnx-fp16": "fp16", "onnx-int4w": "int4"}
 
 
 def build_bundle(run_dirs: list[str | Path], out: str | Path, *, name: str = "model", version: str = "1",
@@ -57,58 +55,33 @@ def build_bundle(run_dirs: list[str | Path], out: str | Path, *, name: str = "mo
 
 
 def _variant_from_run(run: Path, staging: Path, used: set[str]) -> tuple[Variant, Path | None]:
-    report_path = run / "report.json"
-    if not report_path.is_file():
-        raise EdgekilnError(f"{run}: not an edgekiln run folder (no report.json)")
-    report = json.loads(report_path.read_text())
-    file = _model_file(run, report)
-    kind = _kind(file)
-    precision = PRECISION_BY_KIND.get(kind, "fp32")
+    from edgekiln.models.run_folder import RunFolder, precision_of
+
+    folder = RunFolder(run)
+    report = folder.report()
+    art = folder.read()
+    if art.path.suffix != ".onnx":
+        raise EdgekilnError(f"{run}: the run folder's model {art.path.name} is not an ONNX file")
+    precision = precision_of(art.kind)
     name = precision if precision not in used else f"{precision}-{len(used)}"
     used.add(name)
     dest = f"models/{name}.onnx"
     (staging / "models").mkdir(exist_ok=True)
-    shutil.copyfile(file, staging / dest)
+    shutil.copyfile(art.path, staging / dest)
     metric, latency = _metric_and_latency(report)
+    provenance = tuple(art.provenance) or (({"pass": report["command"], "config": {}},) if report.get("command")
+                                           else ())
     variant = Variant(name=name, file=dest, sha256=sha256_of(staging / dest), precision=precision,
                       size_bytes=(staging / dest).stat().st_size, metric=metric,
                       metric_name=report.get("metric_name") or ("accuracy" if "accuracy" in report else None),
-                      latency_ms=latency, macs=_macs(report), provenance=_provenance(report))
-    data = run / "eval.npz" if (run / "eval.npz").is_file() else None
-    return variant, data
-
-
-def _provenance(report: dict[str, Any]) -> tuple[dict[str, Any], ...]:
-    """The pipeline that made the model: the report's own record, or the passes of the
-    candidate an optimize run selected."""
-    if report.get("provenance"):
-        return tuple(report["provenance"])
-    sel = report.get("selected")
-    if isinstance(sel, dict) and sel.get("passes"):
-        return tuple({"command": report.get("command", "optimize"), **p} for p in sel["passes"])
-    return ({"command": report["command"]},) if report.get("command") else ()
+                      latency_ms=latency, macs=_macs(report), provenance=provenance)
+    return variant, art.data.get("eval")
 
 
 def _macs(report: dict[str, Any]) -> int | None:
     sel = report.get("selected")
     macs = sel.get("macs") if isinstance(sel, dict) else report.get("macs")
     return int(macs) if isinstance(macs, (int, float)) else None
-
-
-def _model_file(run: Path, report: dict[str, Any]) -> Path:
-    art = report.get("artifact")
-    if isinstance(art, dict):
-        art = art.get("path")
-    if isinstance(report.get("selected"), dict):
-        art = report["selected"].get("artifact") or art
-    if not art and isinstance(report.get("model"), dict):
-        art = report["model"].get("onnx")
-    if not art:
-        raise EdgekilnError(f"{run}/report.json names no model file")
-    path = run / art
-    if not path.is_file():
-        raise EdgekilnError(f"{run}: model file {art} named in report.json is missing")
-    return path
 
 
 def _metric_and_latency(report: dict[str, Any]) -> tuple[float | None, dict[str, float]]:
@@ -125,39 +98,24 @@ def _metric_and_latency(report: dict[str, Any]) -> tuple[float | None, dict[str,
     return (float(metric) if isinstance(metric, (int, float)) else None), lat
 
 
-def _kind(path: Path) -> str:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    ops = {n.op_type for n in model.graph.node}
-    if "QuantizeLinear" in ops or "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops:
-        return "onnx-qdq"
-    if "MatMulNBits" in ops:
-        return "onnx-int4w"
-    if any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer):
-        return "onnx-fp16"
-    return "onnx"
-
-
 def _io_and_samples(staging: Path, variants: list[Variant], default: str, data: Path | None,
                     samples: int) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...], str | None, str | None]:
-    import onnxruntime as ort
+    from edgekiln.execution.feeds import npz_feeds
+    from edgekiln.execution.ort import ort_session
+    from edgekiln.execution.specs import numpy_dtype
 
     v = next(x for x in variants if x.name == default)
-    sess = ort.InferenceSession(str(staging / v.file), providers=["CPUExecutionProvider"])
+    sess = ort_session(staging / v.file)
 
     def spec(t: Any) -> TensorSpec:
-        dtype = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(int8)": "int8",
-                 "tensor(float16)": "float16"}.get(t.type, "float32")
-        return TensorSpec(name=t.name, shape=tuple(d if isinstance(d, int) else -1 for d in t.shape), dtype=dtype)
+        return TensorSpec(name=t.name, shape=tuple(d if isinstance(d, int) else -1 for d in t.shape),
+                          dtype=numpy_dtype(t.type).name)
 
     inputs = tuple(spec(t) for t in sess.get_inputs())
     outputs = tuple(spec(t) for t in sess.get_outputs())
     if data is None:
         return inputs, outputs, None, None
-    with np.load(data) as npz:
-        feeds = {inputs[0].name: npz["x"][:samples].astype(np.float32)} if "x" in npz.files else \
-            {i.name: npz[i.name][:samples] for i in inputs}
+    feeds = npz_feeds(data, inputs, count=samples)  # NOTE: manifest specs have the name/shape/dtype it reads
     expected = sess.run(None, feeds)
     np.savez(staging / "samples.npz", **feeds)
     np.savez(staging / "expected.npz", **{o.name: e for o, e in zip(outputs, expected, strict=True)})

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgekiln.errors import EdgekilnError
+from edgekiln.execution.specs import numpy_dtype
 from edgekiln.runtime.manifest import Manifest, load_manifest, safe_member
 from edgekiln.runtime.monitor import Monitor
 from edgekiln.runtime.policies import DeviceState, FixedPolicy, Policy, order_by_accuracy
@@ -44,19 +45,15 @@ class Runtime:
 
     def session(self, variant: str) -> Any:
         if variant not in self._sessions:
-            import onnxruntime as ort
+            from edgekiln.execution.ort import error_line, ort_session
 
             v = self.manifest.variant(variant)
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = self.threads
-            so.inter_op_num_threads = 1
-            so.log_severity_level = 3
             try:
-                sess = ort.InferenceSession(str(safe_member(self.root, v.file)), so, providers=["CPUExecutionProvider"])
+                sess = ort_session(Path(safe_member(self.root, v.file)), threads=self.threads)
             except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
-                raise EdgekilnError(f"variant '{variant}' ({v.file}) does not load: {str(exc).splitlines()[0]}") from None
+                raise EdgekilnError(f"variant '{variant}' ({v.file}) does not load: {error_line(exc)}") from None
             self._sessions[variant] = sess
-            feeds = {i.name: np.zeros(_static(i.shape), _dtype(i.type)) for i in sess.get_inputs()}
+            feeds = {i.name: np.zeros(_static(i.shape), numpy_dtype(i.type)) for i in sess.get_inputs()}
             for _ in range(self.warmup):
                 sess.run(None, feeds)
         return self._sessions[variant]
@@ -96,7 +93,7 @@ class Runtime:
             if i.name not in feeds:
                 raise EdgekilnError(f"missing input '{i.name}'")
             arr = np.asarray(feeds[i.name])
-            want = _dtype(i.type)
+            want = numpy_dtype(i.type)
             if arr.dtype != want:
                 arr = arr.astype(want)
             expected = [d if isinstance(d, int) else None for d in i.shape]
@@ -116,8 +113,3 @@ def _first(latencies: dict[str, float]) -> float | None:
 
 def _static(shape: list[Any]) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) and d > 0 else 1 for d in shape)
-
-
-def _dtype(ort_type: str) -> Any:
-    return {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-            "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}.get(ort_type, np.float32)

@@ -11,6 +11,7 @@ Wire format: an ``.npz`` body (numpy's own container: named arrays, no pickle) b
 
 from __future__ import annotations
 
+import functools
 import io
 import time
 from collections.abc import Sequence
@@ -52,13 +53,9 @@ def unpack(data: bytes) -> dict[str, np.ndarray]:
 
 
 def session(path: str | Path, threads: int = 1) -> Any:
-    import onnxruntime as ort
+    from edgekiln.execution.ort import ort_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ort_session(Path(path), threads=threads)
 
 
 def probe_link(client: Any, *, path: str = "/v1/probe", sizes: Sequence[int] = (0, 16384, 65536),
@@ -67,16 +64,12 @@ def probe_link(client: Any, *, path: str = "/v1/probe", sizes: Sequence[int] = (
     probe endpoint and fit ``latency = rtt + bytes * 8 / bandwidth`` to the medians (least
     squares). ``rtt_ms`` then includes the fixed cost of one HTTP request and
     ``bandwidth_bps`` what the link delivers for bodies of these sizes (TCP included)."""
-    med = []
-    for size in sizes:
-        body = b"\0" * size
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            resp = client.post(path, content=body)
-            resp.raise_for_status()
-            times.append((time.perf_counter() - start) * 1000.0)
-        med.append(float(np.median(times)))
+    from edgekiln.execution.timing import time_calls
+
+    def post(body: bytes) -> None:
+        client.post(path, content=body).raise_for_status()
+
+    med = [float(np.median(time_calls(functools.partial(post, b"\0" * size), repeats))) for size in sizes]
     slope, intercept = np.polyfit(np.asarray(sizes, float), np.asarray(med), 1)
     bandwidth = 8.0 / (slope / 1000.0) if slope > 0 else float("inf")
     return {"rtt_ms": float(max(intercept, 0.0)), "bandwidth_bps": float(bandwidth),

@@ -21,16 +21,10 @@ def node_latencies_ms(model_path: str | Path, feeds: dict[str, np.ndarray], *, r
     that nodes keep their names (fusion would merge the candidate cut points)."""
     import tempfile
 
-    import onnxruntime as ort
+    from edgekiln.execution.ort import ort_session
 
-    so = ort.SessionOptions()
-    so.enable_profiling = True
-    so.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="edgekiln-prof-")) / "ort")
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    prefix = str(Path(tempfile.mkdtemp(prefix="edgekiln-prof-")) / "ort")
+    sess = ort_session(Path(model_path), threads=threads, optimize=False, profile_prefix=prefix)
     for _ in range(5 + runs):
         sess.run(None, feeds)
     trace = Path(sess.end_profiling())
@@ -48,19 +42,11 @@ def node_latencies_ms(model_path: str | Path, feeds: dict[str, np.ndarray], *, r
 def session_latency_ms(model_path: str | Path, feeds: dict[str, np.ndarray], *, runs: int = 30,
                        threads: int = 1) -> float:
     """Median wall time (ms) of one optimized ``session.run`` call, as a deployed session runs."""
-    import time
-
+    from edgekiln.execution.timing import time_calls
     from edgekiln.runtime.split_exec import session
 
     sess = session(model_path, threads)
-    for _ in range(5):
-        sess.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        sess.run(None, feeds)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return float(np.median(times))
+    return float(np.median(time_calls(lambda: sess.run(None, feeds), runs, warmup=5)))
 
 
 def split_graph(model_path: str | Path, feeds: dict[str, np.ndarray], *, device_factor: float,
@@ -111,7 +97,6 @@ def call_overhead_ms(feeds: dict[str, np.ndarray], *, runs: int = 30) -> float:
           for n in (name, "out")]
     model = helper.make_model(helper.make_graph([helper.make_node("Identity", [name], ["out"])], "call", vi[:1],
                                                 vi[1:]), opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "identity.onnx"
         onnx.save(model, str(path))

@@ -242,7 +242,7 @@ def _train(cand: ArchCandidate, x: np.ndarray, y: np.ndarray, epochs: int, confi
 
 
 def _host_latency(model: Any, work: Path, runs: int = 100) -> float:
-    from edgekiln.bench.harness import benchmark
+    from edgekiln.execution.timing import benchmark
     from edgekiln.models.torch_export import export_to_onnx
 
     path = work / "candidate.onnx"
@@ -258,7 +258,7 @@ def search_architecture(train_npz: str | Path, eval_npz: str | Path, out: str | 
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from edgekiln.models.metrics import load_npz
+    from edgekiln.execution.feeds import load_npz
     from edgekiln.models.training import evaluate_accuracy
     from edgekiln.targets.profiles import load_profile
 

@@ -42,7 +42,10 @@ def _row(c: ArchCandidate) -> list[Any]:
 def write_arch_report(out: Path, result: ArchSearchResult, config: ArchSearchConfig,
                       baseline: dict[str, Any] | None) -> dict[str, Any]:
     from edgekiln.compress.report import measure
-    from edgekiln.report import md_table, write_report
+    from edgekiln.execution.specs import TensorSpec
+    from edgekiln.models.artifact import ONNX_FLOAT, ModelArtifact, TorchSource
+    from edgekiln.models.run_folder import RunFolder
+    from edgekiln.report import md_table
 
     final = result.final
     selected = measure(out / "model.onnx", out / "eval.npz", runs=200)
@@ -63,11 +66,14 @@ def write_arch_report(out: Path, result: ArchSearchResult, config: ArchSearchCon
         "fitting": sum(c.fits for c in result.candidates), "trained": sum(c.trained for c in result.candidates),
         "search_seconds": result.seconds, "phase_seconds": dict(result.phases), "final_training": {k: final[k] for k in ("seconds", "epochs")},
         "input_shape": final["input_shape"], "config": _config_dict(config), "plots": plots,
-        "artifact": "model.onnx", "int8_artifact": final["int8_model"],
-        "model": {"onnx": "model.onnx", "input_shape": final["input_shape"], "input_name": "input",
-                  "output_name": "logits", "torch_factory": _factory(result.best.family),
-                  "factory_kwargs": dict(result.best.kwargs), "state_dict": "model.pt"},
+        "int8_artifact": final["int8_model"],
     }
+    model = ModelArtifact(
+        kind=ONNX_FLOAT, path=out / "model.onnx", inputs=(TensorSpec("input", tuple(final["input_shape"])),),
+        torch=TorchSource(factory=_factory(result.best.family), factory_kwargs=dict(result.best.kwargs),
+                          state_dict=out / "model.pt"),
+        provenance=({"pass": "search-arch", "config": _config_dict(config), "selected": result.best.label},),
+        data={k: out / f"{k}.npz" for k in ("calib", "eval", "train")})
     headers = ["#", "architecture", "params", "MACs", "flash (B)", "RAM (B)", "target ms (est.)", "val acc",
                "host p50 ms"]
     verdict = "fits" if final["fits"] else "does NOT fit"
@@ -84,8 +90,9 @@ def write_arch_report(out: Path, result: ArchSearchResult, config: ArchSearchCon
           "## Pareto set (validation accuracy, target latency, RAM)", "", md_table(headers, map(_row, result.pareto)),
           "", "## Trained candidates", "", md_table(headers, map(_row, [c for c in result.candidates if c.trained])),
           "", *[f"![{p}]({p})" for p in plots]]
-    write_report(out, command="search-arch", data=data, markdown="\n".join(md))
-    return data
+    run = RunFolder(out)
+    run.write(command="search-arch", model=model, measurements=data, markdown="\n".join(md))
+    return run.report()
 
 
 def _factory(family: str) -> str:

@@ -10,15 +10,13 @@ these numbers.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgekiln.search.selection import select_best
-from edgekiln.search.trial import Candidate, violations
+from edgekiln.search.trial import Candidate, score, violations
 
 FINALISTS = 4      # at most this many candidates are timed again
 WITHIN = 1.0       # ... those up to 2x the fastest feasible trial's host latency (at 1.5x, the MiniLM
@@ -38,15 +36,18 @@ def finalists(candidates: Sequence[Candidate], limit: int = FINALISTS, within: f
 
 
 def retime(cands: Sequence[Candidate], *, runs: int, warmup: int, host_is_target: bool,
-           max_latency_ms: float | None = None) -> None:
+           payload: dict[str, Any]) -> None:
     """Time ``cands`` round-robin on every installed runtime (1 thread, batch 1) and update their
     ``runtimes``, host latencies and, when the host is the target, target latency and latency
-    constraint, in place."""
-    from edgekiln.bench.harness import latency_stats, make_inputs
-    from edgekiln.bench.runtimes import REAL, available_runtimes, load_session, skip_reason
+    constraint, in place. A candidate whose fastest runtime changed is scored again on the new
+    one (``payload`` holds the trial payload's ``eval``, ``metric``, ``reference``,
+    ``baseline_metric`` and ``constraints``)."""
+    from edgekiln.execution.feeds import random_feeds, specs_from_session
+    from edgekiln.execution.runtimes import REAL, available_runtimes, load_session, skip_reason
+    from edgekiln.execution.timing import latency_stats, time_round_robin
 
     unavailable = available_runtimes()
-    sessions: dict[tuple[int, str], tuple[Any, dict[str, np.ndarray]]] = {}
+    calls: dict[tuple[int, str], Callable[[], Any]] = {}
     skipped: dict[int, list[dict[str, Any]]] = {c.number: [] for c in cands}
     for c in cands:
         path = Path(c.artifact or "")
@@ -55,27 +56,24 @@ def retime(cands: Sequence[Candidate], *, runs: int, warmup: int, host_is_target
             if reason is None:
                 try:
                     session = load_session(path, name, threads=1)
-                    feeds = make_inputs(session, 1, 0)
-                    for _ in range(warmup):
-                        session.run(feeds)
+                    feeds = random_feeds(specs_from_session(session))
+                    session.run(feeds)
                 except Exception as exc:  # noqa: BLE001 - a runtime refusing a model only drops that pair
                     reason = f"{type(exc).__name__}: {exc}"[:200]
                 else:
-                    sessions[(c.number, name)] = (session, feeds)
+                    calls[(c.number, name)] = functools.partial(session.run, feeds)
                     continue
             skipped[c.number].append({"runtime": name, "skipped": reason})
-    samples: dict[tuple[int, str], list[float]] = {key: [] for key in sessions}
-    for _ in range(max(1, runs // PER_ROUND)):
-        for key, (session, feeds) in sessions.items():
-            for _ in range(PER_ROUND):
-                start = time.perf_counter_ns()
-                session.run(feeds)
-                samples[key].append((time.perf_counter_ns() - start) / 1e6)
+    keys = list(calls)
+    timed = time_round_robin({str(k): calls[k] for k in keys}, rounds=max(1, runs // PER_ROUND), warmup=warmup,
+                             per_turn=PER_ROUND)
+    samples = {k: timed[str(k)] for k in keys}
+    limits = payload.get("constraints") or {}
     for c in cands:
         rows = []
         for (number, name), values in samples.items():
             if number == c.number:
-                stats = latency_stats(np.asarray(values))
+                stats = latency_stats(values)
                 rows.append({"runtime": name, "p50_ms": float(stats["p50"]), "p90_ms": float(stats["p90"])})
         if not rows:
             continue  # keeps the search's own measurement
@@ -83,15 +81,20 @@ def retime(cands: Sequence[Candidate], *, runs: int, warmup: int, host_is_target
         c.runtimes = rows + skipped[c.number]
         c.latency_ms_host, c.latency_ms_host_p90 = rows[0]["p50_ms"], rows[0]["p90_ms"]
         c.final_round = True
+        rescored = rows[0]["runtime"] != c.metric_runtime
+        if rescored:
+            score(c, rows[0]["runtime"], payload)
         if host_is_target:
             c.latency_ms_target_est = c.latency_ms_host
-            c.violations = [v for v in c.violations if not v.startswith("latency:")] + \
-                violations(c, {"max_latency_ms": max_latency_ms}, [])
+        if host_is_target or rescored:
+            # NOTE: memory lines stay; the latency and accuracy lines are recomputed from the new numbers
+            c.violations = [v for v in c.violations if not v.startswith(("latency:", "accuracy drop:"))] + \
+                violations(c, {k: limits.get(k) for k in ("max_latency_ms", "max_drop")}, [])
             c.feasible = not c.violations
 
 
 def final_selection(candidates: Sequence[Candidate], best: Candidate, *, prefer: str, tolerance: float, runs: int,
-                    host_is_target: bool, max_latency_ms: float | None) -> Candidate | None:
+                    host_is_target: bool, payload: dict[str, Any]) -> Candidate | None:
     """Time the finalists side by side and select among them (when latency decides; otherwise
     only ``best`` is timed again, for its runtime table).
 
@@ -99,6 +102,5 @@ def final_selection(candidates: Sequence[Candidate], best: Candidate, *, prefer:
     another phase of the machine's load, so its number does not compare with theirs.
     """
     group = finalists(candidates) if prefer == "latency" else [best]
-    retime(group, runs=max(runs, 50), warmup=min(50, runs), host_is_target=host_is_target,
-           max_latency_ms=max_latency_ms)
+    retime(group, runs=max(runs, 50), warmup=min(50, runs), host_is_target=host_is_target, payload=payload)
     return select_best(group, prefer, tolerance) or select_best(candidates, prefer, tolerance)

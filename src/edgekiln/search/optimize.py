@@ -20,6 +20,7 @@ from typing import Any
 
 from edgekiln.errors import BudgetNotMet, EdgekilnError
 from edgekiln.fileio import atomic_write_json, sha256_file
+from edgekiln.models.artifact import ModelArtifact
 from edgekiln.search.final_round import final_selection
 from edgekiln.search.recipe import Recipe
 from edgekiln.search.selection import pareto_front, select_best
@@ -53,7 +54,7 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
     """
     import optuna
 
-    from edgekiln.models.intake import load_model, run_folder_data
+    from edgekiln.models.intake import load_model, parse_shapes, run_folder_data
     from edgekiln.search.report import write_optimize_report
     from edgekiln.search.space import default_space, describe, enumerate_points, params_key
     from edgekiln.targets.profiles import load_profile
@@ -72,8 +73,10 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
     for label, path in (("--calib", calib), ("--eval", evals)):
         if path and not Path(path).is_file():
             raise EdgekilnError(f"{path}: {label} file not found")
-    artifact = load_model(recipe.model, work_dir=out / "work" / "input")
+    artifact = load_model(recipe.model, input_shapes=parse_shapes(recipe.input_shape),
+                          data={"calib": calib, "eval": evals}, work_dir=out / "work" / "input")
     input_sha = sha256_file(artifact.path)
+    run_data = {k: Path(v) for k, v in (("calib", calib), ("eval", evals), ("train", data.get("train"))) if v}
     atomic_write_json(out / "recipe.json", recipe.to_dict())
 
     spaces = recipe.passes or default_space(artifact, recipe, profile.precisions)
@@ -131,18 +134,21 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
             if new_best is not None and (best is None or new_best.number != best.number):
                 best = new_best
                 _save_best(out, best)
-            write_optimize_report(out, recipe, profile, baseline, candidates, best, partial=True)
+            write_optimize_report(out, recipe, profile, baseline, candidates, best,
+                                  model=_selected_artifact(artifact, best, out, run_data), partial=True)
     except KeyboardInterrupt:
         interrupted = True
     best = select_best(candidates, recipe.prefer, tolerance)
     if best is not None and profile.kind in ("host", "linux") and not interrupted:
         best = final_selection(candidates, best, prefer=recipe.prefer, tolerance=tolerance,
                                runs=recipe.search.bench_runs, host_is_target=profile.kind == "host",
-                               max_latency_ms=recipe.constraints.max_latency_ms)
+                               payload=base_payload)
     if best is not None:
         best = _save_best(out, best)
     front = pareto_front([c for c in candidates if c.metric is not None] + [baseline])
-    write_optimize_report(out, recipe, profile, baseline, candidates, best, partial=interrupted, exhausted=exhausted)
+    write_optimize_report(out, recipe, profile, baseline, candidates, best,
+                          model=_selected_artifact(artifact, best, out, run_data), partial=interrupted,
+                          exhausted=exhausted)
     result = OptimizeResult(best, baseline, candidates, front, out, interrupted, exhausted)
     if best is None and not interrupted:
         raise BudgetNotMet(_no_fit_message(candidates, baseline))
@@ -223,6 +229,16 @@ def _cache_put(out: Path, payload: dict[str, Any], input_sha: str, cand: Candida
     stored = keep_artifact(cand, folder) if cand.artifact else cand
     atomic_write_json(folder / "candidate.json", stored.to_dict())
     cand.artifact = stored.artifact
+
+
+def _selected_artifact(artifact: ModelArtifact, best: Candidate | None, out: Path,
+                       data: dict[str, Path]) -> ModelArtifact | None:
+    """The selected candidate as the run folder's model: ``out/model.onnx`` (written by
+    :func:`_save_best`), the input model's inputs, its passes appended to the provenance."""
+    if best is None or not (out / "model.onnx").is_file():
+        return None
+    return ModelArtifact(kind=best.kind or "onnx", path=out / "model.onnx", inputs=artifact.inputs,
+                         provenance=(*artifact.provenance, *best.steps), data=data)
 
 
 def _save_best(out: Path, best: Candidate) -> Candidate:

@@ -74,6 +74,7 @@ class Recipe:
     version: ClassVar[int] = RECIPE_VERSION
 
     model: str
+    input_shape: tuple[str, ...] = ()  # --input-shape values (NAME=d0,d1 or d0,d1): fix dynamic dims
     calib: str | None = None
     eval: str | None = None
     metric: str = "accuracy"
@@ -85,7 +86,8 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "version": self.version, "model": self.model, "calib": self.calib, "eval": self.eval,
+            "version": self.version, "model": self.model, "input_shape": list(self.input_shape),
+            "calib": self.calib, "eval": self.eval,
             "metric": self.metric, "target": self.target, "prefer": self.prefer,
             "constraints": self.constraints.to_dict(), "passes": [p.to_dict() for p in self.passes],
             "search": self.search.to_dict(),
@@ -103,6 +105,8 @@ class Recipe:
         constraints = _build("constraints", Constraints, data.pop("constraints", None) or {})
         search = _build("search", SearchSettings, data.pop("search", None) or {})
         passes = tuple(_pass_space(i, p) for i, p in enumerate(data.pop("passes", None) or [], 1))
+        shapes = data.pop("input_shape", None) or ()
+        data["input_shape"] = (shapes,) if isinstance(shapes, str) else tuple(str(s) for s in shapes)
         recipe = cls(constraints=constraints, search=search, passes=passes, **data)
         recipe.validate()
         return recipe

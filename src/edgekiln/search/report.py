@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from edgekiln.fileio import atomic_write_text
-from edgekiln.report import md_table, new_figure, save_figure, write_report
+from edgekiln.models.artifact import ModelArtifact
+from edgekiln.models.run_folder import RunFolder
+from edgekiln.report import md_table, new_figure, save_figure
 from edgekiln.search.recipe import Recipe
 from edgekiln.search.selection import pareto_front
 from edgekiln.search.trial import Candidate
@@ -16,7 +18,8 @@ from edgekiln.search.trial import Candidate
 def summary(c: Candidate) -> dict[str, Any]:
     """The fields every candidate shows in the report (the keys users compare)."""
     return {
-        "trial": c.number, "label": c.label, "metric": c.metric, "drop": c.drop, "model_bytes": c.model_bytes,
+        "trial": c.number, "label": c.label, "metric": c.metric, "metric_runtime": c.metric_runtime, "drop": c.drop,
+        "model_bytes": c.model_bytes,
         "peak_ram_bytes": c.peak_ram_bytes, "flash_bytes": c.flash_bytes, "macs": c.macs,
         "latency_ms_host": c.latency_ms_host, "latency_ms_host_p90": c.latency_ms_host_p90,
         "latency_ms_target_est": c.latency_ms_target_est, "energy_mj_target_est": c.energy_mj_target_est,
@@ -28,7 +31,9 @@ def summary(c: Candidate) -> dict[str, Any]:
 
 
 def write_optimize_report(out: Path, recipe: Recipe, profile: Any, baseline: Candidate, candidates: list[Candidate],
-                          best: Candidate | None, *, partial: bool, exhausted: bool = False) -> Path:
+                          best: Candidate | None, *, model: ModelArtifact | None, partial: bool,
+                          exhausted: bool = False) -> Path:
+    """The optimize run folder; ``model`` is the selected candidate's artifact (None: nothing selected)."""
     front = pareto_front([c for c in candidates if c.metric is not None] + [baseline])
     data = {
         "target": recipe.target,
@@ -52,7 +57,7 @@ def write_optimize_report(out: Path, recipe: Recipe, profile: Any, baseline: Can
         md += (f"\n*The search space holds {len(candidates)} distinct pipeline(s), fewer than the "
                f"{recipe.search.trials} trials asked for: every one was tried.*\n")
     atomic_write_text(out / "report.html", _html(md, plot))
-    return write_report(out, command="optimize", data=data, markdown=md)
+    return RunFolder(out).write(command="optimize", model=model, measurements=data, markdown=md)
 
 
 def table_rows(cands: list[Candidate]) -> list[list[Any]]:
@@ -96,7 +101,8 @@ def _markdown(recipe: Recipe, baseline: Candidate, candidates: list[Candidate], 
                   md_table(["runtime", "p50 ms", "p90 ms"],
                            [[r["runtime"], _f(r.get("p50_ms")), _f(r.get("p90_ms")) if "p90_ms" in r else r.get("skipped")]
                             for r in best.runtimes]), "",
-                  f"Deploy with **{best.runtimes[0]['runtime']}**: the fastest on this machine.", ""]
+                  f"Deploy with **{best.runtimes[0]['runtime']}**: the fastest on this machine"
+                  + (f"; the metric was measured on {best.metric_runtime}." if best.metric_runtime else "."), ""]
     lines += _final_round(candidates)
     if plot:
         lines += [f"![trade-offs]({plot})", ""]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekiln.errors import BudgetNotMet, EdgekilnError
+from edgekiln.models.run_folder import precision_of
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Candidate:
     artifact: str | None = None
     kind: str | None = None
     metric: float | None = None
+    metric_runtime: str | None = None   # the runtime ``metric`` was measured on (the one deployed to)
     drop: float | None = None
     model_bytes: int | None = None
     peak_ram_bytes: int | None = None
@@ -82,21 +84,24 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure(cand: Candidate, model_path: Path, kind: str, payload: dict[str, Any]) -> None:
-    """Fill ``cand`` with size, RAM, target estimates, the metric and host latency.
+    """Fill ``cand`` with size, RAM, target estimates, host latency and the metric.
 
     Cheap checks first: a model that cannot fit the flash/RAM budget is marked ``pruned`` without
-    spending time on evaluation and benchmarking (early pruning of hopeless trials).
+    spending time on evaluation and benchmarking (early pruning of hopeless trials). The metric is
+    measured on the runtime the latency is reported for (:func:`deployed_runtime`), so accuracy
+    and speed describe the same deployment.
     """
-    from edgekiln.bench.harness import benchmark
+    from edgekiln.execution.timing import benchmark
     from edgekiln.models.analysis import analyze
-    from edgekiln.models.metrics import evaluate
     from edgekiln.targets.fit import estimate_fit
     from edgekiln.targets.profiles import load_profile
 
     model_path = Path(model_path)
     cand.artifact, cand.kind = str(model_path), kind
     cand.model_bytes = model_path.stat().st_size
-    info = analyze(model_path)
+    # NOTE: the input shapes the intake resolved (dynamic H/W, several inputs) for every measure.
+    shapes = {i["name"]: tuple(i["shape"]) for i in payload["artifact"]["inputs"]}
+    info = analyze(model_path, shapes)
     cand.macs = int(info.macs)
     profile = load_profile(payload["target"])
     precision = precision_of(kind)
@@ -117,36 +122,54 @@ def measure(cand: Candidate, model_path: Path, kind: str, payload: dict[str, Any
     if memory_violations and not payload.get("measure_all"):
         cand.state, cand.violations, cand.feasible = "pruned", memory_violations, False
         return
-    cand.metric = float(evaluate(model_path, payload["eval"], payload["metric"], reference_path=payload.get("reference")))
-    if payload.get("baseline_metric") is not None:
-        cand.drop = float(payload["baseline_metric"]) - cand.metric
     runs, warmup = payload["bench_runs"], min(50, payload["bench_runs"])
     if profile.kind in ("host", "linux"):
         # NOTE: such targets deploy to the fastest installed runtime, so a candidate is timed on
         # each: MiniLM's static int8 runs 2.7x slower on onnxruntime than on OpenVINO, and
         # onnxruntime's time alone would have ruled out the fastest deployable model.
-        cand.runtimes = runtime_latencies(model_path, runs=runs, warmup=warmup)
+        cand.runtimes = runtime_latencies(model_path, runs=runs, warmup=warmup, input_shapes=shapes)
         timed = [r for r in cand.runtimes if "p50_ms" in r]
         if not timed:
             raise EdgekilnError("no installed runtime runs this model: " + "; ".join(
                 f"{r['runtime']}: {r.get('skipped')}" for r in cand.runtimes))
         cand.latency_ms_host, cand.latency_ms_host_p90 = timed[0]["p50_ms"], timed[0]["p90_ms"]
     else:
-        bench = benchmark(model_path, runtime="onnxruntime", threads=1, batch=1, warmup=warmup, runs=runs)
+        bench = benchmark(model_path, runtime="onnxruntime", threads=1, batch=1, warmup=warmup, runs=runs,
+                          input_shapes=shapes)
         cand.latency_ms_host = float(bench.latency_ms["p50"])
         cand.latency_ms_host_p90 = float(bench.latency_ms["p90"])
+    score(cand, deployed_runtime(cand), payload)
     if profile.kind == "host":
         cand.latency_ms_target_est = cand.latency_ms_host
     cand.violations = violations(cand, limits, fit.exceeded)
     cand.feasible = not cand.violations
 
 
-def runtime_latencies(model_path: Path, *, runs: int, warmup: int) -> list[dict[str, Any]]:
+def deployed_runtime(cand: Candidate) -> str:
+    """The runtime ``cand`` is deployed to: the fastest timed one (host and Linux targets), else
+    onnxruntime (the host stand-in for a microcontroller target)."""
+    return next((r["runtime"] for r in cand.runtimes if "p50_ms" in r), "onnxruntime")
+
+
+def score(cand: Candidate, runtime: str, payload: dict[str, Any]) -> None:
+    """Measure ``cand``'s metric on ``runtime`` (the one its latency is reported for) and its drop
+    against ``payload["baseline_metric"]``."""
+    from edgekiln.models.metrics import evaluate
+
+    cand.metric = float(evaluate(cand.artifact or "", payload["eval"], payload["metric"],
+                                 reference_path=payload.get("reference"), runtime=runtime))
+    cand.metric_runtime = runtime
+    if payload.get("baseline_metric") is not None:
+        cand.drop = float(payload["baseline_metric"]) - cand.metric
+
+
+def runtime_latencies(model_path: Path, *, runs: int, warmup: int,
+                      input_shapes: dict[str, tuple[int, ...]] | None = None) -> list[dict[str, Any]]:
     """``model_path`` timed on every installed runtime that reads it (1 thread, batch 1),
     fastest p50 first; a runtime that is missing or fails to load the model is listed with
     the reason under ``skipped``."""
-    from edgekiln.bench.harness import benchmark
-    from edgekiln.bench.runtimes import REAL, available_runtimes, skip_reason
+    from edgekiln.execution.runtimes import REAL, available_runtimes, skip_reason
+    from edgekiln.execution.timing import benchmark
 
     unavailable = available_runtimes()
     rows: list[dict[str, Any]] = []
@@ -154,7 +177,8 @@ def runtime_latencies(model_path: Path, *, runs: int, warmup: int) -> list[dict[
         reason = skip_reason(name, model_path, unavailable)
         if reason is None:
             try:
-                r = benchmark(model_path, runtime=name, threads=1, batch=1, warmup=warmup, runs=runs)
+                r = benchmark(model_path, runtime=name, threads=1, batch=1, warmup=warmup, runs=runs,
+                              input_shapes=input_shapes)
             except Exception as exc:  # noqa: BLE001 - one runtime refusing a model must not fail the trial
                 reason = f"{type(exc).__name__}: {exc}"[:200]
             else:
@@ -199,21 +223,10 @@ def memory_plan_bytes(model_path: Path, kind: str, profile: Any) -> int | None:
     return c_fp.ram_bytes if c_fp is not None else None
 
 
-def precision_of(kind: str) -> str:
-    return {"onnx-qdq": "int8", "onnx-fp16": "fp16", "onnx-int4w": "int4"}.get(kind, "fp32")
-
-
 def artifact_from_dict(data: dict[str, Any]) -> Any:
-    from edgekiln.models.artifact import ModelArtifact, TorchSource
+    from edgekiln.models.artifact import ModelArtifact
 
-    torch = data.get("torch")
-    src = None
-    if torch:
-        src = TorchSource(factory=torch["factory"], factory_kwargs=torch.get("factory_kwargs") or {},
-                          state_dict=Path(torch["state_dict"]) if torch.get("state_dict") else None)
-    return ModelArtifact(kind=data["kind"], path=Path(data["path"]), input_name=data["input_name"],
-                         input_shape=tuple(data["input_shape"]), torch=src,
-                         provenance=tuple(data.get("provenance") or ()))
+    return ModelArtifact.from_dict(data)
 
 
 def keep_artifact(cand: Candidate, dest_dir: Path) -> Candidate:

@@ -60,7 +60,6 @@ def _hand_qdq_relu():
     g = helper.make_graph(nodes, "relu", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 16])],
                           [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 16])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
     return m
 
 

@@ -1,4 +1,4 @@
-"""The LiteRT benchmark runtime adapter: float NCHW feeds are quantized like pre-quantized int8 NHWC feeds."""
+"""The LiteRT runtime adapter: float NCHW feeds are quantized like pre-quantized int8 NHWC feeds."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import pytest
 
 pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is an optional extra")
 
-from edgekiln.bench.runtimes import litert_rt  # noqa: E402
 from edgekiln.codegen.ir import load_qdq  # noqa: E402
 from edgekiln.codegen.tflite.check import quantize_for  # noqa: E402
 from edgekiln.codegen.tflite.testmodels import build_qdq  # noqa: E402
 from edgekiln.codegen.tflite.writer import write_tflite  # noqa: E402
 from edgekiln.errors import EdgekilnError  # noqa: E402
+from edgekiln.execution.runtimes import litert_rt  # noqa: E402
 
 
 def test_litert_session_accepts_float_nchw_and_int8_nhwc_feeds(tmp_path):

@@ -7,9 +7,9 @@ import pytest
 
 pytest.importorskip("tflite_micro", reason="tflite-micro is an optional extra (pip install tflite-micro)")
 
-from edgekiln.bench.tflm import _probe, parse_allocations, tflm_arena  # noqa: E402
 from edgekiln.codegen.tflite import schema  # noqa: E402
 from edgekiln.codegen.tflite.check import run_litert, run_tflm  # noqa: E402
+from edgekiln.codegen.tflite.tflm import parse_allocations, probe_arena, tflm_arena  # noqa: E402
 
 SEED = 7
 
@@ -104,6 +104,6 @@ def test_arena_search_finds_a_running_size_not_below_the_reported_one(tmp_path):
     info = tflm_arena(path, time_budget_s=60)
     assert info["reported_bytes"] == info["persistent_bytes"] + info["nonpersistent_bytes"]
     assert info["smallest_running_bytes"] >= info["reported_bytes"], info
-    assert _probe(path, info["smallest_running_bytes"], 30)[0], "the reported smallest arena must run"
+    assert probe_arena(path, info["smallest_running_bytes"], 30)[0], "the reported smallest arena must run"
     below = info["smallest_running_bytes"] - 2 * info["resolution_bytes"]
-    assert not _probe(path, below, 30)[0], f"{below} B should not run: the search is not tight ({info})"
+    assert not probe_arena(path, below, 30)[0], f"{below} B should not run: the search is not tight ({info})"

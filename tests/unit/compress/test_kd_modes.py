@@ -84,6 +84,7 @@ def test_hint_objective_trains_an_adapter_and_leaves_the_student_clean():
 def test_distill_pass_embedding_mode_and_config_checks(tmp_path):
     import numpy as np
 
+    from edgekiln.execution.specs import TensorSpec
     from edgekiln.models.artifact import ONNX_FLOAT, ModelArtifact, TorchSource
     from edgekiln.models.metrics import evaluate
     from edgekiln.models.torch_export import export_to_onnx
@@ -95,7 +96,7 @@ def test_distill_pass_embedding_mode_and_config_checks(tmp_path):
     teacher = tiny_torch_cnn(num_classes=8)    # seeded; its 8 outputs play the embedding
     torch.save(teacher.state_dict(), tmp_path / "t.pt")
     export_to_onnx(teacher, (1, 1, 8, 8), tmp_path / "t.onnx")
-    art = ModelArtifact(kind=ONNX_FLOAT, path=tmp_path / "t.onnx", input_name="input", input_shape=(1, 1, 8, 8),
+    art = ModelArtifact(kind=ONNX_FLOAT, path=tmp_path / "t.onnx", inputs=(TensorSpec("input", (1, 1, 8, 8)),),
                         torch=TorchSource(factory="edgekiln.testing.tiny:tiny_torch_cnn",
                                           factory_kwargs={"num_classes": 8}, state_dict=tmp_path / "t.pt"))
     x = np.random.default_rng(0).standard_normal((256, 1, 8, 8)).astype(np.float32)

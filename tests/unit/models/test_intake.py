@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from edgekiln.errors import EdgekilnError
-from edgekiln.models.intake import load_model, parse_shape
+from edgekiln.models.intake import load_model, parse_shapes
 from edgekiln.testing.tiny import tiny_conv_onnx
 
 
@@ -19,7 +19,6 @@ def _relu_model(path, dims, op="Relu"):
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
     onnx.save(m, str(path))
     return path
 
@@ -54,14 +53,14 @@ def test_truncated_onnx_is_reported(tmp_path):
 def test_unknown_input_name_lists_the_real_ones(tmp_path):
     path = tiny_conv_onnx(tmp_path / "m.onnx")
     with pytest.raises(EdgekilnError, match="unknown input name 'image'; the model's inputs are: input"):
-        load_model(path, input_shape={"image": (1, 1, 8, 8)})
+        load_model(path, input_shapes={"image": (1, 1, 8, 8)})
 
 
 def test_given_shape_must_agree_with_fixed_dims(tmp_path):
     path = tiny_conv_onnx(tmp_path / "m.onnx")
     with pytest.raises(EdgekilnError, match="dimension 2 is 8, the given shape says 9"):
-        load_model(path, input_shape=(1, 1, 9, 8))
-    assert load_model(path, input_shape=(4, 1, 8, 8)).input_shape == (4, 1, 8, 8)
+        load_model(path, input_shapes=(1, 1, 9, 8))
+    assert load_model(path, input_shapes=(4, 1, 8, 8)).input_shape == (4, 1, 8, 8)
 
 
 def test_torch_factory_file_is_exported_and_verified(tmp_path):
@@ -73,7 +72,7 @@ def test_torch_factory_file_is_exported_and_verified(tmp_path):
             return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
                                        torch.nn.Linear(4 * 6 * 6, 3))
     """))
-    art = load_model(f"{src}:build", input_shape=(1, 1, 8, 8), work_dir=tmp_path / "w")
+    art = load_model(f"{src}:build", input_shapes=(1, 1, 8, 8), work_dir=tmp_path / "w")
     assert art.kind == "onnx" and art.path.is_file() and art.torch.factory == f"{src}:build"
     err = art.provenance[0]["max_abs_error"]
     assert err < 1e-4, f"ONNX vs torch max abs error {err} >= 1e-4"
@@ -91,7 +90,7 @@ def test_state_dict_passed_as_model_says_how_to_load_it(tmp_path):
 
     torch.save(torch.nn.Linear(4, 2).state_dict(), tmp_path / "w.pt")
     with pytest.raises(EdgekilnError, match="is a state_dict, not a model; give the architecture as file.py:factory"):
-        load_model(tmp_path / "w.pt", input_shape=(1, 4))
+        load_model(tmp_path / "w.pt", input_shapes=(1, 4))
 
 
 def test_torchscript_file_loads(tmp_path):
@@ -100,7 +99,7 @@ def test_torchscript_file_loads(tmp_path):
     torch.manual_seed(0)
     scripted = torch.jit.script(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()))
     scripted.save(str(tmp_path / "m.pt"))
-    art = load_model(tmp_path / "m.pt", input_shape=(1, 4), work_dir=tmp_path / "w")
+    art = load_model(tmp_path / "m.pt", input_shapes=(1, 4), work_dir=tmp_path / "w")
     assert art.input_shape == (1, 4)
 
 
@@ -112,7 +111,7 @@ def test_torch_export_program_loads_and_matches_torch(tmp_path):
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 3))
     x = torch.randn(1, 1, 8, 8)
     torch.export.save(torch.export.export(net.eval(), (x,)), str(tmp_path / "m.pt2"))
-    art = load_model(tmp_path / "m.pt2", input_shape=(1, 1, 8, 8), work_dir=tmp_path / "w")
+    art = load_model(tmp_path / "m.pt2", input_shapes=(1, 1, 8, 8), work_dir=tmp_path / "w")
     sess = ort.InferenceSession(str(art.path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     err = float(np.abs(got - net(x).detach().numpy()).max())
@@ -122,7 +121,7 @@ def test_torch_export_program_loads_and_matches_torch(tmp_path):
 def test_file_that_is_not_a_torch_export_program_names_it(tmp_path):
     (tmp_path / "bad.pt2").write_bytes(b"not a zip archive")
     with pytest.raises(EdgekilnError, match=r"bad.pt2: not a torch.export program"):
-        load_model(tmp_path / "bad.pt2", input_shape=(1, 4), work_dir=tmp_path / "w")
+        load_model(tmp_path / "bad.pt2", input_shapes=(1, 4), work_dir=tmp_path / "w")
 
 
 def test_state_dict_that_does_not_match_names_the_file(tmp_path):
@@ -132,22 +131,34 @@ def test_state_dict_that_does_not_match_names_the_file(tmp_path):
     src.write_text("import torch\ndef build():\n    return torch.nn.Linear(4, 2)\n")
     torch.save(torch.nn.Linear(5, 2).state_dict(), tmp_path / "w.pt")
     with pytest.raises(EdgekilnError, match=r"w.pt: does not match the model from .*net.py:build"):
-        load_model(f"{src}:build", weights=tmp_path / "w.pt", input_shape=(1, 4), work_dir=tmp_path / "o")
+        load_model(f"{src}:build", weights=tmp_path / "w.pt", input_shapes=(1, 4), work_dir=tmp_path / "o")
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("1,1,28,28", (1, 1, 28, 28)),
-    ("input:1,3,8,8", {"input": (1, 3, 8, 8)}),
-    ("a:1,2;b:1,3", {"a": (1, 2), "b": (1, 3)}),
+@pytest.mark.parametrize("values,expected", [
+    (["1,1,28,28"], (1, 1, 28, 28)),
+    (["1x1x28x28"], (1, 1, 28, 28)),
+    (["input=1,3,8,8"], {"input": (1, 3, 8, 8)}),
+    (["input:1,3,8,8"], {"input": (1, 3, 8, 8)}),          # the old NAME:dims spelling
+    (["a=1,2", "b=1,3"], {"a": (1, 2), "b": (1, 3)}),
+    (["a:1,2;b:1,3"], {"a": (1, 2), "b": (1, 3)}),          # the old one-string form
+    (["sr="], {"sr": ()}),                                  # a scalar input
+    ([], None),
 ])
-def test_parse_shape(text, expected):
-    assert parse_shape(text) == expected
+def test_parse_shapes(values, expected):
+    assert parse_shapes(values) == expected
 
 
-@pytest.mark.parametrize("text", ["1,x,2", "0,3", "1,2;3,4"])
-def test_parse_shape_rejects(text):
-    with pytest.raises(EdgekilnError):
-        parse_shape(text)
+@pytest.mark.parametrize("values,expected", [
+    (["1,x,2"], "expected integers"),
+    (["0,3"], "positive integers"),
+    (["1,2", "3,4"], "name each input"),
+    (["1,2", "aux=1,4"], "name each input"),
+    (["a=1", "a=2"], "given twice"),
+    (["=1,2"], "input name before '=' is empty"),
+])
+def test_parse_shapes_rejects(values, expected):
+    with pytest.raises(EdgekilnError, match=expected):
+        parse_shapes(values)
 
 
 def test_run_folder_without_report_is_rejected(tmp_path):

@@ -65,7 +65,6 @@ def test_int8_size_ratio_on_a_model_with_real_weights(tmp_path):
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])],
                           [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros(256, np.float32), "b")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
     onnx.save(m, str(tmp_path / "fc.onnx"))
     atomic_save_npz(tmp_path / "c.npz", x=rng.standard_normal((16, 512)).astype(np.float32))
     res = quantize_model(tmp_path / "fc.onnx", QuantizeConfig(), tmp_path / "q", calib=tmp_path / "c.npz")
@@ -87,7 +86,6 @@ def _matmul_model(path, rng):
                            numpy_helper.from_array(np.array([4, 64], np.int64), "shape"),
                            numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
     onnx.save(m, str(path))
     return path
 
@@ -142,7 +140,6 @@ def _outlier_model(tmp_path):
                            numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(np.zeros(32, np.float32), "b1"),
                            numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(np.zeros(10, np.float32), "b2")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
     onnx.save(m, str(tmp_path / "o.onnx"))
     x = rng.standard_normal((400, 16)).astype(np.float32)
     y = run_outputs(tmp_path / "o.onnx", {"x": x}).argmax(1)
@@ -190,7 +187,7 @@ def test_cli_exit_codes(digits, tmp_path, capsys):
 
     rep = json.loads((tmp_path / "ok" / "report.json").read_text())
     for key in ("scheme", "metric_name", "metric_fp32", "metric", "model_bytes_fp32", "model_bytes", "latency_ms_fp32",
-                "latency_ms", "kept_float", "artifact"):
+                "latency_ms", "kept_float", "model", "provenance"):
         assert key in rep
     div = rep["parity"]["onnxruntime"]["divergence"]         # per-layer localization ran on the real model
     assert div["checkpoints"] >= 4 and div["first"] is None, div
@@ -207,15 +204,18 @@ def test_equalization_and_bias_correction_options_run_and_keep_accuracy(digits, 
 def test_compaction_is_lossless_and_removes_waste(tmp_path):
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    from edgekiln.bench.peers import _reader
+    from edgekiln.execution.ort import readable_file
     from edgekiln.passes.quantize import compact_qdq
+    from edgekiln.quant.calibration import calibration_reader
     from edgekiln.testing.tiny import tiny_conv_onnx
 
     src = tiny_conv_onnx(tmp_path / "m.onnx")
     x = np.random.default_rng(0).standard_normal((16, 1, 8, 8)).astype(np.float32)
     q = tmp_path / "q.onnx"
-    quantize_static(str(src), str(q), _reader([{"input": x[i:i + 1]} for i in range(16)]), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    # NOTE: onnxruntime's quantizer opens the file itself: it needs the IR/opset onnxruntime reads
+    quantize_static(str(readable_file(src)), str(q), calibration_reader([{"input": x[i:i + 1]} for i in range(16)]),
+                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8)
     before_bytes, before = q.stat().st_size, run_outputs(q, {"input": x})
     saved = compact_qdq(q)
     np.testing.assert_array_equal(run_outputs(q, {"input": x}), before)
@@ -241,3 +241,43 @@ def test_accuracy_budget_with_adaround_searches_with_nearest_rounding_then_re_ro
     assert used[0] and used[-1] and not any(used[1:-1]) and len(used) > 2, res.attempts
     assert set(res.adaround) <= {"fc0", "fc1", "fc2"} - set(res.kept_float), (res.adaround, res.kept_float)
     assert evaluate(res.path, tmp_path / "e.npz") == pytest.approx(res.metric)
+
+
+def _default_onnx_save(path, node, out_type=TensorProto.FLOAT):
+    """x (1, 8) -> ``node`` -> y, saved with the installed onnx's defaults (its newest IR and opset)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")]
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                          [helper.make_tensor_value_info("y", out_type, [1, 8])], inits if "w" in node.input else [])
+    onnx.save(helper.make_model(g), str(path))
+    return path
+
+
+def test_a_model_saved_with_the_installed_onnx_defaults_quantizes(tmp_path):
+    from edgekiln.execution.ort import max_ir_version, max_opset_version, ort_session
+
+    src = _default_onnx_save(tmp_path / "m.onnx", helper.make_node("MatMul", ["x", "w"], ["y"], name="fc"))
+    atomic_save_npz(tmp_path / "c.npz", x=np.random.default_rng(1).standard_normal((16, 8)).astype(np.float32))
+    res = quantize_model(src, QuantizeConfig(), tmp_path / "q", calib=tmp_path / "c.npz")
+    q = onnx.load(str(res.path))
+    opset = next(o.version for o in q.opset_import if o.domain in ("", "ai.onnx"))
+    assert q.ir_version <= max_ir_version() and opset <= max_opset_version(), (q.ir_version, opset)
+    assert "QuantizeLinear" in _ops(res.path)
+    x = np.random.default_rng(2).standard_normal((1, 8)).astype(np.float32)
+    y, yq = ort_session(src).run(None, {"x": x})[0], ort_session(res.path).run(None, {"x": x})[0]
+    err = float(np.abs(y - yq).max() / np.abs(y).max())
+    assert err < 0.05, f"int8 differs from float by {err:.3f} of the output range (threshold 0.05)"
+
+
+def test_an_op_newer_than_onnxruntime_opens_is_named_in_one_line(tmp_path):
+    from edgekiln.execution.ort import max_opset_version
+
+    newest = onnx.defs.onnx_opset_version()
+    if onnx.defs.get_schema("Cast", newest, "").since_version != newest or max_opset_version() >= newest:
+        pytest.skip(f"onnx {onnx.__version__}: Cast did not change in opset {newest}, or onnxruntime opens it")
+    src = _default_onnx_save(tmp_path / "c.onnx", helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT16),
+                             TensorProto.FLOAT16)
+    with pytest.raises(EdgekilnError) as exc:
+        quantize_model(src, QuantizeConfig(scheme="int8-dynamic"), tmp_path / "q")
+    msg = str(exc.value)
+    assert "\n" not in msg and f"c.onnx: uses ai.onnx opset {newest}" in msg and "op 'Cast' changed" in msg, msg

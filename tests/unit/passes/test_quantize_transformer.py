@@ -51,7 +51,6 @@ def _encoder(path, seed=0):
                                                  helper.make_tensor_value_info("mask", TensorProto.INT64, ["N", SEQ])],
                               [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["N", HID])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
     return path

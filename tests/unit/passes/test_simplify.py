@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgekiln.errors import EdgekilnError
+from edgekiln.execution.ort import ort_session
+from edgekiln.execution.specs import TensorSpec
 from edgekiln.models.artifact import ONNX_FLOAT, ModelArtifact
 from edgekiln.passes.base import PassContext
 from edgekiln.passes.simplify import SimplifyConfig, run
@@ -33,15 +34,12 @@ def _conv_bn_model(path):
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
     onnx.save(m, str(path))
-    return ModelArtifact(kind=ONNX_FLOAT, path=path, input_name="x", input_shape=(1, 1, 8, 8))
+    return ModelArtifact(kind=ONNX_FLOAT, path=path, inputs=(TensorSpec("x", (1, 1, 8, 8)),))
 
 
 def _outputs(path, x):
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess = ort_session(path, optimize=False)
     return sess.run(None, {"x": x})[0]
 
 
@@ -66,6 +64,6 @@ def test_bad_level_is_refused_and_unloadable_model_names_the_file(tmp_path):
         SimplifyConfig.from_dict({"level": "max"})
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"garbage")
-    art = ModelArtifact(kind=ONNX_FLOAT, path=bad, input_name="x", input_shape=(1, 4))
+    art = ModelArtifact(kind=ONNX_FLOAT, path=bad, inputs=(TensorSpec("x", (1, 4)),))
     with pytest.raises(EdgekilnError, match=r"simplify: onnxruntime cannot load .*bad.onnx"):
         run(art, SimplifyConfig(), PassContext(work_dir=tmp_path / "w", quiet=True))

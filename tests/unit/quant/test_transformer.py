@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from edgekiln.execution.ort import ort_session
 from edgekiln.fileio import atomic_save_npz
 from edgekiln.models.metrics import run_outputs
 from edgekiln.passes.quantize import QuantizeConfig, quantize_model
@@ -17,15 +17,12 @@ from edgekiln.quant import transformer as tr
 def _model(nodes, inputs, outputs, inits):
     m = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, inits),
                           opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
     onnx.checker.check_model(m)
     return m
 
 
 def _run(model, feeds):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = ort_session(model, threads=1)
     return sess.run(None, feeds)[0]
 
 

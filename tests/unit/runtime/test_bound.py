@@ -19,9 +19,10 @@ def _model(path, op: str, *, inputs: int = 1):
             helper.make_tensor_value_info("s", TensorProto.FLOAT, ["N"])]
     model = helper.make_model(helper.make_graph(nodes, "m", ins, outs, [three]),
                               opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
     onnx.save(model, path)
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    from edgekiln.execution.ort import ort_session
+
+    return ort_session(path)
 
 
 def test_chained_sessions_match_plain_runs_and_see_each_new_input(tmp_path):

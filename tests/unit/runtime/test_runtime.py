@@ -146,8 +146,8 @@ def test_old_manifests_without_optional_fields_still_load(bundle):
 
 @pytest.mark.parametrize("report,message", [
     (None, "not an edgekiln run folder (no report.json)"),
-    ({"metric": 0.9}, "report.json names no model file"),
-    ({"selected": {"artifact": "gone.onnx"}}, "model file gone.onnx named in report.json is missing"),
+    ({"metric": 0.9}, "the run folder names no model"),
+    ({"selected": {"artifact": "gone.onnx"}}, "gone.onnx named in report.json is missing"),
 ])
 def test_bundle_refuses_run_folders_it_cannot_use(tmp_path, report, message):
     run = tmp_path / "run"
@@ -165,7 +165,7 @@ def test_bundle_refuses_existing_output_and_missing_model(tmp_path):
     with pytest.raises(EdgekilnError, match="already exists"):
         build_bundle([a], tmp_path / "out")
     (a / "model.onnx").unlink()
-    with pytest.raises(EdgekilnError, match="model file model.onnx named in report.json is missing"):
+    with pytest.raises(EdgekilnError, match="model.onnx named in report.json is missing"):
         build_bundle([a], tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
 

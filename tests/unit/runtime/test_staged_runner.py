@@ -27,7 +27,6 @@ def _stage(path, *, last: bool, with_confidence: bool = True):
             outs.append(helper.make_tensor_value_info("exit_confidence", TensorProto.FLOAT, ["N"]))
     graph = helper.make_graph(nodes, "stage", [vi("input")], outs, [two])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
     onnx.save(model, path)
     return path
 

@@ -19,9 +19,16 @@ def _chain(path, layers, width=256):
     graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64, width])],
                               [helper.make_tensor_value_info(f"h{layers}", TensorProto.FLOAT, [None, 64, width])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
     onnx.save(model, str(path))
     return str(path)
+
+
+def _payload(tmp_path, reference, **constraints):
+    """What the final round needs to score a candidate again: eval data, metric, constraints."""
+    x = np.random.default_rng(0).standard_normal((4, 64, 256)).astype(np.float32)
+    np.savez(tmp_path / "eval.npz", x=x)
+    return {"eval": str(tmp_path / "eval.npz"), "metric": "cosine", "reference": reference,
+            "baseline_metric": 1.0, "constraints": constraints}
 
 
 def _cand(number, artifact, metric, ms, feasible=True):
@@ -44,18 +51,20 @@ def test_side_by_side_timing_corrects_a_choice_made_on_noisy_trial_times(tmp_pat
     slow, fast = _chain(tmp_path / "slow.onnx", 8), _chain(tmp_path / "fast.onnx", 1)
     cands = [_cand(0, slow, 0.999, 1.0), _cand(1, fast, 0.998, 1.2)]
     best = final_selection(cands, cands[0], prefer="latency", tolerance=0.05, runs=50, host_is_target=True,
-                           max_latency_ms=None)
+                           payload=_payload(tmp_path, slow))
     p50 = {c.number: c.latency_ms_host for c in cands}
     assert best is not None and best.number == 1, f"selected #{best and best.number}; side-by-side p50s {p50}"
     for c in cands:
         timed = [r for r in c.runtimes if "p50_ms" in r]
         assert c.final_round and {r["runtime"] for r in timed} >= {"onnxruntime"}, c.runtimes
         assert c.latency_ms_host == min(r["p50_ms"] for r in timed) == c.latency_ms_target_est, c
+        assert c.metric_runtime == timed[0]["runtime"], f"metric on {c.metric_runtime}, deployed on {timed[0]}"
 
 
 def test_a_latency_budget_is_checked_again_on_the_final_times(tmp_path):
-    cands = [_cand(0, _chain(tmp_path / "m.onnx", 4), 0.99, 0.001)]
-    retime(cands, runs=10, warmup=2, host_is_target=True, max_latency_ms=0.001)
+    m = _chain(tmp_path / "m.onnx", 4)
+    cands = [_cand(0, m, 0.99, 0.001)]
+    retime(cands, runs=10, warmup=2, host_is_target=True, payload=_payload(tmp_path, m, max_latency_ms=0.001))
     c = cands[0]
     assert not c.feasible and any(v.startswith("latency:") for v in c.violations), \
         f"p50 {c.latency_ms_host:.3f} ms vs budget 0.001 ms: {c.violations}"

@@ -3,7 +3,7 @@
 Data flow: QDQ ONNX -> :func:`edgekiln.codegen.ir.load_qdq` (the C backend's integer IR, NHWC)
 -> :mod:`.writer` (TFLite ops and tensors) -> :mod:`.schema` (flatbuffer bytes) -> ``model.tflite``;
 then :mod:`.check` runs it in LiteRT and TFLM against onnxruntime, and
-:func:`edgekiln.bench.tflm.tflm_arena` measures TFLM's arena.
+:func:`.tflm.tflm_arena` measures TFLM's arena.
 
 >>> rep = export_tflite("model_qdq.onnx", "out/", eval_npz="eval.npz")  # doctest: +SKIP
 >>> rep["tflm"]["max_abs_diff_lsb"] <= 1                                # doctest: +SKIP
@@ -20,9 +20,9 @@ from edgekiln.errors import EdgekilnError
 __all__ = ["export_tflite"]
 
 
-def export_tflite(qdq_onnx_path: str | Path, out_dir: str | Path, *, eval_npz: str | Path | None = None,
+def export_tflite(qdq_onnx_path: str | Path | Any, out_dir: str | Path, *, eval_npz: str | Path | None = None,
                   measure_arena: bool = True, max_eval: int = 1000) -> dict[str, Any]:
-    """Write ``out_dir/model.tflite`` from an int8 QDQ ONNX model and report on it.
+    """Write ``out_dir/model.tflite`` from an int8 QDQ ONNX model (a path or a ModelArtifact) and report on it.
 
     With ``eval_npz`` (array ``x``, float32 NCHW; optional int labels ``y``) the model is run in
     LiteRT and TFLM on up to ``max_eval`` inputs and compared with onnxruntime. The TFLM arena
@@ -35,16 +35,20 @@ def export_tflite(qdq_onnx_path: str | Path, out_dir: str | Path, *, eval_npz: s
     from edgekiln.codegen.ir import load_qdq
     from edgekiln.codegen.tflite.writer import write_tflite
     from edgekiln.fileio import sha256_file
-    from edgekiln.report import md_table, write_report
+    from edgekiln.models.artifact import ModelArtifact
+    from edgekiln.models.intake import load_model
+    from edgekiln.models.run_folder import RunFolder
+    from edgekiln.report import md_table
 
-    src = Path(qdq_onnx_path)
+    model = qdq_onnx_path if isinstance(qdq_onnx_path, ModelArtifact) else None
+    src = Path(model.path if model else qdq_onnx_path)
     if not src.is_file():
         raise EdgekilnError(f"{src}: no such ONNX file")
     out_dir = Path(out_dir)
     graph = load_qdq(src)
     path = write_tflite(graph, out_dir / "model.tflite")
     data: dict[str, Any] = {
-        "artifact": str(path),
+        "artifact": path.name,
         "source": str(src),
         "sha256": sha256_file(path),
         "tflite_bytes": path.stat().st_size,
@@ -65,13 +69,14 @@ def export_tflite(qdq_onnx_path: str | Path, out_dir: str | Path, *, eval_npz: s
         y = npz["y"][: len(x)] if "y" in npz else None
         data.update(compare_tflite(path, src, x, y))
     if measure_arena:
-        from edgekiln.bench.tflm import tflm_arena
+        from edgekiln.codegen.tflite.tflm import tflm_arena
 
         try:
             data["arena"] = tflm_arena(path)
         except ImportError as exc:
             data["arena"] = {"skipped": f"tflite-micro not installed ({exc.name})"}
-    write_report(out_dir, command="export --to tflite", data=data, markdown=_markdown(data, md_table))
+    RunFolder(out_dir).write(command="export --to tflite", model=model or load_model(src), measurements=data,
+                             markdown=_markdown(data, md_table))
     return data
 
 

@@ -69,7 +69,7 @@ def _tflm(tflite_path: str | Path, arena_size: int | None) -> tuple[Any, dict[st
 
     data = Path(tflite_path).read_bytes()
     # NOTE: a generous arena on purpose; the arena *size* is measured separately, in child
-    # processes, by edgekiln.bench.tflm.tflm_arena (a too-small arena can crash the process).
+    # processes, by edgekiln.codegen.tflite.tflm.tflm_arena (a too-small arena can crash the process).
     it = runtime.Interpreter.from_bytes(data, arena_size=arena_size or max(1 << 20, 10 * len(data)))
     ind, outd = it.get_input_details(0), it.get_output_details(0)
     iq, oq = ind["quantization_parameters"], outd["quantization_parameters"]
@@ -120,12 +120,9 @@ def run_tflm(tflite_path: str | Path, x: np.ndarray, *, arena_size: int | None =
 
 def run_ort_int8(qdq_onnx_path: str | Path, x: np.ndarray, out_q: dict[str, Any]) -> np.ndarray:
     """onnxruntime on the QDQ model (1 thread), its float output put back on the int8 output grid."""
-    import onnxruntime as ort
+    from edgekiln.execution.ort import ort_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(qdq_onnx_path), so, providers=["CPUExecutionProvider"])
+    sess = ort_session(Path(qdq_onnx_path))
     name = sess.get_inputs()[0].name
     y = np.concatenate([sess.run(None, {name: x[i: i + 1].astype(np.float32)})[0] for i in range(x.shape[0])])
     return quantize_for(y, out_q["scale"], out_q["zero_point"])

@@ -18,8 +18,11 @@ Where TFLite kernels demand equal input/output quantization (concatenation input
 fixed one (int8 softmax output: scale 1/256, zero point -128), a QUANTIZE (int8 -> int8
 requantize) op is inserted; global average pooling is written as MEAN, which requantizes itself.
 
->>> from edgekiln.codegen.ir import load_qdq                  # doctest: +SKIP
->>> data = write_tflite(load_qdq("model_qdq.onnx"), "model.tflite")  # doctest: +SKIP
+>>> from edgekiln.codegen.ir import load_qdq
+>>> from edgekiln.codegen.testmodels import tiny_qdq_model
+>>> path = write_tflite(load_qdq(tiny_qdq_model("tiny_int8.onnx")), "model.tflite")
+>>> path.read_bytes()[4:8]   # the TFLite file identifier
+b'TFL3'
 """
 
 from __future__ import annotations

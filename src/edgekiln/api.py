@@ -1,0 +1,346 @@
+"""The Python API: the calls the CLI commands make, so a script and the CLI share one code path.
+
+``edgekiln.load``, ``edgekiln.quantize`` ... resolve to the functions here (lazily: ``import
+edgekiln`` loads neither torch nor onnxruntime). Every command that writes a run folder returns
+a :class:`~edgekiln.models.run_folder.RunFolder`: ``.read()`` is the model, ``.report()`` the
+measurements of ``report.json``.
+
+>>> import tempfile, edgekiln
+>>> from edgekiln.testing.tiny import tiny_conv_onnx
+>>> tmp = tempfile.mkdtemp()
+>>> art = edgekiln.load(tiny_conv_onnx(tmp + "/m.onnx"))
+>>> art.kind, art.input_shapes
+('onnx', {'input': (1, 1, 8, 8)})
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgekiln.errors import EdgekilnError
+
+if TYPE_CHECKING:
+    from edgekiln.models.analysis import ModelAnalysis
+    from edgekiln.models.artifact import ModelArtifact
+    from edgekiln.models.run_folder import RunFolder
+    from edgekiln.passes.distill import DistillConfig
+    from edgekiln.passes.prune import PruneConfig
+    from edgekiln.passes.quantize import QuantizeConfig
+    from edgekiln.search.optimize import OptimizeResult
+    from edgekiln.search.recipe import Recipe
+
+PathLike = str | Path
+Shapes = Mapping[str, tuple[int, ...]] | tuple[int, ...] | None
+
+
+def load(model: PathLike, *, input_shapes: Shapes = None, data: Mapping[str, PathLike | None] | None = None,
+         weights: PathLike | None = None, work_dir: PathLike | None = None) -> ModelArtifact:
+    """MODEL (``.onnx``, ``file.py:factory``, TorchScript/``.pt2`` or a run folder) through the one intake.
+
+    ``input_shapes`` fixes dynamic dimensions (``{name: shape}``, or one shape for the only
+    input); ``data`` names ``.npz`` files (``{"calib": ..., "eval": ...}``) that fix them too.
+
+    >>> import tempfile
+    >>> from edgekiln.testing.tiny import tiny_conv_onnx
+    >>> path = tiny_conv_onnx(tempfile.mkdtemp() + "/m.onnx")      # batch dimension "N"
+    >>> load(path, input_shapes=(4, 1, 8, 8)).input_shape
+    (4, 1, 8, 8)
+    """
+    from edgekiln.models.intake import load_model
+
+    return load_model(model, input_shapes=input_shapes, data=data, weights=weights, work_dir=work_dir)
+
+
+def inspect(model: PathLike, *, input_shapes: Shapes = None, out: PathLike | None = None) -> ModelAnalysis:
+    """Parameters, MACs, bytes, peak activation memory and op support of MODEL (``edgekiln inspect``);
+    with ``out``, also the run folder (report.json/md, analysis.png).
+
+    >>> import tempfile
+    >>> from edgekiln.testing.tiny import tiny_conv_onnx
+    >>> a = inspect(tiny_conv_onnx(tempfile.mkdtemp() + "/m.onnx"))
+    >>> a.macs, a.params
+    (2736, 1490)
+    """
+    from edgekiln.models.analysis import analyze, plot_analysis, render_markdown
+    from edgekiln.models.run_folder import RunFolder
+
+    art = load(model, input_shapes=input_shapes, work_dir=RunFolder(out).work_dir / "model" if out else None)
+    analysis = analyze(art.path, input_shapes=art.input_shapes)
+    if out is not None:
+        plot_analysis(analysis, Path(out) / "analysis.png")
+        RunFolder(out).write(command="inspect", model=art, measurements={"spec": str(model), **analysis.to_dict()},
+                             markdown=render_markdown(analysis) + "\n![analysis](analysis.png)\n")
+    return analysis
+
+
+def bench(model: PathLike | ModelArtifact, *, runtimes: Sequence[str] = ("onnxruntime",), input_shapes: Shapes = None,
+          threads: int = 1, batch: int = 1, warmup: int = 50, runs: int = 200,
+          progress: bool = False) -> list[Any]:
+    """Latency percentiles, throughput, peak RSS and size of MODEL on each runtime (``edgekiln bench``).
+
+    One :class:`~edgekiln.execution.timing.BenchResult` per runtime, or ``{"runtime", "skipped"}``
+    for one that is not installed. ``runtimes=("all",)`` means every real runtime. MODEL may be
+    a loaded artifact, or a ``.tflite``/OpenVINO ``.xml`` file (benchmarked as is; name its inputs
+    in ``input_shapes``).
+
+    >>> import tempfile
+    >>> from edgekiln.testing.tiny import tiny_conv_onnx
+    >>> [r] = bench(tiny_conv_onnx(tempfile.mkdtemp() + "/m.onnx"), warmup=2, runs=5)
+    >>> r.runtime, r.runs, r.latency_ms["p50"] > 0
+    ('onnxruntime', 5, True)
+    """
+    from edgekiln.execution.runtimes import REAL, RUNTIMES, available_runtimes
+    from edgekiln.execution.timing import compare
+    from edgekiln.models.artifact import ModelArtifact
+
+    names = list(REAL) if list(runtimes) == ["all"] else list(runtimes)
+    for name in names:
+        if name not in RUNTIMES:
+            raise EdgekilnError(f"unknown runtime '{name}'; known: {', '.join(RUNTIMES)}, all")
+        reason = available_runtimes().get(name)
+        if reason and list(runtimes) != ["all"]:
+            raise EdgekilnError(f"runtime '{name}' is not available: {reason}")
+    art = model if isinstance(model, ModelArtifact) else bench_artifact(model, input_shapes)
+    path = art.path if art is not None else Path(model)
+    if art is None:
+        if input_shapes is not None and not isinstance(input_shapes, Mapping):
+            raise EdgekilnError("name the input when giving a shape for a .tflite/.xml file (--input-shape NAME=d0,d1)")
+        shapes = dict(input_shapes) if input_shapes else None
+    else:
+        shapes = {s.name: (batch, *s.shape[1:]) if batch > 1 and s.shape[:1] == (1,) else s.shape for s in art.inputs}
+    return compare(path, names, threads=threads, batch=batch, warmup=warmup, runs=runs, progress=progress,
+                   input_shapes=shapes)
+
+
+def bench_artifact(model: PathLike, input_shapes: Shapes = None) -> ModelArtifact | None:
+    """What :func:`bench` times: MODEL through the intake; None for a ``.tflite`` or OpenVINO ``.xml``
+    file (benchmarked as is)."""
+    p = Path(model)
+    if p.is_file() and p.suffix.lower() in (".tflite", ".xml"):
+        return None
+    return load(model, input_shapes=input_shapes)
+
+
+def quantize(model: PathLike, scheme: str | None = None, *, out: PathLike, config: QuantizeConfig | None = None,
+             calib: PathLike | None = None, eval: PathLike | None = None, metric: str = "accuracy",
+             input_shapes: Shapes = None, bench_runs: int = 200,
+             progress: Callable[[int, int], None] | None = None) -> RunFolder:
+    """Quantize MODEL into the run folder ``out`` (``edgekiln quantize``): the quantize pass run
+    through the pipeline (chain and strict checks, provenance), then FP32 vs quantized measured on
+    every runtime, with the parity check and, with ``eval`` data, the metric before and after.
+
+    ``scheme`` overrides ``config.scheme``; ``config`` holds every other option
+    (:class:`~edgekiln.passes.quantize.QuantizeConfig`). ``calib``/``eval`` default to the data of a
+    run folder MODEL.
+
+    >>> import tempfile
+    >>> from edgekiln.testing.tiny import random_npz, tiny_conv_onnx
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> calib = random_npz(tmp / "calib.npz", (1, 1, 8, 8), n=16)
+    >>> run = quantize(tiny_conv_onnx(tmp / "m.onnx"), "int8", calib=calib, out=tmp / "q", bench_runs=5)
+    >>> run.read().kind, run.report()["scheme"], run.report()["size_ratio"] < 0.5
+    ('onnx-qdq', 'int8', True)
+    """
+    from dataclasses import replace
+
+    from edgekiln.execution.feeds import load_npz
+    from edgekiln.models.intake import run_folder_data
+    from edgekiln.models.run_folder import RunFolder
+    from edgekiln.passes.base import PassContext
+    from edgekiln.passes.quantize import QuantizeConfig, metric_pair, result_of
+    from edgekiln.pipeline import Step, run_pipeline
+    from edgekiln.quant.report import parity, runtime_table, write_quantize_report
+
+    cfg = config or QuantizeConfig()
+    if scheme is not None:
+        cfg = QuantizeConfig.from_dict({**cfg.to_dict(), "scheme": scheme})
+    stored = run_folder_data(model)
+    calib, eval = calib or stored.get("calib"), eval or stored.get("eval")
+    if cfg.max_drop is not None and eval is None:
+        raise EdgekilnError("--max-drop needs evaluation data: pass --eval EVAL.npz")
+    data = {k: Path(v) for k, v in (("calib", calib), ("eval", eval)) if v}
+    run = RunFolder(out)
+    art = load(model, input_shapes=input_shapes, data=data, work_dir=run.work_dir / "input")
+    ctx = PassContext(work_dir=run.work_dir, calib_path=data.get("calib"), eval_path=data.get("eval"), metric=metric,
+                      progress=progress)
+    quantized = run_pipeline(art, [Step("quantize", cfg)], ctx)
+    # NOTE: a quantized ONNX file is not what its torch source builds: it leaves the artifact.
+    quantized = replace(quantized, torch=None, data=data)
+    res = result_of(quantized)
+    if eval is not None and res.metric is None:   # the pass measures only when it enforces max_drop
+        res.metric_fp32, res.metric = metric_pair(art.path, quantized.path, eval, metric)
+    runtimes = runtime_table(art.path, quantized.path, runs=bench_runs, warmup=min(50, bench_runs),
+                             input_shapes=art.input_shapes)
+    par = parity(quantized.path, load_npz(eval or calib)) if (eval or calib) and cfg.scheme != "fp16" else {}
+    write_quantize_report(Path(out), scheme=cfg.scheme, metric_name=metric, fp32=art.path, res=res, runtimes=runtimes,
+                          parity_result=par, config=cfg.to_dict(), model=quantized)
+    return run
+
+
+def prune(model: PathLike, config: PruneConfig | None = None, *, out: PathLike,
+          data: Mapping[str, PathLike] | None = None, weights: PathLike | None = None, input_shapes: Shapes = None,
+          seed: int = 0, bench_runs: int = 300, scan: bool = False, quiet: bool = True) -> RunFolder:
+    """Prune MODEL (it needs its PyTorch source: a run folder or ``file.py:factory`` with ``weights``),
+    fine-tune it, and write the before/after run folder ``out`` (``edgekiln prune``).
+
+    ``data`` names ``train`` (required unless MODEL is a run folder with it), ``calib`` (the
+    sensitivity scan) and ``eval`` ``.npz`` files; ``scan`` also plots the per-layer sensitivity.
+
+    >>> import tempfile
+    >>> from edgekiln.passes.prune import PruneConfig
+    >>> from edgekiln.testing.tiny import random_npz
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> train = random_npz(tmp / "train.npz", (1, 1, 8, 8), n=32)
+    >>> run = prune("edgekiln.testing.tiny:tiny_torch_cnn", PruneConfig(ratio=0.5, finetune_epochs=1),
+    ...             data={"train": train, "eval": train}, out=tmp / "p", bench_runs=5)
+    >>> rep = run.report()
+    >>> rep["params"] < rep["params_before"], run.read().torch is not None
+    (True, True)
+    """
+    from dataclasses import replace
+
+    from edgekiln.compress.report import before_after, measure, write_prune_report
+    from edgekiln.models.intake import run_folder_data
+    from edgekiln.models.run_folder import RunFolder
+    from edgekiln.passes.base import PassContext
+    from edgekiln.passes.prune import PruneConfig
+    from edgekiln.pipeline import Step, run_pipeline
+
+    cfg = config or PruneConfig()
+    files = {**run_folder_data(model), **{k: Path(v) for k, v in (data or {}).items() if v is not None}}
+    if "train" not in files:
+        raise EdgekilnError("prune needs fine-tuning data: pass --train TRAIN.npz (x, y) or a run folder with train.npz")
+    run = RunFolder(out)
+    art = load(model, input_shapes=input_shapes, data=files, weights=weights, work_dir=run.work_dir / "input")
+    before = measure(art.path, files.get("eval"), runs=bench_runs)
+    ctx = PassContext(work_dir=run.work_dir, train_path=files["train"], calib_path=files.get("calib"),
+                      eval_path=files.get("eval"), seed=seed, quiet=quiet)
+    result = run_pipeline(art, [Step("prune", cfg)], ctx)
+    scan_result = result.provenance[-1].get("sensitivity")
+    if scan and scan_result is None:
+        from rich.progress import Progress
+
+        from edgekiln.compress.sensitivity import scan_artifact
+
+        with Progress(disable=quiet, transient=True) as bar:
+            task = bar.add_task("sensitivity scan", total=None)
+            scan_result = scan_artifact(art, files.get("calib") or files["train"], importance=cfg.importance,
+                                        progress=lambda i, n: bar.update(task, completed=i, total=n))
+    keys = before_after(before, measure(result.path, files.get("eval"), runs=bench_runs))
+    write_prune_report(Path(out), keys=keys, config=cfg, result=replace(result, data=files), sensitivity=scan_result)
+    return run
+
+
+def distill(teacher: PathLike, config: DistillConfig, *, out: PathLike, data: Mapping[str, PathLike] | None = None,
+            weights: PathLike | None = None, input_shapes: Shapes = None, seed: int = 0, bench_runs: int = 300,
+            compare_no_kd: bool = False, quiet: bool = True) -> RunFolder:
+    """Distill TEACHER into ``config.student`` and write the run folder ``out`` (``edgekiln distill``);
+    ``compare_no_kd`` also trains the same student without KD (same seed) and reports it.
+
+    ``data`` names ``train`` (required unless TEACHER is a run folder with it) and ``eval``.
+
+    >>> import tempfile
+    >>> from edgekiln.passes.distill import DistillConfig
+    >>> from edgekiln.testing.tiny import random_npz
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> train = random_npz(tmp / "train.npz", (1, 1, 8, 8), n=32)
+    >>> cfg = DistillConfig(student="edgekiln.testing.tiny:tiny_torch_cnn", epochs=1)
+    >>> run = distill("edgekiln.testing.tiny:tiny_torch_cnn", cfg, data={"train": train}, out=tmp / "d",
+    ...               bench_runs=5)
+    >>> run.report()["params"] == run.report()["params_before"]
+    True
+    """
+    from dataclasses import replace
+
+    from edgekiln.compress.report import before_after, measure, write_distill_report
+    from edgekiln.models.intake import run_folder_data
+    from edgekiln.models.run_folder import RunFolder
+    from edgekiln.passes.base import PassContext
+    from edgekiln.pipeline import Step, run_pipeline
+
+    files = {**run_folder_data(teacher), **{k: Path(v) for k, v in (data or {}).items() if v is not None}}
+    if "train" not in files:
+        raise EdgekilnError("distill needs training data: pass --train TRAIN.npz or a run folder with train.npz")
+    run = RunFolder(out)
+    art = load(teacher, input_shapes=input_shapes, data=files, weights=weights, work_dir=run.work_dir / "input")
+    metric = "accuracy" if config.mode == "logits" else "cosine"
+    ref = art.path if metric == "cosine" else None
+    before = measure(art.path, files.get("eval"), metric=metric, reference=ref, runs=bench_runs)
+
+    def trained(cfg: DistillConfig, work: Path) -> ModelArtifact:
+        ctx = PassContext(work_dir=work, train_path=files["train"], seed=seed, quiet=quiet)
+        return run_pipeline(art, [Step("distill", cfg)], ctx)
+
+    result = trained(config, run.work_dir)
+    keys = before_after(before, measure(result.path, files.get("eval"), metric=metric, reference=ref, runs=bench_runs))
+    no_kd = None
+    if compare_no_kd:
+        plain = replace(config, alpha=0.0, hint_student_layer="", hint_teacher_layer="")
+        base = trained(plain, run.work_dir / "no-kd")
+        no_kd = measure(base.path, files.get("eval"), metric=metric, reference=ref, runs=bench_runs)
+    result = replace(result, data={k: v for k, v in files.items() if k in ("calib", "eval", "train")})
+    write_distill_report(Path(out), keys=keys, config=config, result=result, metric_name=metric, no_kd=no_kd)
+    return run
+
+
+def optimize(model: PathLike | None = None, *, out: PathLike, target: str | None = None,
+             recipe: PathLike | Mapping[str, Any] | Recipe | None = None, calib: PathLike | None = None,
+             eval: PathLike | None = None, metric: str | None = None, input_shapes: Sequence[str] | None = None,
+             constraints: Mapping[str, Any] | None = None, search: Mapping[str, Any] | None = None,
+             resume: bool = False, quiet: bool = True, on_trial: Callable[[Any], None] | None = None) -> OptimizeResult:
+    """Find the best model that fits ``target`` within the budgets (``edgekiln optimize``).
+
+    ``recipe`` is a YAML file, its dict or a :class:`~edgekiln.search.recipe.Recipe`; the other
+    arguments override its fields (see :func:`make_recipe`). The run folder is ``out``; its
+    ``model.onnx`` is the selected model; ``on_trial`` is called with each finished candidate.
+
+    >>> import tempfile
+    >>> from edgekiln.testing.tiny import random_npz, tiny_conv_onnx
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> calib, ev = (random_npz(tmp / f"{n}.npz", (1, 1, 8, 8), n=16, seed=s) for n, s in (("c", 1), ("e", 2)))
+    >>> res = optimize(tiny_conv_onnx(tmp / "m.onnx"), target="cortex-m7", calib=calib, eval=ev,
+    ...                constraints={"max_drop": 1.0}, search={"trials": 2}, out=tmp / "o")
+    >>> res.selected is not None, (tmp / "o" / "report.json").is_file()
+    (True, True)
+    """
+    from edgekiln.search.optimize import optimize as run_search
+
+    rec = make_recipe(model, recipe=recipe, target=target, calib=calib, eval=eval, metric=metric,
+                      input_shapes=input_shapes, constraints=constraints, search=search)
+    return run_search(rec, out, resume=resume, quiet=quiet, on_trial=on_trial)
+
+
+def make_recipe(model: PathLike | None = None, *, recipe: PathLike | Mapping[str, Any] | Recipe | None = None,
+                target: str | None = None, calib: PathLike | None = None, eval: PathLike | None = None,
+                metric: str | None = None, input_shapes: Sequence[str] | None = None,
+                constraints: Mapping[str, Any] | None = None, search: Mapping[str, Any] | None = None) -> Recipe:
+    """The :class:`~edgekiln.search.recipe.Recipe` ``optimize`` runs: ``recipe`` (a YAML file, its dict
+    or a Recipe) with the given arguments overriding its fields: ``constraints`` (``max_drop``,
+    ``max_latency_ms``, ``max_ram_bytes``, ``max_flash_bytes``), ``search`` (``trials``,
+    ``timeout_s``, ``seed``, ``workers``, ``executor``, ``ray_address``), ``input_shapes`` as the
+    CLI's ``--input-shape`` strings (``"1,3,32,32"``, ``"aux=1,4"``).
+
+    >>> rec = make_recipe("m.onnx", target="cortex-m7", constraints={"max_drop": 0.01}, search={"trials": 4})
+    >>> rec.target, rec.constraints.max_drop, rec.search.trials
+    ('cortex-m7', 0.01, 4)
+    """
+    from edgekiln.search.recipe import Recipe, load_recipe
+
+    if isinstance(recipe, Recipe):
+        base = recipe.to_dict()
+    else:
+        base = dict(recipe) if isinstance(recipe, Mapping) else load_recipe(recipe).to_dict() if recipe else {}
+    if model is None and not base.get("model"):
+        raise EdgekilnError("give a MODEL or --recipe")
+    given = {"model": _str(model), "calib": _str(calib), "eval": _str(eval), "metric": metric, "target": target,
+             "input_shape": tuple(input_shapes) if input_shapes else None}
+    fields = {**base, **{k: v for k, v in given.items() if v is not None}}
+    fields["constraints"] = {**(base.get("constraints") or {}), **(constraints or {})}
+    fields["search"] = {**(base.get("search") or {}), **(search or {})}
+    return Recipe.from_dict(fields)
+
+
+def _str(path: PathLike | None) -> str | None:
+    return None if path is None else str(path)
