@@ -46,7 +46,6 @@ def _model(nodes: list[Any], inits: list[Any], name: str, in_shape: list[int], p
     graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape)],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgekiln-benchmarks")
-    model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return atomic_save_onnx(path, model)
 

@@ -50,7 +50,10 @@ def ort_session(model: ModelLike, *, threads: int = 1, optimize: bool | str = Tr
     tensor keeps its name) or one of ``"basic"``, ``"extended"``, ``"all"``. ``profile_prefix``
     turns on onnxruntime's profiler; ``save_optimized`` writes the optimized graph there.
 
-    >>> sess = ort_session("model.onnx", threads=2)          # doctest: +SKIP
+    >>> import tempfile
+    >>> from edgekiln.testing.tiny import tiny_conv_onnx
+    >>> ort_session(tiny_conv_onnx(tempfile.mkdtemp() + "/m.onnx"), threads=2).get_inputs()[0].shape
+    ['N', 1, 8, 8]
     """
     import onnxruntime as ort
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import io
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,17 +59,19 @@ def session(path: str | Path, threads: int = 1) -> Any:
 
 
 def probe_link(client: Any, *, path: str = "/v1/probe", sizes: Sequence[int] = (0, 16384, 65536),
-               repeats: int = 7) -> dict[str, float]:
+               repeats: int = 7, clock: Callable[[], int] = time.perf_counter_ns) -> dict[str, float]:
     """Measure the link as the planner models it: POST bodies of several sizes to the server's
     probe endpoint and fit ``latency = rtt + bytes * 8 / bandwidth`` to the medians (least
     squares). ``rtt_ms`` then includes the fixed cost of one HTTP request and
-    ``bandwidth_bps`` what the link delivers for bodies of these sizes (TCP included)."""
+    ``bandwidth_bps`` what the link delivers for bodies of these sizes (TCP included). ``clock``
+    returns nanoseconds (tests pass a fake one)."""
     from edgekiln.execution.timing import time_calls
 
     def post(body: bytes) -> None:
         client.post(path, content=body).raise_for_status()
 
-    med = [float(np.median(time_calls(functools.partial(post, b"\0" * size), repeats))) for size in sizes]
+    med = [float(np.median(time_calls(functools.partial(post, b"\0" * size), repeats, clock=clock)))
+           for size in sizes]
     slope, intercept = np.polyfit(np.asarray(sizes, float), np.asarray(med), 1)
     bandwidth = 8.0 / (slope / 1000.0) if slope > 0 else float("inf")
     return {"rtt_ms": float(max(intercept, 0.0)), "bandwidth_bps": float(bandwidth),

@@ -68,18 +68,18 @@ def test_server_rejects_wrong_tensors(parts):
     assert bad.status_code == 400 and "expected tensors" in bad.json()["detail"]
 
 
-def test_probe_link_recovers_rtt_and_bandwidth(monkeypatch):
+def test_probe_link_recovers_rtt_and_bandwidth():
     """A fake clock that a request advances by 4 ms + bytes / (20 Mbit/s): the fit returns both."""
     import edgekiln.runtime.split_exec as se
 
-    clock = [0.0]
-    monkeypatch.setattr(se.time, "perf_counter", lambda: clock[0])
+    clock = [0]   # nanoseconds
 
     def handler(request: httpx.Request) -> httpx.Response:
-        clock[0] += 0.004 + len(request.content) * 8 / 20e6
+        clock[0] += round(4e6 + len(request.content) * 8 / 20e6 * 1e9)
         return httpx.Response(200, json={"bytes": len(request.content)})
 
-    link = se.probe_link(httpx.Client(base_url="http://s", transport=httpx.MockTransport(handler)), repeats=3)
+    link = se.probe_link(httpx.Client(base_url="http://s", transport=httpx.MockTransport(handler)), repeats=3,
+                         clock=lambda: clock[0])
     assert link["rtt_ms"] == pytest.approx(4.0, rel=1e-6) and link["bandwidth_bps"] == pytest.approx(20e6, rel=1e-6)
 
 
