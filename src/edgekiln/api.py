@@ -146,6 +146,7 @@ def quantize(model: PathLike, scheme: str | None = None, *, out: PathLike, confi
     from dataclasses import replace
 
     from edgekiln.execution.feeds import load_npz
+    from edgekiln.models.artifact import ONNX_FLOAT
     from edgekiln.models.intake import run_folder_data
     from edgekiln.models.run_folder import RunFolder
     from edgekiln.passes.base import PassContext
@@ -163,6 +164,9 @@ def quantize(model: PathLike, scheme: str | None = None, *, out: PathLike, confi
     data = {k: Path(v) for k, v in (("calib", calib), ("eval", eval)) if v}
     run = RunFolder(out)
     art = load(model, input_shapes=input_shapes, data=data, work_dir=run.work_dir / "input")
+    if art.kind != ONNX_FLOAT:
+        raise EdgekilnError(f"{model}: the model is already quantized ({art.kind}); quantize takes a float model: "
+                            "give the float model it was made from")
     ctx = PassContext(work_dir=run.work_dir, calib_path=data.get("calib"), eval_path=data.get("eval"), metric=metric,
                       progress=progress)
     quantized = run_pipeline(art, [Step("quantize", cfg)], ctx)
