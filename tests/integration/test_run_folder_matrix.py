@@ -124,3 +124,36 @@ def test_command_on_run_folder(request, tmp_path, producer, consumer):
     else:
         assert sha256_file(made.path) == digest, f"{consumer} of the {producer} folder used another model"
         assert made.inputs == model.inputs and made.kind == model.kind, (made, model)
+
+
+# The commands that transform a model's PyTorch source (prune, distill) and the main job (optimize)
+# on every kind of folder: a folder that holds the PyTorch source is pruned/distilled, one that
+# holds only an ONNX file is refused by name (exit 2); optimize takes every folder.
+TORCH_CONSUMERS = {
+    "prune": ["--ratio", "0.5", "--finetune-epochs", "1", "--bench-runs", "5", "--quiet"],
+    "distill": ["--student", "ds_cnn", "--student-arg", "channels=8", "--student-arg", "input_size=8",
+                "--epochs", "1", "--bench-runs", "5", "--quiet"],
+}
+
+
+@pytest.mark.parametrize("consumer", [*TORCH_CONSUMERS, "optimize"])
+@pytest.mark.parametrize("producer", PRODUCERS)
+def test_transforming_command_on_run_folder(request, tmp_path, producer, consumer, capsys):
+    src: RunFolder = request.getfixturevalue(producer)
+    model = src.read()
+    out = tmp_path / "out"
+    if consumer == "optimize":
+        argv = ["optimize", str(src.path), "--target", "cortex-m7", "--trials", "1", "--quiet"]
+    else:
+        argv = [consumer, str(src.path), *TORCH_CONSUMERS[consumer]]
+    code = _run([*argv, "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    if consumer in TORCH_CONSUMERS and model.torch is None:
+        assert code == 2 and "PyTorch source" in err and len(err.splitlines()) == 1, (code, err)
+        return
+    assert code == 0, f"`edgekiln {consumer}` on a {producer} folder: exit {code}: {err}"
+    made = RunFolder(out).read()
+    assert made.inputs == model.inputs, (made.inputs, model.inputs)
+    if consumer in TORCH_CONSUMERS:
+        assert made.provenance[-1]["pass"] == consumer, made.provenance[-1]
+        assert list(made.provenance[:len(model.provenance)]) == list(model.provenance), "provenance does not continue"
