@@ -210,14 +210,16 @@ def prune(model: PathLike, config: PruneConfig | None = None, *, out: PathLike,
     from edgekiln.models.run_folder import RunFolder
     from edgekiln.passes.base import PassContext
     from edgekiln.passes.prune import PruneConfig
-    from edgekiln.pipeline import Step, run_pipeline
+    from edgekiln.pipeline import Step, check_chain, run_pipeline
 
     cfg = config or PruneConfig()
     files = {**run_folder_data(model), **{k: Path(v) for k, v in (data or {}).items() if v is not None}}
-    if "train" not in files:
-        raise EdgekilnError("prune needs fine-tuning data: pass --train TRAIN.npz (x, y) or a run folder with train.npz")
     run = RunFolder(out)
     art = load(model, input_shapes=input_shapes, data=files, weights=weights, work_dir=run.work_dir / "input")
+    # NOTE: what the model lacks (its PyTorch source) is named before what the call lacks (data).
+    check_chain(art.kind, [Step("prune", cfg)], has_torch_source=art.torch is not None)
+    if "train" not in files:
+        raise EdgekilnError("prune needs fine-tuning data: pass --train TRAIN.npz (x, y) or a run folder with train.npz")
     before = measure(art.path, files.get("eval"), runs=bench_runs)
     ctx = PassContext(work_dir=run.work_dir, train_path=files["train"], calib_path=files.get("calib"),
                       eval_path=files.get("eval"), seed=seed, quiet=quiet)
@@ -262,13 +264,14 @@ def distill(teacher: PathLike, config: DistillConfig, *, out: PathLike, data: Ma
     from edgekiln.models.intake import run_folder_data
     from edgekiln.models.run_folder import RunFolder
     from edgekiln.passes.base import PassContext
-    from edgekiln.pipeline import Step, run_pipeline
+    from edgekiln.pipeline import Step, check_chain, run_pipeline
 
     files = {**run_folder_data(teacher), **{k: Path(v) for k, v in (data or {}).items() if v is not None}}
-    if "train" not in files:
-        raise EdgekilnError("distill needs training data: pass --train TRAIN.npz or a run folder with train.npz")
     run = RunFolder(out)
     art = load(teacher, input_shapes=input_shapes, data=files, weights=weights, work_dir=run.work_dir / "input")
+    check_chain(art.kind, [Step("distill", config)], has_torch_source=art.torch is not None)
+    if "train" not in files:
+        raise EdgekilnError("distill needs training data: pass --train TRAIN.npz or a run folder with train.npz")
     metric = "accuracy" if config.mode == "logits" else "cosine"
     ref = art.path if metric == "cosine" else None
     before = measure(art.path, files.get("eval"), metric=metric, reference=ref, runs=bench_runs)

@@ -146,6 +146,8 @@ def test_transforming_command_on_run_folder(request, tmp_path, producer, consume
         argv = ["optimize", str(src.path), "--target", "cortex-m7", "--trials", "1", "--quiet"]
     else:
         argv = [consumer, str(src.path), *TORCH_CONSUMERS[consumer]]
+        if "train" not in model.data:   # federate's data stays with its clients: the user names it
+            argv += ["--train", str(request.getfixturevalue("example").read().data["train"])]
     code = _run([*argv, "--out", str(out)])
     err = capsys.readouterr().err.strip()
     if consumer in TORCH_CONSUMERS and model.torch is None:
