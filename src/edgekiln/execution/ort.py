@@ -248,7 +248,7 @@ def _op_changed_since(model: Any, old: int, new: int) -> str | None:
     ``old`` (up to ``new``); None when the model means the same at opset ``old``."""
     import onnx
 
-    for node in _all_nodes(model.graph):
+    for node in (n for g in nested_graphs(model.graph) for n in g.node):
         if node.domain not in ("", "ai.onnx"):
             continue
         try:
@@ -260,13 +260,17 @@ def _op_changed_since(model: Any, old: int, new: int) -> str | None:
     return None
 
 
-def _all_nodes(graph: Any) -> list[Any]:
-    nodes = list(graph.node)
-    for node in graph.node:
-        for attr in node.attribute:
-            for g in [attr.g] if attr.type == 5 else list(attr.graphs) if attr.type == 10 else []:
-                nodes += _all_nodes(g)
-    return nodes
+def node_subgraphs(node: Any) -> list[Any]:
+    """The graphs held in a node's attributes (If branches, Loop/Scan bodies)."""
+    out: list[Any] = []
+    for attr in node.attribute:
+        out += [attr.g] if attr.type == 5 else list(attr.graphs) if attr.type == 10 else []  # GRAPH, GRAPHS
+    return out
+
+
+def nested_graphs(graph: Any) -> list[Any]:
+    """``graph`` and every graph nested in its nodes, at any depth."""
+    return [graph, *(g for node in graph.node for sub in node_subgraphs(node) for g in nested_graphs(sub))]
 
 
 def _load(source: str | bytes) -> Any:

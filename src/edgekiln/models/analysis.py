@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekiln.errors import EdgekilnError
+from edgekiln.execution.ort import node_subgraphs
 from edgekiln.models.control_flow import body_cost, body_initializers, subgraph_value_infos
 from edgekiln.models.liveness import compute_liveness
 from edgekiln.models.support import unsupported_ops
@@ -302,12 +303,11 @@ _RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "R
 def _implicit_inputs(node: Any) -> list[str]:
     """Outer-scope values read inside a node's subgraphs (If/Loop/Scan bodies)."""
     out: list[str] = []
-    for attr in node.attribute:
-        for g in [attr.g] if attr.type == 5 else list(attr.graphs) if attr.type == 10 else []:
-            defined = {i.name for i in g.input} | {t.name for t in g.initializer}
-            for sub in g.node:
-                out += [n for n in [*sub.input, *_implicit_inputs(sub)] if n and n not in defined]
-                defined.update(sub.output)
+    for g in node_subgraphs(node):
+        defined = {i.name for i in g.input} | {t.name for t in g.initializer}
+        for sub in g.node:
+            out += [n for n in [*sub.input, *_implicit_inputs(sub)] if n and n not in defined]
+            defined.update(sub.output)
     return list(dict.fromkeys(out))
 
 

@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from edgekiln.execution.ort import node_subgraphs
+
 Shape = tuple[int, ...]
 MacsFn = Callable[[Any, Mapping[str, Shape]], int]
 
@@ -25,26 +27,18 @@ class BodyCost:
     iterations: int      # body runs counted (1 for If)
 
 
-def subgraphs(node: Any) -> list[Any]:
-    """The graphs held in a node's attributes (If branches, Loop/Scan bodies)."""
-    out: list[Any] = []
-    for attr in node.attribute:
-        out += [attr.g] if attr.type == 5 else list(attr.graphs) if attr.type == 10 else []  # GRAPH, GRAPHS
-    return out
-
-
 def subgraph_value_infos(graph: Any) -> list[Any]:
     """Inputs, outputs and value_info of every (nested) subgraph of ``graph``, for shape lookups."""
     found: list[Any] = []
     for node in graph.node:
-        for g in subgraphs(node):
+        for g in node_subgraphs(node):
             found += [*g.input, *g.value_info, *g.output, *subgraph_value_infos(g)]
     return found
 
 
 def body_cost(node: Any, shapes: Mapping[str, Shape], inits: Mapping[str, Any], macs: MacsFn) -> BodyCost | None:
     """The cost of ``node``'s bodies (None for a node without any); ``macs`` prices one plain node."""
-    graphs = subgraphs(node)
+    graphs = node_subgraphs(node)
     if not graphs:
         return None
     params, per_graph = 0, []
@@ -93,6 +87,6 @@ def body_initializers(graph: Any) -> list[Any]:
     """Initializers stored inside the (nested) subgraphs of ``graph``'s nodes."""
     found: list[Any] = []
     for node in graph.node:
-        for g in subgraphs(node):
+        for g in node_subgraphs(node):
             found += [*g.initializer, *body_initializers(g)]
     return found

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekiln.errors import EdgekilnError
+from edgekiln.execution.ort import nested_graphs
 from edgekiln.execution.specs import TensorSpec, onnx_elem_dtype
 from edgekiln.models.artifact import ONNX_FLOAT, ONNX_QDQ, ModelArtifact, TorchSource
 from edgekiln.models.onnx_compat import readable_copy, symbolic_declared_dims
@@ -155,7 +156,7 @@ def _load_onnx(path: str | Path) -> tuple[Any, list[str]]:
         raise EdgekilnError(f"{path}: not a valid ONNX model (truncated or corrupt?): {_short(exc)}") from exc
     if not model.graph.node and not model.graph.output:
         raise EdgekilnError(f"{path}: not an ONNX model (no graph found)")
-    external = sorted({e.value for t in _all_initializers(model.graph) if uses_external_data(t)
+    external = sorted({e.value for g in nested_graphs(model.graph) for t in g.initializer if uses_external_data(t)
                        for e in t.external_data if e.key == "location"})
     missing = [loc for loc in external if not (path.parent / loc).is_file()]
     if missing:
@@ -206,15 +207,6 @@ def _from_onnx_file(path: Path, input_shapes: InputShapes, data: Mapping[str, Pa
     path, record = readable_copy(model, path, _work_dir(work_dir) if work_dir else None, symbolic=symbolic)
     prov = (*provenance, record) if record else tuple(provenance)
     return ModelArtifact(kind=kind, path=path, inputs=inputs, torch=torch, provenance=prov, data=dict(data))
-
-
-def _all_initializers(graph: Any) -> list[Any]:
-    found = list(graph.initializer)
-    for node in graph.node:
-        for attr in node.attribute:
-            for g in [attr.g] if attr.type == 5 else list(attr.graphs) if attr.type == 10 else []:
-                found += _all_initializers(g)
-    return found
 
 
 def _unknown_ops(model: Any) -> list[str]:
