@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from edgekiln.passes.quantize import QuantizeConfig
     from edgekiln.search.optimize import OptimizeResult
     from edgekiln.search.recipe import Recipe
+    from edgekiln.targets.fit import FitReport
 
 PathLike = str | Path
 Shapes = Mapping[str, tuple[int, ...]] | tuple[int, ...] | None
@@ -73,6 +74,65 @@ def inspect(model: PathLike, *, input_shapes: Shapes = None, out: PathLike | Non
         RunFolder(out).write(command="inspect", model=art, measurements={"spec": str(model), **analysis.to_dict()},
                              markdown=render_markdown(analysis) + "\n![analysis](analysis.png)\n")
     return analysis
+
+
+def fits(model: PathLike, target: str, *, precision: str | None = None, max_latency_ms: float | None = None,
+         max_ram: int | str | None = None, max_flash: int | str | None = None, input_shapes: Shapes = None,
+         out: PathLike | None = None) -> FitReport:
+    """Flash, RAM, estimated latency and energy of MODEL on device ``target`` (a profile name or
+    YAML file) against its budgets (``edgekiln fits``); with ``out``, also the run folder.
+
+    ``precision`` (int8 | fp16 | fp32) is the number format the model is deployed in (default:
+    the model's own); activations count at that size (an int8 QDQ model's quantized
+    activations at 1 byte; a float model's at 1 byte when estimated for ``"int8"``). On a
+    microcontroller an int8 QDQ model the C backend compiles is measured by its memory plan.
+    ``max_ram``/``max_flash`` override the profile's budgets (bytes, or ``"256KB"``).
+
+    >>> import tempfile
+    >>> from edgekiln.testing.tiny import tiny_conv_onnx
+    >>> path = tiny_conv_onnx(tempfile.mkdtemp() + "/m.onnx")
+    >>> r32, r8 = fits(path, "cortex-m7"), fits(path, "cortex-m7", precision="int8")
+    >>> r32.fits, r32.ram_source
+    (True, 'analysis (peak activations + I/O; fp32, estimated)')
+    >>> int(r32.metrics["ram"].value - r8.metrics["ram"].value)   # (1152 + 296) B of float activations and I/O, at 1/4
+    1086
+    """
+    from dataclasses import replace
+
+    from edgekiln.models.analysis import analyze
+    from edgekiln.models.run_folder import RunFolder, precision_of
+    from edgekiln.search.trial import c_backend_footprint
+    from edgekiln.targets.fit import estimate_fit
+    from edgekiln.targets.profiles import load_profile
+    from edgekiln.targets.units import parse_bytes
+
+    profile = load_profile(target)
+    art = load(model, input_shapes=input_shapes, work_dir=RunFolder(out).work_dir / "model" if out else None)
+    prec = precision or precision_of(art.kind)
+    info = analyze(art.path, art.input_shapes, precision=prec if prec in ("int8", "fp16", "fp32") else None)
+    measured = None
+    if profile.measured:
+        from edgekiln.execution.timing import benchmark
+
+        measured = benchmark(art.path, runtime="onnxruntime", threads=1, runs=200,
+                             input_shapes=art.input_shapes).latency_ms["p50"]
+    c_fp = c_backend_footprint(art.path, art.kind, profile)
+
+    def nbytes(v: int | str | None) -> int | None:
+        return parse_bytes(v) if isinstance(v, str) else v
+
+    report = estimate_fit(profile, weight_bytes=c_fp.flash["weights"] + c_fp.flash["params"] if c_fp else info.weight_bytes,
+                          code_bytes=c_fp.flash["code_estimate"] if c_fp else 0,
+                          peak_activation_bytes=c_fp.ram_bytes if c_fp else info.peak_activation_bytes,
+                          io_bytes=0 if c_fp else info.io_bytes, macs=info.macs, precision=prec,
+                          measured_latency_ms=measured, max_latency_ms=max_latency_ms,
+                          max_ram_bytes=nbytes(max_ram), max_flash_bytes=nbytes(max_flash))
+    report = replace(report, ram_source="C backend memory plan (arena incl. I/O)" if c_fp else
+                     f"analysis (peak activations + I/O; {info.activation_precision})",
+                     flash_source="C backend (arrays + params + code estimate)" if c_fp else "analysis (weights only)")
+    if out is not None:
+        RunFolder(out).write(command="fits", model=art, measurements=report.to_dict(), markdown=report.render_markdown())
+    return report
 
 
 def bench(model: PathLike | ModelArtifact, *, runtimes: Sequence[str] = ("onnxruntime",), input_shapes: Shapes = None,

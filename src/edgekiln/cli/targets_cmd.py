@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from edgekiln.cli.options import input_shape_option, load_cli_model
+from edgekiln.cli.options import input_shape_option
 
 
 def register(app: typer.Typer) -> None:
@@ -53,45 +53,20 @@ def fits_command(
     out: Path = typer.Option(None, "--out", help="Write a run folder with report.json/report.md."),
 ) -> None:
     """Check flash, RAM, estimated latency and energy against a device; exit 3 if it does not fit."""
-    from edgekiln.models.analysis import analyze
-    from edgekiln.models.run_folder import RunFolder, precision_of
-    from edgekiln.search.trial import c_backend_footprint
-    from edgekiln.targets.fit import estimate_fit
-    from edgekiln.targets.profiles import load_profile
-    from edgekiln.targets.units import parse_bytes
+    from edgekiln.api import fits
+    from edgekiln.models.intake import parse_shapes
 
-    profile = load_profile(target)
-    art = load_cli_model(model, input_shape, work_dir=RunFolder(out).work_dir / "model" if out else None)
-    info = analyze(art.path, art.input_shapes)
-    prec = precision or precision_of(art.kind)
-    measured = None
-    if profile.measured:
-        from edgekiln.execution.timing import benchmark
-
-        measured = benchmark(art.path, runtime="onnxruntime", threads=1, runs=200,
-                             input_shapes=art.input_shapes).latency_ms["p50"]
-    c_fp = c_backend_footprint(art.path, art.kind, profile)
-    report = estimate_fit(profile, weight_bytes=c_fp.flash["weights"] + c_fp.flash["params"] if c_fp else info.weight_bytes,
-                          code_bytes=c_fp.flash["code_estimate"] if c_fp else 0,
-                          peak_activation_bytes=c_fp.ram_bytes if c_fp else info.peak_activation_bytes,
-                          io_bytes=0 if c_fp else info.io_bytes, macs=info.macs, precision=prec,
-                          measured_latency_ms=measured, max_latency_ms=max_latency_ms,
-                          max_ram_bytes=parse_bytes(max_ram) if max_ram else None,
-                          max_flash_bytes=parse_bytes(max_flash) if max_flash else None)
-    data = report.to_dict()
-    data["ram_source"] = "C backend memory plan (arena incl. I/O)" if c_fp else "analysis (peak activations)"
-    data["flash_source"] = "C backend (arrays + params + code estimate)" if c_fp else "analysis (weights only)"
-    if out:
-        RunFolder(out).write(command="fits", model=art, measurements=data, markdown=report.render_markdown())
+    report = fits(model, target, precision=precision, max_latency_ms=max_latency_ms, max_ram=max_ram,
+                  max_flash=max_flash, input_shapes=parse_shapes(input_shape), out=out)
     if as_json:
-        typer.echo(json.dumps(data, indent=2))
+        typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        _print(report, data["ram_source"])
+        _print(report)
     if not report.fits:
         raise typer.Exit(3)
 
 
-def _print(report, ram_source: str) -> None:  # noqa: ANN001
+def _print(report) -> None:  # noqa: ANN001
     from rich.console import Console
     from rich.table import Table
 
@@ -105,5 +80,5 @@ def _print(report, ram_source: str) -> None:  # noqa: ANN001
     console.print(table)
     for note in report.notes:
         console.print(f"note: {note}")
-    console.print(f"RAM from: {ram_source}; latency: {report.latency_source}")
+    console.print(f"RAM from: {report.ram_source}; latency: {report.latency_source}")
     console.print("[green]fits[/]" if report.fits else "[red]does not fit:[/] " + "; ".join(report.exceeded))

@@ -15,9 +15,11 @@ Definitions (all at the analysed input shapes; batch 1 unless ``input_shapes`` s
   variants); other ops count 0.
 - **constant nodes**: nodes computable from initializers alone (weight DequantizeLinear,
   Constant, ...). Runtimes fold them; their outputs are not activations.
-- **peak_activation_bytes**: see :func:`analyze`. In a QDQ graph the float and the int8 copy of
-  an activation are both tensors of the graph and both count; the C backend's planner sizes its
-  integer-only arena itself (reusing :func:`edgekiln.models.liveness.compute_liveness`).
+- **peak_activation_bytes**: see :func:`analyze`. In a QDQ graph analysed as stored, the float
+  and the int8 copy of an activation are both tensors of the graph and both count; with
+  ``precision="int8"`` they are the one int8 tensor the deployed model holds. The C backend's
+  planner sizes its integer-only arena itself (reusing
+  :func:`edgekiln.models.liveness.compute_liveness`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,14 @@ _NON_PARAM_INPUTS: dict[str, frozenset[int]] = {
 }
 # op -> (activation input, weight input) for the MAC formulas.
 _CONV_LIKE = {"Conv": (0, 1), "ConvInteger": (0, 1), "QLinearConv": (0, 3)}
+# Ops that mean a model quantizes its activations itself (its stored dtypes are the deployed ones).
+_QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                        "ConvInteger", "MatMulInteger", "MatMulNBits"})
+# Bytes per activation element a float model is estimated at when deployed at a precision.
+_PRECISION_BYTES = {"int8": 1, "fp16": 2, "fp32": 4}
+# onnx.TensorProto element types (stable numbers; onnx is imported inside functions only).
+_FLOAT_TYPES = frozenset({1, 10, 11, 16})            # FLOAT, FLOAT16, DOUBLE, BFLOAT16
+_INT_TYPES = frozenset({2, 3, 4, 5, 21, 22})          # UINT8, INT8, UINT16, INT16, UINT4, INT4
 _MATMUL_LIKE = {"MatMul": (0, 1), "MatMulInteger": (0, 1), "QLinearMatMul": (0, 3)}
 
 
@@ -95,6 +105,7 @@ class ModelAnalysis:
     inputs: dict[str, Shape] = field(default_factory=dict)
     outputs: dict[str, Shape] = field(default_factory=dict)
     shape_source: str = "onnx"
+    activation_precision: str = "stored dtypes"   # how activation bytes were counted (see :func:`analyze`)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -112,7 +123,8 @@ class ModelAnalysis:
         }
 
 
-def analyze(model: Any, input_shapes: Mapping[str, Shape] | None = None) -> ModelAnalysis:
+def analyze(model: Any, input_shapes: Mapping[str, Shape] | None = None, *,
+            precision: str | None = None) -> ModelAnalysis:
     """Analyse an ONNX model (a ``ModelProto`` or a path to an .onnx file).
 
     ``input_shapes`` fixes input dimensions ``{input_name: shape}``; without it a dynamic first
@@ -123,6 +135,14 @@ def analyze(model: Any, input_shapes: Mapping[str, Shape] | None = None) -> Mode
     are summed, where a tensor is live from the step producing it (graph inputs: step 0) to
     its last consumer (graph outputs: to the end); initializers and constant-node outputs are
     weights, not activations. ``live_bytes_per_step[k]`` is that sum during node ``k``.
+
+    ``precision`` counts activations at the size the deployed model holds them in (``None``:
+    the stored dtypes). ``"int8"`` on a QDQ model: each quantized activation -- the float
+    tensor a QuantizeLinear reads (when only QuantizeLinears read it), its int8 copy and the
+    DequantizeLinear outputs -- is one tensor of the quantized dtype, live from the first
+    producer to the last reader (the Q/DQ pairs fuse into integer kernels at deployment). On a
+    float model (no quantization ops) ``"int8"``/``"fp16"``/``"fp32"`` estimates every float
+    activation at 1/2/4 bytes. A model with its own quantization ops keeps its other dtypes.
 
     >>> from edgekiln.testing.tiny import tiny_conv_onnx
     >>> import tempfile
@@ -141,10 +161,28 @@ def analyze(model: Any, input_shapes: Mapping[str, Shape] | None = None) -> Mode
     shapes, types, source = _value_shapes(proto, fixed, label)
     for name, t in inits.items():
         shapes[name], types[name] = tuple(t.dims), t.data_type
+    if precision is not None and precision not in _PRECISION_BYTES:
+        raise EdgekilnError(f"precision must be one of {', '.join(_PRECISION_BYTES)} (got {precision!r})")
+    quantizes = any(n.op_type in _QUANT_OPS and not all(o in constants for o in n.output if o) for n in graph.node)
+    alias, qtypes = _qdq_aliases(graph, constants, {o.name for o in graph.output}, types) \
+        if precision == "int8" and quantizes else ({}, {})
+    estimate = _PRECISION_BYTES[precision] if precision is not None and not quantizes else None
+    how = "int8, quantized tensors" if alias else f"{precision}, estimated" if estimate else "stored dtypes"
 
-    def nbytes(name: str) -> int:
+    def stored_bytes(name: str) -> int:
         shape = shapes.get(name)
         return _nbytes(types.get(name, onnx.TensorProto.FLOAT), math.prod(shape)) if shape is not None else 0
+
+    def nbytes(name: str) -> int:
+        """Bytes of an activation as deployed; 0 for one that is another's alias."""
+        root = alias.get(name, name)
+        if root != name:
+            return 0
+        if name in qtypes:   # the root of a quantized group: its elements at the quantized dtype
+            return _nbytes(qtypes[name], math.prod(shapes[name])) if shapes.get(name) is not None else 0
+        if estimate is not None and types.get(name, onnx.TensorProto.FLOAT) in _FLOAT_TYPES and shapes.get(name):
+            return estimate * math.prod(shapes[name])
+        return stored_bytes(name)
 
     sources: dict[str, frozenset[str]] = {}  # constant value -> initializers it is made from
     counted: set[str] = set()
@@ -182,17 +220,19 @@ def analyze(model: Any, input_shapes: Mapping[str, Shape] | None = None) -> Mode
     # Liveness over activations: graph inputs and the outputs of non-constant nodes.
     producers: dict[str, int] = {}
     consumers: dict[str, list[int]] = {}
+    input_names = {i.name for i in inputs}
     for step, node in enumerate(graph.node):
         for name in [*node.input, *_implicit_inputs(node)]:
             if name and name not in inits and name not in constants:
-                consumers.setdefault(name, []).append(step)
+                consumers.setdefault(alias.get(name, name), []).append(step)
         for name in node.output:
-            if name and name not in constants:
-                producers[name] = step
+            root = alias.get(name, name)   # NOTE: a fused Q/DQ chain is produced where its float tensor is
+            if name and name not in constants and root not in producers and root not in input_names:
+                producers[root] = step
     activations = [i.name for i in inputs] + list(producers)
     out_names = [o.name for o in graph.output]
     live = compute_liveness({n: nbytes(n) for n in activations}, producers, consumers, len(graph.node),
-                            outputs=[o for o in out_names if o not in constants and o not in inits])
+                            outputs=[alias.get(o, o) for o in out_names if o not in constants and o not in inits])
 
     weight_bytes = sum(_nbytes(t.data_type, math.prod(t.dims)) for t in inits.values())
     weight_bytes += sum(_nbytes(t.data_type, math.prod(t.dims)) for t in body_initializers(graph))
@@ -207,7 +247,7 @@ def analyze(model: Any, input_shapes: Mapping[str, Shape] | None = None) -> Mode
         macs=sum(layer.macs for layer in layers),
         model_bytes=model_bytes,
         weight_bytes=weight_bytes,
-        io_bytes=sum(nbytes(n) for n in io_names),
+        io_bytes=sum(nbytes(n) for n in dict.fromkeys(alias.get(n, n) for n in io_names)),
         peak_activation_bytes=live.peak_bytes,
         peak_step=live.peak_step,
         live_bytes_per_step=live.live_bytes_per_step,
@@ -217,7 +257,36 @@ def analyze(model: Any, input_shapes: Mapping[str, Shape] | None = None) -> Mode
         inputs=dict(fixed),
         outputs={n: shapes[n] for n in out_names if shapes.get(n) is not None},
         shape_source=source,
+        activation_precision=how,
     )
+
+
+def _qdq_aliases(graph: Any, constants: set[str], graph_outputs: set[str],
+                 types: Mapping[str, int]) -> tuple[dict[str, str], dict[str, int]]:
+    """``{tensor: root}`` for the tensors that are one int8 activation once Q/DQ pairs fuse: a
+    non-constant QuantizeLinear's output, the DequantizeLinear outputs of it, and the float tensor
+    the QuantizeLinear reads when only QuantizeLinears read it and it is no graph output (else
+    that float tensor stays and the group starts at the int8 copy). Roots map to themselves;
+    the second dict is each root's quantized element type."""
+    readers: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    alias: dict[str, str] = {}
+    qtypes: dict[str, int] = {}
+    for node in graph.node:
+        if not node.output or node.output[0] in constants or not node.input:
+            continue
+        x, out = node.input[0], node.output[0]
+        if node.op_type == "QuantizeLinear" and types.get(out) in _INT_TYPES:
+            fused = readers.get(x) == {"QuantizeLinear"} and x not in graph_outputs
+            root = alias.get(x, x) if fused else out
+            alias.setdefault(root, root)
+            alias[out] = root
+            qtypes.setdefault(root, types[out])
+        elif node.op_type == "DequantizeLinear" and x in alias:
+            alias[out] = alias[x]
+    return alias, qtypes
 
 
 # --- loading and input shapes ------------------------------------------------------------

@@ -58,6 +58,8 @@ class FitReport:
     notes: tuple[str, ...]
     metrics: dict[str, Metric] = field(default_factory=dict)
     latency_source: str = "estimate"
+    ram_source: str = ""     # where the RAM and flash numbers come from (empty: not stated)
+    flash_source: str = ""
 
     @property
     def fits(self) -> bool:
@@ -76,9 +78,10 @@ class FitReport:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        sources = {k: v for k, v in (("ram_source", self.ram_source), ("flash_source", self.flash_source)) if v}
         return {"target": self.target, "kind": self.kind, "precision": self.precision, "fits": self.fits,
                 "exceeded": self.exceeded, "notes": list(self.notes), "latency_source": self.latency_source,
-                **{k: m.to_dict() for k, m in self.metrics.items()}}
+                **{k: m.to_dict() for k, m in self.metrics.items()}, **sources}
 
     def render_markdown(self) -> str:
         from edgekiln.report import md_table

@@ -41,7 +41,7 @@ class OvSession:
             model = core.read_model(str(model_path))
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError with a multi-line trace
             raise EdgekilnError(f"openvino cannot read {name}: {error_line(exc)}") from None
-        names = [i.get_any_name() for i in model.inputs]
+        names = [_port_name(i, input_shapes) for i in model.inputs]
         declared = [[d.get_length() if d.is_static else None for d in i.get_partial_shape()] for i in model.inputs]
         unknown = sorted(set(input_shapes or {}) - set(names))
         if unknown:
@@ -58,7 +58,7 @@ class OvSession:
             raise EdgekilnError(f"openvino cannot compile {name}: {error_line(exc)}") from None
         self.request = self.compiled.create_infer_request()
         ins = self.compiled.inputs
-        self.input_names = [i.get_any_name() for i in ins]
+        self.input_names = [_port_name(i, input_shapes) for i in ins]
         self.input_shapes = [[d.get_length() if d.is_static else None for d in i.get_partial_shape()] for i in ins]
         self.input_dtypes: list[Any] = [i.get_element_type().to_dtype() for i in ins]
         self.outputs = self.compiled.outputs
@@ -67,6 +67,14 @@ class OvSession:
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         result = self.request.infer(feeds)
         return [np.asarray(result[o]) for o in self.outputs]
+
+
+def _port_name(port: Any, wanted: Mapping[str, Sequence[int]] | None) -> str:
+    """The port's name the caller uses. NOTE: OpenVINO merges the names of tensors it fuses, and
+    ``get_any_name`` returns the first in order: an fp16 model's input 'input' (read by a Cast
+    to float16) comes back as 'graph_input_cast_0', so the ONNX name given is preferred."""
+    names = port.get_names()
+    return next((n for n in sorted(names) if n in (wanted or {})), port.get_any_name())
 
 
 def load(model_path: str | Path, threads: int = 1,
