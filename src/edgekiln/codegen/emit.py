@@ -23,7 +23,7 @@ from edgekiln.fileio import atomic_write_text
 PARAM_STRUCT = {"conv2d": "ek_conv_params", "fully_connected": "ek_fc_params", "add": "ek_add_params",
                 "requantize": "ek_requant_params", "max_pool": "ek_pool_params", "avg_pool": "ek_pool_params",
                 "concat": "ek_concat_params", "softmax": "ek_softmax_params",
-                "transpose_nchw": "ek_transpose_params"}
+                "transpose_nchw": "ek_transpose_params", "lut": "ek_lut_params"}
 #: C parameter struct -> its field names in declaration order (as in ek_kernels.h).
 STRUCT_FIELDS = {
     "ek_conv_params": ("in_h in_w in_c out_h out_w out_c k_h k_w stride_h stride_w dil_h dil_w pad_top pad_left "
@@ -37,10 +37,12 @@ STRUCT_FIELDS = {
     "ek_concat_params": "outer out_c n_inputs output_zp",
     "ek_softmax_params": "rows depth output_zp inv_mult div_shift",
     "ek_transpose_params": "height width channels",
+    "ek_lut_params": "size",
 }
 _ARRAY_ORDER = {"conv2d": ("weights", "bias", "mult", "shift"), "conv_pool": ("weights", "bias", "mult", "shift"),
                 "fully_connected": ("weights", "bias", "mult", "shift"),
-                "concat": ("channels", "zps", "mult", "shift"), "softmax": ("lut",)}
+                "concat": ("channels", "zps", "mult", "shift"), "softmax": ("lut",),
+                "lut": ("table",)}
 _CTYPE = {np.dtype(np.int8): "int8_t", np.dtype(np.int32): "int32_t"}
 
 KERNEL_FILES = ("ek_kernels.h", "ek_kernels.c")
@@ -71,7 +73,9 @@ def _safe(name: str) -> str:
 
 def _ptr(plan: MemoryPlan, tensor: str) -> str:
     where, offset = plan.location[tensor]
-    return "input" if where == "input" else "output" if where == "output" else f"arena + {offset}"
+    if where == "output":
+        return f"output + {offset}" if offset else "output"
+    return "input" if where == "input" else f"arena + {offset}"
 
 
 def _op_decls(i: int, op: Op) -> str:
@@ -123,6 +127,8 @@ def _op_call(i: int, op: Op, plan: MemoryPlan) -> str:
                 f"        ek_concat({p}, ins, op{i}_channels, op{i}_zps, op{i}_mult, op{i}_shift, {y});\n    }}\n")
     if op.kind == "softmax":
         return f"    ek_softmax({p}, {ins[0]}, op{i}_lut, {y});\n"
+    if op.kind == "lut":
+        return f"    ek_lut({p}, {ins[0]}, op{i}_table, {y});\n"
     fn = {"requantize": "ek_requantize", "max_pool": "ek_max_pool", "avg_pool": "ek_avg_pool",
           "transpose_nchw": "ek_transpose_nchw"}[op.kind]
     return f"    {fn}({p}, {ins[0]}, {y});\n"
@@ -135,7 +141,15 @@ def render_header(graph: IntGraph, plan: MemoryPlan, prefix: str) -> str:
              f"#ifndef {up}_H", f"#define {up}_H", "", "#include <stdint.h>", "",
              "/* Tensors are NHWC (channels last), batch 1. Quantize the input as",
              " * q = clamp(round_half_even(x / SCALE) + ZERO_POINT, -128, 127). */"]
-    for tag, t in (("INPUT", ti), ("OUTPUT", to)):
+    several = bool(graph.extra_outputs)
+    tags = [("INPUT", ti)] + ([] if several else [("OUTPUT", to)])
+    if several:
+        lines += ["/* Several outputs, packed one after the other in the output buffer: OUTPUTk_OFFSET. */",
+                  f"#define {up}_OUTPUT_COUNT {len(graph.outputs)}", f"#define {up}_OUTPUT_SIZE {graph.output_bytes}"]
+        tags += [(f"OUTPUT{k}", graph.tensors[o]) for k, o in enumerate(graph.outputs)]
+    for tag, t in tags:
+        if tag.startswith("OUTPUT") and several:
+            lines.append(f"#define {up}_{tag}_OFFSET {graph.output_offsets[int(tag[6:])]}")
         lines.append(f"#define {up}_{tag}_SIZE {t.size}")
         lines.append(f"#define {up}_{tag}_RANK {len(t.shape)}")
         lines += [f"#define {up}_{tag}_DIM{k} {d}" for k, d in enumerate(t.shape)]
@@ -231,7 +245,7 @@ int main(int argc, char **argv) {{
 def render_library(graph: IntGraph, plan: MemoryPlan, prefix: str) -> dict[str, str]:
     """All files of the C library as ``{file name: text}`` (deterministic)."""
     check_prefix(prefix)
-    if plan.location[graph.output][0] != "output":
+    if any(plan.location[o][0] != "output" for o in graph.outputs):
         raise EdgekilnError("the model's output is its input (no computation): nothing to export")
     files = {f"{prefix}.h": render_header(graph, plan, prefix), f"{prefix}.c": render_source(graph, plan, prefix)}
     files.update({name: kernel_source(name) for name in KERNEL_FILES})

@@ -20,7 +20,7 @@ from edgekiln.errors import EdgekilnError
 CODE_BYTES = {"_requant": 178, "_call": 28, "_ldiv": 400, "_conv_row": 314, "_requant_b32": 340, "conv2d": 66,
               "fully_connected": 108, "add": 108,
               "requantize": 58, "max_pool": 164, "avg_pool": 360, "concat": 146, "softmax": 224,
-              "transpose_nchw": 74, "reshape": 0, "conv_pool": 420}
+              "transpose_nchw": 74, "reshape": 0, "conv_pool": 420, "lut": 26}
 #: bytes of one int32 field in a ``static const`` parameter struct.
 _FIELD_BYTES = 4
 
@@ -42,11 +42,14 @@ class CExport:
         ti, to = g.tensors[g.input], g.tensors[g.output]
         return {
             "target": "c", "prefix": self.prefix, "files": [p.name for p in self.files], "fused": self.fused,
-            "arena_bytes": self.plan.arena_bytes, "io_bytes": ti.size + to.size,
-            "ram_bytes": self.plan.arena_bytes + ti.size + to.size,
+            "arena_bytes": self.plan.arena_bytes, "io_bytes": ti.size + g.output_bytes,
+            "ram_bytes": self.plan.arena_bytes + ti.size + g.output_bytes,
             "flash_bytes": self.flash["total"], "flash": self.flash, "macs": g.macs,
             "input": {"shape_nhwc": list(ti.shape), "scale": ti.scale, "zero_point": ti.zero_point},
             "output": {"shape_nhwc": list(to.shape), "scale": to.scale, "zero_point": to.zero_point},
+            "outputs": [{"shape_nhwc": list(g.tensors[o].shape), "scale": g.tensors[o].scale,
+                         "zero_point": g.tensors[o].zero_point, "offset": off}
+                        for o, off in zip(g.outputs, g.output_offsets, strict=True)],
             "memory_plan": self.plan.to_dict(),
             "ops": [{"step": i, "name": op.name, "kind": op.kind, "output_shape": list(g.tensors[op.output].shape),
                      "macs": op.macs, "const_bytes": op.const_bytes, "location": self.plan.location[op.output]}
@@ -98,7 +101,7 @@ def mcu_footprint(model: str | Path | Any) -> McuFootprint:
     """
     graph = lower_for_c(model)  # fused, as the default export
     plan = plan_memory(graph)
-    io = graph.tensors[graph.input].size + graph.tensors[graph.output].size
+    io = graph.tensors[graph.input].size + graph.output_bytes
     return McuFootprint(int(plan.arena_bytes), int(io), estimate_flash(graph))
 
 

@@ -50,7 +50,7 @@ def fuse_conv_pool(graph: IntGraph) -> IntGraph:
             continue
         mid = pool.inputs[0]
         conv = next((op for op in graph.ops if op.output == mid), None)
-        if conv is None or conv.kind != "conv2d" or mid == graph.output or len(graph.consumers(mid)) != 1:
+        if conv is None or conv.kind != "conv2d" or mid in graph.outputs or len(graph.consumers(mid)) != 1:
             continue
         pa = dict.fromkeys(POOL_FIELDS, 0)
         pa.update(pool.attrs)

@@ -28,7 +28,8 @@ from edgekiln.errors import EdgekilnError
 
 #: ONNX ops the C backend lowers (besides QuantizeLinear/DequantizeLinear).
 SUPPORTED_OPS = ("Conv", "Gemm", "MatMul", "Add", "Relu", "Clip", "MaxPool", "AveragePool",
-                 "GlobalAveragePool", "Flatten", "Reshape", "Concat", "Softmax")
+                 "GlobalAveragePool", "ReduceMean", "Flatten", "Reshape", "Concat", "Softmax",
+                 "BatchNormalization", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Elu")
 
 
 @dataclass
@@ -71,7 +72,12 @@ class Op:
 
 @dataclass
 class IntGraph:
-    """The lowered model: tensors by name, ops in schedule order, one input and one output."""
+    """The lowered model: tensors by name, ops in schedule order, one input, one or more outputs.
+
+    ``output`` is the first graph output; ``extra_outputs`` the others, in ONNX graph order.
+    The C library writes all of them into one caller buffer, packed one after the other
+    (:attr:`output_offsets`).
+    """
 
     tensors: dict[str, QTensor]
     ops: list[Op]
@@ -80,6 +86,21 @@ class IntGraph:
     onnx_input_name: str
     onnx_input_shape: tuple[int, ...]
     onnx_output_shape: tuple[int, ...]
+    extra_outputs: list[str] = field(default_factory=list)
+
+    @property
+    def outputs(self) -> list[str]:
+        return [self.output, *self.extra_outputs]
+
+    @property
+    def output_offsets(self) -> list[int]:
+        """Byte offset of each output in the packed output buffer."""
+        sizes = [self.tensors[o].size for o in self.outputs]
+        return [int(sum(sizes[:k])) for k in range(len(sizes))]
+
+    @property
+    def output_bytes(self) -> int:
+        return int(sum(self.tensors[o].size for o in self.outputs))
 
     @property
     def weight_bytes(self) -> int:
@@ -103,6 +124,8 @@ class LowerContext:
     q_of: dict[str, list[Any]]             # float tensor -> QuantizeLinear nodes reading it
     float_consumers: dict[str, list[Any]]  # float tensor -> nodes reading it
     graph: IntGraph
+    #: names of nodes already lowered as part of another (a BatchNormalization folded into its Conv).
+    folded: set[str] = field(default_factory=set)
 
 
 def load_qdq(model: Any) -> IntGraph:
@@ -131,8 +154,8 @@ def load_qdq(model: Any) -> IntGraph:
         elif is_constant_mul(node, inits):   # a bias scale computed from the two scales
             inits[node.output[0]] = (inits[node.input[0]] * inits[node.input[1]]).astype(np.float32)
     real_inputs = [i for i in g.input if i.name not in inits]
-    if len(real_inputs) != 1 or len(g.output) != 1:
-        raise EdgekilnError(f"C export needs exactly one graph input and one output, got "
+    if len(real_inputs) != 1 or not g.output:
+        raise EdgekilnError(f"C export needs exactly one graph input and at least one output, got "
                             f"{len(real_inputs)} inputs and {len(g.output)} outputs")
     q_nodes = [n for n in g.node if n.op_type == "QuantizeLinear"]
     if not q_nodes:
@@ -150,7 +173,8 @@ def load_qdq(model: Any) -> IntGraph:
     for node in g.node:
         if node.op_type == "DequantizeLinear":
             _read_dq(ctx, node)
-        elif node.op_type in ("QuantizeLinear", "Constant") or is_constant_mul(node, inits):
+        elif node.op_type in ("QuantizeLinear", "Constant") or is_constant_mul(node, inits) \
+                or (node.name or node.output[0]) in ctx.folded:
             continue
         elif node.op_type not in SUPPORTED_OPS:
             raise EdgekilnError(f"op {node.op_type} (node {node.name or node.output[0]!r}) is not supported "
@@ -205,9 +229,16 @@ def _read_dq(ctx: LowerContext, node: Any) -> None:
 
 
 def _read_output(ctx: LowerContext, g: Any) -> None:
+    names = [_output_tensor(ctx, vi.name) for vi in g.output]
+    if len(set(names)) != len(names):
+        raise EdgekilnError("two graph outputs are the same int8 tensor; C export needs distinct outputs")
+    ctx.graph.output, ctx.graph.extra_outputs = names[0], names[1:]
+    ctx.graph.onnx_output_shape = to_onnx_shape(ctx.graph.tensors[names[0]].shape)
+
+
+def _output_tensor(ctx: LowerContext, out: str) -> str:
     from edgekiln.codegen import lower
 
-    out = g.output[0].name
     if out in ctx.act_dq:
         name = ctx.act_dq[out]
     elif out in ctx.graph.tensors:
@@ -217,10 +248,10 @@ def _read_output(ctx: LowerContext, g: Any) -> None:
                             "the last op is not quantized")
     t = ctx.graph.tensors[name]
     if t.nchw_flatten_of is not None:
-        lower.emit_nchw_transpose(ctx, name)
-        name = ctx.graph.ops[-1].output
-    ctx.graph.output = name
-    ctx.graph.onnx_output_shape = to_onnx_shape(ctx.graph.tensors[name].shape)
+        name = lower.emit_nchw_transpose(ctx, name)
+    if name == ctx.graph.input:
+        raise EdgekilnError(f"graph output {out!r} is the graph input (no computation)")
+    return name
 
 
 def to_c_shape(onnx_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekiln.codegen import lower_pointwise
 from edgekiln.codegen.binary32 import binary32_multiplier, onnx_qlinear_scale
 from edgekiln.codegen.ir import IntGraph, LowerContext, Op, QTensor, activation_qparams
 from edgekiln.errors import EdgekilnError
@@ -23,7 +24,8 @@ ADD_LEFT_SHIFT = 20
 SOFTMAX_LUT_BITS = 16
 
 
-def _attr(node: Any, name: str, default: Any) -> Any:
+def node_attr(node: Any, name: str, default: Any) -> Any:
+    """The value of ONNX attribute ``name`` of ``node``, or ``default``."""
     from onnx import helper
 
     for a in node.attribute:
@@ -32,14 +34,16 @@ def _attr(node: Any, name: str, default: Any) -> Any:
     return default
 
 
-def _label(node: Any) -> str:
+def node_label(node: Any) -> str:
+    """``"OpType (node 'name')"`` for error messages."""
     return f"{node.op_type} (node {node.name or node.output[0]!r})"
 
 
-def _in(ctx: LowerContext, node: Any, i: int, *, flat_ok: bool = False) -> QTensor:
+def act_input(ctx: LowerContext, node: Any, i: int, *, flat_ok: bool = False) -> QTensor:
+    """The int8 tensor behind input ``i`` of ``node`` (a DequantizeLinear output); an error for a float path."""
     name = node.input[i]
     if name not in ctx.act_dq:
-        raise EdgekilnError(f"input {name!r} of {_label(node)} is not a dequantized int8 tensor "
+        raise EdgekilnError(f"input {name!r} of {node_label(node)} is not a dequantized int8 tensor "
                             "(a float path in the QDQ model)")
     t = ctx.graph.tensors[ctx.act_dq[name]]
     if t.nchw_flatten_of is not None and not flat_ok:
@@ -47,20 +51,22 @@ def _in(ctx: LowerContext, node: Any, i: int, *, flat_ok: bool = False) -> QTens
     return t
 
 
-def _const(ctx: LowerContext, node: Any, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def const_input(ctx: LowerContext, node: Any, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """``(stored values, scale, zero point, axis)`` of constant input ``i`` (dequantized or float)."""
     name = node.input[i]
     if name in ctx.const_dq:
         return ctx.const_dq[name]
     if name in ctx.inits:  # a float constant left unquantized (e.g. a bias)
         a = np.asarray(ctx.inits[name])
         return a, np.ones(1), np.zeros(1, np.int32), 0
-    raise EdgekilnError(f"input {name!r} of {_label(node)} must be a constant (weight or bias)")
+    raise EdgekilnError(f"input {name!r} of {node_label(node)} must be a constant (weight or bias)")
 
 
-def _out(ctx: LowerContext, node: Any, shape: tuple[int, ...], name_suffix: str = "") -> QTensor:
+def act_output(ctx: LowerContext, node: Any, shape: tuple[int, ...], name_suffix: str = "") -> QTensor:
+    """Register the int8 tensor the QuantizeLinear after ``node`` produces, in C layout ``shape``."""
     qs = ctx.q_of.get(node.output[0], [])
     if not qs:
-        raise EdgekilnError(f"output of {_label(node)} is not quantized (no QuantizeLinear follows it)")
+        raise EdgekilnError(f"output of {node_label(node)} is not quantized (no QuantizeLinear follows it)")
     scale, zp = activation_qparams(ctx, qs[0])
     name = qs[0].output[0] + name_suffix
     t = QTensor(name, tuple(int(d) for d in shape), scale, zp)
@@ -86,7 +92,7 @@ def _mult(real: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
 
 def _weight_scales(node: Any, scale: np.ndarray, zp: np.ndarray, n: int) -> np.ndarray:
     if np.any(np.asarray(zp) != 0):
-        raise EdgekilnError(f"weights of {_label(node)} have a non-zero zero point; C export needs symmetric "
+        raise EdgekilnError(f"weights of {node_label(node)} have a non-zero zero point; C export needs symmetric "
                             "int8 weights")
     scale = np.asarray(scale, dtype=np.float64).reshape(-1)
     return np.broadcast_to(scale, (n,)).copy() if scale.size == 1 else scale
@@ -95,7 +101,7 @@ def _weight_scales(node: Any, scale: np.ndarray, zp: np.ndarray, n: int) -> np.n
 def _bias(ctx: LowerContext, node: Any, idx: int, n: int, acc_scale: np.ndarray) -> np.ndarray:
     if len(node.input) <= idx or not node.input[idx]:
         return np.zeros(n, dtype=np.int32)
-    q, scale, zp, _ = _const(ctx, node, idx)
+    q, scale, zp, _ = const_input(ctx, node, idx)
     real = (np.asarray(q, np.float64).reshape(-1) - np.asarray(zp, np.float64).reshape(-1)) * \
         np.asarray(scale, np.float64).reshape(-1)
     # NOTE: ORT stores bias as int32 with scale s_in*s_w, so this division gives back the
@@ -103,47 +109,78 @@ def _bias(ctx: LowerContext, node: Any, idx: int, n: int, acc_scale: np.ndarray)
     return np.rint(real / acc_scale).astype(np.int32)
 
 
+def _pool_axis(n: int, k: int, s: int, pads: list[int], axis: int, ceil: bool) -> int:
+    """Output length of one pooled axis; with ``ceil_mode`` a window must start inside the input
+    or its leading padding (ONNX and PyTorch drop one that would start in the trailing padding)."""
+    span = n + pads[axis] + pads[axis + 2] - k
+    out = (-(-span // s) if ceil else span // s) + 1
+    if ceil and (out - 1) * s >= n + pads[axis]:
+        out -= 1
+    return out
+
+
+def _auto_pads(node: Any, h: int, w: int, kernel: tuple[int, int], strides: list[int]) -> list[int]:
+    mode = node_attr(node, "auto_pad", b"NOTSET")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode in ("NOTSET", ""):
+        return list(node_attr(node, "pads", [0, 0, 0, 0]))
+    if mode == "VALID":
+        return [0, 0, 0, 0]
+    total = [max((-(-n // s) - 1) * s + k - n, 0) for n, k, s in zip((h, w), kernel, strides, strict=True)]
+    head = [t // 2 if mode == "SAME_UPPER" else t - t // 2 for t in total]
+    return [head[0], head[1], total[0] - head[0], total[1] - head[1]]
+
+
 def _pool_geometry(node: Any, x: QTensor, kernel: tuple[int, int]) -> dict[str, int]:
-    if _attr(node, "ceil_mode", 0) or _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-        raise EdgekilnError(f"{_label(node)}: ceil_mode/auto_pad are not supported by the C backend")
-    if any(d != 1 for d in _attr(node, "dilations", [1, 1])):
-        raise EdgekilnError(f"{_label(node)}: pooling dilation is not supported by the C backend")
-    pads = list(_attr(node, "pads", [0, 0, 0, 0]))
-    strides = list(_attr(node, "strides", [1, 1]))
+    if any(d != 1 for d in node_attr(node, "dilations", [1, 1])):
+        raise EdgekilnError(f"{node_label(node)}: pooling dilation is not supported by the C backend")
+    if len(x.shape) != 4:
+        raise EdgekilnError(f"{node_label(node)}: pooling needs a 4-D input, got {x.shape}")
     _, h, w, c = x.shape
-    out_h = (h + pads[0] + pads[2] - kernel[0]) // strides[0] + 1
-    out_w = (w + pads[1] + pads[3] - kernel[1]) // strides[1] + 1
+    strides = list(node_attr(node, "strides", [1, 1]))
+    pads = _auto_pads(node, h, w, kernel, strides)
+    ceil = bool(node_attr(node, "ceil_mode", 0))
+    out_h = _pool_axis(h, kernel[0], strides[0], pads, 0, ceil)
+    out_w = _pool_axis(w, kernel[1], strides[1], pads, 1, ceil)
     return dict(in_h=h, in_w=w, channels=c, out_h=out_h, out_w=out_w, k_h=kernel[0], k_w=kernel[1],
-                stride_h=strides[0], stride_w=strides[1], pad_top=pads[0], pad_left=pads[1])
+                stride_h=strides[0], stride_w=strides[1], pad_top=pads[0], pad_left=pads[1],
+                pad_bottom=pads[2], pad_right=pads[3])
 
 
 def lower_node(ctx: LowerContext, node: Any) -> None:
     """Append the integer op(s) for one float ONNX node sitting between DQ inputs and a Q output."""
     {"Conv": _conv, "Gemm": _fc, "MatMul": _fc, "Add": _add, "Relu": _clamp, "Clip": _clamp,
      "MaxPool": _maxpool, "AveragePool": _avgpool, "GlobalAveragePool": _avgpool, "Flatten": _reshape,
-     "Reshape": _reshape, "Concat": _concat, "Softmax": _softmax}[node.op_type](ctx, node)
+     "Reshape": _reshape, "Concat": _concat, "Softmax": _softmax, "ReduceMean": _avgpool,
+     "BatchNormalization": lower_pointwise.lower_batchnorm,
+     **dict.fromkeys(lower_pointwise.UNARY_FUNCS, lower_pointwise.lower_unary)}[node.op_type](ctx, node)
 
 
 def _conv(ctx: LowerContext, node: Any) -> None:
-    x = _in(ctx, node, 0)
-    wq, ws, wz, _ = _const(ctx, node, 1)
+    x = act_input(ctx, node, 0)
+    wq, ws, wz, _ = const_input(ctx, node, 1)
     if wq.dtype != np.int8 or wq.ndim != 4:
-        raise EdgekilnError(f"{_label(node)}: weights must be 2-D convolution int8 weights, got {wq.dtype} "
+        raise EdgekilnError(f"{node_label(node)}: weights must be 2-D convolution int8 weights, got {wq.dtype} "
                             f"{wq.shape}")
-    if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-        raise EdgekilnError(f"{_label(node)}: auto_pad is not supported; export with explicit pads")
+    if node_attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        raise EdgekilnError(f"{node_label(node)}: auto_pad is not supported; export with explicit pads")
     cout, cin_g, kh, kw = wq.shape
-    groups = int(_attr(node, "group", 1))
+    groups = int(node_attr(node, "group", 1))
     _, h, w, cin = x.shape
     if cin_g * groups != cin:
-        raise EdgekilnError(f"{_label(node)}: weight shape {wq.shape} does not match {cin} input channels")
-    pads = list(_attr(node, "pads", [0, 0, 0, 0]))
-    strides = list(_attr(node, "strides", [1, 1]))
-    dil = list(_attr(node, "dilations", [1, 1]))
+        raise EdgekilnError(f"{node_label(node)}: weight shape {wq.shape} does not match {cin} input channels")
+    pads = list(node_attr(node, "pads", [0, 0, 0, 0]))
+    strides = list(node_attr(node, "strides", [1, 1]))
+    dil = list(node_attr(node, "dilations", [1, 1]))
     out_h = (h + pads[0] + pads[2] - dil[0] * (kh - 1) - 1) // strides[0] + 1
     out_w = (w + pads[1] + pads[3] - dil[1] * (kw - 1) - 1) // strides[1] + 1
-    y = _out(ctx, node, (1, out_h, out_w, cout))
+    bn = lower_pointwise.bn_after(ctx, node)
+    y = act_output(ctx, bn or node, (1, out_h, out_w, cout))
     s_w = _weight_scales(node, ws, wz, cout)
+    weights = np.ascontiguousarray(wq.transpose(0, 2, 3, 1))
+    bias = _bias(ctx, node, 2, cout, x.scale * s_w)
+    if bn is not None:
+        weights, bias, s_w = lower_pointwise.fold_bn_into_conv(ctx, bn, weights, bias, x.scale, s_w)
     # NOTE: conv and FC requantize as binary32 arithmetic rounds (float32 scale, 24-bit
     # significand, ties to even), emulated in integers: bit-exact with onnxruntime's QLinearConv.
     # The 31-bit fixed-point multiplier rounds exactly instead and diverged on ~1e-6 of the
@@ -155,31 +192,30 @@ def _conv(ctx: LowerContext, node: Any) -> None:
                    stride_h=strides[0], stride_w=strides[1], dil_h=dil[0], dil_w=dil[1], pad_top=pads[0],
                    pad_left=pads[1], groups=groups, input_zp=x.zero_point, output_zp=y.zero_point,
                    act_min=-128, act_max=127),
-        arrays=dict(weights=np.ascontiguousarray(wq.transpose(0, 2, 3, 1)),
-                    bias=_bias(ctx, node, 2, cout, x.scale * s_w), mult=mult, shift=shift),
+        arrays=dict(weights=weights, bias=bias, mult=mult, shift=shift),
         macs=out_h * out_w * cout * kh * kw * cin_g, weight_scale=s_w.astype(np.float32)))
 
 
 def _fc(ctx: LowerContext, node: Any) -> None:
-    x = _in(ctx, node, 0, flat_ok=True)
-    wq, ws, wz, axis = _const(ctx, node, 1)
+    x = act_input(ctx, node, 0, flat_ok=True)
+    wq, ws, wz, axis = const_input(ctx, node, 1)
     if wq.dtype != np.int8 or wq.ndim != 2 or len(x.shape) != 2:
-        raise EdgekilnError(f"{_label(node)}: needs a 2-D int8 weight and a 2-D input, got {wq.shape} and "
+        raise EdgekilnError(f"{node_label(node)}: needs a 2-D int8 weight and a 2-D input, got {wq.shape} and "
                             f"{x.shape}")
     if node.op_type == "Gemm":
-        if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0:
-            raise EdgekilnError(f"{_label(node)}: only Gemm with transA=0, alpha=beta=1 is supported")
-        w = wq if _attr(node, "transB", 0) else wq.T
+        if node_attr(node, "transA", 0) or node_attr(node, "alpha", 1.0) != 1.0 or node_attr(node, "beta", 1.0) != 1.0:
+            raise EdgekilnError(f"{node_label(node)}: only Gemm with transA=0, alpha=beta=1 is supported")
+        w = wq if node_attr(node, "transB", 0) else wq.T
     else:
         w = wq.T
     n_out, n_in = w.shape
     if n_in != x.shape[1]:
-        raise EdgekilnError(f"{_label(node)}: weight {wq.shape} does not match input features {x.shape[1]}")
+        raise EdgekilnError(f"{node_label(node)}: weight {wq.shape} does not match input features {x.shape[1]}")
     if x.nchw_flatten_of is not None:
         c, h, wd = x.nchw_flatten_of
         # NOTE: ONNX flattened C,H,W; the C tensor is H,W,C: permute the columns once, here.
         w = w.reshape(n_out, c, h, wd).transpose(0, 2, 3, 1).reshape(n_out, n_in)
-    y = _out(ctx, node, (1, n_out))
+    y = act_output(ctx, node, (1, n_out))
     s_w = _weight_scales(node, ws, wz, n_out)
     mult, shift = binary32_multiplier(onnx_qlinear_scale(x.scale, s_w, y.scale))
     bias_idx = 2 if node.op_type == "Gemm" else 99
@@ -193,10 +229,10 @@ def _fc(ctx: LowerContext, node: Any) -> None:
 
 
 def _add(ctx: LowerContext, node: Any) -> None:
-    a, b = _in(ctx, node, 0), _in(ctx, node, 1)
+    a, b = act_input(ctx, node, 0), act_input(ctx, node, 1)
     if a.shape != b.shape:
-        raise EdgekilnError(f"{_label(node)}: broadcasting Add {a.shape} + {b.shape} is not supported")
-    y = _out(ctx, node, a.shape)
+        raise EdgekilnError(f"{node_label(node)}: broadcasting Add {a.shape} + {b.shape} is not supported")
+    y = act_output(ctx, node, a.shape)
     twice_max = 2.0 * max(a.scale, b.scale)
     am, ash = quantize_multiplier(a.scale / twice_max)
     bm, bsh = quantize_multiplier(b.scale / twice_max)
@@ -218,18 +254,18 @@ def _requant(ctx: LowerContext, name: str, x: QTensor, y: QTensor, lo: int = -12
 
 
 def _clamp(ctx: LowerContext, node: Any) -> None:
-    x = _in(ctx, node, 0)
-    y = _out(ctx, node, x.shape)
+    x = act_input(ctx, node, 0)
+    y = act_output(ctx, node, x.shape)
     if node.op_type == "Relu":
         lo_f, hi_f = 0.0, math.inf
     else:
-        lo_f = _attr(node, "min", -math.inf)
-        hi_f = _attr(node, "max", math.inf)
+        lo_f = node_attr(node, "min", -math.inf)
+        hi_f = node_attr(node, "max", math.inf)
         for idx, which in ((1, "min"), (2, "max")):
             if len(node.input) > idx and node.input[idx]:
                 name = node.input[idx]
                 if name not in ctx.inits:
-                    raise EdgekilnError(f"{_label(node)}: Clip {which} must be a constant")
+                    raise EdgekilnError(f"{node_label(node)}: Clip {which} must be a constant")
                 val = float(np.asarray(ctx.inits[name]).reshape(()))
                 lo_f, hi_f = (val, hi_f) if which == "min" else (lo_f, val)
     lo = -128 if lo_f == -math.inf else quantize_value(lo_f, y)
@@ -239,7 +275,7 @@ def _clamp(ctx: LowerContext, node: Any) -> None:
 
 def _maybe_requant_after(ctx: LowerContext, node: Any, x: QTensor, shape: tuple[int, ...]) -> tuple[QTensor, QTensor | None]:
     """Output tensor for a scale-preserving op; a second tensor if ORT gave it new qparams."""
-    probe = _out(ctx, node, shape)
+    probe = act_output(ctx, node, shape)
     if probe.scale == x.scale and probe.zero_point == x.zero_point:
         return probe, None
     del ctx.graph.tensors[probe.name]
@@ -249,8 +285,9 @@ def _maybe_requant_after(ctx: LowerContext, node: Any, x: QTensor, shape: tuple[
 
 
 def _maxpool(ctx: LowerContext, node: Any) -> None:
-    x = _in(ctx, node, 0)
-    geo = _pool_geometry(node, x, tuple(_attr(node, "kernel_shape", [1, 1])))
+    x = act_input(ctx, node, 0)
+    geo = _pool_geometry(node, x, tuple(node_attr(node, "kernel_shape", [1, 1])))
+    del geo["pad_bottom"], geo["pad_right"]  # only the output size depends on them
     shape = (1, geo["out_h"], geo["out_w"], geo["channels"])
     y, final = _maybe_requant_after(ctx, node, x, shape)
     ctx.graph.ops.append(Op("max_pool", node.name or node.output[0], [x.name], y.name, attrs=geo,
@@ -260,22 +297,36 @@ def _maxpool(ctx: LowerContext, node: Any) -> None:
 
 
 def _avgpool(ctx: LowerContext, node: Any) -> None:
-    x = _in(ctx, node, 0)
-    if node.op_type == "GlobalAveragePool":
+    x = act_input(ctx, node, 0)
+    out_shape = None
+    if node.op_type in ("GlobalAveragePool", "ReduceMean"):
+        if len(x.shape) != 4:
+            raise EdgekilnError(f"{node_label(node)}: needs a 4-D input, got {x.shape}")
+        if node.op_type == "ReduceMean":
+            out_shape = _reduce_mean_hw_shape(ctx, node, x)
         geo = dict(in_h=x.shape[1], in_w=x.shape[2], channels=x.shape[3], out_h=1, out_w=1, k_h=x.shape[1],
                    k_w=x.shape[2], stride_h=1, stride_w=1, pad_top=0, pad_left=0)
         include_pad = 1
     else:
-        geo = _pool_geometry(node, x, tuple(_attr(node, "kernel_shape", [1, 1])))
-        include_pad = int(_attr(node, "count_include_pad", 0))
-    y = _out(ctx, node, (1, geo["out_h"], geo["out_w"], geo["channels"]))
+        geo = _pool_geometry(node, x, tuple(node_attr(node, "kernel_shape", [1, 1])))
+        include_pad = int(node_attr(node, "count_include_pad", 0))
+        for o, k, s, p, n, e, axis in (("out_h", "k_h", "stride_h", "pad_top", "in_h", "pad_bottom", "H"),
+                                       ("out_w", "k_w", "stride_w", "pad_left", "in_w", "pad_right", "W")):
+            if include_pad and (geo[o] - 1) * geo[s] - geo[p] + geo[k] > geo[n] + geo[e]:
+                # NOTE: ORT then divides by the window clipped to the padded extent; the kernel
+                # divides by k_h*k_w. Rare (ceil_mode with count_include_pad): refused, not approximated.
+                raise EdgekilnError(f"{node_label(node)}: count_include_pad=1 with a ceil_mode window past the "
+                                    f"padding along {axis} is not supported by the C backend")
+        del geo["pad_bottom"], geo["pad_right"]
+    y = act_output(ctx, node, out_shape or (1, geo["out_h"], geo["out_w"], geo["channels"]))
     k = geo["k_h"] * geo["k_w"]
-    # NOTE: avg = s_in/s_out * sum / count is ONE exact rational rounding (half to even, as
-    # ORT's float path rounds), not a fixed-point 1/count: with equal scales the window sums
-    # hit exact .5 ties often (count 2, 4, 6), and half-up would differ from ORT on ~5% of them.
+    # NOTE: avg = s_in/s_out * sum / count + zo is ONE exact rational rounding (half to even,
+    # zero point included, as ORT's QLinearAveragePool rounds), not a fixed-point 1/count: with
+    # equal scales the window sums hit exact .5 ties often (count 2, 4, 6), and half-up or
+    # adding an odd zero point after rounding would differ from ORT on up to ~30% of them.
     m, sh = quantize_multiplier(x.scale / y.scale)
-    if (31 - sh) + int(k).bit_length() > 62:
-        raise EdgekilnError(f"{_label(node)}: scale ratio {x.scale / y.scale:.3g} is too small for the kernel")
+    if (31 - sh) + int(k).bit_length() > 55:  # count << t, times |zero point| <= 128, stays in int64
+        raise EdgekilnError(f"{node_label(node)}: scale ratio {x.scale / y.scale:.3g} is too small for the kernel")
     ctx.graph.ops.append(Op(
         "avg_pool", node.name or node.output[0], [x.name], y.name,
         attrs=dict(geo, count_include_pad=include_pad, input_zp=x.zero_point, output_zp=y.zero_point,
@@ -283,31 +334,44 @@ def _avgpool(ctx: LowerContext, node: Any) -> None:
         macs=y.size * k))
 
 
+def _reduce_mean_hw_shape(ctx: LowerContext, node: Any, x: QTensor) -> tuple[int, ...]:
+    """C shape of a ReduceMean over H and W (a global average pool); an error for other axes."""
+    axes = node_attr(node, "axes", None)
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        if node.input[1] not in ctx.inits:
+            raise EdgekilnError(f"{node_label(node)}: the axes must be a constant")
+        axes = np.asarray(ctx.inits[node.input[1]]).reshape(-1).tolist()
+    if axes is None or sorted(int(a) % 4 for a in axes) != [2, 3]:
+        raise EdgekilnError(f"{node_label(node)}: only ReduceMean over H and W (axes [2, 3]) is supported, got {axes}")
+    c = x.shape[3]
+    return (1, 1, 1, c) if node_attr(node, "keepdims", 1) else (1, c)
+
+
 def _reshape(ctx: LowerContext, node: Any) -> None:
-    x = _in(ctx, node, 0, flat_ok=True)
+    x = act_input(ctx, node, 0, flat_ok=True)
     onnx_in = x.shape if len(x.shape) != 4 else (1, x.shape[3], x.shape[1], x.shape[2])
     if node.op_type == "Flatten":
-        axis = int(_attr(node, "axis", 1))
+        axis = int(node_attr(node, "axis", 1))
         axis = axis + len(onnx_in) if axis < 0 else axis
         target = (int(np.prod(onnx_in[:axis])), int(np.prod(onnx_in[axis:])))
     else:
         spec = [int(v) for v in np.asarray(ctx.inits.get(node.input[1], [])).reshape(-1)]
         if not spec:
-            raise EdgekilnError(f"{_label(node)}: the target shape must be a constant")
+            raise EdgekilnError(f"{node_label(node)}: the target shape must be a constant")
         spec = [onnx_in[i] if v == 0 else v for i, v in enumerate(spec)]
         if -1 in spec:
             known = int(np.prod([v for v in spec if v != -1]))
             spec[spec.index(-1)] = int(np.prod(onnx_in)) // known
         target = tuple(spec)
     if target[0] != 1 or int(np.prod(target)) != int(np.prod(onnx_in)):
-        raise EdgekilnError(f"{_label(node)}: cannot reshape {onnx_in} to {target} in the C backend")
+        raise EdgekilnError(f"{node_label(node)}: cannot reshape {onnx_in} to {target} in the C backend")
     nchw_src = None
     if len(x.shape) == 4 and len(target) == 2:
         _, h, w, c = x.shape
         nchw_src = (c, h, w) if (h * w > 1 and c > 1) else None
     elif len(target) == 4 or (x.nchw_flatten_of is not None) or len(target) != 2:
         if tuple(target) != tuple(onnx_in):
-            raise EdgekilnError(f"{_label(node)}: reshape {onnx_in} -> {target} changes the memory order in "
+            raise EdgekilnError(f"{node_label(node)}: reshape {onnx_in} -> {target} changes the memory order in "
                                 "NHWC; only flatten-style reshapes are supported")
     else:
         nchw_src = x.nchw_flatten_of
@@ -321,15 +385,15 @@ def _reshape(ctx: LowerContext, node: Any) -> None:
 
 
 def _concat(ctx: LowerContext, node: Any) -> None:
-    xs = [_in(ctx, node, i) for i in range(len(node.input))]
+    xs = [act_input(ctx, node, i) for i in range(len(node.input))]
     rank = len(xs[0].shape)
-    axis = int(_attr(node, "axis", 1))
+    axis = int(node_attr(node, "axis", 1))
     axis = axis + rank if axis < 0 else axis
     if axis != 1 or any(len(t.shape) != rank for t in xs) or \
             any(t.shape[:-1] != xs[0].shape[:-1] for t in xs):
-        raise EdgekilnError(f"{_label(node)}: only channel concatenation (axis 1) of equal-size maps is supported")
+        raise EdgekilnError(f"{node_label(node)}: only channel concatenation (axis 1) of equal-size maps is supported")
     channels = np.array([t.shape[-1] for t in xs], dtype=np.int32)
-    y = _out(ctx, node, xs[0].shape[:-1] + (int(channels.sum()),))
+    y = act_output(ctx, node, xs[0].shape[:-1] + (int(channels.sum()),))
     mult, shift = _mult(np.array([t.scale / y.scale for t in xs]))
     ctx.graph.ops.append(Op(
         "concat", node.name or node.output[0], [t.name for t in xs], y.name,
@@ -340,13 +404,13 @@ def _concat(ctx: LowerContext, node: Any) -> None:
 
 
 def _softmax(ctx: LowerContext, node: Any) -> None:
-    x = _in(ctx, node, 0)
-    axis = int(_attr(node, "axis", -1))
+    x = act_input(ctx, node, 0)
+    axis = int(node_attr(node, "axis", -1))
     rank = len(x.shape)
     axis = axis + rank if axis < 0 else axis
     if not (rank == 2 and axis == 1):
-        raise EdgekilnError(f"{_label(node)}: only Softmax over the last axis of a 2-D tensor is supported")
-    y = _out(ctx, node, x.shape)
+        raise EdgekilnError(f"{node_label(node)}: only Softmax over the last axis of a 2-D tensor is supported")
+    y = act_output(ctx, node, x.shape)
     # NOTE: integer softmax. exp(-d * s_in) for the 256 possible differences d = max - x is a
     # Q16 table built here; at run time q = zp + round(T[d] / (s_out * sum T)) with one exact
     # 64-bit integer division: no float and no exp() on the device.
@@ -354,7 +418,7 @@ def _softmax(ctx: LowerContext, node: Any) -> None:
     m, e = quantize_multiplier(1.0 / y.scale)
     div_shift = 31 - e
     if not 0 <= div_shift <= 38:
-        raise EdgekilnError(f"{_label(node)}: output scale {y.scale} is outside the integer softmax's range")
+        raise EdgekilnError(f"{node_label(node)}: output scale {y.scale} is outside the integer softmax's range")
     ctx.graph.ops.append(Op(
         "softmax", node.name or node.output[0], [x.name], y.name,
         attrs=dict(rows=x.shape[0], depth=x.shape[1], output_zp=y.zero_point, inv_mult=m, div_shift=div_shift),
@@ -382,7 +446,7 @@ def fuse_activations(graph: IntGraph) -> None:
         producer = next((p for p in graph.ops if p.output == x.name), None)
         if (producer is None or producer.kind not in ("conv2d", "fully_connected", "add")
                 or x.scale != y.scale or x.zero_point != y.zero_point
-                or len(graph.consumers(x.name)) != 1 or x.name == graph.output):
+                or len(graph.consumers(x.name)) != 1 or x.name in graph.outputs):
             continue
         producer.attrs["act_min"] = max(producer.attrs["act_min"], op.attrs["act_min"])
         producer.attrs["act_max"] = min(producer.attrs["act_max"], op.attrs["act_max"])

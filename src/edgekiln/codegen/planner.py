@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from edgekiln.codegen.ir import IntGraph, Op
+from edgekiln.errors import EdgekilnError
 
 #: byte alignment of every buffer offset (keeps int8 maps word-aligned for SIMD kernels later).
 ALIGNMENT = 4
@@ -113,7 +114,7 @@ class MemoryPlan:
                 "live_bytes_per_step": self.live_bytes, "schedule": [op.name for op in self.schedule]}
 
 
-_INPLACE_KINDS = ("add", "requantize")
+_INPLACE_KINDS = ("add", "requantize", "lut")
 
 
 def _plan_schedule(graph: IntGraph, schedule: list[Op]) -> MemoryPlan:
@@ -126,8 +127,8 @@ def _plan_schedule(graph: IntGraph, schedule: list[Op]) -> MemoryPlan:
         out = op.output
         if op.kind == "reshape":
             root[out] = root[op.inputs[0]]
-        elif op.kind in _INPLACE_KINDS and out != graph.output:
-            dying = [root[n] for n in op.inputs if root[n] not in (graph.input,)
+        elif op.kind in _INPLACE_KINDS and out not in graph.outputs:
+            dying = [root[n] for n in op.inputs if root[n] != graph.input and n not in graph.outputs
                      and graph.tensors[n].size == graph.tensors[out].size
                      and _last_consumer(schedule, root, root[n], step) == step]
             root[out] = dying[0] if dying else out
@@ -138,12 +139,17 @@ def _plan_schedule(graph: IntGraph, schedule: list[Op]) -> MemoryPlan:
         if op.scratch:  # NOTE: scratch lives for this one step only; it must not overlap in/out
             root[op.scratch] = op.scratch
             produced_at[op.scratch] = last_use[op.scratch] = step
-    last_use[root[graph.output]] = len(schedule)  # the caller reads it after the last step
+    for o in graph.outputs:
+        last_use[root[o]] = len(schedule)  # the caller reads it after the last step
     planner = GreedyArenaPlanner()
     ids: dict[str, int] = {}
-    out_root = root[graph.output]
+    # NOTE: outputs live in the caller's buffer, packed in graph order (IntGraph.output_offsets).
+    out_roots = {root[o]: off for o, off in zip(graph.outputs, graph.output_offsets, strict=True)}
+    if len(out_roots) != len(graph.outputs) or graph.input in out_roots:
+        raise EdgekilnError("two graph outputs share one buffer (one is a reshape of the other or of the "
+                            "input); C export needs distinct outputs")
     for r in sorted(set(root.values()), key=lambda r: (produced_at[r], r)):
-        if r in (graph.input, out_root):
+        if r == graph.input or r in out_roots:
             continue
         ids[r] = planner.add_buffer(graph.tensors[r].size, produced_at[r], last_use[r])
     arena = planner.total_size()
@@ -151,8 +157,8 @@ def _plan_schedule(graph: IntGraph, schedule: list[Op]) -> MemoryPlan:
     for name, r in root.items():
         if r == graph.input:
             location[name] = ("input", 0)
-        elif r == out_root:
-            location[name] = ("output", 0)
+        elif r in out_roots:
+            location[name] = ("output", out_roots[r])
         else:
             location[name] = ("arena", planner.offset(ids[r]))
     live = [sum(graph.tensors[r].size for r in ids if produced_at[r] <= s <= last_use[r])

@@ -82,7 +82,12 @@ def max_pool(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np
 
 
 def avg_pool(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.ndarray:
-    """zo + round_half_even(sum(x - zi) * mult / (count << (31 - shift))): one exact rounding."""
+    """round_half_even(sum(x - zi) * mult / (count << (31 - shift)) + zo): one exact rounding.
+
+    NOTE: the zero point is added *before* rounding, as onnxruntime's QLinearAveragePool does
+    (``nearbyintf(avg / y_scale + y_zero_point)``): with an odd zero point an exact .5 tie
+    goes to the other neighbour than ``rint(avg / y_scale) + zo`` would.
+    """
     win = _windows(x[0].astype(np.int64) - a["input_zp"], a, 0)
     total = win.sum(axis=(2, 3))
     if a["count_include_pad"]:
@@ -90,7 +95,8 @@ def avg_pool(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np
     else:
         ones = _windows(np.ones(x.shape[1:3] + (1,), np.int64), a, 0)
         count = ones.sum(axis=(2, 3))[..., 0]
-    y = div_round_half_even(total * a["mult"], count[..., None] << (31 - a["shift"])) + a["output_zp"]
+    den = count[..., None] << (31 - a["shift"])
+    y = div_round_half_even(total * a["mult"] + a["output_zp"] * den, den)
     return _sat(y)[None]
 
 
@@ -138,10 +144,15 @@ def transpose_nchw(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray])
     return x.reshape(h, w, c).transpose(2, 0, 1).reshape(x.shape).copy()
 
 
+def lut(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.ndarray:
+    """Elementwise unary op as a 256-entry table: out = table[x + 128]."""
+    return arr["table"][x.astype(np.int64) + 128].astype(np.int8)
+
+
 KERNELS: dict[str, Callable[..., np.ndarray]] = {
     "conv2d": conv2d, "fully_connected": fully_connected, "add": add, "requantize": requantize,
     "max_pool": max_pool, "avg_pool": avg_pool, "conv_pool": conv_pool, "reshape": reshape, "concat": concat,
-    "softmax": softmax, "transpose_nchw": transpose_nchw,
+    "softmax": softmax, "transpose_nchw": transpose_nchw, "lut": lut,
 }
 
 
@@ -151,7 +162,8 @@ def run_op(op: Op, inputs: list[np.ndarray]) -> np.ndarray:
 
 
 def run_graph(graph: IntGraph, x: np.ndarray) -> np.ndarray:
-    """Run the whole integer graph on one int8 input in C layout; return the int8 output.
+    """Run the whole integer graph on one int8 input in C layout; return the int8 output
+    (with several outputs: all of them flattened and packed in order, as the C buffer holds them).
 
     >>> from edgekiln.codegen.ir import load_qdq
     >>> from edgekiln.codegen.testmodels import tiny_qdq_model
@@ -164,4 +176,6 @@ def run_graph(graph: IntGraph, x: np.ndarray) -> np.ndarray:
     for op in graph.ops:
         y = run_op(op, [values[n] for n in op.inputs])
         values[op.output] = y.reshape(graph.tensors[op.output].shape)
+    if graph.extra_outputs:
+        return np.concatenate([values[o].reshape(-1) for o in graph.outputs])
     return values[graph.output]

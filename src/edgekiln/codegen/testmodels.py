@@ -116,10 +116,100 @@ def mobilenet_style_float(*, seed: int = 0, size: int = 16, softmax: bool = Fals
     return _finish(nodes, p, (1, 1, size, size), [1, 10], "mobilenet_style")
 
 
-def quantize_qdq(float_model: Any, out_path: str | Path, *, calib_n: int = 16, seed: int = 0) -> Path:
-    """Quantize a float ONNX model with onnxruntime ``quantize_static`` (QDQ, per-channel int8)."""
+def cnn_ops_float(*, seed: int = 0, size: int = 11, keepdims: bool = False, avg_pool: bool = True) -> Any:
+    """The ops real CNNs add to the basic set (issue 20), on 1x3xSIZExSIZE:
+    Conv -> BatchNormalization (not folded by ORT: a Q/DQ sits between) -> Sigmoid ->
+    MaxPool 3x3 s2 ceil_mode -> Conv -> HardSwish [-> AveragePool 3x3 s2 ceil_mode, asymmetric
+    pads] -> Conv -> HardSigmoid -> Tanh -> Conv -> LeakyRelu -> Elu -> ReduceMean over H,W
+    [keepdims -> Flatten] -> FC. Quantize with :data:`CNN_OPS_EXTRA` (ORT leaves several of
+    these in float by default).
+
+    NOTE: ``avg_pool=False`` drops the AveragePool for end-to-end comparisons with onnxruntime:
+    its QLinearAveragePool sums float32 values, so exact .5 ties of the average land on either
+    side by float rounding (~3% of this pool's outputs), and those 1-LSB differences spread.
+    """
+    from onnx import helper
+
+    p = _Params(seed)
+    c = 8
+    p.inits += [_init("bn_g", p.rng.uniform(0.5, 2, c) * np.sign(p.rng.standard_normal(c))),
+                _init("bn_b", p.rng.standard_normal(c) * 0.3), _init("bn_m", p.rng.standard_normal(c) * 0.2),
+                _init("bn_v", p.rng.uniform(0.5, 2, c))]
+    k3 = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    nodes = [
+        helper.make_node("Conv", ["input", *p.conv("c1", c, 3, 3)], ["c1"], name="c1", **k3),
+        helper.make_node("BatchNormalization", ["c1", "bn_g", "bn_b", "bn_m", "bn_v"], ["bn"], name="bn",
+                         epsilon=1e-3),
+        helper.make_node("Sigmoid", ["bn"], ["sg"], name="sigmoid"),
+        helper.make_node("MaxPool", ["sg"], ["mp"], name="maxpool", kernel_shape=[3, 3], strides=[2, 2],
+                         ceil_mode=1),
+        helper.make_node("Conv", ["mp", *p.conv("c2", c, c, 3)], ["c2"], name="c2", **k3),
+        helper.make_node("HardSwish", ["c2"], ["hw"], name="hardswish"),
+        helper.make_node("AveragePool", ["hw"], ["ap"], name="avgpool", kernel_shape=[3, 3], strides=[2, 2],
+                         pads=[1, 0, 0, 1], ceil_mode=1),
+        helper.make_node("Conv", ["ap", *p.conv("c3", c, c, 1)], ["c3"], name="c3", kernel_shape=[1, 1]),
+        helper.make_node("HardSigmoid", ["c3"], ["hs"], name="hardsigmoid", alpha=0.25, beta=0.4),
+        helper.make_node("Tanh", ["hs"], ["th"], name="tanh"),
+        helper.make_node("Conv", ["th", *p.conv("c4", c, c, 1)], ["c4"], name="c4", kernel_shape=[1, 1]),
+        helper.make_node("LeakyRelu", ["c4"], ["lr"], name="leakyrelu", alpha=0.1),
+        helper.make_node("Elu", ["lr"], ["el"], name="elu"),
+        helper.make_node("ReduceMean", ["el"], ["rm"], name="reducemean", axes=[2, 3], keepdims=int(keepdims)),
+    ]
+    if not avg_pool:
+        nodes = [n for n in nodes if n.name != "avgpool"]
+        nodes[nodes.index(next(n for n in nodes if n.name == "c3"))].input[0] = "hw"
+    if keepdims:
+        nodes.append(helper.make_node("Flatten", ["rm"], ["rmf"], name="flatten", axis=1))
+    nodes.append(helper.make_node("Gemm", ["rmf" if keepdims else "rm", *p.fc("fc", 5, c)], ["output"], name="fc",
+                                  transB=1))
+    return _finish(nodes, p, (1, 3, size, size), [1, 5], "cnn_ops")
+
+
+def multi_head_float(*, seed: int = 0, size: int = 12) -> Any:
+    """An MTCNN-like detector with three outputs on 1x3xSIZExSIZE: a shared trunk (Conv -> Relu ->
+    MaxPool ceil_mode) feeding a per-pixel Sigmoid score map ``prob``, a box-regression map
+    ``box`` and a pooled class vector ``cls`` (GlobalAveragePool -> Flatten -> Gemm)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    p = _Params(seed)
+    k3 = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    nodes = [
+        helper.make_node("Conv", ["input", *p.conv("trunk", 8, 3, 3)], ["t"], name="trunk", **k3),
+        helper.make_node("Relu", ["t"], ["tr"], name="relu"),
+        helper.make_node("MaxPool", ["tr"], ["tp"], name="pool", kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
+        helper.make_node("Conv", ["tp", *p.conv("score", 2, 8, 1)], ["s"], name="score", kernel_shape=[1, 1]),
+        helper.make_node("Sigmoid", ["s"], ["prob"], name="prob"),
+        helper.make_node("Conv", ["tp", *p.conv("box", 4, 8, 1)], ["box"], name="box", kernel_shape=[1, 1]),
+        helper.make_node("GlobalAveragePool", ["tp"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["gf"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["gf", *p.fc("cls", 3, 8)], ["cls"], name="cls", transB=1),
+    ]
+    half = -(-(size - 3) // 2) + 1
+    outs = [helper.make_tensor_value_info("prob", TensorProto.FLOAT, [1, 2, half, half]),
+            helper.make_tensor_value_info("box", TensorProto.FLOAT, [1, 4, half, half]),
+            helper.make_tensor_value_info("cls", TensorProto.FLOAT, [1, 3])]
+    graph = helper.make_graph(nodes, "multi_head", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                   [1, 3, size, size])], outs, p.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgekiln.codegen")
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+#: op types :func:`cnn_ops_float` needs quantized beyond onnxruntime's defaults.
+CNN_OPS_EXTRA = ("HardSwish", "HardSigmoid", "Tanh", "Elu", "ReduceMean", "BatchNormalization", "Sigmoid")
+
+
+def quantize_qdq(float_model: Any, out_path: str | Path, *, calib_n: int = 16, seed: int = 0,
+                 extra_ops: tuple[str, ...] = ()) -> Path:
+    """Quantize a float ONNX model with onnxruntime ``quantize_static`` (QDQ, per-channel int8).
+
+    ``extra_ops``: op types to quantize besides onnxruntime's defaults (it leaves e.g. HardSwish,
+    HardSigmoid and ReduceMean in float unless asked).
+    """
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
     from edgekiln.execution.ort import lower_for_ort
 
@@ -143,8 +233,10 @@ def quantize_qdq(float_model: Any, out_path: str | Path, *, calib_n: int = 16, s
     logging.getLogger().setLevel(logging.ERROR)  # ORT logs a pre-processing hint at WARNING
     try:
         with contextlib.redirect_stdout(io.StringIO()):
+            ops = sorted(set(QLinearOpsRegistry) | set(QDQRegistry) | set(extra_ops)) if extra_ops else None
             quantize_static(str(float_path), str(out_path), _Reader(), quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+                            per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=ops)
     finally:
         logging.getLogger().setLevel(level)
     return out_path

@@ -102,15 +102,19 @@ def ort_int8_outputs(model_path: Path, graph: IntGraph, q_inputs: np.ndarray) ->
     """
     from edgekiln.execution.ort import ort_session
 
-    ti, to = graph.tensors[graph.input], graph.tensors[graph.output]
+    ti = graph.tensors[graph.input]
     sess = ort_session(Path(model_path))
     outs = []
     for q in q_inputs:
         onnx_q = q.transpose(2, 0, 1) if q.ndim == 3 else q
         xf = ((onnx_q.astype(np.float32) - ti.zero_point) * np.float32(ti.scale))[None]
-        y = sess.run(None, {graph.onnx_input_name: xf})[0]
-        yq = np.clip(np.rint(y / np.float32(to.scale)) + to.zero_point, -128, 127).astype(np.int8)
-        outs.append(yq.transpose(0, 2, 3, 1)[0] if yq.ndim == 4 else yq[0])
+        per_output = []
+        for y, name in zip(sess.run(None, {graph.onnx_input_name: xf}), graph.outputs, strict=True):
+            to = graph.tensors[name]
+            yq = np.clip(np.rint(y / np.float32(to.scale)) + to.zero_point, -128, 127).astype(np.int8)
+            per_output.append(yq.transpose(0, 2, 3, 1)[0] if yq.ndim == 4 else yq[0])
+        # NOTE: several outputs are packed flat, in graph order, as the C output buffer holds them
+        outs.append(np.concatenate([o.reshape(-1) for o in per_output]) if graph.extra_outputs else per_output[0])
     return np.stack(outs)
 
 
@@ -175,7 +179,7 @@ def verify_c(lib_dir: str | Path, data: str | Path, *, model: str | Path | None 
         raise EdgekilnError(f"{data}: inputs have shape {x.shape[1:]}, the model expects "
                             f"{graph.onnx_input_shape[1:]}")
     q = quantize_inputs(graph, x)
-    out_size = graph.tensors[graph.output].size
+    out_size = graph.output_bytes
     with tempfile.TemporaryDirectory(prefix="ek-verify-") as tmp:
         work = Path(tmp)
         exe = work / "harness"
@@ -194,8 +198,9 @@ def verify_c(lib_dir: str | Path, data: str | Path, *, model: str | Path | None 
     ref = np.stack([run_graph(graph, qi[None]).reshape(-1) for qi in q])
     ort_out = ort_int8_outputs(model_path, graph, q).reshape(len(q), -1)
     diff = np.abs(c_out.astype(np.int64) - ort_out.astype(np.int64))
+    first = graph.tensors[graph.output].size  # top-1 of the first output when several are packed
     return VerifyResult(
-        n_inputs=len(q), top1_agree=int((c_out.argmax(1) == ort_out.argmax(1)).sum()),
+        n_inputs=len(q), top1_agree=int((c_out[:, :first].argmax(1) == ort_out[:, :first].argmax(1)).sum()),
         identical_fraction=float((diff == 0).mean()), max_abs_diff=int(diff.max(initial=0)),
         exact_vs_reference=bool(np.array_equal(c_out, ref)), valgrind=vg, arm_sizes=arm_sizes, arm_note=arm_note)
 

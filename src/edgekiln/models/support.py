@@ -32,17 +32,21 @@ _ORT_QDQ_DEFAULT = frozenset({
     "ArgMax", "Add", "Mul", "LeakyRelu", "Sigmoid", "GlobalAveragePool", "Concat", "Softmax",
 })
 
-_C_BACKEND = frozenset({
+_TFLITE_BACKEND = frozenset({
     "Conv", "Gemm", "MatMul", "Add", "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool",
     "Flatten", "Reshape", "Concat", "Softmax", "QuantizeLinear", "DequantizeLinear", "Identity",
     "Squeeze", "Unsqueeze", "Transpose",
 })
+# The C backend also lowers BatchNormalization (folded, or a depthwise 1x1), ReduceMean over H,W and
+# the int8 lookup-table ops (codegen/lower_pointwise.py); the TFLite writer does not (yet).
+_C_BACKEND = _TFLITE_BACKEND | {"BatchNormalization", "ReduceMean", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
+                                "LeakyRelu", "Elu"}
 
 SUPPORTED_OPS: dict[str, frozenset[str] | None] = {
     "onnxruntime": None,
     "int8-qdq": _ORT_QDQ_DEFAULT | _PASSTHROUGH,
     "c": _C_BACKEND,
-    "tflite": _C_BACKEND,
+    "tflite": _TFLITE_BACKEND,
 }
 CONSUMERS = tuple(SUPPORTED_OPS)
 

@@ -210,7 +210,8 @@ void ek_conv_pool(const ek_conv_pool_params *p, const int8_t *in, const int8_t *
                     if (pp->count_include_pad) {
                         count = pp->k_h * pp->k_w;
                     }
-                    q = ek_div_round_half_even((int64_t)sum * pp->mult, (int64_t)count << t) + pp->output_zp;
+                    const int64_t den = (int64_t)count << t;
+                    q = ek_div_round_half_even((int64_t)sum * pp->mult + (int64_t)pp->output_zp * den, den);
                     best = (int32_t)(q < -128 ? -128 : (q > 127 ? 127 : q));
                 }
                 out[((int32_t)oy * pp->out_w + ox) * pp->channels + c] = (int8_t)best;
@@ -289,7 +290,7 @@ void ek_avg_pool(const ek_pool_params *p, const int8_t *in, int8_t *out) {
             for (c = 0; c < p->channels; ++c) {
                 int32_t sum = 0;
                 int32_t count = 0;
-                int64_t q;
+                int64_t q, den;
                 for (ky = 0; ky < p->k_h; ++ky) {
                     const int32_t iy = oy * p->stride_h - p->pad_top + ky;
                     if (iy < 0 || iy >= p->in_h) {
@@ -307,7 +308,9 @@ void ek_avg_pool(const ek_pool_params *p, const int8_t *in, int8_t *out) {
                 if (p->count_include_pad) {
                     count = p->k_h * p->k_w;
                 }
-                q = ek_div_round_half_even((int64_t)sum * p->mult, (int64_t)count << t) + p->output_zp;
+                /* the zero point joins before the rounding, as in onnxruntime's QLinearAveragePool */
+                den = (int64_t)count << t;
+                q = ek_div_round_half_even((int64_t)sum * p->mult + (int64_t)p->output_zp * den, den);
                 if (q < -128) {
                     q = -128;
                 }
@@ -368,5 +371,12 @@ void ek_transpose_nchw(const ek_transpose_params *p, const int8_t *in, int8_t *o
                 out[((int32_t)c * p->height + h) * p->width + w] = in[((int32_t)h * p->width + w) * p->channels + c];
             }
         }
+    }
+}
+
+void ek_lut(const ek_lut_params *p, const int8_t *in, const int8_t *table, int8_t *out) {
+    int32_t i;
+    for (i = 0; i < p->size; ++i) {
+        out[i] = table[(int32_t)in[i] + 128]; /* in == out is allowed: element i is read first */
     }
 }

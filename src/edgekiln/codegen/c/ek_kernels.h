@@ -58,6 +58,12 @@ typedef struct {
     int32_t height, width, channels;
 } ek_transpose_params;
 
+/* Any elementwise unary op on int8 (sigmoid, hard-swish, ...): out[i] = table[in[i] + 128],
+ * the 256-entry table computed at export time from the input and output quantization. */
+typedef struct {
+    int32_t size;
+} ek_lut_params;
+
 int32_t ek_requant(int32_t acc, int32_t mult, int32_t shift);
 int32_t ek_requant_b32(int32_t acc, int32_t mant, int32_t rshift);
 
@@ -75,5 +81,6 @@ void ek_concat(const ek_concat_params *p, const int8_t *const *inputs, const int
                const int32_t *zps, const int32_t *mult, const int32_t *shift, int8_t *out);
 void ek_softmax(const ek_softmax_params *p, const int8_t *in, const int32_t *lut, int8_t *out);
 void ek_transpose_nchw(const ek_transpose_params *p, const int8_t *in, int8_t *out);
+void ek_lut(const ek_lut_params *p, const int8_t *in, const int8_t *table, int8_t *out);
 
 #endif /* EK_KERNELS_H */

@@ -275,6 +275,10 @@ def to_tflite_bytes(graph: Any, *, description: str = "edgekiln int8") -> bytes:
     Raises :class:`EdgekilnError` naming the op kind and node for anything outside
     :data:`SUPPORTED_KINDS` or a configuration TFLite cannot express.
     """
+    if graph.extra_outputs:
+        # NOTE: the C backend packs several outputs into one buffer; the TFLite checks and the
+        # TFLM harness still compare one output, so this writer refuses rather than half-check.
+        raise EdgekilnError(f"the TFLite writer supports one graph output; this model has {len(graph.outputs)}")
     low = _Lowering(graph)
     low.act(graph.input)
     for op in graph.ops:
