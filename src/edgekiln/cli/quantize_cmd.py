@@ -36,6 +36,8 @@ def quantize_command(
     smooth_alpha: float = config_option(Q, "smooth_alpha"),
     rewrites: bool = config_option(Q, "transformer_rewrites", "--transformer-rewrites/--no-transformer-rewrites"),
     outlier_rows: bool = config_option(Q, "outlier_rows", "--outlier-rows/--no-outlier-rows"),
+    speed_rule: str = config_option(Q, "speed_rule"),
+    runtime: str = config_option(Q, "runtime"),
     runs: int = typer.Option(200, "--bench-runs", help="Timed runs per latency measurement."),
     input_shape: list[str] = input_shape_option(),
     out: Path = typer.Option(..., "--out"),
@@ -51,7 +53,7 @@ def quantize_command(
                        "per_channel": per_channel, "calib_samples": samples, "equalize": equalize,
                        "bias_correction": bias_correction, "adaround": adaround,
                        "smooth_alpha": smooth_alpha or None, "transformer_rewrites": rewrites,
-                       "outlier_rows": outlier_rows})
+                       "outlier_rows": outlier_rows, "speed_rule": speed_rule, "runtime": runtime})
     with Progress(transient=True) as bar:
         task = bar.add_task("sensitivity", total=None)
         run = quantize(model, config=cfg, calib=calib, eval=eval_, metric=metric, input_shapes=parse_shapes(input_shape),

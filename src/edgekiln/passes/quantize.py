@@ -25,6 +25,8 @@ from edgekiln.passes.base import PassConfig, PassContext, PassSpec, option, prov
 
 SCHEMES = {"int8": ONNX_QDQ, "int8-dynamic": ONNX_QDQ, "fp16": ONNX_FP16, "int4-weight": ONNX_INT4W}
 CALIBRATIONS = ("minmax", "percentile", "entropy", "mse", "auto")
+SPEED_RULES = ("auto", "on", "off")
+ONNX_RUNTIMES = ("onnxruntime", "openvino")   # the runtimes that run the ONNX file quantize writes
 LAYER_OPS = ("Conv", "Gemm", "MatMul", "Gather", "ConvTranspose")
 
 
@@ -49,6 +51,10 @@ class QuantizeConfig(PassConfig):
     equalize: bool = option(False, "Cross-layer equalization of Conv-ReLU-Conv pairs first (int8).")
     bias_correction: bool = option(False, "Correct each layer's mean output shift (int8).")
     adaround: bool = option(False, "int8: learn each weight's rounding from its layer's output error (slower).")
+    speed_rule: str = option("auto", "int8 (CNNs): keep float the ops whose int8 form is slower on the runtime "
+                                     "(quant/speed.py) and re-fuse HardSwish: auto (time both forms, keep the "
+                                     "faster) | on | off")
+    runtime: str = option("onnxruntime", "The runtime the model ships to: speed_rule=auto times on it.")
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -59,6 +65,10 @@ class QuantizeConfig(PassConfig):
             raise ValueError("max_drop must be >= 0")
         if self.smooth_alpha is not None and not 0.0 < self.smooth_alpha < 1.0:
             raise ValueError("smooth_alpha must be in (0, 1) or None")
+        if self.speed_rule not in SPEED_RULES:
+            raise ValueError(f"speed_rule must be one of {', '.join(SPEED_RULES)} (got {self.speed_rule!r})")
+        if self.runtime not in ONNX_RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(ONNX_RUNTIMES)} (got {self.runtime!r})")
         if self.calib_samples < 1 or self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError("calib_samples must be >= 1 and block_size a power of two >= 16")
 
@@ -75,6 +85,7 @@ class QuantizeResult:
     metric: float | None = None
     sensitivity: list[dict[str, Any]] = field(default_factory=list)
     attempts: list[dict[str, Any]] = field(default_factory=list)
+    speed: dict[str, Any] = field(default_factory=dict)            # int8: speed rule, what stayed float and why
 
 
 def layer_names(model_path: str | Path) -> list[str]:
@@ -88,17 +99,18 @@ def layer_names(model_path: str | Path) -> list[str]:
 
 def quantize_once(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[str, np.ndarray]] | None,
                   exclude: list[str], seed: int = 0, rewrites: dict[str, Any] | None = None,
-                  adaround_report: dict[str, Any] | None = None) -> dict[str, str]:
+                  adaround_report: dict[str, Any] | None = None,
+                  speed_report: dict[str, Any] | None = None) -> dict[str, str]:
     """One quantization of ``src`` into ``dst``; returns the calibration method per tensor
     (and fills ``rewrites`` with what the int8-dynamic graph rewrites changed, ``adaround_report``
-    with AdaRound's per-layer errors)."""
+    with AdaRound's per-layer errors, ``speed_report`` with what the speed rule fused and kept float)."""
     import warnings
 
     logging_quiet()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if cfg.scheme == "int8":
-            return _int8_static(src, dst, cfg, feeds, exclude, seed, adaround_report, rewrites)
+            return _int8_static(src, dst, cfg, feeds, exclude, seed, adaround_report, rewrites, speed_report)
         if cfg.scheme == "int8-dynamic":
             report = _int8_dynamic(src, dst, cfg, feeds, exclude)
             if rewrites is not None:
@@ -227,7 +239,7 @@ def logging_quiet() -> None:
 
 def _int8_static(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[str, np.ndarray]] | None,
                  exclude: list[str], seed: int, adaround_report: dict[str, Any] | None = None,
-                 rewrites: dict[str, Any] | None = None) -> dict[str, str]:
+                 rewrites: dict[str, Any] | None = None, speed_report: dict[str, Any] | None = None) -> dict[str, str]:
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -263,7 +275,9 @@ def _int8_static(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[str
             model = onnx.load(str(pre))
             fixes = prepare_for_quantizer(model)
             statistics = float_statistics(model)   # NOTE: a divisor in int8 is noise, or 1/0
-            if any(fixes.values()) or statistics:
+            fused, speed = _speed_rule(model, cfg, [*exclude, *statistics], speed_report)
+            statistics += speed
+            if any(fixes.values()) or statistics or fused:
                 pre = Path(tmp) / "prepared.onnx"
                 onnx.save(model, str(pre))
         symmetric = cfg.symmetric_activations
@@ -298,6 +312,21 @@ def _int8_static(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[str
                 adaround_report.update(report)
     compact_qdq(dst)
     return {t: r.method for t, r in ranges.items()}
+
+
+def _speed_rule(model: Any, cfg: QuantizeConfig, skip: list[str], report: dict[str, Any] | None
+                ) -> tuple[list[str], list[str]]:
+    """Apply the speed rule to the pre-processed ``model`` in place (quant/speed.py): the names of
+    the re-fused HardSwish nodes and of the nodes to keep float for speed (both recorded in ``report``)."""
+    from edgekiln.quant.speed import float_for_speed, fuse_hardswish
+
+    if cfg.speed_rule == "off":
+        return [], []
+    fused = fuse_hardswish(model)
+    floats = float_for_speed(model, cfg.runtime, skip)
+    if report is not None:
+        report.update({"fused_hardswish": fused, "float_for_speed": floats})
+    return fused, list(floats)
 
 
 def _int8_dynamic(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[str, np.ndarray]] | None,
@@ -387,9 +416,12 @@ def quantize_model(src: str | Path, cfg: QuantizeConfig, work: str | Path, *, ca
     exclude = list(cfg.keep_float)
     rewrites: dict[str, Any] = {}
     rounding: dict[str, Any] = {}
-    methods = quantize_once(src, dst, cfg, feeds, exclude, seed, rewrites, rounding)
+    speed: dict[str, Any] = {}
+    methods = quantize_once(src, dst, cfg, feeds, exclude, seed, rewrites, rounding, speed)
+    if speed:
+        cfg, methods = _decide_speed_rule(src, dst, cfg, feeds, exclude, seed, speed, methods, rewrites, rounding)
     check_quantized(src, dst, feeds)
-    result = QuantizeResult(dst, SCHEMES[cfg.scheme], list(exclude), methods, rewrites, rounding)
+    result = QuantizeResult(dst, SCHEMES[cfg.scheme], list(exclude), methods, rewrites, rounding, speed=speed)
     if eval_npz is None:
         return result
     ref = src if metric in ("cosine", "sqnr") else None
@@ -433,6 +465,37 @@ def quantize_model(src: str | Path, cfg: QuantizeConfig, work: str | Path, *, ca
     raise BudgetNotMet(f"the accuracy budget cannot be met: best drop {drop:.4f} > max-drop {cfg.max_drop:.4f} "
                        f"(misses by {drop - cfg.max_drop:.4f}); closest keeps {len(best[1])} layer(s) float: "
                        f"{', '.join(best[1][:6])}{' ...' if len(best[1]) > 6 else ''}")
+
+
+def _decide_speed_rule(src: Path, dst: Path, cfg: QuantizeConfig, feeds: Any, exclude: list[str], seed: int,
+                       speed: dict[str, Any], methods: dict[str, str], rewrites: dict[str, Any],
+                       rounding: dict[str, Any]) -> tuple[QuantizeConfig, dict[str, str]]:
+    """``dst`` was quantized with the speed rule; with ``speed_rule="auto"`` also quantize without
+    it and keep the form :func:`~edgekiln.quant.speed.choose_form` measures faster on
+    ``cfg.runtime``. Returns the config the rest of the pass uses (the rule decided) and the
+    calibration methods of the model kept; fills ``speed``."""
+    from edgekiln.quant.speed import choose_form
+
+    speed.update({"rule": cfg.speed_rule, "runtime": cfg.runtime, "applied": True})
+    changed = bool(speed.get("fused_hardswish") or speed.get("float_for_speed"))
+    if cfg.speed_rule != "auto" or not changed or not feeds:
+        return replace(cfg, speed_rule="on"), methods
+    off_cfg = replace(cfg, speed_rule="off")
+    trial = dst.parent / "scratch" / "speed_off.onnx"
+    trial.parent.mkdir(exist_ok=True)
+    # NOTE: the speed comparison does not need learned rounding; the form chosen gets it below
+    off_methods = quantize_once(src, trial, replace(off_cfg, adaround=False, bias_correction=False), feeds,
+                                list(exclude), seed)
+    speed.update(choose_form(src, dst, trial, cfg.runtime, feeds))
+    if speed["applied"]:
+        return replace(cfg, speed_rule="on"), methods
+    speed.update({"float_for_speed": {}, "fused_hardswish": []})
+    if cfg.adaround or cfg.bias_correction:
+        rewrites.clear()
+        rounding.clear()
+        return off_cfg, quantize_once(src, dst, off_cfg, feeds, exclude, seed, rewrites, rounding)
+    shutil.copyfile(trial, dst)
+    return off_cfg, off_methods
 
 
 def metric_pair(src: str | Path, dst: str | Path, eval_npz: str | Path, metric: str) -> tuple[float, float]:
@@ -482,7 +545,8 @@ def run(artifact: ModelArtifact, config: QuantizeConfig, ctx: PassContext) -> Mo
     # per tensor, rewrites): the CLI runs this pass through the pipeline and reads them back here.
     record = provenance_record("quantize", config, artifact, kept_float=res.kept_float, metric=res.metric,
                                metric_fp32=res.metric_fp32, calibration=res.calibration, rewrites=res.rewrites,
-                               adaround=res.adaround, sensitivity=res.sensitivity, attempts=res.attempts)
+                               adaround=res.adaround, sensitivity=res.sensitivity, attempts=res.attempts,
+                               speed=res.speed)
     return artifact.with_pass(kind=res.kind, path=res.path, record=record)
 
 
@@ -494,7 +558,8 @@ def result_of(artifact: ModelArtifact) -> QuantizeResult:
     return QuantizeResult(artifact.path, artifact.kind, list(rec.get("kept_float") or []),
                           dict(rec.get("calibration") or {}), dict(rec.get("rewrites") or {}),
                           dict(rec.get("adaround") or {}), rec.get("metric_fp32"), rec.get("metric"),
-                          list(rec.get("sensitivity") or []), list(rec.get("attempts") or []))
+                          list(rec.get("sensitivity") or []), list(rec.get("attempts") or []),
+                          dict(rec.get("speed") or {}))
 
 
 # NOTE: only float models: quantizing an int8 QDQ model again measured 1.14x the size of the float

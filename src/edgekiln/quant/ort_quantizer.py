@@ -21,9 +21,10 @@ cancels to int8 noise and a variance rounded to 0 becomes ``1/sqrt(0) = inf``: m
 output had SQNR -2.8 dB, with an infinite reciprocal inside.
 
 :func:`check_quantized` then opens the quantized model the way a user would (full ONNX check,
-onnxruntime load, one run), compares its output shapes with the float model's and loads and runs
-it in every other runtime the quantize report times (OpenVINO when installed), so an invalid
-model is an error naming the broken node or runtime, never a result.
+onnxruntime load, one run) and compares its output shapes with the float model's, so an invalid
+model is an error naming the broken node, never a result. Other runtimes are not a gate here: a
+runtime that cannot run a valid quantized model (OpenVINO on crepe-tiny's int8 Pad) gets an error
+row with the reason in the quantize report instead of latency numbers.
 """
 
 from __future__ import annotations
@@ -295,29 +296,6 @@ def check_quantized(src: str | Path, dst: str | Path, feeds: Sequence[Mapping[st
     want = [tuple(o.shape) for o in reference.run(None, feed)]
     if got != want:
         raise EdgekilnError(f"quantization changed the model's output shapes {want} -> {got}")
-    _check_other_runtimes(Path(src), dst, feed)
-
-
-def _check_other_runtimes(src: Path, dst: Path, feed: Mapping[str, np.ndarray]) -> None:
-    """Load and run ``dst`` once in every available runtime other than onnxruntime that takes
-    ONNX files (those :func:`edgekiln.quant.report.runtime_table` times). A runtime that cannot
-    load the float model either is reported by the run folder, not refused here."""
-    from edgekiln.execution.ort import error_line
-    from edgekiln.execution.runtimes import available_runtimes, load_session, runs_file
-
-    shapes = {k: tuple(v.shape) for k, v in feed.items()}
-    for name, reason in available_runtimes().items():
-        if reason or name == "onnxruntime" or not runs_file(name, dst):
-            continue
-        try:
-            load_session(dst, name, input_shapes=shapes).run(dict(feed))
-        except Exception as exc:  # noqa: BLE001 - each runtime raises its own types
-            try:
-                load_session(src, name, input_shapes=shapes).run(dict(feed))
-            except Exception:  # noqa: BLE001 - the float model fails there too: not quantization's doing
-                continue
-            raise EdgekilnError(f"quantization produced a model {name} cannot run, though it runs the float "
-                                f"model ({error_line(exc, 240)})") from exc
 
 
 def _reason(text: str) -> str:

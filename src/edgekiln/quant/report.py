@@ -104,6 +104,7 @@ def write_quantize_report(out: Path, *, scheme: str, metric_name: str, fp32: Pat
         "kept_float": res.kept_float, "sensitivity": res.sensitivity, "attempts": res.attempts,
         "calibration": res.calibration, "parity": parity_result, "config": config,
         "rewrites": getattr(res, "rewrites", {}), "adaround": getattr(res, "adaround", {}),
+        "speed": getattr(res, "speed", {}),
         "byte_breakdown": byte_breakdown(res.path),
     }
     plot = _sensitivity_plot(out, res.sensitivity)
@@ -144,6 +145,7 @@ def write_quantize_report(out: Path, *, scheme: str, metric_name: str, fp32: Pat
                              f"{v['flipped_weights']:,} of {v['weights']:,}"] for k, v in data["adaround"].items()]),
                   "", "Output MSE against the float layer on the calibration samples; a fifth of them is held out "
                   "of the fit and decides whether the layer keeps the learned rounding.", ""]
+    lines += _speed_lines(data["speed"])
     lines += ["## Where the bytes go", "",
               md_table(["part", "bytes"], [[k, f"{v:,}"] for k, v in data["byte_breakdown"].items()]), ""]
     if res.kept_float:
@@ -162,6 +164,26 @@ def write_quantize_report(out: Path, *, scheme: str, metric_name: str, fp32: Pat
         lines += ["Calibration method per tensor: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
                   + " (full list in report.json).", ""]
     return RunFolder(out).write(command="quantize", model=model, measurements=data, markdown="\n".join(lines))
+
+
+def _speed_lines(sp: dict[str, Any]) -> list[str]:
+    """The "kept float for speed" section: the rule's decision, its measurement, and each layer's reason."""
+    if not sp:
+        return []
+    lines = ["## Kept float for speed (int8 speed rule)", ""]
+    if sp.get("p50_ms"):
+        p, q = sp["p50_ms"], sp.get("sqnr_db", {})
+        lines += [md_table(["form", f"p50 ms on {sp.get('runtime')}", "SQNR dB (calibration samples)"],
+                           [["with the rule", _f(p.get("on")), _f(q.get("on"))],
+                            ["without", _f(p.get("off")), _f(q.get("off"))]]), ""]
+    lines += [f"Rule {sp.get('rule')}: {'applied' if sp.get('applied') else 'not applied'} "
+              f"({sp.get('decided_by', 'default')}).", ""]
+    fused, floats = sp.get("fused_hardswish") or [], sp.get("float_for_speed") or {}
+    if fused:
+        lines += [f"HardSigmoid + Mul fused back into HardSwish before quantization: {len(fused)}.", ""]
+    if floats:
+        lines += [md_table(["layer", "why it stayed float"], [[k, v] for k, v in floats.items()]), ""]
+    return lines
 
 
 def _sensitivity_plot(out: Path, rows: list[dict[str, Any]]) -> str | None:
