@@ -23,6 +23,7 @@ from edgekiln.codegen.planner import plan_memory
 from edgekiln.codegen.reference import run_graph, run_op
 from edgekiln.codegen.verify import HOST_CFLAGS, ort_int8_outputs, quantize_inputs
 from edgekiln.errors import EdgekilnError
+from edgekiln.execution.ort import ort_session
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs a host C compiler (gcc)")
 SEED = 0
@@ -251,7 +252,6 @@ def test_several_outputs_packed_bit_exact_and_track_onnxruntime(tmp_path):
 def test_ceil_mode_output_size_matches_onnxruntime(n, k, s, pads):
     """Including the windows ceil_mode drops because they would start in the trailing padding
     (6, k2, s2, pads 0|1: ONNX shape inference says 4, onnxruntime and PyTorch compute 3)."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     from edgekiln.codegen.lower import _pool_axis
@@ -260,10 +260,7 @@ def test_ceil_mode_output_size_matches_onnxruntime(n, k, s, pads):
     g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, n, n])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    so = ort.SessionOptions()
-    so.log_severity_level = 3  # ORT warns that the inferred shape differs from what it computes
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = ort_session(m)   # log level 3: ORT warns that the inferred shape differs from what it computes
     y = sess.run(None, {"x": np.zeros((1, 1, n, n), np.float32)})[0]
     ours = tuple(_pool_axis(n, k, s, pads, axis, True) for axis in (0, 1))
     assert tuple(y.shape[2:]) == ours, f"ceil_mode size {ours}, onnxruntime {y.shape[2:]}"
@@ -274,7 +271,6 @@ def test_ceil_mode_output_size_matches_onnxruntime(n, k, s, pads):
 def test_pool_auto_pad_matches_onnxruntime(auto_pad, n):
     """auto_pad pools: the reference max_pool on integers equals onnxruntime's float MaxPool
     (max is exact in float), so the pad placement (extra pad at the end for SAME_UPPER) is right."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     from edgekiln.codegen.lower import _pool_geometry
@@ -283,10 +279,8 @@ def test_pool_auto_pad_matches_onnxruntime(auto_pad, n):
     g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, n, n])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
     x = np.random.default_rng(SEED).integers(-128, 128, (1, 2, n, n)).astype(np.int8)
-    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"x": x.astype(np.float32)})[0].transpose(0, 2, 3, 1)
+    want = ort_session(m).run(None, {"x": x.astype(np.float32)})[0].transpose(0, 2, 3, 1)
     geo = _pool_geometry(node, QTensor("x", (1, n, n, 2), 1.0, 0), (3, 3))
     got = run_op(Op("max_pool", "mp", ["x"], "y", attrs=geo), [x.transpose(0, 2, 3, 1)])
     assert got.shape == want.shape and np.array_equal(got, want.astype(np.int8)), f"{auto_pad} n={n}"

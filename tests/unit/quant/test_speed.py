@@ -37,7 +37,6 @@ def _mbv3_block(path):
     g = helper.make_graph(nodes, "mbv3", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 12, 12])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 12, 12])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
     onnx.checker.check_model(m, full_check=True)
     onnx.save(m, str(path))
     return path
