@@ -43,6 +43,7 @@ def _cases() -> dict[str, Callable[[Path, bool], CaseResult]]:
         cases_fleet,
         cases_optimize_minilm,
         cases_quant,
+        cases_scoreboard,
         cases_split,
     )
 
@@ -62,6 +63,7 @@ def _cases() -> dict[str, Callable[[Path, bool], CaseResult]]:
         "fleet": cases_fleet.fleet_load,
         "federated": cases_federated.federated,
         "corpus": cases_corpus.run_corpus,
+        "scoreboard": cases_scoreboard.scoreboard,
     }
 
 

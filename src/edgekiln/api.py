@@ -116,7 +116,7 @@ def fits(model: PathLike, target: str, *, precision: str | None = None, max_late
 
         measured = benchmark(art.path, runtime="onnxruntime", threads=1, runs=200,
                              input_shapes=art.input_shapes).latency_ms["p50"]
-    c_fp = c_backend_footprint(art.path, art.kind, profile)
+    c_fp = c_backend_footprint(art.path, art.kind, profile, input_shapes=art.input_shapes)
 
     def nbytes(v: int | str | None) -> int | None:
         return parse_bytes(v) if isinstance(v, str) else v
@@ -205,14 +205,20 @@ def quantize(model: PathLike, scheme: str | None = None, *, out: PathLike, confi
     """
     from dataclasses import replace
 
-    from edgekiln.execution.feeds import load_npz
+    from edgekiln.execution.feeds import calibration_feeds, load_npz
     from edgekiln.models.artifact import ONNX_FLOAT
     from edgekiln.models.intake import run_folder_data
     from edgekiln.models.run_folder import RunFolder
     from edgekiln.passes.base import PassContext
     from edgekiln.passes.quantize import QuantizeConfig, metric_pair, result_of
     from edgekiln.pipeline import Step, run_pipeline
-    from edgekiln.quant.report import parity, runtime_table, write_quantize_report
+    from edgekiln.quant.report import (
+        parity,
+        runtime_table,
+        speed_verdict,
+        time_profile,
+        write_quantize_report,
+    )
 
     cfg = config or QuantizeConfig()
     if scheme is not None:
@@ -235,12 +241,33 @@ def quantize(model: PathLike, scheme: str | None = None, *, out: PathLike, confi
     res = result_of(quantized)
     if eval is not None and res.metric is None:   # the pass measures only when it enforces max_drop
         res.metric_fp32, res.metric = metric_pair(art.path, quantized.path, eval, metric)
+    others = _litert_form(quantized, run.work_dir / "litert") if cfg.scheme == "int8" else {}
+    held = calibration_feeds(art.path, eval or calib, 8) if (eval or calib) else None
     runtimes = runtime_table(art.path, quantized.path, runs=bench_runs, warmup=min(50, bench_runs),
-                             input_shapes=art.input_shapes)
+                             input_shapes=art.input_shapes, other_forms=others, accuracy_feeds=held)
     par = parity(quantized.path, load_npz(eval or calib)) if (eval or calib) and cfg.scheme != "fp16" else {}
+    verdict = speed_verdict(runtimes)
+    onnx_rows = [r for r in runtimes if "fp32_p50" in r and "p50" in r]
+    prof = None
+    if verdict and onnx_rows:   # NOTE: LiteRT has no per-layer profiler here: the fastest ONNX runtime's
+        on = verdict["runtime"] if verdict["runtime"] in {r["runtime"] for r in onnx_rows} else \
+            min(onnx_rows, key=lambda r: r["p50"])["runtime"]
+        prof = time_profile(art.path, quantized.path, on, art.input_shapes)
     write_quantize_report(Path(out), scheme=cfg.scheme, metric_name=metric, fp32=art.path, res=res, runtimes=runtimes,
-                          parity_result=par, config=cfg.to_dict(), model=quantized)
+                          parity_result=par, config=cfg.to_dict(), model=quantized, profile=prof)
     return run
+
+
+def _litert_form(quantized: Any, work: Path) -> dict[str, dict[str, Any]]:
+    """The int8 model as a ``.tflite`` for LiteRT to compete on (``{"litert": {"path"} | {"error"}}``)."""
+    from edgekiln.codegen.tflite.candidate import litert_candidate
+    from edgekiln.execution.feeds import random_feeds
+
+    try:
+        feed = random_feeds(quantized.inputs)
+    except EdgekilnError as exc:
+        return {"litert": {"error": str(exc)}}
+    return {"litert": litert_candidate(quantized.path, work, feed, quantized.input_shapes)}
 
 
 def prune(model: PathLike, config: PruneConfig | None = None, *, out: PathLike,

@@ -19,7 +19,10 @@ from edgekiln.testing.tiny import random_npz
 SMALL = {
     "prune": {"finetune_epochs": 1},
     "distill": {"epochs": 1, "student": "self"},
-    "quantize": {"calib_samples": 16},
+    # NOTE: the int8 form (speed rule on/off, int8/uint8 activations) is chosen by timing on this
+    # machine: the one input of the pass that is not the seed. Pinned here; the choice given the
+    # timings is tested in tests/unit/passes/test_quantize_forms.py and tests/unit/quant/test_speed.py.
+    "quantize": {"calib_samples": 16, "speed_rule": "on", "activations": "int8"},
     "qat": {"epochs": 1, "calib_samples": 16},
 }
 PASSES = sorted(registry())

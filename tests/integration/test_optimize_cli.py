@@ -26,3 +26,6 @@ def test_summary_names_the_selected_pipeline_in_full_at_80_columns(tmp_path):
     assert pipeline is not None, proc.stdout
     assert "quantize(" in pipeline and "…" not in pipeline, pipeline
     assert "report:" in proc.stdout
+    # progress: one line per finished trial, printed as it finishes (also when stdout is not a terminal)
+    trial_lines = [line for line in lines if line.startswith("trial #")]
+    assert len(trial_lines) == 2 and any("quantize(" in line for line in trial_lines), proc.stdout

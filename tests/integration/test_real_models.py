@@ -45,11 +45,16 @@ FLOORS_DB = {
     "minilm": 19.0,              # 22.2
     "basic_pitch": 2.0,          # 5.2: its CQT front end (fixed band-pass Convs feeding a log) is 14-28 dB
                                  # per Conv in int8; like MobileNetV3 the floor guards against collapse
+    "ds_cnn": 31.0,              # 34.1
+    "squeezenet1_1": 34.5,       # 37.9
+    "shufflenet_v2_x0_5": 12.0,  # 15.3
+    "mnasnet0_5": 8.5,           # 11.8
+    "mobilevit_xxs": 15.0,       # 18.4
 }
 
 
 def _assert_model(name, tmp_path):
-    result = check(name, tmp_path, runs=10)
+    result = check(name, tmp_path, runs=10, pinned=True)
     summary = ", ".join(f"{c} {result[c]['code']} ({result[c]['seconds']} s)" for c in COMMANDS)
     print(f"\n{name}: {summary}; int8 SQNR {result.get('sqnr_db', '-')} dB (floor {FLOORS_DB[name]} dB)")
     for command in COMMANDS:

@@ -44,7 +44,7 @@ def export_command(
 def _export_c(model: ModelArtifact, out: Path, prefix: str, fuse: bool = True) -> None:
     from edgekiln.codegen.export import export_c, write_export_report
 
-    res = export_c(model.path, out, prefix=prefix, fuse=fuse)
+    res = export_c(model.path, out, prefix=prefix, fuse=fuse, input_shapes=model.input_shapes)
     write_export_report(res, model)
     d = res.to_dict()
     typer.echo(f"wrote {prefix}.h, {prefix}.c, ek_kernels.c/.h, CMakeLists.txt, main.c to {out}")
@@ -59,3 +59,11 @@ def _export_tflite(model: ModelArtifact, out: Path, prefix: str, data: Path | No
     a = rep["arena"]
     typer.echo(f"wrote {out / rep['artifact']} ({rep['tflite_bytes']:,} B); TFLite Micro arena {a['reported_bytes']:,} B "
                f"reported, {a['smallest_running_bytes']:,} B smallest that runs; report: {out}/report.md")
+    for rt in ("litert", "tflm"):  # with --data: the int8 outputs against onnxruntime's
+        r = rep.get(rt) or {}
+        if "identical_fraction" in r:
+            typer.echo(f"{rt}: {r['identical_fraction']:.2%} of int8 outputs identical to onnxruntime's, max "
+                       f"{r['max_abs_diff_lsb']} LSB" + (f", top-1 {r['top1_agreement']:.2%}" if "top1_agreement" in r else ""))
+    if rep.get("per_op"):
+        worst = ", ".join(f"{rt} {v} LSB" for rt, v in rep["per_op"]["max_abs_diff_lsb"].items())
+        typer.echo(f"each of the {rep['per_op']['n_ops']} ops alone vs the integer reference: at most {worst}")

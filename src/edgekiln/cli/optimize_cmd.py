@@ -28,7 +28,8 @@ def optimize_command(
     prefer: str = typer.Option(None, "--prefer", help="latency | size | accuracy: which feasible model wins."),
     trials: int = typer.Option(None, "--trials",
                                help="Number of trials (distinct pipelines; fewer when the space holds fewer)."),
-    timeout: float = typer.Option(None, "--timeout", help="Stop starting trials after this many seconds."),
+    timeout: float = typer.Option(None, "--timeout", help="Seconds for the search (default 600; 0: no limit): no "
+                                  "trial starts near it, one trial gets a sixth to a third of it; the best so far is kept."),
     seed: int = typer.Option(None, "--seed"),
     workers: int = typer.Option(None, "--workers", help="Trials run in parallel on this machine."),
     executor: str = typer.Option(None, "--executor", help="local | ray"),
@@ -66,11 +67,15 @@ def _run(optimize, rec, out, resume, quiet):  # noqa: ANN001, ANN202 - thin prog
     columns = [TextColumn("[bold]optimize"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.description}")]
     with Progress(*columns, disable=quiet, transient=False) as bar:
-        task = bar.add_task("baseline", total=rec.search.trials)
+        task = bar.add_task("FP32 baseline, then trial 1 running", total=rec.search.trials)
 
         def on_trial(c):  # noqa: ANN001, ANN202
             status = "fits" if c.feasible else (c.state if c.state != "complete" else "no fit")
-            bar.update(task, advance=1, description=f"#{c.number} {c.label[:60]} [{status}]")
+            lat = f" {c.latency_ms_host:.3g} ms" if c.latency_ms_host is not None else ""
+            if not quiet:
+                bar.console.print(f"trial #{c.number} {c.label}: {status}{lat}, drop {_num(c.drop)} ({c.seconds:.0f} s)"
+                                  + (f" — {c.error[:100]}" if c.error else ""))
+            bar.update(task, advance=1, description="next trial running")
 
         try:
             return optimize(recipe=rec, out=out, resume=resume, quiet=quiet, on_trial=on_trial)
@@ -98,7 +103,22 @@ def _print_summary(result, rec) -> None:  # noqa: ANN001
     console.print(table)
     if result.interrupted:
         console.print("[yellow]interrupted: the best model so far is saved; continue with --resume[/]")
+    elif result.stop:
+        console.print(f"[yellow]{result.stop}; continue with --resume (and a larger --timeout)[/]")
+    versus = result.out_dir / "report.json"
+    if versus.is_file():
+        import json
+
+        v = json.loads(versus.read_text()).get("vs_fp32") or {}
+        if v.get("selected_is_fp32"):
+            console.print("no candidate is faster than FP32 within the budget: FP32 is kept (why: report.md)")
+        elif v.get("speedup"):
+            console.print(f"selected: {v['speedup']:.2f}x the speed of FP32 on this machine")
     if result.exhausted:
         console.print(f"the search space holds {len(result.candidates)} distinct pipeline(s): every one was tried")
     console.print(f"report: {result.out_dir / 'report.md'} (also report.html, report.json); "
                   f"model: {result.out_dir / 'model.onnx'}")
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4g}"

@@ -38,6 +38,8 @@ def quantize_command(
     outlier_rows: bool = config_option(Q, "outlier_rows", "--outlier-rows/--no-outlier-rows"),
     speed_rule: str = config_option(Q, "speed_rule"),
     runtime: str = config_option(Q, "runtime"),
+    activations: str = config_option(Q, "activations"),
+    float_layers: bool = config_option(Q, "float_layers"),
     runs: int = typer.Option(200, "--bench-runs", help="Timed runs per latency measurement."),
     input_shape: list[str] = input_shape_option(),
     out: Path = typer.Option(..., "--out"),
@@ -53,7 +55,8 @@ def quantize_command(
                        "per_channel": per_channel, "calib_samples": samples, "equalize": equalize,
                        "bias_correction": bias_correction, "adaround": adaround,
                        "smooth_alpha": smooth_alpha or None, "transformer_rewrites": rewrites,
-                       "outlier_rows": outlier_rows, "speed_rule": speed_rule, "runtime": runtime})
+                       "outlier_rows": outlier_rows, "speed_rule": speed_rule, "runtime": runtime,
+                       "activations": activations, "float_layers": float_layers})
     with Progress(transient=True) as bar:
         task = bar.add_task("sensitivity", total=None)
         run = quantize(model, config=cfg, calib=calib, eval=eval_, metric=metric, input_shapes=parse_shapes(input_shape),
@@ -64,6 +67,11 @@ def quantize_command(
                f"fastest runtime: {rep['fastest_runtime']}; report: {out / 'report.md'}")
     for s in rep["slower_than_fp32"]:
         typer.echo(f"warning: slower than FP32 on {s['runtime']} ({s['p50']:.4f} vs {s['fp32_p50']:.4f} ms)")
+    v = rep.get("speed_verdict")
+    if v:
+        typer.echo(f"{scheme} on {v['runtime']}: {v['p50']:.4f} ms vs FP32 on {v['fp32_runtime']}: {v['fp32_p50']:.4f} ms "
+                   f"({v['ratio']:.2f}x the time, {v.get('clock', 'wall')} time per call){'' if v['faster'] else ' - NOT faster than FP32 on any runtime here; '}"
+                   f"{'' if v['faster'] else 'where the time goes: ' + str(out / 'report.md')}")
 
 
 def _f(v: float | None) -> str:

@@ -13,7 +13,8 @@ def register(app: typer.Typer) -> None:
 
 def verify_c_command(
     lib_dir: Path = typer.Argument(..., help="Folder written by `edgekiln export --to c`."),
-    data: Path = typer.Option(..., "--data", help="Evaluation inputs: .npz with array x (model input layout)."),
+    data: Path = typer.Option(..., "--data", help="Evaluation inputs: .npz with array x (model input layout), or one array per "
+                       "input name for a model with several inputs."),
     model: Path = typer.Option(None, "--model", help="The QDQ .onnx (default: the one recorded in report.json)."),
     valgrind: bool = typer.Option(True, "--valgrind/--no-valgrind", help="Also run under valgrind if installed."),
     limit: int = typer.Option(None, "--limit", help="Use only the first N inputs."),

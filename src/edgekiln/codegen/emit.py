@@ -23,7 +23,10 @@ from edgekiln.fileio import atomic_write_text
 PARAM_STRUCT = {"conv2d": "ek_conv_params", "fully_connected": "ek_fc_params", "add": "ek_add_params",
                 "requantize": "ek_requant_params", "max_pool": "ek_pool_params", "avg_pool": "ek_pool_params",
                 "concat": "ek_concat_params", "softmax": "ek_softmax_params",
-                "transpose_nchw": "ek_transpose_params", "lut": "ek_lut_params"}
+                "transpose_nchw": "ek_transpose_params", "lut": "ek_lut_params",
+                "lut_channel": "ek_lut_channel_params", "gather": "ek_gather_params", "mul": "ek_mul_params",
+                "pad": "ek_pad_params", "resize": "ek_resize_params",
+                "mean_lut": "ek_mean_lut_params", "add_lut": "ek_add_lut_params"}
 #: C parameter struct -> its field names in declaration order (as in ek_kernels.h).
 STRUCT_FIELDS = {
     "ek_conv_params": ("in_h in_w in_c out_h out_w out_c k_h k_w stride_h stride_w dil_h dil_w pad_top pad_left "
@@ -38,11 +41,20 @@ STRUCT_FIELDS = {
     "ek_softmax_params": "rows depth output_zp inv_mult div_shift",
     "ek_transpose_params": "height width channels",
     "ek_lut_params": "size",
+    "ek_lut_channel_params": "size channels",
+    "ek_gather_params": "pixels in_c out_c",
+    "ek_mul_params": "size b_channels pre_shift output_zp mult shift act_min act_max",
+    "ek_pad_params": "in_h in_w channels out_h out_w pad_top pad_left stride_h stride_w value",
+    "ek_resize_params": "in_h in_w channels out_h out_w zero_point",
+    "ek_mean_lut_params": "pixels channels output_zp mult shift",
+    "ek_add_lut_params": "size b_channels output_zp mult shift act_min act_max",
 }
 _ARRAY_ORDER = {"conv2d": ("weights", "bias", "mult", "shift"), "conv_pool": ("weights", "bias", "mult", "shift"),
                 "fully_connected": ("weights", "bias", "mult", "shift"),
                 "concat": ("channels", "zps", "mult", "shift"), "softmax": ("lut",),
-                "lut": ("table",)}
+                "lut": ("table",), "lut_channel": ("table",), "gather": ("index",),
+                "mul": ("a_table", "b_table"), "resize": ("y0", "y1", "wy", "x0", "x1", "wx"),
+                "mean_lut": ("table",), "add_lut": ("a_table", "b_table")}
 _CTYPE = {np.dtype(np.int8): "int8_t", np.dtype(np.int32): "int32_t"}
 
 KERNEL_FILES = ("ek_kernels.h", "ek_kernels.c")
@@ -75,7 +87,9 @@ def _ptr(plan: MemoryPlan, tensor: str) -> str:
     where, offset = plan.location[tensor]
     if where == "output":
         return f"output + {offset}" if offset else "output"
-    return "input" if where == "input" else f"arena + {offset}"
+    if where == "input":
+        return f"input + {offset}" if offset else "input"
+    return f"arena + {offset}"
 
 
 def _op_decls(i: int, op: Op) -> str:
@@ -127,10 +141,19 @@ def _op_call(i: int, op: Op, plan: MemoryPlan) -> str:
                 f"        ek_concat({p}, ins, op{i}_channels, op{i}_zps, op{i}_mult, op{i}_shift, {y});\n    }}\n")
     if op.kind == "softmax":
         return f"    ek_softmax({p}, {ins[0]}, op{i}_lut, {y});\n"
-    if op.kind == "lut":
-        return f"    ek_lut({p}, {ins[0]}, op{i}_table, {y});\n"
+    if op.kind in ("lut", "lut_channel", "mean_lut"):
+        return f"    ek_{op.kind}({p}, {ins[0]}, op{i}_table, {y});\n"
+    if op.kind == "resize":
+        tables = ", ".join(f"op{i}_{k}" for k in ("y0", "y1", "wy", "x0", "x1", "wx"))
+        return f"    ek_resize({p}, {ins[0]}, {tables}, {y});\n"
+    if op.kind == "add_lut":
+        return f"    ek_add_lut({p}, {ins[0]}, {ins[1]}, op{i}_a_table, op{i}_b_table, {y});\n"
+    if op.kind == "mul":
+        return f"    ek_mul({p}, {ins[0]}, {ins[1]}, op{i}_a_table, op{i}_b_table, {y});\n"
+    if op.kind == "gather":
+        return f"    ek_gather({p}, {ins[0]}, op{i}_index, {y});\n"
     fn = {"requantize": "ek_requantize", "max_pool": "ek_max_pool", "avg_pool": "ek_avg_pool",
-          "transpose_nchw": "ek_transpose_nchw"}[op.kind]
+          "transpose_nchw": "ek_transpose_nchw", "pad": "ek_pad"}[op.kind]
     return f"    {fn}({p}, {ins[0]}, {y});\n"
 
 
@@ -143,6 +166,11 @@ def render_header(graph: IntGraph, plan: MemoryPlan, prefix: str) -> str:
              " * q = clamp(round_half_even(x / SCALE) + ZERO_POINT, -128, 127). */"]
     several = bool(graph.extra_outputs)
     tags = [("INPUT", ti)] + ([] if several else [("OUTPUT", to)])
+    if graph.extra_inputs:
+        lines += ["/* Several inputs, packed one after the other in the input buffer: INPUTk_OFFSET;",
+                  " * INPUT_SIZE is the whole buffer, INPUT_SCALE/ZERO_POINT those of input 0. */",
+                  f"#define {up}_INPUT_COUNT {len(graph.inputs)}"]
+        tags += [(f"INPUT{k}", graph.tensors[i]) for k, i in enumerate(graph.inputs)]
     if several:
         lines += ["/* Several outputs, packed one after the other in the output buffer: OUTPUTk_OFFSET. */",
                   f"#define {up}_OUTPUT_COUNT {len(graph.outputs)}", f"#define {up}_OUTPUT_SIZE {graph.output_bytes}"]
@@ -150,7 +178,10 @@ def render_header(graph: IntGraph, plan: MemoryPlan, prefix: str) -> str:
     for tag, t in tags:
         if tag.startswith("OUTPUT") and several:
             lines.append(f"#define {up}_{tag}_OFFSET {graph.output_offsets[int(tag[6:])]}")
-        lines.append(f"#define {up}_{tag}_SIZE {t.size}")
+        if tag.startswith("INPUT") and tag != "INPUT":
+            lines.append(f"#define {up}_{tag}_OFFSET {graph.input_offsets[int(tag[5:])]}")
+        size = graph.input_bytes if tag == "INPUT" else t.size
+        lines.append(f"#define {up}_{tag}_SIZE {size}")
         lines.append(f"#define {up}_{tag}_RANK {len(t.shape)}")
         lines += [f"#define {up}_{tag}_DIM{k} {d}" for k, d in enumerate(t.shape)]
         lines.append(f"#define {up}_{tag}_SCALE {t.scale!r}f")

@@ -16,11 +16,14 @@ from edgekiln.errors import EdgekilnError
 #: ek_kernels.c (``-ffunction-sections``); ``_call`` is the per-step call site in NAME.c and
 #: ``_ldiv`` libgcc's 64-bit division, pulled in by avg_pool and softmax; ``_conv_row`` the conv
 #: row helper shared by conv2d and the fused conv_pool; ``_requant_b32`` the float32-exact conv/FC
-#: requantization with its 24-bit rounding helper (186 + 154 B).
+#: requantization with its 24-bit rounding helper (186 + 154 B). lut_channel, gather, mul, pad, resize
+#: measured the same way (issue 20).
 CODE_BYTES = {"_requant": 178, "_call": 28, "_ldiv": 400, "_conv_row": 314, "_requant_b32": 340, "conv2d": 66,
               "fully_connected": 108, "add": 108,
               "requantize": 58, "max_pool": 164, "avg_pool": 360, "concat": 146, "softmax": 224,
-              "transpose_nchw": 74, "reshape": 0, "conv_pool": 420, "lut": 26}
+              "transpose_nchw": 74, "reshape": 0, "conv_pool": 420, "lut": 26, "lut_channel": 52, "gather": 54,
+              "mul": 246, "pad": 118, "resize": 376, "mean_lut": 94,
+              "add_lut": 112}
 #: bytes of one int32 field in a ``static const`` parameter struct.
 _FIELD_BYTES = 4
 
@@ -42,10 +45,13 @@ class CExport:
         ti, to = g.tensors[g.input], g.tensors[g.output]
         return {
             "target": "c", "prefix": self.prefix, "files": [p.name for p in self.files], "fused": self.fused,
-            "arena_bytes": self.plan.arena_bytes, "io_bytes": ti.size + g.output_bytes,
-            "ram_bytes": self.plan.arena_bytes + ti.size + g.output_bytes,
+            "arena_bytes": self.plan.arena_bytes, "io_bytes": g.input_bytes + g.output_bytes,
+            "ram_bytes": self.plan.arena_bytes + g.input_bytes + g.output_bytes,
             "flash_bytes": self.flash["total"], "flash": self.flash, "macs": g.macs,
             "input": {"shape_nhwc": list(ti.shape), "scale": ti.scale, "zero_point": ti.zero_point},
+            "inputs": [{"name": name, "shape_nhwc": list(g.tensors[i].shape), "scale": g.tensors[i].scale,
+                        "zero_point": g.tensors[i].zero_point, "offset": off}
+                       for i, (name, _), off in zip(g.inputs, g.onnx_inputs, g.input_offsets, strict=True)],
             "output": {"shape_nhwc": list(to.shape), "scale": to.scale, "zero_point": to.zero_point},
             "outputs": [{"shape_nhwc": list(g.tensors[o].shape), "scale": g.tensors[o].scale,
                          "zero_point": g.tensors[o].zero_point, "offset": off}
@@ -72,7 +78,7 @@ def estimate_flash(graph: IntGraph) -> dict[str, int]:
         code += CODE_BYTES["_conv_row"]
     if kinds & {"conv2d", "conv_pool", "fully_connected"}:
         code += CODE_BYTES["_requant_b32"]
-    if kinds & {"avg_pool", "softmax", "conv_pool"}:
+    if kinds & {"avg_pool", "softmax", "conv_pool", "resize"}:
         code += CODE_BYTES["_ldiv"]
     return {"weights": weights, "params": params, "code_estimate": code, "total": weights + params + code}
 
@@ -90,27 +96,28 @@ class McuFootprint:
         return self.arena_bytes + self.io_bytes
 
 
-def mcu_footprint(model: str | Path | Any) -> McuFootprint:
+def mcu_footprint(model: str | Path | Any, input_shapes: dict[str, tuple[int, ...]] | None = None) -> McuFootprint:
     """The arena, I/O and flash bytes ``export --to c`` would produce for an int8 QDQ model, without
-    writing files: the numbers ``fits`` and ``optimize`` use for microcontroller targets.
+    writing files: the numbers ``fits`` and ``optimize`` use for microcontroller targets (dynamic
+    input dims from ``input_shapes``, else 1).
 
     >>> from edgekiln.codegen.testmodels import tiny_qdq_model
     >>> fp = mcu_footprint(tiny_qdq_model("tiny_int8.onnx"))
     >>> fp.ram_bytes, fp.flash["total"]
     (234, 3100)
     """
-    graph = lower_for_c(model)  # fused, as the default export
+    graph = lower_for_c(model, input_shapes=input_shapes)  # fused, as the default export
     plan = plan_memory(graph)
-    io = graph.tensors[graph.input].size + graph.output_bytes
+    io = graph.input_bytes + graph.output_bytes
     return McuFootprint(int(plan.arena_bytes), int(io), estimate_flash(graph))
 
 
 def export_c(model: str | Path, out_dir: str | Path, *, prefix: str = "model", reorder: bool = True,
-             fuse: bool = True) -> CExport:
+             fuse: bool = True, input_shapes: dict[str, tuple[int, ...]] | None = None) -> CExport:
     """Lower a QDQ int8 ONNX model to a C99 library in ``out_dir``; plot and plan included.
 
     ``fuse`` (default) runs :func:`edgekiln.codegen.fuse.fuse_conv_pool`: conv -> pool pairs
-    become one kernel that never stores the full conv output (a smaller arena).
+    become one kernel that never stores the full conv output (a smaller arena). ``input_shapes`` fixes dynamic input dims (else 1).
 
     >>> from edgekiln.codegen.testmodels import tiny_qdq_model
     >>> res = export_c(tiny_qdq_model("tiny_int8.onnx"), "out/c", prefix="tiny")
@@ -121,7 +128,7 @@ def export_c(model: str | Path, out_dir: str | Path, *, prefix: str = "model", r
     model = Path(model)
     if not model.is_file():
         raise EdgekilnError(f"{model}: no such ONNX file")
-    graph = lower_for_c(model, fuse=fuse)
+    graph = lower_for_c(model, fuse=fuse, input_shapes=input_shapes)
     plan = plan_memory(graph, reorder=reorder)
     out_dir = Path(out_dir)
     files = write_library(graph, plan, out_dir, prefix)

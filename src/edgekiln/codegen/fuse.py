@@ -75,13 +75,15 @@ def fuse_conv_pool(graph: IntGraph) -> IntGraph:
     return graph
 
 
-def lower_for_c(model: str | Path | Any, *, fuse: bool = True) -> IntGraph:
-    """:func:`~edgekiln.codegen.ir.load_qdq` plus, with ``fuse``, :func:`fuse_conv_pool`.
+def lower_for_c(model: str | Path | Any, *, fuse: bool = True,
+                input_shapes: dict[str, tuple[int, ...]] | None = None) -> IntGraph:
+    """:func:`~edgekiln.codegen.ir.load_qdq` (dynamic dims from ``input_shapes``) plus, with
+    ``fuse``, :func:`fuse_conv_pool`.
 
     This is the graph ``export_c`` emits; use it (with :func:`~edgekiln.codegen.planner.plan_memory`)
     wherever the C backend's real arena is needed.
     """
     from edgekiln.codegen.ir import load_qdq
 
-    graph = load_qdq(model)
+    graph = load_qdq(model, input_shapes)
     return fuse_conv_pool(graph) if fuse else graph

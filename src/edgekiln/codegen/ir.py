@@ -29,7 +29,9 @@ from edgekiln.errors import EdgekilnError
 #: ONNX ops the C backend lowers (besides QuantizeLinear/DequantizeLinear).
 SUPPORTED_OPS = ("Conv", "Gemm", "MatMul", "Add", "Relu", "Clip", "MaxPool", "AveragePool",
                  "GlobalAveragePool", "ReduceMean", "Flatten", "Reshape", "Concat", "Softmax",
-                 "BatchNormalization", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Elu")
+                 "BatchNormalization", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Elu",
+                 "PRelu", "Mul", "Sub", "Div", "Transpose", "Slice", "Split", "Squeeze", "Unsqueeze", "Gather",
+                 "Identity", "Pad", "Resize", "ConvTranspose")
 
 
 @dataclass
@@ -72,7 +74,7 @@ class Op:
 
 @dataclass
 class IntGraph:
-    """The lowered model: tensors by name, ops in schedule order, one input, one or more outputs.
+    """The lowered model: tensors by name, ops in schedule order, one or more inputs and outputs.
 
     ``output`` is the first graph output; ``extra_outputs`` the others, in ONNX graph order.
     The C library writes all of them into one caller buffer, packed one after the other
@@ -87,6 +89,29 @@ class IntGraph:
     onnx_input_shape: tuple[int, ...]
     onnx_output_shape: tuple[int, ...]
     extra_outputs: list[str] = field(default_factory=list)
+    #: the int8 tensors of the second, third, ... graph input, and their ONNX (name, shape); the C
+    #: library reads all inputs from one caller buffer, packed in graph order (:attr:`input_offsets`).
+    extra_inputs: list[str] = field(default_factory=list)
+    extra_onnx_inputs: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
+
+    @property
+    def inputs(self) -> list[str]:
+        return [self.input, *self.extra_inputs]
+
+    @property
+    def onnx_inputs(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(ONNX name, ONNX shape) of every graph input, in :attr:`inputs` order."""
+        return [(self.onnx_input_name, self.onnx_input_shape), *self.extra_onnx_inputs]
+
+    @property
+    def input_offsets(self) -> list[int]:
+        """Byte offset of each input in the packed input buffer."""
+        sizes = [self.tensors[i].size for i in self.inputs]
+        return [int(sum(sizes[:k])) for k in range(len(sizes))]
+
+    @property
+    def input_bytes(self) -> int:
+        return int(sum(self.tensors[i].size for i in self.inputs))
 
     @property
     def outputs(self) -> list[str]:
@@ -126,13 +151,17 @@ class LowerContext:
     graph: IntGraph
     #: names of nodes already lowered as part of another (a BatchNormalization folded into its Conv).
     folded: set[str] = field(default_factory=set)
+    #: float value -> (DQ output it is computed from, elementwise nodes): a float island read by a
+    #: binary op (an SE gate ``HardSigmoid(x)`` in ``Mul(y, gate)``), lowered by that op.
+    gates: dict[str, tuple[str, list[Any]]] = field(default_factory=dict)
 
 
-def load_qdq(model: Any) -> IntGraph:
+def load_qdq(model: Any, input_shapes: dict[str, tuple[int, ...]] | None = None) -> IntGraph:
     """Lower an int8 QDQ ONNX model (path or ``ModelProto``) to an :class:`IntGraph`.
 
-    Raises :class:`EdgekilnError` naming the op and node for anything outside
-    :data:`SUPPORTED_OPS`, a float (unquantized) path, or a second graph input/output.
+    Dynamic input dims take ``input_shapes`` (else 1); shape arithmetic is folded first
+    (:mod:`edgekiln.codegen.fold_shapes`). Raises :class:`EdgekilnError` naming the op and node
+    for anything outside :data:`SUPPORTED_OPS` or a float (unquantized) path.
 
     >>> from edgekiln.codegen.testmodels import tiny_qdq_model
     >>> load_qdq(tiny_qdq_model("tiny_int8.onnx")).ops[0].kind
@@ -141,11 +170,13 @@ def load_qdq(model: Any) -> IntGraph:
     import onnx
     from onnx import numpy_helper
 
-    from edgekiln.codegen import lower
+    from edgekiln.codegen import lower, lower_island, lower_movement
+    from edgekiln.codegen.fold_shapes import fold_shape_subgraphs
     from edgekiln.models.support import is_constant_mul
 
     if isinstance(model, str | Path):
         model = onnx.load(str(model))
+    model = fold_shape_subgraphs(model, input_shapes)
     g = model.graph
     inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
     for node in g.node:
@@ -154,8 +185,8 @@ def load_qdq(model: Any) -> IntGraph:
         elif is_constant_mul(node, inits):   # a bias scale computed from the two scales
             inits[node.output[0]] = (inits[node.input[0]] * inits[node.input[1]]).astype(np.float32)
     real_inputs = [i for i in g.input if i.name not in inits]
-    if len(real_inputs) != 1 or not g.output:
-        raise EdgekilnError(f"C export needs exactly one graph input and at least one output, got "
+    if not real_inputs or not g.output:
+        raise EdgekilnError(f"C export needs at least one graph input and one output, got "
                             f"{len(real_inputs)} inputs and {len(g.output)} outputs")
     q_nodes = [n for n in g.node if n.op_type == "QuantizeLinear"]
     if not q_nodes:
@@ -169,48 +200,86 @@ def load_qdq(model: Any) -> IntGraph:
             ctx.float_consumers.setdefault(name, []).append(node)
         if node.op_type == "QuantizeLinear":
             ctx.q_of.setdefault(node.input[0], []).append(node)
-    _read_input(ctx, real_inputs[0])
+    for vi in real_inputs:
+        _read_input(ctx, vi)
     for node in g.node:
         if node.op_type == "DequantizeLinear":
             _read_dq(ctx, node)
         elif node.op_type in ("QuantizeLinear", "Constant") or is_constant_mul(node, inits) \
                 or (node.name or node.output[0]) in ctx.folded:
             continue
-        elif node.op_type not in SUPPORTED_OPS:
+        elif node.op_type not in SUPPORTED_OPS and not lower_island.wants_island(ctx, node):
             raise EdgekilnError(f"op {node.op_type} (node {node.name or node.output[0]!r}) is not supported "
                                 f"by the C backend; supported: {', '.join(SUPPORTED_OPS)}")
-        else:
+        elif not (lower_island.wants_island(ctx, node) and lower_island.lower_island(ctx, node)):
+            _refuse_float_layer(ctx, [node])
             lower.lower_node(ctx, node)
     _read_output(ctx, g)
     lower.fuse_activations(ctx.graph)
+    lower_movement.compose_gathers(ctx.graph)
     return ctx.graph
 
 
 def activation_qparams(ctx: LowerContext, node: Any) -> tuple[float, int]:
     """``(scale, zero_point)`` of the per-tensor int8 activation quantization ``node`` (a
-    QuantizeLinear) applies; an :class:`EdgekilnError` for per-channel or non-int8 ones."""
+    QuantizeLinear) applies, a uint8 one shifted to int8; an :class:`EdgekilnError` for per-channel ones."""
     scale = np.asarray(ctx.inits[node.input[1]], dtype=np.float64)
     zp = np.asarray(ctx.inits[node.input[2]]) if len(node.input) > 2 and node.input[2] else np.zeros(1, np.int8)
     if scale.size != 1 or zp.size != 1:
         raise EdgekilnError(f"activation quantization of node {node.name!r} is per-channel; C export needs "
                             "per-tensor activations")
+    if zp.dtype == np.uint8:
+        # NOTE: uint8 q with zero point z is the int8 value q - 128 with zero point z - 128: every
+        # kernel works on q - z and saturates to the same 256 values, so the C stays int8 and exact.
+        return float(scale.reshape(())), int(zp.reshape(())) - 128
     if zp.dtype != np.int8:
-        raise EdgekilnError(f"activation zero point of node {node.name!r} is {zp.dtype}; C export needs int8")
+        raise EdgekilnError(f"activation zero point of node {node.name!r} is {zp.dtype}; C export needs int8 "
+                            "or uint8")
     return float(scale.reshape(())), int(zp.reshape(()))
 
 
 def _read_input(ctx: LowerContext, vi: Any) -> None:
     dims = [d.dim_value if d.dim_value > 0 else 1 for d in vi.type.tensor_type.shape.dim]
+    from edgekiln.codegen.lower_island import quantized_downstream
+
     qs = ctx.q_of.get(vi.name, [])
+    name = ""
     if len(qs) != 1 or len(ctx.float_consumers.get(vi.name, [])) != 1:
-        raise EdgekilnError(f"graph input {vi.name!r} must feed exactly one QuantizeLinear (an int8 QDQ model)")
+        # NOTE: an input reshaped (Unsqueeze, Reshape, ...) before its QuantizeLinear: quantizing
+        # first and moving the int8 values gives the same integers.
+        down = quantized_downstream(ctx, vi.name)
+        if down is None:
+            _refuse_float_layer(ctx, ctx.float_consumers.get(vi.name, []))
+            raise EdgekilnError(f"graph input {vi.name!r} must feed exactly one QuantizeLinear (an int8 QDQ "
+                                "model)")
+        qs, name = ctx.q_of[down], vi.name + "__int8"
+        ctx.act_dq[vi.name] = name
     if dims[0] != 1:
         raise EdgekilnError(f"graph input {vi.name!r} has batch {dims[0]}; C export needs batch 1")
     scale, zp = activation_qparams(ctx, qs[0])
-    name = qs[0].output[0]
+    name = name or qs[0].output[0]
     ctx.graph.tensors[name] = QTensor(name, to_c_shape(tuple(dims)), scale, zp)
-    ctx.graph.input = name
-    ctx.graph.onnx_input_shape = tuple(dims)
+    if ctx.graph.input:
+        ctx.graph.extra_inputs.append(name)
+        ctx.graph.extra_onnx_inputs.append((vi.name, tuple(dims)))
+    else:
+        ctx.graph.input = name
+        ctx.graph.onnx_input_shape = tuple(dims)
+
+
+#: ops with weights: float in an int8 QDQ model only when quantize kept the whole layer float.
+_WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _refuse_float_layer(ctx: LowerContext, nodes: list[Any]) -> None:
+    """A one-line error for a weighted layer left float (``quantize --keep-float``, or kept float for
+    latency by the speed rule): the C library is integer-only."""
+    for node in nodes:
+        if node.op_type in _WEIGHTED and len(node.input) > 1 and node.input[1] in ctx.inits:
+            raise EdgekilnError(f"layer {node.name or node.output[0]!r} ({node.op_type}) is float in this QDQ model "
+                                "(quantize kept it float: --keep-float, or for latency, see the quantize report's "
+                                "speed.float_for_latency); the C backend is integer-only and needs every Conv/Gemm "
+                                "int8")
 
 
 def _read_dq(ctx: LowerContext, node: Any) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekiln.codegen import lower_pointwise
+from edgekiln.codegen import lower_binary, lower_movement, lower_pointwise, lower_spatial
 from edgekiln.codegen.binary32 import binary32_multiplier, onnx_qlinear_scale
 from edgekiln.codegen.ir import IntGraph, LowerContext, Op, QTensor, activation_qparams
 from edgekiln.errors import EdgekilnError
@@ -90,7 +90,7 @@ def _mult(real: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
     return (np.array([p[0] for p in pairs], dtype=np.int32), np.array([p[1] for p in pairs], dtype=np.int32))
 
 
-def _weight_scales(node: Any, scale: np.ndarray, zp: np.ndarray, n: int) -> np.ndarray:
+def weight_scales(node: Any, scale: np.ndarray, zp: np.ndarray, n: int) -> np.ndarray:
     if np.any(np.asarray(zp) != 0):
         raise EdgekilnError(f"weights of {node_label(node)} have a non-zero zero point; C export needs symmetric "
                             "int8 weights")
@@ -98,7 +98,7 @@ def _weight_scales(node: Any, scale: np.ndarray, zp: np.ndarray, n: int) -> np.n
     return np.broadcast_to(scale, (n,)).copy() if scale.size == 1 else scale
 
 
-def _bias(ctx: LowerContext, node: Any, idx: int, n: int, acc_scale: np.ndarray) -> np.ndarray:
+def int32_bias(ctx: LowerContext, node: Any, idx: int, n: int, acc_scale: np.ndarray) -> np.ndarray:
     if len(node.input) <= idx or not node.input[idx]:
         return np.zeros(n, dtype=np.int32)
     q, scale, zp, _ = const_input(ctx, node, idx)
@@ -149,11 +149,20 @@ def _pool_geometry(node: Any, x: QTensor, kernel: tuple[int, int]) -> dict[str, 
 
 def lower_node(ctx: LowerContext, node: Any) -> None:
     """Append the integer op(s) for one float ONNX node sitting between DQ inputs and a Q output."""
-    {"Conv": _conv, "Gemm": _fc, "MatMul": _fc, "Add": _add, "Relu": _clamp, "Clip": _clamp,
+    {**dict.fromkeys(lower_movement.MOVEMENT_OPS, lower_movement.lower_movement),
+     "Conv": _conv, "Gemm": _fc, "MatMul": _fc, "Add": _add, "Relu": _clamp, "Clip": _clamp,
      "MaxPool": _maxpool, "AveragePool": _avgpool, "GlobalAveragePool": _avgpool, "Flatten": _reshape,
      "Reshape": _reshape, "Concat": _concat, "Softmax": _softmax, "ReduceMean": _avgpool,
      "BatchNormalization": lower_pointwise.lower_batchnorm,
+     "Pad": lower_spatial.lower_pad, "Resize": lower_spatial.lower_resize,
+     "ConvTranspose": lower_spatial.lower_conv_transpose,
+     "Mul": lower_binary.lower_mul, "Sub": lower_binary.lower_add_sub, "Div": _binary_data, "PRelu": _binary_data,
      **dict.fromkeys(lower_pointwise.UNARY_FUNCS, lower_pointwise.lower_unary)}[node.op_type](ctx, node)
+
+
+def _binary_data(ctx: LowerContext, node: Any) -> None:
+    raise EdgekilnError(f"{node_label(node)}: both operands are computed tensors; the C backend lowers "
+                        f"{node.op_type} only with a constant operand (as a lookup table)")
 
 
 def _conv(ctx: LowerContext, node: Any) -> None:
@@ -176,9 +185,9 @@ def _conv(ctx: LowerContext, node: Any) -> None:
     out_w = (w + pads[1] + pads[3] - dil[1] * (kw - 1) - 1) // strides[1] + 1
     bn = lower_pointwise.bn_after(ctx, node)
     y = act_output(ctx, bn or node, (1, out_h, out_w, cout))
-    s_w = _weight_scales(node, ws, wz, cout)
+    s_w = weight_scales(node, ws, wz, cout)
     weights = np.ascontiguousarray(wq.transpose(0, 2, 3, 1))
-    bias = _bias(ctx, node, 2, cout, x.scale * s_w)
+    bias = int32_bias(ctx, node, 2, cout, x.scale * s_w)
     if bn is not None:
         weights, bias, s_w = lower_pointwise.fold_bn_into_conv(ctx, bn, weights, bias, x.scale, s_w)
     # NOTE: conv and FC requantize as binary32 arithmetic rounds (float32 scale, 24-bit
@@ -216,22 +225,26 @@ def _fc(ctx: LowerContext, node: Any) -> None:
         # NOTE: ONNX flattened C,H,W; the C tensor is H,W,C: permute the columns once, here.
         w = w.reshape(n_out, c, h, wd).transpose(0, 2, 3, 1).reshape(n_out, n_in)
     y = act_output(ctx, node, (1, n_out))
-    s_w = _weight_scales(node, ws, wz, n_out)
+    s_w = weight_scales(node, ws, wz, n_out)
     mult, shift = binary32_multiplier(onnx_qlinear_scale(x.scale, s_w, y.scale))
     bias_idx = 2 if node.op_type == "Gemm" else 99
     ctx.graph.ops.append(Op(
         "fully_connected", node.name or node.output[0], [x.name], y.name,
         attrs=dict(in_features=n_in, out_features=n_out, input_zp=x.zero_point, output_zp=y.zero_point,
                    act_min=-128, act_max=127),
-        arrays=dict(weights=np.ascontiguousarray(w), bias=_bias(ctx, node, bias_idx, n_out, x.scale * s_w),
+        arrays=dict(weights=np.ascontiguousarray(w), bias=int32_bias(ctx, node, bias_idx, n_out, x.scale * s_w),
                     mult=mult, shift=shift),
         macs=n_in * n_out, weight_scale=s_w.astype(np.float32)))
 
 
 def _add(ctx: LowerContext, node: Any) -> None:
+    if any(i in ctx.gates for i in node.input[:2]):  # a float operand: read through its table
+        lower_binary.lower_add_sub(ctx, node)
+        return
     a, b = act_input(ctx, node, 0), act_input(ctx, node, 1)
-    if a.shape != b.shape:
-        raise EdgekilnError(f"{node_label(node)}: broadcasting Add {a.shape} + {b.shape} is not supported")
+    if a.shape != b.shape:  # broadcast
+        lower_binary.lower_add_sub(ctx, node)
+        return
     y = act_output(ctx, node, a.shape)
     twice_max = 2.0 * max(a.scale, b.scale)
     am, ash = quantize_multiplier(a.scale / twice_max)
@@ -245,7 +258,8 @@ def _add(ctx: LowerContext, node: Any) -> None:
         macs=a.size))
 
 
-def _requant(ctx: LowerContext, name: str, x: QTensor, y: QTensor, lo: int = -128, hi: int = 127) -> None:
+def emit_requantize(ctx: LowerContext, name: str, x: QTensor, y: QTensor, lo: int = -128,
+                    hi: int = 127) -> None:
     m, s = quantize_multiplier(x.scale / y.scale)
     ctx.graph.ops.append(Op(
         "requantize", name, [x.name], y.name,
@@ -270,11 +284,18 @@ def _clamp(ctx: LowerContext, node: Any) -> None:
                 lo_f, hi_f = (val, hi_f) if which == "min" else (lo_f, val)
     lo = -128 if lo_f == -math.inf else quantize_value(lo_f, y)
     hi = 127 if hi_f == math.inf else quantize_value(hi_f, y)
-    _requant(ctx, node.name or node.output[0], x, y, lo, hi)
+    emit_requantize(ctx, node.name or node.output[0], x, y, lo, hi)
 
 
 def _maybe_requant_after(ctx: LowerContext, node: Any, x: QTensor, shape: tuple[int, ...]) -> tuple[QTensor, QTensor | None]:
-    """Output tensor for a scale-preserving op; a second tensor if ORT gave it new qparams."""
+    """Output tensor for a scale-preserving op; a second tensor if ORT gave it new qparams.
+
+    An output with no QuantizeLinear (inside a float island's tail, lower_island.py) keeps the
+    input's qparams and is registered for the next op to read."""
+    if not ctx.q_of.get(node.output[0]):
+        t = _new(ctx, node.output[0] + "__int8", shape, x.scale, x.zero_point)
+        ctx.act_dq[node.output[0]] = t.name
+        return t, None
     probe = act_output(ctx, node, shape)
     if probe.scale == x.scale and probe.zero_point == x.zero_point:
         return probe, None
@@ -293,17 +314,20 @@ def _maxpool(ctx: LowerContext, node: Any) -> None:
     ctx.graph.ops.append(Op("max_pool", node.name or node.output[0], [x.name], y.name, attrs=geo,
                             macs=y.size * geo["k_h"] * geo["k_w"]))
     if final is not None:
-        _requant(ctx, (node.name or node.output[0]) + "_requant", y, final)
+        emit_requantize(ctx, (node.name or node.output[0]) + "_requant", y, final)
 
 
 def _avgpool(ctx: LowerContext, node: Any) -> None:
+    if node.input[0] in ctx.gates:  # the mean of a float activation (an SE squeeze)
+        lower_binary.lower_float_mean(ctx, node)
+        return
     x = act_input(ctx, node, 0)
     out_shape = None
     if node.op_type in ("GlobalAveragePool", "ReduceMean"):
         if len(x.shape) != 4:
             raise EdgekilnError(f"{node_label(node)}: needs a 4-D input, got {x.shape}")
         if node.op_type == "ReduceMean":
-            out_shape = _reduce_mean_hw_shape(ctx, node, x)
+            out_shape = reduce_mean_hw_shape(ctx, node, x)
         geo = dict(in_h=x.shape[1], in_w=x.shape[2], channels=x.shape[3], out_h=1, out_w=1, k_h=x.shape[1],
                    k_w=x.shape[2], stride_h=1, stride_w=1, pad_top=0, pad_left=0)
         include_pad = 1
@@ -334,7 +358,7 @@ def _avgpool(ctx: LowerContext, node: Any) -> None:
         macs=y.size * k))
 
 
-def _reduce_mean_hw_shape(ctx: LowerContext, node: Any, x: QTensor) -> tuple[int, ...]:
+def reduce_mean_hw_shape(ctx: LowerContext, node: Any, x: QTensor) -> tuple[int, ...]:
     """C shape of a ReduceMean over H and W (a global average pool); an error for other axes."""
     axes = node_attr(node, "axes", None)
     if axes is None and len(node.input) > 1 and node.input[1]:
@@ -348,6 +372,13 @@ def _reduce_mean_hw_shape(ctx: LowerContext, node: Any, x: QTensor) -> tuple[int
 
 
 def _reshape(ctx: LowerContext, node: Any) -> None:
+    try:
+        _flatten_style_reshape(ctx, node)
+    except EdgekilnError:
+        lower_movement.lower_movement(ctx, node)  # a reshape that moves bytes in NHWC: a gather
+
+
+def _flatten_style_reshape(ctx: LowerContext, node: Any) -> None:
     x = act_input(ctx, node, 0, flat_ok=True)
     onnx_in = x.shape if len(x.shape) != 4 else (1, x.shape[3], x.shape[1], x.shape[2])
     if node.op_type == "Flatten":
@@ -381,7 +412,7 @@ def _reshape(ctx: LowerContext, node: Any) -> None:
     ctx.graph.ops.append(Op("reshape", node.name or node.output[0], [x.name], y.name, attrs=dict(size=x.size)))
     if final is not None:
         final.nchw_flatten_of = nchw_src
-        _requant(ctx, (node.name or node.output[0]) + "_requant", y, final)
+        emit_requantize(ctx, (node.name or node.output[0]) + "_requant", y, final)
 
 
 def _concat(ctx: LowerContext, node: Any) -> None:
@@ -408,20 +439,27 @@ def _softmax(ctx: LowerContext, node: Any) -> None:
     axis = int(node_attr(node, "axis", -1))
     rank = len(x.shape)
     axis = axis + rank if axis < 0 else axis
-    if not (rank == 2 and axis == 1):
-        raise EdgekilnError(f"{node_label(node)}: only Softmax over the last axis of a 2-D tensor is supported")
+    if not ((rank == 2 and axis == 1) or (rank == 4 and axis == 1)):
+        raise EdgekilnError(f"{node_label(node)}: only Softmax over the channels (axis 1) of a 2-D or 4-D "
+                            "tensor is supported")
     y = act_output(ctx, node, x.shape)
+    # NOTE: in NHWC the channels of each pixel are contiguous: a 4-D softmax over axis 1 is rows = H*W
+    rows, depth = (x.shape[0], x.shape[1]) if rank == 2 else (x.shape[1] * x.shape[2], x.shape[3])
     # NOTE: integer softmax. exp(-d * s_in) for the 256 possible differences d = max - x is a
     # Q16 table built here; at run time q = zp + round(T[d] / (s_out * sum T)) with one exact
     # 64-bit integer division: no float and no exp() on the device.
     lut = np.array([round(math.exp(-d * x.scale) * (1 << SOFTMAX_LUT_BITS)) for d in range(256)], np.int32)
-    m, e = quantize_multiplier(1.0 / y.scale)
+    # NOTE: onnxruntime fuses DQ -> Softmax -> Q into QLinearSoftmax, which multiplies by
+    # floor(1 / s_out), not 1 / s_out (MTCNN R-Net: 256 instead of 256.63, so 4 of 16 outputs came
+    # out 1 LSB apart). The C library reproduces what the QDQ model computes where users run it.
+    inv_scale = float(math.floor(1.0 / y.scale)) if y.scale <= 1.0 else 1.0 / y.scale
+    m, e = quantize_multiplier(inv_scale)
     div_shift = 31 - e
     if not 0 <= div_shift <= 38:
         raise EdgekilnError(f"{node_label(node)}: output scale {y.scale} is outside the integer softmax's range")
     ctx.graph.ops.append(Op(
         "softmax", node.name or node.output[0], [x.name], y.name,
-        attrs=dict(rows=x.shape[0], depth=x.shape[1], output_zp=y.zero_point, inv_mult=m, div_shift=div_shift),
+        attrs=dict(rows=rows, depth=depth, output_zp=y.zero_point, inv_mult=m, div_shift=div_shift),
         arrays=dict(lut=lut), macs=x.size * 2))
 
 

@@ -114,12 +114,13 @@ class MemoryPlan:
                 "live_bytes_per_step": self.live_bytes, "schedule": [op.name for op in self.schedule]}
 
 
-_INPLACE_KINDS = ("add", "requantize", "lut")
+_INPLACE_KINDS = ("add", "requantize", "lut", "lut_channel", "mul", "add_lut")
 
 
 def _plan_schedule(graph: IntGraph, schedule: list[Op]) -> MemoryPlan:
-    root: dict[str, str] = {graph.input: graph.input}
-    produced_at = {graph.input: -1}
+    in_offsets = dict(zip(graph.inputs, graph.input_offsets, strict=True))
+    root: dict[str, str] = {i: i for i in graph.inputs}
+    produced_at = dict.fromkeys(graph.inputs, -1)
     last_use: dict[str, int] = {}
     for step, op in enumerate(schedule):
         for name in op.inputs:
@@ -128,7 +129,7 @@ def _plan_schedule(graph: IntGraph, schedule: list[Op]) -> MemoryPlan:
         if op.kind == "reshape":
             root[out] = root[op.inputs[0]]
         elif op.kind in _INPLACE_KINDS and out not in graph.outputs:
-            dying = [root[n] for n in op.inputs if root[n] != graph.input and n not in graph.outputs
+            dying = [root[n] for n in op.inputs if root[n] not in in_offsets and n not in graph.outputs
                      and graph.tensors[n].size == graph.tensors[out].size
                      and _last_consumer(schedule, root, root[n], step) == step]
             root[out] = dying[0] if dying else out
@@ -145,18 +146,18 @@ def _plan_schedule(graph: IntGraph, schedule: list[Op]) -> MemoryPlan:
     ids: dict[str, int] = {}
     # NOTE: outputs live in the caller's buffer, packed in graph order (IntGraph.output_offsets).
     out_roots = {root[o]: off for o, off in zip(graph.outputs, graph.output_offsets, strict=True)}
-    if len(out_roots) != len(graph.outputs) or graph.input in out_roots:
+    if len(out_roots) != len(graph.outputs) or any(i in out_roots for i in graph.inputs):
         raise EdgekilnError("two graph outputs share one buffer (one is a reshape of the other or of the "
                             "input); C export needs distinct outputs")
     for r in sorted(set(root.values()), key=lambda r: (produced_at[r], r)):
-        if r == graph.input or r in out_roots:
+        if r in in_offsets or r in out_roots:
             continue
         ids[r] = planner.add_buffer(graph.tensors[r].size, produced_at[r], last_use[r])
     arena = planner.total_size()
     location: dict[str, tuple[str, int]] = {}
     for name, r in root.items():
-        if r == graph.input:
-            location[name] = ("input", 0)
+        if r in in_offsets:
+            location[name] = ("input", in_offsets[r])
         elif r in out_roots:
             location[name] = ("output", out_roots[r])
         else:
@@ -179,7 +180,7 @@ def _memory_aware_order(graph: IntGraph) -> list[Op]:
     """A topological order that, among ready ops, runs the one leaving the fewest live bytes."""
     producers = {op.output: op for op in graph.ops}
     remaining = list(graph.ops)
-    done: set[str] = {graph.input}
+    done: set[str] = set(graph.inputs)
     order: list[Op] = []
     while remaining:
         ready = [op for op in remaining if all(n in done or n not in producers for n in op.inputs)]

@@ -149,10 +149,76 @@ def lut(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.ndar
     return arr["table"][x.astype(np.int64) + 128].astype(np.int8)
 
 
+def lut_channel(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.ndarray:
+    """Per-channel table (channels last): out[i] = table[(i % C) * 256 + x[i] + 128]."""
+    c = a["channels"]
+    flat = x.reshape(-1, c).astype(np.int64) + 128 + (np.arange(c, dtype=np.int64) * 256)[None, :]
+    return arr["table"][flat].astype(np.int8).reshape(x.shape)
+
+
+def mul(xa: np.ndarray, xb: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.ndarray:
+    """out = zo + M * round(Ta[qa + 128] * Tb[qb + 128] / 2^pre_shift); qb broadcast per channel
+    (i % b_channels) or scalar."""
+    qa = xa.reshape(-1).astype(np.int64)
+    qb = xb.reshape(-1).astype(np.int64)
+    if a["b_channels"]:
+        qb = qb[np.arange(qa.size) % a["b_channels"]]
+    prod = arr["a_table"].astype(np.int64)[qa + 128] * arr["b_table"].astype(np.int64)[qb + 128]
+    if a["pre_shift"]:  # round half up, as the C shifts
+        prod = (prod + (1 << (a["pre_shift"] - 1))) >> a["pre_shift"]
+    y = mbqm(prod, a["mult"], a["shift"]) + a["output_zp"]
+    return _sat(y, a["act_min"], a["act_max"]).reshape(xa.shape)
+
+
+def add_lut(xa: np.ndarray, xb: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.ndarray:
+    """out = zo + M * (Ta[qa + 128] + Tb[qb + 128]); qb broadcast per channel (i % b_channels) or scalar."""
+    qa = xa.reshape(-1).astype(np.int64)
+    qb = xb.reshape(-1).astype(np.int64)
+    if a["b_channels"]:
+        qb = qb[np.arange(qa.size) % a["b_channels"]]
+    total = arr["a_table"].astype(np.int64)[qa + 128] + arr["b_table"].astype(np.int64)[qb + 128]
+    y = mbqm(total, a["mult"], a["shift"]) + a["output_zp"]
+    return _sat(y, a["act_min"], a["act_max"]).reshape(xa.shape)
+
+
+def mean_lut(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.ndarray:
+    """Per-channel mean of a table of x: y[c] = zo + M * sum_p table[x[p, c] + 128] (channels last)."""
+    t = arr["table"].astype(np.int64)[x.reshape(a["pixels"], a["channels"]).astype(np.int64) + 128]
+    return _sat(mbqm(t.sum(axis=0), a["mult"], a["shift"]) + a["output_zp"])
+
+
+def gather(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.ndarray:
+    """Data movement by an index table: out[p * out_c + j] = in[p * in_c + index[j]], p < pixels."""
+    rows = x.reshape(a["pixels"], a["in_c"])
+    return rows[:, arr["index"].astype(np.int64)].reshape(-1).copy()
+
+
+def pad(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.ndarray:
+    """A ``value``-filled map with input pixel (y, x) at (pad_top + y*stride_h, pad_left + x*stride_w)."""
+    out = np.full((a["out_h"], a["out_w"], a["channels"]), a["value"], np.int8)
+    top, left = a["pad_top"], a["pad_left"]
+    out[top:top + (a["in_h"] - 1) * a["stride_h"] + 1:a["stride_h"],
+        left:left + (a["in_w"] - 1) * a["stride_w"] + 1:a["stride_w"]] = x.reshape(a["in_h"], a["in_w"], -1)
+    return out[None]
+
+
+def resize(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.ndarray:
+    """Bilinear (or nearest: weights 0) resize with Q15 weights, one exact rounding (half to even)."""
+    one = np.int64(1 << 15)
+    p = x.reshape(a["in_h"], a["in_w"], -1).astype(np.int64) - a["zero_point"]
+    y0, y1, x0, x1 = (arr[k].astype(np.int64) for k in ("y0", "y1", "x0", "x1"))
+    wy, wx = arr["wy"].astype(np.int64)[:, None, None], arr["wx"].astype(np.int64)[None, :, None]
+    top = (one - wx) * p[y0][:, x0] + wx * p[y0][:, x1]
+    bottom = (one - wx) * p[y1][:, x0] + wx * p[y1][:, x1]
+    acc = (one - wy) * top + wy * bottom
+    return _sat(div_round_half_even(acc, np.int64(1 << 30)) + a["zero_point"])[None]
+
+
 KERNELS: dict[str, Callable[..., np.ndarray]] = {
     "conv2d": conv2d, "fully_connected": fully_connected, "add": add, "requantize": requantize,
     "max_pool": max_pool, "avg_pool": avg_pool, "conv_pool": conv_pool, "reshape": reshape, "concat": concat,
-    "softmax": softmax, "transpose_nchw": transpose_nchw, "lut": lut,
+    "softmax": softmax, "transpose_nchw": transpose_nchw, "lut": lut, "lut_channel": lut_channel,
+    "gather": gather, "mul": mul, "pad": pad, "resize": resize, "mean_lut": mean_lut, "add_lut": add_lut,
 }
 
 
@@ -163,7 +229,7 @@ def run_op(op: Op, inputs: list[np.ndarray]) -> np.ndarray:
 
 def run_graph(graph: IntGraph, x: np.ndarray) -> np.ndarray:
     """Run the whole integer graph on one int8 input in C layout; return the int8 output
-    (with several outputs: all of them flattened and packed in order, as the C buffer holds them).
+    (with several inputs or outputs: all of them flattened and packed in order, as the C buffers hold them).
 
     >>> from edgekiln.codegen.ir import load_qdq
     >>> from edgekiln.codegen.testmodels import tiny_qdq_model
@@ -172,7 +238,12 @@ def run_graph(graph: IntGraph, x: np.ndarray) -> np.ndarray:
     >>> y.shape, y.dtype
     ((1, 10), dtype('int8'))
     """
-    values = {graph.input: np.asarray(x, np.int8).reshape(graph.tensors[graph.input].shape)}
+    if graph.extra_inputs:  # several inputs: x holds them all, flat and packed as the C buffer
+        flat = np.asarray(x, np.int8).reshape(-1)
+        values = {i: flat[off:off + graph.tensors[i].size].reshape(graph.tensors[i].shape)
+                  for i, off in zip(graph.inputs, graph.input_offsets, strict=True)}
+    else:
+        values = {graph.input: np.asarray(x, np.int8).reshape(graph.tensors[graph.input].shape)}
     for op in graph.ops:
         y = run_op(op, [values[n] for n in op.inputs])
         values[op.output] = y.reshape(graph.tensors[op.output].shape)

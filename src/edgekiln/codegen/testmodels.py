@@ -75,9 +75,9 @@ def mobilenet_style_float(*, seed: int = 0, size: int = 16, softmax: bool = Fals
     """Stem conv s2 -> inverted residual (expand, depthwise, project, Add) -> depthwise s2 ->
     Concat of two 1x1 branches -> AveragePool -> GlobalAveragePool -> FC [-> Softmax].
 
-    NOTE: ``softmax`` is off by default: onnxruntime's fused QLinearSoftmax approximates exp with
-    its own table and differs from exact float math by 1 LSB on ~12% of outputs, whereas the
-    edgekiln kernel matches exact math; end-to-end comparisons use the logits.
+    NOTE: ``softmax`` is off by default (end-to-end comparisons use the logits). onnxruntime's fused
+    QLinearSoftmax multiplies by floor(1 / s_out) instead of 1 / s_out; the edgekiln kernel does the
+    same (lower.py ``_softmax``) and matched it on 200 of 200 inputs of this model.
     """
     from onnx import helper
 
@@ -196,16 +196,205 @@ def multi_head_float(*, seed: int = 0, size: int = 12) -> Any:
     return model
 
 
+def shuffle_island_float(*, seed: int = 0, size: int = 8) -> Any:
+    """The ops of MTCNN and ShuffleNetV2 on 1x4xSIZExSIZE, two outputs: Conv -> PRelu (per-channel
+    slope) -> MaxPool -> channel shuffle (Reshape to 5-D with a target computed by Shape -> Gather
+    -> Unsqueeze -> Concat, Transpose, Reshape back) -> Split in two: SiLU (Conv -> Sigmoid ->
+    Mul(x, .)) | per-channel Mul and Add of constants -> Concat -> Conv -> Softmax over channels
+    (``probs``, 4-D); and Slice of 3 channels -> Transpose to NHWC -> Flatten -> Gemm (``vec``).
+    Quantize with :data:`SHUFFLE_EXTRA` (every op int8) or ``float_ops=SPEED_FLOAT`` (PRelu,
+    Sigmoid and Mul left float, as ``edgekiln quantize``'s speed rule leaves them)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    p = _Params(seed)
+    c, h = 8, size // 2
+    i64 = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    p.inits += [_init("slope", p.rng.uniform(0.05, 0.4, (c, 1, 1))), _init("mscale", p.rng.uniform(0.5, 1.5, (4, 1, 1))),
+                _init("mshift", p.rng.standard_normal((4, 1, 1)) * 0.3),
+                i64("zero", [0]), i64("rest", [2, c // 2, h, h]), i64("flat", [1, -1, h, h]),
+                i64("split", [4, 4]), i64("s0", [1]), i64("s1", [4]), i64("sax", [1])]
+    k3 = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    nodes = [
+        helper.make_node("Conv", ["input", *p.conv("c1", c, 4, 3)], ["c1"], name="c1", **k3),
+        helper.make_node("PRelu", ["c1", "slope"], ["pr"], name="prelu"),
+        helper.make_node("MaxPool", ["pr"], ["mp"], name="maxpool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Shape", ["mp"], ["shp"], name="shape"),
+        helper.make_node("Gather", ["shp", "zero"], ["n"], name="batch", axis=0),
+        helper.make_node("Concat", ["n", "rest"], ["tgt"], name="target", axis=0),
+        helper.make_node("Reshape", ["mp", "tgt"], ["r5"], name="to5d"),
+        helper.make_node("Transpose", ["r5"], ["t5"], name="shuffle", perm=[0, 2, 1, 3, 4]),
+        helper.make_node("Reshape", ["t5", "flat"], ["sh"], name="to4d"),
+        helper.make_node("Split", ["sh", "split"], ["a", "b"], name="split", axis=1),
+        helper.make_node("Conv", ["a", *p.conv("ca", 4, 4, 1)], ["ca"], name="ca", kernel_shape=[1, 1]),
+        helper.make_node("Sigmoid", ["ca"], ["sg"], name="sigmoid"),
+        helper.make_node("Mul", ["ca", "sg"], ["silu"], name="silu"),
+        helper.make_node("Mul", ["b", "mscale"], ["bm"], name="scale"),
+        helper.make_node("Add", ["bm", "mshift"], ["ba"], name="shift"),
+        helper.make_node("Concat", ["silu", "ba"], ["cat"], name="concat", axis=1),
+        helper.make_node("Conv", ["cat", *p.conv("head", 2, c, 1)], ["logit"], name="head", kernel_shape=[1, 1]),
+        helper.make_node("Softmax", ["logit"], ["probs"], name="softmax", axis=1),
+        helper.make_node("Slice", ["cat", "s0", "s1", "sax"], ["sl"], name="slice"),
+        helper.make_node("Transpose", ["sl"], ["nhwc"], name="nhwc", perm=[0, 2, 3, 1]),
+        helper.make_node("Flatten", ["nhwc"], ["fl"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["fl", *p.fc("fc", 5, 3 * h * h)], ["vec"], name="fc", transB=1),
+    ]
+    outs = [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, 2, h, h]),
+            helper.make_tensor_value_info("vec", TensorProto.FLOAT, [1, 5])]
+    graph = helper.make_graph(nodes, "shuffle_island", [helper.make_tensor_value_info(
+        "input", TensorProto.FLOAT, [1, 4, size, size])], outs, p.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgekiln.codegen")
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def se_block_float(*, seed: int = 0, size: int = 6, c: int = 8) -> Any:
+    """A squeeze-excite block on 1x3xSIZExSIZE: Conv -> Relu -> (GlobalAveragePool -> Conv -> Relu ->
+    Conv -> HardSigmoid) gate -> Mul(features [1,C,H,W], gate [1,C,1,1]) -> Conv -> output map."""
+    from onnx import helper
+
+    p = _Params(seed)
+    nodes = [
+        helper.make_node("Conv", ["input", *p.conv("c1", c, 3, 3)], ["c1"], name="c1", kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["x"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["x"], ["g"], name="gap"),
+        helper.make_node("Conv", ["g", *p.conv("sq", c // 2, c, 1)], ["sq"], name="squeeze", kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["sq"], ["sqr"], name="relu_sq"),
+        helper.make_node("Conv", ["sqr", *p.conv("ex", c, c // 2, 1)], ["ex"], name="excite", kernel_shape=[1, 1]),
+        helper.make_node("HardSigmoid", ["ex"], ["gate"], name="gate", alpha=1 / 6, beta=0.5),
+        helper.make_node("Mul", ["x", "gate"], ["se"], name="scale"),
+        helper.make_node("Conv", ["se", *p.conv("out", 4, c, 1)], ["output"], name="out", kernel_shape=[1, 1]),
+    ]
+    return _finish(nodes, p, (1, 3, size, size), [1, 4, size, size], "se_block")
+
+
+def se_hswish_float(*, seed: int = 0, size: int = 6, c: int = 8) -> Any:
+    """MobileNetV3's block with what the speed rule leaves float, on a 1xSIZExSIZE input: Unsqueeze ->
+    Conv -> HardSwish, read by an SE squeeze (GlobalAveragePool -> Conv -> Relu -> Conv -> HardSigmoid)
+    and by the SE Mul -> Conv -> Sigmoid as the graph output (``prob``)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    p = _Params(seed)
+    p.inits.append(numpy_helper.from_array(np.array([1], np.int64), "axis1"))
+    nodes = [
+        helper.make_node("Unsqueeze", ["input", "axis1"], ["x4"], name="unsqueeze"),
+        helper.make_node("Conv", ["x4", *p.conv("c1", c, 1, 3)], ["c1"], name="c1", kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("HardSwish", ["c1"], ["hs"], name="hswish"),
+        helper.make_node("GlobalAveragePool", ["hs"], ["g"], name="squeeze"),
+        helper.make_node("Conv", ["g", *p.conv("r", c // 2, c, 1)], ["r"], name="reduce", kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["r"], ["rr"], name="relu"),
+        helper.make_node("Conv", ["rr", *p.conv("e", c, c // 2, 1)], ["e"], name="expand", kernel_shape=[1, 1]),
+        helper.make_node("HardSigmoid", ["e"], ["gate"], name="gate", alpha=1 / 6, beta=0.5),
+        helper.make_node("Mul", ["hs", "gate"], ["se"], name="scale"),
+        helper.make_node("Conv", ["se", *p.conv("o", 2, c, 1)], ["o"], name="head", kernel_shape=[1, 1]),
+        helper.make_node("Sigmoid", ["o"], ["prob"], name="prob"),
+    ]
+    graph = helper.make_graph(nodes, "se_hswish", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                 [1, size, size])],
+                              [helper.make_tensor_value_info("prob", TensorProto.FLOAT, [1, 2, size, size])],
+                              p.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgekiln.codegen")
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def arith_float(*, seed: int = 0, size: int = 5, c: int = 8) -> Any:
+    """Add with channel broadcasting, Sub of two tensors: Conv -> Relu (x) -> GlobalAveragePool -> Conv ->
+    Sigmoid (g, [1,C,1,1]) -> Add(x, g) -> Sub(., x) -> Conv -> output, on 1x4xSIZExSIZE."""
+    from onnx import helper
+
+    p = _Params(seed)
+    nodes = [
+        helper.make_node("Conv", ["input", *p.conv("c1", c, 4, 3)], ["c1"], name="c1", kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["x"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["x"], ["g0"], name="gap"),
+        helper.make_node("Conv", ["g0", *p.conv("gc", c, c, 1)], ["gc"], name="gc", kernel_shape=[1, 1]),
+        helper.make_node("Sigmoid", ["gc"], ["g"], name="sigmoid"),
+        helper.make_node("Add", ["x", "g"], ["s"], name="add_bcast"),
+        helper.make_node("Sub", ["s", "x"], ["d"], name="sub"),
+        helper.make_node("Conv", ["d", *p.conv("o", 3, c, 1)], ["output"], name="out", kernel_shape=[1, 1]),
+    ]
+    return _finish(nodes, p, (1, 4, size, size), [1, 3, size, size], "arith")
+
+
+def decoder_float(*, seed: int = 0, size: int = 6) -> Any:
+    """A segmentation-style decoder on 1x3xSIZExSIZE: Conv -> Pad (asymmetric) -> Conv (no pad) ->
+    ConvTranspose 2x2 s2 -> Relu -> Resize x2 nearest (by scales) and Resize linear align_corners (by
+    sizes) of the same map -> Add -> Conv 1x1."""
+    from onnx import helper, numpy_helper
+
+    p = _Params(seed)
+    c = 6
+    out_h, out_w = 4 * (size - 1), 4 * (size + 1)  # pad -> (size+1, size+3), conv 3x3 -> -2, x2, x2
+    p.inits += [numpy_helper.from_array(np.array([0, 0, 1, 2, 0, 0, 0, 1], np.int64), "pads"),
+                _init("scales", np.array([1, 1, 2, 2])), _init("no_roi", np.array([])),
+                numpy_helper.from_array(np.array([1, c, out_h, out_w], np.int64), "sizes")]
+    p.inits.append(_init("ct_w", p.rng.standard_normal((c, c, 2, 2)) / np.sqrt(c * 4)))
+    p.inits.append(_init("ct_b", p.rng.standard_normal(c) * 0.1))
+    nodes = [
+        helper.make_node("Conv", ["input", *p.conv("c1", c, 3, 3)], ["c1"], name="c1", kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Pad", ["c1", "pads"], ["pd"], name="pad", mode="constant"),
+        helper.make_node("Conv", ["pd", *p.conv("c2", c, c, 3)], ["c2"], name="c2", kernel_shape=[3, 3]),
+        helper.make_node("ConvTranspose", ["c2", "ct_w", "ct_b"], ["ct"], name="deconv", kernel_shape=[2, 2],
+                         strides=[2, 2]),
+        helper.make_node("Relu", ["ct"], ["ctr"], name="relu"),
+        helper.make_node("Resize", ["ctr", "no_roi", "scales"], ["near"], name="nearest", mode="nearest"),
+        helper.make_node("Resize", ["ctr", "no_roi", "", "sizes"], ["lin"], name="linear", mode="linear",
+                         coordinate_transformation_mode="align_corners"),
+        helper.make_node("Add", ["near", "lin"], ["sum"], name="add"),
+        helper.make_node("Conv", ["sum", *p.conv("out", 2, c, 1)], ["output"], name="out", kernel_shape=[1, 1]),
+    ]
+    return _finish(nodes, p, (1, 3, size, size), [1, 2, out_h, out_w], "decoder")
+
+
+def two_input_float(*, seed: int = 0, size: int = 6) -> Any:
+    """Two graph inputs: an image 1x3xSIZExSIZE (Conv -> Relu -> GlobalAveragePool -> Flatten) and a
+    1x4 side vector ``aux`` (Gemm -> Relu), concatenated -> Gemm -> ``output`` (1x3)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    p = _Params(seed)
+    nodes = [
+        helper.make_node("Conv", ["input", *p.conv("c", 8, 3, 3)], ["c"], name="c", kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["cr"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["cr"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["gf"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["aux", *p.fc("side", 8, 4)], ["s"], name="side", transB=1),
+        helper.make_node("Relu", ["s"], ["sr"], name="relu_side"),
+        helper.make_node("Concat", ["gf", "sr"], ["cat"], name="concat", axis=1),
+        helper.make_node("Gemm", ["cat", *p.fc("head", 3, 16)], ["output"], name="head", transB=1),
+    ]
+    graph = helper.make_graph(nodes, "two_input", [
+        helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, size, size]),
+        helper.make_tensor_value_info("aux", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3])], p.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgekiln.codegen")
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+#: op types :func:`shuffle_island_float` needs quantized beyond onnxruntime's defaults (all of them).
+SHUFFLE_EXTRA = ("PRelu", "Sigmoid", "Mul", "Add", "Split", "Slice", "Transpose", "Reshape", "Softmax", "Concat",
+                 "MaxPool", "Flatten")
+#: the ops ``edgekiln quantize``'s speed rule keeps float (quant/speed.py), for float-island tests.
+SPEED_FLOAT = ("PRelu", "Sigmoid", "Mul", "HardSigmoid", "HardSwish")
+
 #: op types :func:`cnn_ops_float` needs quantized beyond onnxruntime's defaults.
 CNN_OPS_EXTRA = ("HardSwish", "HardSigmoid", "Tanh", "Elu", "ReduceMean", "BatchNormalization", "Sigmoid")
 
 
 def quantize_qdq(float_model: Any, out_path: str | Path, *, calib_n: int = 16, seed: int = 0,
-                 extra_ops: tuple[str, ...] = ()) -> Path:
+                 extra_ops: tuple[str, ...] = (), float_ops: tuple[str, ...] = ()) -> Path:
     """Quantize a float ONNX model with onnxruntime ``quantize_static`` (QDQ, per-channel int8).
 
     ``extra_ops``: op types to quantize besides onnxruntime's defaults (it leaves e.g. HardSwish,
-    HardSigmoid and ReduceMean in float unless asked).
+    HardSigmoid and ReduceMean in float unless asked); ``float_ops``: op types to leave float.
     """
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -218,9 +407,11 @@ def quantize_qdq(float_model: Any, out_path: str | Path, *, calib_n: int = 16, s
     float_path = out_path.with_name(out_path.stem + "_float.onnx")
     # NOTE: quantize_static opens the file in onnxruntime: write the IR/opset it reads
     onnx.save(lower_for_ort(float_model), str(float_path))
-    shape = [d.dim_value for d in float_model.graph.input[0].type.tensor_type.shape.dim]
+    inits = {i.name for i in float_model.graph.initializer}
+    shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in float_model.graph.input
+              if i.name not in inits}
     rng = np.random.default_rng(seed)
-    batches = [{"input": rng.standard_normal(shape).astype(np.float32)} for _ in range(calib_n)]
+    batches = [{k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()} for _ in range(calib_n)]
 
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -233,7 +424,8 @@ def quantize_qdq(float_model: Any, out_path: str | Path, *, calib_n: int = 16, s
     logging.getLogger().setLevel(logging.ERROR)  # ORT logs a pre-processing hint at WARNING
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            ops = sorted(set(QLinearOpsRegistry) | set(QDQRegistry) | set(extra_ops)) if extra_ops else None
+            ops = sorted((set(QLinearOpsRegistry) | set(QDQRegistry) | set(extra_ops)) - set(float_ops)) \
+                if extra_ops or float_ops else None
             quantize_static(str(float_path), str(out_path), _Reader(), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             op_types_to_quantize=ops)

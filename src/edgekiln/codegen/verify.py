@@ -1,7 +1,8 @@
 """``verify_c``: compile a generated C library on the host, run it, compare with onnxruntime.
 
 Pass criteria (the microcontroller issue): identical top-1 on every input, >= 99% of int8
-outputs identical to onnxruntime on the QDQ model and none off by more than 1 LSB. Why any may
+outputs identical to onnxruntime on the QDQ model and none off by more than 1 LSB, in the closer
+of onnxruntime's two CPU modes (:data:`ORT_MODES`; both are reported). Why any may
 differ: conv and FC requantize exactly as onnxruntime's QLinearConv does (float32 scale and
 rounding, emulated in integers: :mod:`edgekiln.codegen.binary32`), but onnxruntime does not run
 every node that way: convs it leaves unfused (here: next to a residual Add) run in float with
@@ -32,6 +33,9 @@ from edgekiln.errors import EdgekilnError
 HOST_CFLAGS = ("-std=c99", "-Wall", "-Wextra", "-Werror", "-O2")
 ARM_CFLAGS = ("-std=c99", "-Wall", "-Wextra", "-Werror", "-mcpu=cortex-m4", "-mthumb", "-Os")
 MIN_IDENTICAL = 0.99
+#: the two ways onnxruntime runs an int8 QDQ model on the CPU (see :func:`ort_int8_outputs`); the C
+#: library is compared with both and judged on the closer one, both are recorded.
+ORT_MODES: dict[str, dict[str, str] | None] = {"default": None, "int8_kept": {"session.qdqisint8allowed": "1"}}
 MAX_ABS_DIFF = 1
 
 
@@ -46,6 +50,9 @@ class VerifyResult:
     arm_sizes: dict[str, int] | None
     arm_note: str
     notes: list[str] = field(default_factory=list)
+    #: onnxruntime mode the agreement numbers come from, and (identical, max diff) per mode.
+    ort_mode: str = "default"
+    ort_modes: dict[str, tuple[float, int]] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -57,7 +64,9 @@ class VerifyResult:
         return {"passed": self.passed, "n_inputs": self.n_inputs, "top1_agree": self.top1_agree,
                 "identical_fraction": self.identical_fraction, "max_abs_diff": self.max_abs_diff,
                 "exact_vs_numpy_reference": self.exact_vs_reference, "valgrind": self.valgrind,
-                "arm_sizes": self.arm_sizes, "arm_note": self.arm_note,
+                "arm_sizes": self.arm_sizes, "arm_note": self.arm_note, "onnxruntime_mode": self.ort_mode,
+                "onnxruntime_modes": {k: {"identical_fraction": v[0], "max_abs_diff": v[1]}
+                                      for k, v in self.ort_modes.items()},
                 "thresholds": {"identical_fraction": MIN_IDENTICAL, "max_abs_diff": MAX_ABS_DIFF}}
 
 
@@ -87,29 +96,66 @@ def _lib_info(lib_dir: Path, model: str | Path | None) -> tuple[str, Path, bool]
     return prefix, model_path, bool(meta.get("fused", False))
 
 
-def quantize_inputs(graph: IntGraph, x: np.ndarray) -> np.ndarray:
-    """Float inputs (ONNX layout, batch first) -> int8 in C layout, as QuantizeLinear rounds."""
-    t = graph.tensors[graph.input]
+def _input_names(model_path: Path) -> list[str]:
+    import onnx
+
+    g = onnx.load(str(model_path), load_external_data=False).graph
+    inits = {i.name for i in g.initializer}
+    return [i.name for i in g.input if i.name not in inits]
+
+
+def _quantize_one(t: Any, x: np.ndarray) -> np.ndarray:
     q = np.clip(np.rint(x.astype(np.float32) / np.float32(t.scale)) + t.zero_point, -128, 127).astype(np.int8)
     return q.transpose(0, 2, 3, 1).copy() if q.ndim == 4 else q
 
 
-def ort_int8_outputs(model_path: Path, graph: IntGraph, q_inputs: np.ndarray) -> np.ndarray:
+def quantize_inputs(graph: IntGraph, x: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
+    """Float inputs (ONNX layout, batch first) -> int8 in C layout, as QuantizeLinear rounds.
+
+    A model with several inputs takes ``{onnx input name: array}`` and gives ``(N, input_bytes)``:
+    each sample's inputs flattened and packed in graph order, as the C input buffer holds them.
+    """
+    if not graph.extra_inputs:
+        return _quantize_one(graph.tensors[graph.input], x[graph.onnx_input_name] if isinstance(x, dict) else x)
+    if not isinstance(x, dict):
+        raise EdgekilnError(f"the model has {len(graph.inputs)} inputs; give one array per input name")
+    parts = [_quantize_one(graph.tensors[i], x[name]).reshape(len(x[name]), -1)
+             for i, (name, _) in zip(graph.inputs, graph.onnx_inputs, strict=True)]
+    return np.concatenate(parts, axis=1)
+
+
+def _ort_feed(graph: IntGraph, q: np.ndarray) -> dict[str, np.ndarray]:
+    """One sample's int8 C-layout input(s) -> the dequantized float feed onnxruntime takes."""
+    flat = q.reshape(-1)
+    feed = {}
+    for i, (name, _), off in zip(graph.inputs, graph.onnx_inputs, graph.input_offsets, strict=True):
+        t = graph.tensors[i]
+        qi = flat[off:off + t.size].reshape(t.shape)
+        qi = qi.transpose(0, 3, 1, 2) if qi.ndim == 4 else qi
+        feed[name] = (qi.astype(np.float32) - t.zero_point) * np.float32(t.scale)
+    return feed
+
+
+def ort_int8_outputs(model_path: Path, graph: IntGraph, q_inputs: np.ndarray,
+                     config: dict[str, str] | None = None) -> np.ndarray:
     """onnxruntime outputs, quantized back to int8 with the output qparams, in C layout.
 
     NOTE: ORT is fed the dequantized int8 input, so its internal QuantizeLinear sees the same
-    integers the C code gets (no double rounding of the float input).
+    integers the C code gets (no double rounding of the float input). ``config``: one of
+    :data:`ORT_MODES`. On x86 onnxruntime's default rewrites int8 Q/DQ pairs to uint8, after a
+    MaxPool only partially, and then runs the Conv that follows as a float Conv (SqueezeNet-1.1:
+    24 of 26 Convs, MNASNet-0.5: 15 of 52) whose float accumulation flips rare LSBs that spread
+    (97.8% and 70.9% identical). With int8 kept (``session.qdqisint8allowed``, its default on ARM)
+    those Convs are integer QLinearConvs and agree with the C on 100%; but then its int8 Add and
+    pooling differ from the C on ~4% of a MobileNet-style model's outputs, where the default agrees.
     """
     from edgekiln.execution.ort import ort_session
 
-    ti = graph.tensors[graph.input]
-    sess = ort_session(Path(model_path))
+    sess = ort_session(Path(model_path), config=config)
     outs = []
     for q in q_inputs:
-        onnx_q = q.transpose(2, 0, 1) if q.ndim == 3 else q
-        xf = ((onnx_q.astype(np.float32) - ti.zero_point) * np.float32(ti.scale))[None]
         per_output = []
-        for y, name in zip(sess.run(None, {graph.onnx_input_name: xf}), graph.outputs, strict=True):
+        for y, name in zip(sess.run(None, _ort_feed(graph, q)), graph.outputs, strict=True):
             to = graph.tensors[name]
             yq = np.clip(np.rint(y / np.float32(to.scale)) + to.zero_point, -128, 127).astype(np.int8)
             per_output.append(yq.transpose(0, 2, 3, 1)[0] if yq.ndim == 4 else yq[0])
@@ -159,7 +205,8 @@ def arm_section_sizes(lib_dir: Path, prefix: str, work: Path) -> tuple[dict[str,
 
 def verify_c(lib_dir: str | Path, data: str | Path, *, model: str | Path | None = None,
              valgrind: bool = True, valgrind_inputs: int = 10, limit: int | None = None) -> VerifyResult:
-    """Compile ``lib_dir`` with gcc, run it on ``data`` (npz with ``x``), compare with onnxruntime.
+    """Compile ``lib_dir`` with gcc, run it on ``data`` (npz with ``x``, or one array per input name
+    for a model with several inputs), compare with onnxruntime.
 
     >>> verify_c("out/c", "eval.npz").passed    # doctest: +SKIP
     True
@@ -168,17 +215,22 @@ def verify_c(lib_dir: str | Path, data: str | Path, *, model: str | Path | None 
 
     lib_dir = Path(lib_dir)
     prefix, model_path, fused = _lib_info(lib_dir, model)
+    names = _input_names(model_path)
     try:
-        x = np.load(data)["x"]
+        with np.load(data) as z:
+            arrays = {n: z[n] for n in names} if len(names) > 1 else {names[0]: z["x"] if "x" in z else z[names[0]]}
     except (OSError, KeyError, ValueError) as exc:
-        raise EdgekilnError(f"{data}: cannot read array 'x' from the npz ({exc})") from exc
+        want = "arrays " + ", ".join(names) if len(names) > 1 else "array 'x'"
+        raise EdgekilnError(f"{data}: cannot read {want} from the npz ({exc})") from exc
     if limit:
-        x = x[:limit]
-    graph = lower_for_c(model_path, fuse=fused)  # the reference runs the very ops the C runs
-    if tuple(x.shape[1:]) != tuple(graph.onnx_input_shape[1:]):
-        raise EdgekilnError(f"{data}: inputs have shape {x.shape[1:]}, the model expects "
-                            f"{graph.onnx_input_shape[1:]}")
-    q = quantize_inputs(graph, x)
+        arrays = {k: v[:limit] for k, v in arrays.items()}
+    graph = lower_for_c(model_path, fuse=fused,  # the reference runs the very ops the C runs
+                        input_shapes={k: (1, *v.shape[1:]) for k, v in arrays.items()})
+    for name, shape in graph.onnx_inputs:
+        if tuple(arrays[name].shape[1:]) != tuple(shape[1:]):
+            raise EdgekilnError(f"{data}: inputs have shape {arrays[name].shape[1:]}, the model expects "
+                                f"{tuple(shape[1:])}")
+    q = quantize_inputs(graph, arrays)
     out_size = graph.output_bytes
     with tempfile.TemporaryDirectory(prefix="ek-verify-") as tmp:
         work = Path(tmp)
@@ -196,13 +248,19 @@ def verify_c(lib_dir: str | Path, data: str | Path, *, model: str | Path | None 
             vg = "skipped: disabled"
         arm_sizes, arm_note = arm_section_sizes(lib_dir, prefix, work)
     ref = np.stack([run_graph(graph, qi[None]).reshape(-1) for qi in q])
-    ort_out = ort_int8_outputs(model_path, graph, q).reshape(len(q), -1)
-    diff = np.abs(c_out.astype(np.int64) - ort_out.astype(np.int64))
     first = graph.tensors[graph.output].size  # top-1 of the first output when several are packed
+    modes: dict[str, tuple[float, int, int]] = {}
+    for mode, config in ORT_MODES.items():
+        ort_out = ort_int8_outputs(model_path, graph, q, config).reshape(len(q), -1)
+        diff = np.abs(c_out.astype(np.int64) - ort_out.astype(np.int64))
+        modes[mode] = (float((diff == 0).mean()), int(diff.max(initial=0)),
+                       int((c_out[:, :first].argmax(1) == ort_out[:, :first].argmax(1)).sum()))
+    best = max(modes, key=lambda m: (modes[m][2], modes[m][0], -modes[m][1]))
+    same, worst, top1 = modes[best]
     return VerifyResult(
-        n_inputs=len(q), top1_agree=int((c_out[:, :first].argmax(1) == ort_out[:, :first].argmax(1)).sum()),
-        identical_fraction=float((diff == 0).mean()), max_abs_diff=int(diff.max(initial=0)),
-        exact_vs_reference=bool(np.array_equal(c_out, ref)), valgrind=vg, arm_sizes=arm_sizes, arm_note=arm_note)
+        n_inputs=len(q), top1_agree=top1, identical_fraction=same, max_abs_diff=worst,
+        exact_vs_reference=bool(np.array_equal(c_out, ref)), valgrind=vg, arm_sizes=arm_sizes, arm_note=arm_note,
+        ort_mode=best, ort_modes={m: (v[0], v[1]) for m, v in modes.items()})
 
 
 def summary_rows(res: VerifyResult) -> list[list[str]]:
@@ -214,6 +272,8 @@ def summary_rows(res: VerifyResult) -> list[list[str]]:
          ok if res.identical_fraction >= MIN_IDENTICAL else "FAIL"],
         ["max |C - ORT| (LSB)", str(res.max_abs_diff), f"<= {MAX_ABS_DIFF}",
          ok if res.max_abs_diff <= MAX_ABS_DIFF else "FAIL"],
+        ["onnxruntime mode (closer)", res.ort_mode + "; " + ", ".join(
+            f"{m} {v[0]:.4%} max {v[1]}" for m, v in res.ort_modes.items()), "-", ok],
         ["C == numpy reference", str(res.exact_vs_reference), "bit-exact", ok if res.exact_vs_reference else "FAIL"],
         ["valgrind", res.valgrind, "clean", "FAIL" if res.valgrind.startswith("errors") else ok],
         ["cortex-m4 sizes", ", ".join(f"{k} {v}" for k, v in res.arm_sizes.items()) if res.arm_sizes

@@ -42,13 +42,15 @@ _LEVELS = {True: "ORT_ENABLE_ALL", False: "ORT_DISABLE_ALL", "all": "ORT_ENABLE_
 
 
 def ort_session(model: ModelLike, *, threads: int = 1, optimize: bool | str = True, log_level: int = 3,
-                profile_prefix: str | None = None, save_optimized: str | Path | None = None) -> Any:
+                profile_prefix: str | None = None, save_optimized: str | Path | None = None,
+                config: Mapping[str, str] | None = None) -> Any:
     """An ``onnxruntime.InferenceSession`` on the CPU with ``threads`` intra-op threads, one
     inter-op thread and sequential execution.
 
     ``optimize`` is True (all graph optimizations, onnxruntime's default), False (none: every
     tensor keeps its name) or one of ``"basic"``, ``"extended"``, ``"all"``. ``profile_prefix``
     turns on onnxruntime's profiler; ``save_optimized`` writes the optimized graph there.
+    ``config``: session config entries (``{"session.qdqisint8allowed": "1"}``).
 
     >>> import tempfile
     >>> from edgekiln.testing.tiny import tiny_conv_onnx
@@ -70,6 +72,8 @@ def ort_session(model: ModelLike, *, threads: int = 1, optimize: bool | str = Tr
         so.profile_file_prefix = str(profile_prefix)
     if save_optimized is not None:
         so.optimized_model_filepath = str(save_optimized)
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
     if not isinstance(model, (str, Path, bytes)):      # a ModelProto: lower before the first try
         model = lower_for_ort(model, copy=True).SerializeToString()
     source = str(model) if isinstance(model, Path) else model

@@ -77,16 +77,24 @@ class RunFolder:
     # --- writing -----------------------------------------------------------------------------
 
     def write(self, *, command: str, model: ModelArtifact | None, measurements: Mapping[str, Any], markdown: str,
-              provenance: Sequence[Mapping[str, Any]] | None = None) -> Path:
+              provenance: Sequence[Mapping[str, Any]] | None = None, runtimes: Sequence[str] | None = None) -> Path:
         """Write ``report.md`` and then ``report.json`` (atomically, in that order); return the JSON path.
 
-        The model file, its torch state_dict and its data files are linked (or copied) into the
-        folder when they lie outside it or in ``work/``, so the folder stands on its own.
-        ``provenance`` defaults to the model's.
+        The model file is checked first (:func:`~edgekiln.models.artifact_check.check_model_file`:
+        full ``onnx.checker``, one run in onnxruntime and in each of ``runtimes``, by default
+        those the measurements report for it); a model that fails is not written (one-line
+        error). The model file, its torch state_dict and its data files are then linked (or
+        copied) into the folder when they lie outside it or in ``work/``, so the folder stands on
+        its own. ``provenance`` defaults to the model's.
         """
+        from edgekiln.models.artifact_check import check_model_file, reported_runtimes
+
         clash = sorted(set(measurements) & set(RESERVED))
         if clash:
             raise ValueError(f"measurements may not set {clash}: RunFolder.write owns them")
+        if model is not None:
+            check_model_file(model.path, inputs=model.inputs, label=f"{command} (nothing written)",
+                             runtimes=reported_runtimes(command, measurements) if runtimes is None else runtimes)
         self.path.mkdir(parents=True, exist_ok=True)
         records = [dict(p) for p in (provenance if provenance is not None else (model.provenance if model else ()))]
         for r in records:

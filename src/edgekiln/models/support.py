@@ -35,12 +35,22 @@ _ORT_QDQ_DEFAULT = frozenset({
 _TFLITE_BACKEND = frozenset({
     "Conv", "Gemm", "MatMul", "Add", "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool",
     "Flatten", "Reshape", "Concat", "Softmax", "QuantizeLinear", "DequantizeLinear", "Identity",
-    "Squeeze", "Unsqueeze", "Transpose",
+    "Squeeze", "Unsqueeze", "Transpose", "BatchNormalization", "ReduceMean", "Sigmoid", "HardSigmoid",
+    "HardSwish", "Tanh", "LeakyRelu", "Elu",
+    # the IR kinds lut_channel, gather and mul (codegen/tflite/elementwise.py, movement.py)
+    "PRelu", "Mul", "Sub", "Div", "Neg", "Abs", "Exp", "Softplus", "Slice", "Split", "Gather", "Shape", "Cast",
+    "ConstantOfShape", "Range", "Expand",
 })
-# The C backend also lowers BatchNormalization (folded, or a depthwise 1x1), ReduceMean over H,W and
-# the int8 lookup-table ops (codegen/lower_pointwise.py); the TFLite writer does not (yet).
+# Both lower the integer IR of codegen/ir.py; ops only in _C_BACKEND are IR kinds the TFLite writer
+# (codegen/tflite/writer.py) does not write yet.
 _C_BACKEND = _TFLITE_BACKEND | {"BatchNormalization", "ReduceMean", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
-                                "LeakyRelu", "Elu"}
+                                "LeakyRelu", "Elu",
+                                # issue 20, helper A: per-channel tables (codegen/lower_island.py), data
+                                # movement (lower_movement.py), Mul (lower_binary.py), shape arithmetic
+                                # folded at export (fold_shapes.py)
+                                "PRelu", "Mul", "Sub", "Div", "Neg", "Abs", "Exp", "Softplus", "Slice",
+                                "Split", "Gather", "Shape", "Cast", "ConstantOfShape", "Range", "Expand", "Pad", "Resize",
+                                "ConvTranspose"}
 
 SUPPORTED_OPS: dict[str, frozenset[str] | None] = {
     "onnxruntime": None,
@@ -81,7 +91,7 @@ def unsupported_ops(model: Any, shapes: Mapping[str, Sequence[int]] | None = Non
                 ok = _known_to_ort(node, model)
             elif node.domain not in ("", "ai.onnx"):
                 ok = False
-            elif node.op_type == "Transpose" and consumer in ("c", "tflite"):
+            elif node.op_type == "Transpose" and consumer == "tflite":  # C: any permutation is a gather
                 ok = _trivial_transpose(node, shapes)
             else:
                 ok = node.op_type in table

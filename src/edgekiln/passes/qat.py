@@ -54,7 +54,8 @@ def run(artifact: ModelArtifact, config: QATConfig, ctx: PassContext) -> ModelAr
     work = Path(ctx.work_dir)
     float_path = work / "qat_float.onnx"
     export_to_onnx(strip_qat(model), artifact.input_shape, float_path, input_name=artifact.input_name, seed=ctx.seed)
-    res = quantize_model(float_path, QuantizeConfig(calibration="minmax", calib_samples=config.calib_samples), work,
+    res = quantize_model(float_path, QuantizeConfig(calibration="minmax", calib_samples=config.calib_samples,
+                                                     speed_rule="off", activations="int8"), work,
                          calib=ctx.calib_path or path, seed=ctx.seed)
     record = provenance_record("qat", config, artifact)
     return artifact.with_pass(kind=ONNX_QDQ, path=res.path, record=record, torch=None)

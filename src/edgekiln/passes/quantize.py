@@ -22,10 +22,12 @@ import numpy as np
 from edgekiln.errors import BudgetNotMet, EdgekilnError
 from edgekiln.models.artifact import ONNX_FLOAT, ONNX_FP16, ONNX_INT4W, ONNX_QDQ, ModelArtifact
 from edgekiln.passes.base import PassConfig, PassContext, PassSpec, option, provenance_record
+from edgekiln.quant.compact import compact_qdq
 
 SCHEMES = {"int8": ONNX_QDQ, "int8-dynamic": ONNX_QDQ, "fp16": ONNX_FP16, "int4-weight": ONNX_INT4W}
 CALIBRATIONS = ("minmax", "percentile", "entropy", "mse", "auto")
 SPEED_RULES = ("auto", "on", "off")
+ACTIVATION_TYPES = ("auto", "int8", "uint8")
 ONNX_RUNTIMES = ("onnxruntime", "openvino")   # the runtimes that run the ONNX file quantize writes
 LAYER_OPS = ("Conv", "Gemm", "MatMul", "Gather", "ConvTranspose")
 
@@ -54,7 +56,14 @@ class QuantizeConfig(PassConfig):
     speed_rule: str = option("auto", "int8 (CNNs): keep float the ops whose int8 form is slower on the runtime "
                                      "(quant/speed.py) and re-fuse HardSwish: auto (time both forms, keep the "
                                      "faster) | on | off")
-    runtime: str = option("onnxruntime", "The runtime the model ships to: speed_rule=auto times on it.")
+    activations: str = option("auto", "int8 (CNNs): activation type: int8 | uint8 | auto (time both on the runtime; "
+                                      "onnxruntime on x86 fuses QLinearConv only for uint8 activations where a "
+                                      "tensor feeds several nodes)")
+    float_layers: bool = option(False, "int8 (CNNs), when the kept form is still slower than FP32: try the costliest "
+                                       "int8 layers float and keep float those that make it faster (measured; the C "
+                                       "and TFLite exports need every layer int8).")
+    runtime: str = option("auto", "The runtime the model ships to: onnxruntime | openvino | auto (every installed "
+                                  "ONNX runtime; speed_rule=auto times the int8 forms on each and the fastest wins).")
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -67,8 +76,10 @@ class QuantizeConfig(PassConfig):
             raise ValueError("smooth_alpha must be in (0, 1) or None")
         if self.speed_rule not in SPEED_RULES:
             raise ValueError(f"speed_rule must be one of {', '.join(SPEED_RULES)} (got {self.speed_rule!r})")
-        if self.runtime not in ONNX_RUNTIMES:
-            raise ValueError(f"runtime must be one of {', '.join(ONNX_RUNTIMES)} (got {self.runtime!r})")
+        if self.activations not in ACTIVATION_TYPES:
+            raise ValueError(f"activations must be one of {', '.join(ACTIVATION_TYPES)} (got {self.activations!r})")
+        if self.runtime not in (*ONNX_RUNTIMES, "auto"):
+            raise ValueError(f"runtime must be one of {', '.join(ONNX_RUNTIMES)}, auto (got {self.runtime!r})")
         if self.calib_samples < 1 or self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError("calib_samples must be >= 1 and block_size a power of two >= 16")
 
@@ -122,115 +133,6 @@ def quantize_once(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[st
     return {}
 
 
-def compact_qdq(path: Path) -> int:
-    """Remove what a quantized file does not need, in place; returns the bytes saved:
-
-    * all-zero zero points of constant DequantizeLinear inputs (the input is optional and
-      defaults to 0; per-channel int32 bias zero points are pure overhead), except a Gemm
-      weight's (onnxruntime fuses QGemm only with it);
-    * stored bias scales that equal ``input_scale * weight_scale``, computed by a ``Mul``
-      instead (:mod:`edgekiln.quant.bias_scale`);
-    * duplicate initializers (same type, shape and bytes: shared scales and zero points);
-    * ``value_info`` (shapes onnxruntime infers again at load time) and the doc string;
-    * the generated names of Q/DQ nodes and of internal tensors (layer node names are kept:
-      reports and the accuracy budget refer to them).
-    """
-    import onnx
-    from onnx import numpy_helper
-
-    from edgekiln.quant.bias_scale import share_bias_scales
-
-    model = onnx.load(str(path))
-    before = model.ByteSize()
-    share_bias_scales(model)
-    inits = {i.name: i for i in model.graph.initializer}
-    # NOTE: onnxruntime 1.31 fuses Q/DQ around a Gemm into QGemm only when the weight's
-    # DequantizeLinear spells out its zero point; without it the Gemm runs in float.
-    gemm_weights = {n.input[1] for n in model.graph.node if n.op_type == "Gemm" and len(n.input) > 1}
-    for node in model.graph.node:
-        if node.op_type != "DequantizeLinear" or len(node.input) < 3 or node.input[0] not in inits \
-                or node.output[0] in gemm_weights:
-            continue
-        zp = inits.get(node.input[2])
-        if zp is not None and not numpy_helper.to_array(zp).any():
-            del node.input[2]
-    _dedupe_initializers(model)
-    used = {i for n in model.graph.node for i in n.input}
-    keep = [i for i in model.graph.initializer if i.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-    model.doc_string = ""
-    del model.graph.value_info[:]
-    for node in model.graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            node.name = ""
-        _drop_default_attributes(node)
-    used_domains = {n.domain or "" for n in model.graph.node}
-    keep_ops = [o for o in model.opset_import if (o.domain or "") in used_domains or not o.domain]
-    del model.opset_import[:]
-    model.opset_import.extend(keep_ops)
-    _short_names(model)
-    onnx.checker.check_model(model)
-    from edgekiln.fileio import atomic_save_onnx
-
-    atomic_save_onnx(path, model)
-    return before - model.ByteSize()
-
-
-_CONV_DEFAULTS = {"auto_pad": b"NOTSET", "group": 1}
-
-
-def _drop_default_attributes(node: Any) -> None:
-    """Drop Conv attributes spelled out with their default value (auto_pad NOTSET, group 1,
-    unit strides and dilations): 1,230 of the 6,978 node bytes of the MobileNet-style int8 model."""
-    if node.op_type != "Conv":
-        return
-    keep = []
-    for a in node.attribute:
-        default = (a.name in ("strides", "dilations") and all(v == 1 for v in a.ints)) or \
-            (a.name == "auto_pad" and a.s == _CONV_DEFAULTS["auto_pad"]) or (a.name == "group" and a.i == 1)
-        if not default:
-            keep.append(a)
-    del node.attribute[:]
-    node.attribute.extend(keep)
-
-
-def _dedupe_initializers(model: Any) -> None:
-    """Point every use of an initializer at the first one with identical type, shape and bytes."""
-    from onnx import numpy_helper
-
-    first: dict[tuple[Any, ...], str] = {}
-    alias: dict[str, str] = {}
-    for init in model.graph.initializer:
-        arr = numpy_helper.to_array(init)
-        key = (init.data_type, tuple(init.dims), arr.tobytes())
-        alias[init.name] = first.setdefault(key, init.name)
-    outputs = {o.name for o in model.graph.output}
-    for node in model.graph.node:
-        node.input[:] = [alias.get(x, x) if x not in outputs else x for x in node.input]
-
-
-def _short_names(model: Any) -> None:
-    """Rename weights and internal tensors to short names (the quantizer's generated names can
-    be a quarter of a small model's file). Graph inputs/outputs and node names are kept."""
-    keep = {v.name for v in [*model.graph.input, *model.graph.output]}
-    mapping: dict[str, str] = {}
-    for i, init in enumerate(model.graph.initializer):
-        if init.name not in keep:
-            mapping[init.name] = f"w{i}"
-    k = 0
-    for node in model.graph.node:
-        for out in node.output:
-            if out and out not in keep and out not in mapping:
-                mapping[out] = f"t{k}"
-                k += 1
-    for init in model.graph.initializer:
-        init.name = mapping.get(init.name, init.name)
-    for node in model.graph.node:
-        node.input[:] = [mapping.get(x, x) for x in node.input]
-        node.output[:] = [mapping.get(x, x) for x in node.output]
-
-
 def logging_quiet() -> None:
     import logging
 
@@ -275,6 +177,8 @@ def _int8_static(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[str
             model = onnx.load(str(pre))
             fixes = prepare_for_quantizer(model)
             statistics = float_statistics(model)   # NOTE: a divisor in int8 is noise, or 1/0
+            if speed_report is not None:
+                speed_report["cnn"] = True
             fused, speed = _speed_rule(model, cfg, [*exclude, *statistics], speed_report)
             statistics += speed
             if any(fixes.values()) or statistics or fused:
@@ -294,7 +198,9 @@ def _int8_static(src: Path, dst: Path, cfg: QuantizeConfig, feeds: list[dict[str
             # symmetric, no float rows).
             extra["OpTypesToExcludeOutputQuantization"] = ["MatMul", "Gemm"]
         quantize_static(str(pre), str(dst), calibration_reader(feeds), quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
-                        reduce_range=cfg.reduce_range, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        reduce_range=cfg.reduce_range, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8 if cfg.activations == "uint8" and layers is None
+                        and not symmetric else QuantType.QInt8,
                         nodes_to_exclude=[*exclude, *statistics], calibrate_method=CalibrationMethod.MinMax,
                         nodes_to_quantize=layers, op_types_to_quantize=["MatMul", "Gemm"] if layers else None,
                         extra_options=extra)
@@ -395,7 +301,7 @@ def _int4(src: Path, dst: Path, cfg: QuantizeConfig, exclude: list[str]) -> None
 
 def quantize_model(src: str | Path, cfg: QuantizeConfig, work: str | Path, *, calib: str | Path | None = None,
                    eval_npz: str | Path | None = None, metric: str = "accuracy", seed: int = 0,
-                   progress: Any = None) -> QuantizeResult:
+                   progress: Any = None, input_shapes: Any = None) -> QuantizeResult:
     """Quantize ``src`` into ``work/model.onnx``, meeting ``cfg.max_drop`` when eval data is given.
 
     Raises :class:`BudgetNotMet` naming the shortfall and the closest result when even keeping
@@ -418,9 +324,12 @@ def quantize_model(src: str | Path, cfg: QuantizeConfig, work: str | Path, *, ca
     rounding: dict[str, Any] = {}
     speed: dict[str, Any] = {}
     methods = quantize_once(src, dst, cfg, feeds, exclude, seed, rewrites, rounding, speed)
-    if speed:
-        cfg, methods = _decide_speed_rule(src, dst, cfg, feeds, exclude, seed, speed, methods, rewrites, rounding)
-    check_quantized(src, dst, feeds)
+    if speed.get("cnn"):
+        from edgekiln.passes.quantize_forms import decide_form
+
+        cfg, methods = decide_form(src, dst, cfg, feeds, exclude, seed, speed, methods, rewrites, rounding)
+    # NOTE: fp16/int4 take no calibration, but their output is checked on a real sample when there is one
+    check_quantized(src, dst, feeds or (calibration_feeds(src, calib, 1) if calib else None), input_shapes)
     result = QuantizeResult(dst, SCHEMES[cfg.scheme], list(exclude), methods, rewrites, rounding, speed=speed)
     if eval_npz is None:
         return result
@@ -447,7 +356,9 @@ def quantize_model(src: str | Path, cfg: QuantizeConfig, work: str | Path, *, ca
             progress(i + 1, len(layers))
     result.sensitivity.sort(key=lambda r: (-r["damage"], r["layer"]))
     best = (result.metric, list(exclude))
-    for row in result.sensitivity[:-1]:   # keeping every layer float is not quantization
+    for k, row in enumerate(result.sensitivity[:-1]):   # keeping every layer float is not quantization
+        if progress:   # NOTE: optimize stops a trial at its time limit through this callback
+            progress(k + 1, len(result.sensitivity) - 1)
         exclude.append(row["layer"])
         quantize_once(src, trial, search, feeds, exclude, seed)
         m = evaluate(trial, eval_npz, metric, reference_path=ref)
@@ -465,37 +376,6 @@ def quantize_model(src: str | Path, cfg: QuantizeConfig, work: str | Path, *, ca
     raise BudgetNotMet(f"the accuracy budget cannot be met: best drop {drop:.4f} > max-drop {cfg.max_drop:.4f} "
                        f"(misses by {drop - cfg.max_drop:.4f}); closest keeps {len(best[1])} layer(s) float: "
                        f"{', '.join(best[1][:6])}{' ...' if len(best[1]) > 6 else ''}")
-
-
-def _decide_speed_rule(src: Path, dst: Path, cfg: QuantizeConfig, feeds: Any, exclude: list[str], seed: int,
-                       speed: dict[str, Any], methods: dict[str, str], rewrites: dict[str, Any],
-                       rounding: dict[str, Any]) -> tuple[QuantizeConfig, dict[str, str]]:
-    """``dst`` was quantized with the speed rule; with ``speed_rule="auto"`` also quantize without
-    it and keep the form :func:`~edgekiln.quant.speed.choose_form` measures faster on
-    ``cfg.runtime``. Returns the config the rest of the pass uses (the rule decided) and the
-    calibration methods of the model kept; fills ``speed``."""
-    from edgekiln.quant.speed import choose_form
-
-    speed.update({"rule": cfg.speed_rule, "runtime": cfg.runtime, "applied": True})
-    changed = bool(speed.get("fused_hardswish") or speed.get("float_for_speed"))
-    if cfg.speed_rule != "auto" or not changed or not feeds:
-        return replace(cfg, speed_rule="on"), methods
-    off_cfg = replace(cfg, speed_rule="off")
-    trial = dst.parent / "scratch" / "speed_off.onnx"
-    trial.parent.mkdir(exist_ok=True)
-    # NOTE: the speed comparison does not need learned rounding; the form chosen gets it below
-    off_methods = quantize_once(src, trial, replace(off_cfg, adaround=False, bias_correction=False), feeds,
-                                list(exclude), seed)
-    speed.update(choose_form(src, dst, trial, cfg.runtime, feeds))
-    if speed["applied"]:
-        return replace(cfg, speed_rule="on"), methods
-    speed.update({"float_for_speed": {}, "fused_hardswish": []})
-    if cfg.adaround or cfg.bias_correction:
-        rewrites.clear()
-        rounding.clear()
-        return off_cfg, quantize_once(src, dst, off_cfg, feeds, exclude, seed, rewrites, rounding)
-    shutil.copyfile(trial, dst)
-    return off_cfg, off_methods
 
 
 def metric_pair(src: str | Path, dst: str | Path, eval_npz: str | Path, metric: str) -> tuple[float, float]:
@@ -540,7 +420,7 @@ def _layer_bytes(src: Path, name: str) -> int:
 def run(artifact: ModelArtifact, config: QuantizeConfig, ctx: PassContext) -> ModelArtifact:
     res = quantize_model(artifact.path, config, ctx.work_dir, calib=ctx.calib_path,
                          eval_npz=ctx.eval_path if config.max_drop is not None else None, metric=ctx.metric,
-                         seed=ctx.seed, progress=ctx.progress)
+                         seed=ctx.seed, progress=ctx.progress, input_shapes=artifact.input_shapes)
     # NOTE: the record holds what `edgekiln quantize` reports (sensitivity, attempts, calibration
     # per tensor, rewrites): the CLI runs this pass through the pipeline and reads them back here.
     record = provenance_record("quantize", config, artifact, kept_float=res.kept_float, metric=res.metric,

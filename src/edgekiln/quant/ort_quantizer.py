@@ -267,10 +267,12 @@ def sort_nodes(model: Any) -> None:
     g.node.extend(copies)
 
 
-def check_quantized(src: str | Path, dst: str | Path, feeds: Sequence[Mapping[str, np.ndarray]] | None) -> None:
+def check_quantized(src: str | Path, dst: str | Path, feeds: Sequence[Mapping[str, np.ndarray]] | None,
+                    input_shapes: Mapping[str, Sequence[int]] | None = None) -> None:
     """Raise a one-line :class:`EdgekilnError` unless the quantized model ``dst`` passes the full
     ONNX check, loads and runs in onnxruntime and gives outputs of the float model's shapes (on
-    the first calibration feed; zeros of the float model's input shapes without one)."""
+    the first calibration feed; without one, on zeros of the float model's input shapes, dynamic
+    dimensions fixed by ``input_shapes`` as the intake resolved them, else 1)."""
     from edgekiln.execution.feeds import specs_from_session
     from edgekiln.execution.ort import error_line, ort_session
     from edgekiln.models.intake import load_onnx
@@ -288,7 +290,8 @@ def check_quantized(src: str | Path, dst: str | Path, feeds: Sequence[Mapping[st
     if feeds:
         feed = dict(feeds[0])
     else:
-        feed = {s.name: np.zeros(s.shape, s.dtype) for s in specs_from_session(reference)}
+        specs = specs_from_session(reference, input_shapes)
+        feed = {s.name: np.zeros([d if d > 0 else 1 for d in s.shape], s.dtype) for s in specs}
     try:
         got = [tuple(o.shape) for o in quantized.run(None, feed)]
     except Exception as exc:  # noqa: BLE001

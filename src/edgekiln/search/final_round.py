@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgekiln.search.selection import select_best
-from edgekiln.search.trial import Candidate, score, violations
+from edgekiln.search.selection import beats_fp32, select_best
+from edgekiln.search.trial import Candidate, score_on_fastest, violations
 
 FINALISTS = 4      # at most this many candidates are timed again
 WITHIN = 1.0       # ... those up to 2x the fastest feasible trial's host latency (at 1.5x, the MiniLM
@@ -83,7 +83,7 @@ def retime(cands: Sequence[Candidate], *, runs: int, warmup: int, host_is_target
         c.final_round = True
         rescored = rows[0]["runtime"] != c.metric_runtime
         if rescored:
-            score(c, rows[0]["runtime"], payload)
+            score_on_fastest(c, payload)
         if host_is_target:
             c.latency_ms_target_est = c.latency_ms_host
         if host_is_target or rescored:
@@ -94,13 +94,24 @@ def retime(cands: Sequence[Candidate], *, runs: int, warmup: int, host_is_target
 
 
 def final_selection(candidates: Sequence[Candidate], best: Candidate, *, prefer: str, tolerance: float, runs: int,
-                    host_is_target: bool, payload: dict[str, Any]) -> Candidate | None:
+                    host_is_target: bool, payload: dict[str, Any], baseline: Candidate | None = None,
+                    fp32_competes: bool = False) -> Candidate | None:
     """Time the finalists side by side and select among them (when latency decides; otherwise
     only ``best`` is timed again, for its runtime table).
+
+    ``baseline`` (the FP32 input model) is timed in the same loop, so the report compares the
+    selected model with FP32 measured alike; with ``fp32_competes`` it is also a finalist, and a
+    candidate is selected over it only when measured faster in this loop (beyond ``tolerance``:
+    a Linux board's roofline estimate calls every int8 model 2x faster than FP32, the measured
+    MobileNetV3 and CREPE int8 models were slower).
 
     NOTE: the selection is made among the finalists only: a candidate left out was measured in
     another phase of the machine's load, so its number does not compare with theirs.
     """
-    group = finalists(candidates) if prefer == "latency" else [best]
-    retime(group, runs=max(runs, 50), warmup=min(50, runs), host_is_target=host_is_target, payload=payload)
-    return select_best(group, prefer, tolerance) or select_best(candidates, prefer, tolerance)
+    group = [c for c in (finalists(candidates) if prefer == "latency" else [best]) if c is not baseline]
+    timed = [*group, baseline] if baseline is not None else group
+    retime(timed, runs=max(runs, 50), warmup=min(50, runs), host_is_target=host_is_target, payload=payload)
+    if not fp32_competes or baseline is None:
+        return select_best(group, prefer, tolerance) or select_best(candidates, prefer, tolerance)
+    pool = [c for c in group if beats_fp32(c, baseline, tolerance)]
+    return select_best([*pool, baseline], prefer, tolerance)

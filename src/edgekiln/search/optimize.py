@@ -21,14 +21,15 @@ from typing import Any
 from edgekiln.errors import BudgetNotMet, EdgekilnError
 from edgekiln.fileio import atomic_write_json, sha256_file
 from edgekiln.models.artifact import ModelArtifact
+from edgekiln.pipeline import Step
 from edgekiln.search.final_round import final_selection
 from edgekiln.search.recipe import Recipe
-from edgekiln.search.selection import pareto_front, select_best
+from edgekiln.search.selection import HOST_LATENCY_NOISE, beats_fp32, pareto_front, select_best
+from edgekiln.search.space import pipeline_key
 from edgekiln.search.trial import Candidate, keep_artifact, payload_key, run_trial
 
-# NOTE: host p50s of one model measured minutes apart in a search differ by up to ~5% here
-# (shared machine); within that, the more accurate candidate is selected.
-HOST_LATENCY_NOISE = 0.05
+MIN_SHARES, MAX_SHARES = 3, 6   # one trial may take 1/3 .. 1/6 of --timeout (1/6 from 6 trials on)
+WRAP_UP_SHARE = 10   # the last 1/WRAP_UP_SHARE of --timeout is kept for a stopped trial's wrap-up and the final round
 DISTINCT_DRAWS = 64  # draws per trial before a repeat is accepted (only in spaces too large to list)
 BATCH = 4            # trials asked per round; fixed so parallel and serial runs see the same proposals
 STUDY_NAME = "edgekiln-optimize"
@@ -43,6 +44,7 @@ class OptimizeResult:
     out_dir: Path
     interrupted: bool = False
     exhausted: bool = False      # the space held fewer distinct pipelines than the trial budget
+    stop: str | None = None      # why the search stopped before its trial budget (timeout, Ctrl-C)
 
 
 def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = False,
@@ -56,9 +58,11 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
 
     from edgekiln.models.intake import load_model, parse_shapes, run_folder_data
     from edgekiln.search.report import write_optimize_report
-    from edgekiln.search.space import default_space, describe, enumerate_points, params_key
+    from edgekiln.search.space import default_space, describe, enumerate_points
     from edgekiln.targets.profiles import load_profile
 
+    started = time.monotonic()
+    deadline = started + recipe.search.timeout_s if recipe.search.timeout_s else None   # 0: no limit
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     db = out / "study.db"
@@ -79,7 +83,7 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
     run_data = {k: Path(v) for k, v in (("calib", calib), ("eval", evals), ("train", data.get("train"))) if v}
     atomic_write_json(out / "recipe.json", recipe.to_dict())
 
-    spaces = recipe.passes or default_space(artifact, recipe, profile.precisions)
+    spaces = recipe.passes or default_space(artifact, recipe, profile.precisions, target_kind=profile.kind)
     base_payload = {
         "artifact": artifact.to_dict(), "calib": calib, "eval": evals, "metric": recipe.metric,
         "train": str(data["train"]) if "train" in data else None,
@@ -89,7 +93,9 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
     baseline = _cached_run(out, {**base_payload, "number": -1, "label": "baseline", "steps": [], "measure_all": True,
                                  "work_dir": str(out / "work" / "baseline"), "baseline_metric": None}, input_sha)
     if baseline.metric is None:
-        raise EdgekilnError(f"the input model could not be evaluated: {baseline.error or baseline.violations}")
+        hint = ("; without labels, --metric cosine (or sqnr) compares each candidate with the input model's outputs"
+                if "needs labels" in str(baseline.error) else "")
+        raise EdgekilnError(f"the input model could not be evaluated: {baseline.error or baseline.violations}{hint}")
     base_payload["baseline_metric"] = baseline.metric
     baseline.drop = 0.0
 
@@ -99,79 +105,108 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
     _close_stale_trials(study)
     candidates = [Candidate.from_dict(t.user_attrs["candidate"]) for t in study.trials
                   if "candidate" in t.user_attrs]
-    tolerance = HOST_LATENCY_NOISE if profile.kind in ("host", "linux") else 0.0
-    seen = {params_key(t.params) for t in study.trials if "candidate" in t.user_attrs}
+    linux_class = profile.kind in ("host", "linux")
+    tolerance = HOST_LATENCY_NOISE if linux_class else 0.0
+    # NOTE: where FP32 itself deploys (host, Linux boards), it competes: a quantized model is only
+    # selected when it is faster than FP32 (beyond the timing noise) within the budgets.
+    # A recipe whose passes are all required (`optional: false`) asks for those passes: FP32 does not compete.
+    required = bool(recipe.passes) and not any(p.optional for p in recipe.passes)
+    fp32_competes = linux_class and "fp32" in profile.precisions and recipe.prefer == "latency" and not required
+    rivals = [baseline] if fp32_competes else []
+
+    def selectable(cands: list[Candidate]) -> list[Candidate]:
+        """Where FP32 competes, the candidates measured faster than it (the final round re-checks)."""
+        return [c for c in cands if beats_fp32(c, baseline, tolerance)] + rivals if fp32_competes else cands
+
+    seen = {pipeline_key([Step.from_dict(s) for s in c.steps]) for c in candidates}
     points = enumerate_points(spaces)
-    started = time.monotonic()
     interrupted = exhausted = False
-    best: Candidate | None = select_best(candidates, recipe.prefer, tolerance)
+    stop: str | None = None
+    best: Candidate | None = select_best(selectable(candidates), recipe.prefer, tolerance)
+    serial = recipe.search.executor == "local" and recipe.search.workers <= 1
     try:
         while len(candidates) < recipe.search.trials:
-            if recipe.search.timeout_s is not None and time.monotonic() - started > recipe.search.timeout_s:
+            if _past(deadline, _wrap_up(recipe)):
+                stop = _timeout_reason(recipe, candidates)
                 break
             n = min(BATCH, recipe.search.trials - len(candidates))
-            trials, payloads = [], []
+            asked, payloads = {}, []
             for _ in range(n):
                 drawn = _ask_distinct(study, spaces, points, seen, recipe.search.seed)
                 if drawn is None:
                     exhausted = True
                     break
                 t, steps = drawn
-                trials.append(t)
+                asked[t.number] = t
                 payloads.append({**base_payload, "number": t.number, "label": describe(steps, spaces),
                                  "steps": [s.to_dict() for s in steps],
                                  "work_dir": str(out / "work" / f"trial-{t.number:04d}")})
-            if not trials:
+            if not asked:
                 break
-            results = _execute(out, payloads, input_sha, recipe)
-            for t, cand in zip(trials, results, strict=True):
-                t.set_user_attr("candidate", cand.to_dict())
-                _tell(study, t, cand)
-                candidates.append(cand)
-                if on_trial:
-                    on_trial(cand)
-            new_best = select_best(candidates, recipe.prefer, tolerance)
-            if new_best is not None and (best is None or new_best.number != best.number):
-                best = new_best
-                _save_best(out, best)
-            write_optimize_report(out, recipe, profile, baseline, candidates, best,
-                                  model=_selected_artifact(artifact, best, out, run_data), partial=True)
+            # NOTE: serial trials run (and are reported, and the best saved) one at a time: a batch
+            # of four MobileNetV3 trials once ran 30 minutes without a line of output.
+            for group in ([[p] for p in payloads] if serial else [payloads]):
+                if _past(deadline, _wrap_up(recipe)):
+                    stop = _timeout_reason(recipe, candidates)
+                    break
+                for p in group:
+                    p["time_limit_s"] = _trial_limit(recipe, deadline)
+                for cand in _execute(out, group, input_sha, recipe):
+                    t = asked.pop(cand.number)
+                    t.set_user_attr("candidate", cand.to_dict())
+                    _tell(study, t, cand)
+                    candidates.append(cand)
+                    if on_trial:
+                        on_trial(cand)
+                new_best = select_best(selectable(candidates), recipe.prefer, tolerance)
+                if new_best is not None and (best is None or new_best.number != best.number):
+                    best = new_best
+                    _save_best(out, best, artifact)
+                write_optimize_report(out, recipe, profile, baseline, candidates, best,
+                                      model=_selected_artifact(artifact, best, out, run_data), partial=True)
+            _close_unrun(study, asked.values())
+            if stop:
+                break
     except KeyboardInterrupt:
         interrupted = True
-    best = select_best(candidates, recipe.prefer, tolerance)
-    if best is not None and profile.kind in ("host", "linux") and not interrupted:
+    if interrupted:
+        stop = "interrupted (Ctrl-C)"
+    best = select_best(selectable(candidates), recipe.prefer, tolerance)
+    if best is not None and linux_class and not interrupted:
         best = final_selection(candidates, best, prefer=recipe.prefer, tolerance=tolerance,
                                runs=recipe.search.bench_runs, host_is_target=profile.kind == "host",
-                               payload=base_payload)
+                               payload=base_payload, baseline=baseline, fp32_competes=fp32_competes)
     if best is not None:
-        best = _save_best(out, best)
+        best = _save_best(out, best, artifact)
     front = pareto_front([c for c in candidates if c.metric is not None] + [baseline])
     write_optimize_report(out, recipe, profile, baseline, candidates, best,
                           model=_selected_artifact(artifact, best, out, run_data), partial=interrupted,
-                          exhausted=exhausted)
-    result = OptimizeResult(best, baseline, candidates, front, out, interrupted, exhausted)
+                          exhausted=exhausted, stop=stop)
+    result = OptimizeResult(best, baseline, candidates, front, out, interrupted, exhausted, stop)
     if best is None and not interrupted:
         raise BudgetNotMet(_no_fit_message(candidates, baseline))
     return result
 
 
-def _ask_distinct(study: Any, spaces: Any, points: list[dict[str, Any]] | None, seen: set[Any],
+def _ask_distinct(study: Any, spaces: Any, points: list[dict[str, Any]] | None, seen: set[str],
                   seed: int) -> tuple[Any, list[Any]] | None:
     """Ask for a trial whose pipeline has not been tried yet (``None`` when the space is exhausted).
 
-    ``points`` lists the whole space (``None`` when too large to list). A drawn duplicate is
-    closed as failed (samplers ignore it, resume skips it) and the next trial is steered to an
-    untried point, picked reproducibly from the seed: TPE's random start-up draws repeat often in
-    small spaces, and re-running a pipeline spends a trial to learn nothing.
+    ``points`` lists the whole space (``None`` when too large to list); pipelines are compared by
+    their effective options (:func:`~edgekiln.search.space.pipeline_key`: fp16 is one pipeline
+    whatever int8 calibration was drawn with it). A drawn duplicate is closed as failed
+    (samplers ignore it, resume skips it) and the next trial is steered to an untried point,
+    picked reproducibly from the seed: TPE's random start-up draws repeat often in small spaces,
+    and re-running a pipeline spends a trial to learn nothing.
     """
     from optuna.trial import TrialState
 
-    from edgekiln.search.space import params_key, sample_steps
+    from edgekiln.search.space import pipeline_key, point_steps, sample_steps
 
     for attempt in range(DISTINCT_DRAWS):
         t = study.ask()
         steps = sample_steps(t, spaces)
-        key = params_key(t.params)
+        key = pipeline_key(steps)
         if key not in seen:
             seen.add(key)
             return t, steps
@@ -181,11 +216,49 @@ def _ask_distinct(study: Any, spaces: Any, points: list[dict[str, Any]] | None, 
         study.tell(t, state=TrialState.FAIL)
         if points is None:
             continue                      # too large to list: a fresh draw is likely distinct
-        untried = [p for p in points if params_key(p) not in seen]
+        untried = [p for p in points if pipeline_key(point_steps(p, spaces)) not in seen]
         if not untried:
             return None
         study.enqueue_trial(untried[random.Random(f"{seed}-{len(seen)}").randrange(len(untried))])
     return None
+
+
+def _past(deadline: float | None, wrap_up: float) -> bool:
+    """Whether too little time is left to start a trial: less than twice the ``wrap_up`` time
+    (a tenth of ``--timeout``) a stopped trial and the final round need."""
+    return deadline is not None and time.monotonic() >= deadline - 2 * wrap_up
+
+
+def _trial_limit(recipe: Recipe, deadline: float | None) -> float | None:
+    """Seconds one trial may take: an even share of ``--timeout`` among the trials asked for, at
+    most a third and at least a sixth, never into the wrap-up time before the deadline; None
+    without a timeout. NOTE: so one slow pipeline (the quantize pass's per-layer accuracy-budget
+    search on MobileNetV3: 54 one-layer quantizations, minutes) leaves time for the others; a
+    trial stopped there still measures its every-layer int8 model (search/trial.py)."""
+    if deadline is None or not recipe.search.timeout_s:
+        return None
+    shares = min(max(recipe.search.trials, MIN_SHARES), MAX_SHARES)
+    left = deadline - _wrap_up(recipe) - time.monotonic()
+    return max(1.0, min(recipe.search.timeout_s / shares, left))
+
+
+def _wrap_up(recipe: Recipe) -> float:
+    return (recipe.search.timeout_s or 0.0) / WRAP_UP_SHARE
+
+
+def _timeout_reason(recipe: Recipe, candidates: list[Candidate]) -> str:
+    return (f"timeout: --timeout {recipe.search.timeout_s:g} s reached after {len(candidates)} of "
+            f"{recipe.search.trials} trials; the best model so far is selected")
+
+
+def _close_unrun(study: Any, trials: Any) -> None:
+    """Trials asked but not run (the deadline came first): closed as failed, so a resumed search
+    draws them again."""
+    from optuna.trial import TrialState
+
+    for t in trials:
+        t.set_user_attr("not_run", "timeout")
+        study.tell(t, state=TrialState.FAIL)
 
 
 def _execute(out: Path, payloads: list[dict[str, Any]], input_sha: str, recipe: Recipe) -> list[Candidate]:
@@ -199,9 +272,14 @@ def _execute(out: Path, payloads: list[dict[str, Any]], input_sha: str, recipe: 
     for p, cached in zip(payloads, results, strict=True):
         if cached is None:
             cached = Candidate.from_dict(next(fresh))
-            _cache_put(out, p, input_sha, cached)
+            if not _stopped_by_time(cached):   # a longer --timeout may finish it
+                _cache_put(out, p, input_sha, cached)
         final.append(cached)
     return final
+
+
+def _stopped_by_time(cand: Candidate) -> bool:
+    return (cand.error or "").startswith("timeout:") or any("gave up: timeout:" in v for v in cand.violations)
 
 
 def _cached_run(out: Path, payload: dict[str, Any], input_sha: str) -> Candidate:
@@ -241,7 +319,15 @@ def _selected_artifact(artifact: ModelArtifact, best: Candidate | None, out: Pat
                          provenance=(*artifact.provenance, *best.steps), data=data)
 
 
-def _save_best(out: Path, best: Candidate) -> Candidate:
+def _save_best(out: Path, best: Candidate, artifact: ModelArtifact | None = None) -> Candidate:
+    """Copy ``best``'s model to ``out/model.onnx`` (after the check every written model passes:
+    full ``onnx.checker``, one run in each runtime it was timed on) and write ``selected.json``."""
+    from edgekiln.models.artifact_check import ALWAYS, check_model_file
+
+    if best.artifact:
+        timed = [r["runtime"] for r in best.runtimes if "p50_ms" in r]
+        check_model_file(best.artifact, runtimes=tuple(dict.fromkeys([*ALWAYS, *timed])),
+                         inputs=artifact.inputs if artifact else (), label="optimize (selected model not written)")
     kept = keep_artifact(best, out)
     atomic_write_json(out / "selected.json", kept.to_dict())
     return kept

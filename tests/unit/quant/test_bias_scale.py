@@ -43,7 +43,7 @@ def _session(path, optimized=None):
 
 def test_compaction_computes_bias_scales_and_runs_bit_exact_with_the_same_kernels(tmp_path):
     from edgekiln.codegen.testmodels import random_inputs
-    from edgekiln.passes.quantize import compact_qdq
+    from edgekiln.quant.compact import compact_qdq
     from edgekiln.quant.size import byte_breakdown
 
     stored = _qdq(tmp_path)
@@ -74,7 +74,7 @@ def test_compaction_computes_bias_scales_and_runs_bit_exact_with_the_same_kernel
 def test_c_backend_and_support_table_fold_the_computed_scales(tmp_path):
     from edgekiln.codegen.ir import load_qdq
     from edgekiln.models.support import unsupported_ops
-    from edgekiln.passes.quantize import compact_qdq
+    from edgekiln.quant.compact import compact_qdq
 
     stored = _qdq(tmp_path)
     shared = tmp_path / "shared.onnx"

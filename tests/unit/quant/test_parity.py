@@ -17,7 +17,7 @@ def qdq(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("parity")
     fp32 = tiny_conv_onnx(tmp / "tiny.onnx", batch=1)
     calib = random_npz(tmp / "calib.npz", (1, 1, 8, 8), n=64)
-    res = quantize_model(fp32, QuantizeConfig(), tmp / "q", calib=calib)
+    res = quantize_model(fp32, QuantizeConfig(activations="int8"), tmp / "q", calib=calib)
     x = np.load(calib)["x"][:8]
     return res.path, [{"input": x[i:i + 1]} for i in range(len(x))]
 

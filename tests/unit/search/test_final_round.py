@@ -68,3 +68,20 @@ def test_a_latency_budget_is_checked_again_on_the_final_times(tmp_path):
     c = cands[0]
     assert not c.feasible and any(v.startswith("latency:") for v in c.violations), \
         f"p50 {c.latency_ms_host:.3f} ms vs budget 0.001 ms: {c.violations}"
+
+
+def test_on_a_linux_board_fp32_is_kept_unless_a_candidate_is_measured_faster(tmp_path):
+    # The board's roofline estimate calls the "int8" candidate 2x faster (1.0 vs 2.0 ms); measured, it does
+    # 8x the work of FP32. FP32 competes, so the measurement decides, side by side.
+    slow, fast = _chain(tmp_path / "slow.onnx", 8), _chain(tmp_path / "fast.onnx", 1)
+    quantized = _cand(0, slow, 0.999, 1.0)
+    fp32 = _cand(-1, fast, 1.0, 2.0)
+    best = final_selection([quantized], quantized, prefer="latency", tolerance=0.05, runs=50, host_is_target=False,
+                           payload=_payload(tmp_path, fast), baseline=fp32, fp32_competes=True)
+    p50 = {c.number: c.latency_ms_host for c in (quantized, fp32)}
+    assert best is fp32, f"selected #{best and best.number}; side-by-side host p50s {p50}"
+    assert fp32.final_round and quantized.final_round, (fp32.runtimes, quantized.runtimes)
+    # the same candidates without FP32 competing (a microcontroller target): the estimate decides
+    again = final_selection([quantized], quantized, prefer="latency", tolerance=0.05, runs=50, host_is_target=False,
+                            payload=_payload(tmp_path, fast), baseline=fp32)
+    assert again is quantized, f"selected #{again and again.number}"

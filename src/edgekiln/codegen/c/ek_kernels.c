@@ -380,3 +380,103 @@ void ek_lut(const ek_lut_params *p, const int8_t *in, const int8_t *table, int8_
         out[i] = table[(int32_t)in[i] + 128]; /* in == out is allowed: element i is read first */
     }
 }
+
+void ek_lut_channel(const ek_lut_channel_params *p, const int8_t *in, const int8_t *table, int8_t *out) {
+    int32_t i = 0;
+    while (i < p->size) {
+        int32_t c;
+        for (c = 0; c < p->channels; ++c, ++i) {
+            out[i] = table[c * 256 + (int32_t)in[i] + 128]; /* in == out is allowed */
+        }
+    }
+}
+
+void ek_gather(const ek_gather_params *p, const int8_t *in, const int32_t *index, int8_t *out) {
+    int32_t px, j;
+    for (px = 0; px < p->pixels; ++px) {
+        const int8_t *src = in + px * p->in_c;
+        int8_t *dst = out + px * p->out_c;
+        for (j = 0; j < p->out_c; ++j) {
+            dst[j] = src[index[j]];
+        }
+    }
+}
+
+void ek_mul(const ek_mul_params *p, const int8_t *a, const int8_t *b, const int32_t *a_table, const int32_t *b_table,
+            int8_t *out) {
+    int32_t i, j = 0;
+    for (i = 0; i < p->size; ++i) {
+        int32_t bi = p->b_channels ? j : i;
+        int64_t prod = (int64_t)a_table[(int32_t)a[i] + 128] * b_table[(int32_t)b[bi] + 128];
+        if (p->pre_shift > 0) {
+            prod = ek_floor_shift(prod + ((int64_t)1 << (p->pre_shift - 1)), p->pre_shift);
+        }
+        out[i] = ek_clamp8(ek_requant((int32_t)prod, p->mult, p->shift) + p->output_zp, p->act_min, p->act_max);
+        if (p->b_channels && ++j == p->b_channels) {
+            j = 0;
+        }
+    }
+}
+
+void ek_pad(const ek_pad_params *p, const int8_t *in, int8_t *out) {
+    int32_t i, y, x, c;
+    int32_t total = p->out_h * p->out_w * p->channels;
+    for (i = 0; i < total; ++i) {
+        out[i] = (int8_t)p->value;
+    }
+    for (y = 0; y < p->in_h; ++y) {
+        for (x = 0; x < p->in_w; ++x) {
+            const int8_t *src = in + ((int32_t)y * p->in_w + x) * p->channels;
+            int8_t *dst = out + ((p->pad_top + y * p->stride_h) * p->out_w + p->pad_left + x * p->stride_w)
+                                    * p->channels;
+            for (c = 0; c < p->channels; ++c) {
+                dst[c] = src[c];
+            }
+        }
+    }
+}
+
+void ek_resize(const ek_resize_params *p, const int8_t *in, const int32_t *y0, const int32_t *y1, const int32_t *wy,
+               const int32_t *x0, const int32_t *x1, const int32_t *wx, int8_t *out) {
+    const int64_t one = (int64_t)1 << 15;
+    int32_t oy, ox, c;
+    for (oy = 0; oy < p->out_h; ++oy) {
+        const int8_t *r0 = in + y0[oy] * p->in_w * p->channels;
+        const int8_t *r1 = in + y1[oy] * p->in_w * p->channels;
+        for (ox = 0; ox < p->out_w; ++ox) {
+            int32_t a = x0[ox] * p->channels, b = x1[ox] * p->channels;
+            for (c = 0; c < p->channels; ++c) {
+                int64_t top = (one - wx[ox]) * (r0[a + c] - p->zero_point) + (int64_t)wx[ox] * (r0[b + c] - p->zero_point);
+                int64_t bot = (one - wx[ox]) * (r1[a + c] - p->zero_point) + (int64_t)wx[ox] * (r1[b + c] - p->zero_point);
+                int64_t acc = (one - wy[oy]) * top + (int64_t)wy[oy] * bot;
+                int64_t v = ek_div_round_half_even(acc, (int64_t)1 << 30) + p->zero_point;
+                *out++ = ek_clamp8((int32_t)(v < -128 ? -128 : (v > 127 ? 127 : v)), -128, 127);
+            }
+        }
+    }
+}
+
+void ek_mean_lut(const ek_mean_lut_params *p, const int8_t *in, const int32_t *table, int8_t *out) {
+    int32_t px, c;
+    for (c = 0; c < p->channels; ++c) {
+        int32_t acc = 0;
+        for (px = 0; px < p->pixels; ++px) {
+            acc += table[(int32_t)in[px * p->channels + c] + 128];
+        }
+        out[c] = ek_clamp8(ek_requant(acc, p->mult, p->shift) + p->output_zp, -128, 127);
+    }
+}
+
+void ek_add_lut(const ek_add_lut_params *p, const int8_t *a, const int8_t *b, const int32_t *a_table,
+                const int32_t *b_table, int8_t *out) {
+    int32_t i, j = 0;
+    for (i = 0; i < p->size; ++i) {
+        int32_t bi = p->b_channels ? j : i;
+        /* |a_table|, |b_table| <= 2^29: the sum stays inside int32 */
+        int32_t total = a_table[(int32_t)a[i] + 128] + b_table[(int32_t)b[bi] + 128];
+        out[i] = ek_clamp8(ek_requant(total, p->mult, p->shift) + p->output_zp, p->act_min, p->act_max);
+        if (p->b_channels && ++j == p->b_channels) {
+            j = 0;
+        }
+    }
+}

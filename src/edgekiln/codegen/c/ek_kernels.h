@@ -64,6 +64,46 @@ typedef struct {
     int32_t size;
 } ek_lut_params;
 
+/* The same with one table per channel (channels last): out[i] = table[(i % channels) * 256 + in[i] + 128]. */
+typedef struct {
+    int32_t size, channels;
+} ek_lut_channel_params;
+
+/* Data movement (transpose, slice, split, channel shuffle) by an index table computed at export time:
+ * out[p * out_c + j] = in[p * in_c + index[j]] for p < pixels (pixels = 1: one index per element). */
+typedef struct {
+    int32_t pixels, in_c, out_c;
+} ek_gather_params;
+
+/* Mul of two int8 tensors: out[i] = zo + requant(round(a_table[a[i] + 128] * b_table[b[j] + 128] / 2^pre_shift)), j = i
+ * (b_channels 0) or i % b_channels (b one value per channel, channels last). A table is q - zero_point,
+ * or a float function of q (an activation left float) in fixed point. */
+typedef struct {
+    int32_t size, b_channels, pre_shift, output_zp, mult, shift, act_min, act_max;
+} ek_mul_params;
+
+/* Constant padding / zero insertion: out is filled with value, input pixel (y, x) lands at
+ * (pad_top + y * stride_h, pad_left + x * stride_w). */
+typedef struct {
+    int32_t in_h, in_w, channels, out_h, out_w, pad_top, pad_left, stride_h, stride_w, value;
+} ek_pad_params;
+
+/* Nearest / bilinear resize: per output row y0, y1, wy and per column x0, x1, wx (Q15 weights). */
+typedef struct {
+    int32_t in_h, in_w, channels, out_h, out_w, zero_point;
+} ek_resize_params;
+
+/* Mean over the pixels of a table of the input, per channel: out[c] = zo + requant(sum_p table[in[p][c] + 128]). */
+typedef struct {
+    int32_t pixels, channels, output_zp, mult, shift;
+} ek_mean_lut_params;
+
+/* Add/Sub with broadcasting or a float operand: out[i] = zo + requant(a_table[a[i] + 128] + b_table[b[j] + 128]),
+ * j as in ek_mul; both tables hold the operands' real values in one fixed point (Sub: b_table negated). */
+typedef struct {
+    int32_t size, b_channels, output_zp, mult, shift, act_min, act_max;
+} ek_add_lut_params;
+
 int32_t ek_requant(int32_t acc, int32_t mult, int32_t shift);
 int32_t ek_requant_b32(int32_t acc, int32_t mant, int32_t rshift);
 
@@ -82,5 +122,15 @@ void ek_concat(const ek_concat_params *p, const int8_t *const *inputs, const int
 void ek_softmax(const ek_softmax_params *p, const int8_t *in, const int32_t *lut, int8_t *out);
 void ek_transpose_nchw(const ek_transpose_params *p, const int8_t *in, int8_t *out);
 void ek_lut(const ek_lut_params *p, const int8_t *in, const int8_t *table, int8_t *out);
+void ek_lut_channel(const ek_lut_channel_params *p, const int8_t *in, const int8_t *table, int8_t *out);
+void ek_gather(const ek_gather_params *p, const int8_t *in, const int32_t *index, int8_t *out);
+void ek_pad(const ek_pad_params *p, const int8_t *in, int8_t *out);
+void ek_add_lut(const ek_add_lut_params *p, const int8_t *a, const int8_t *b, const int32_t *a_table,
+                const int32_t *b_table, int8_t *out);
+void ek_mean_lut(const ek_mean_lut_params *p, const int8_t *in, const int32_t *table, int8_t *out);
+void ek_resize(const ek_resize_params *p, const int8_t *in, const int32_t *y0, const int32_t *y1, const int32_t *wy,
+               const int32_t *x0, const int32_t *x1, const int32_t *wx, int8_t *out);
+void ek_mul(const ek_mul_params *p, const int8_t *a, const int8_t *b, const int32_t *a_table, const int32_t *b_table,
+            int8_t *out);
 
 #endif /* EK_KERNELS_H */

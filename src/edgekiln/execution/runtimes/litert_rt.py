@@ -74,6 +74,22 @@ class LiteRTSession:
         self._it.invoke()
         return [self._it.get_tensor(d["index"]) for d in self._out]
 
+    def native_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Feeds in the ``.tflite``'s own dtype and layout (float NCHW quantized and transposed once),
+        so timing ``run`` measures the model, not numpy's input conversion."""
+        return {d["name"]: self._prepare(np.asarray(feeds[d["name"]]), d) for d in self._in}
+
+    def run_as_onnx(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """``run``, with outputs as the ONNX model they came from gives them: float32 (int8 outputs
+        through their scale and zero point) and rank-4 outputs NCHW (a ``.tflite`` keeps NHWC)."""
+        out = []
+        for x, det in zip(self.run(feeds), self._out, strict=True):
+            scale, zp = det["quantization"]
+            y = (x.astype(np.float32) - zp) * scale if np.issubdtype(x.dtype, np.integer) and scale else \
+                np.asarray(x, np.float32)
+            out.append(y.transpose(0, 3, 1, 2) if y.ndim == 4 else y)
+        return out
+
 
 def load(model_path: str | Path, threads: int = 1,
          input_shapes: Mapping[str, Sequence[int]] | None = None) -> LiteRTSession:

@@ -8,6 +8,7 @@ are fixed with ``input_shapes`` before compiling (OpenVINO compiles for one shap
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,8 @@ def available() -> str | None:
 
 class OvSession:
     def __init__(self, model_path: str | Path, threads: int,
-                 input_shapes: Mapping[str, Sequence[int]] | None = None) -> None:
+                 input_shapes: Mapping[str, Sequence[int]] | None = None,
+                 extra_config: Mapping[str, Any] | None = None) -> None:
         import openvino as ov
 
         name = Path(model_path).name
@@ -51,7 +53,7 @@ class OvSession:
         if input_shapes:
             model.reshape({n: ov.PartialShape(s) for n, s in zip(names, shapes, strict=True) if n in input_shapes})
         self.config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
-                       "INFERENCE_PRECISION_HINT": "f32"}
+                       "INFERENCE_PRECISION_HINT": "f32", **(extra_config or {})}
         try:
             self.compiled = core.compile_model(model, "CPU", self.config)
         except Exception as exc:  # noqa: BLE001
@@ -69,12 +71,18 @@ class OvSession:
         return [np.asarray(result[o]) for o in self.outputs]
 
 
+_GENERATED = re.compile(r"graph_input_cast_\d+$")
+
+
 def _port_name(port: Any, wanted: Mapping[str, Sequence[int]] | None) -> str:
     """The port's name the caller uses. NOTE: OpenVINO merges the names of tensors it fuses, and
     ``get_any_name`` returns the first in order: an fp16 model's input 'input' (read by a Cast
     to float16) comes back as 'graph_input_cast_0', so the ONNX name given is preferred."""
-    names = port.get_names()
-    return next((n for n in sorted(names) if n in (wanted or {})), port.get_any_name())
+    names = sorted(port.get_names())
+    given = [n for n in names if n in (wanted or {})]
+    # NOTE: without a given shape, prefer the ONNX input's own name over the Cast's generated one
+    own = [n for n in names if not _GENERATED.match(n)]
+    return (given or own or [port.get_any_name()])[0]
 
 
 def load(model_path: str | Path, threads: int = 1,
