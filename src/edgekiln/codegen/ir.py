@@ -177,6 +177,11 @@ def load_qdq(model: Any, input_shapes: dict[str, tuple[int, ...]] | None = None)
     if isinstance(model, str | Path):
         model = onnx.load(str(model))
     model = fold_shape_subgraphs(model, input_shapes)
+    # NOTE: quantize may leave a Conv's output float before a float activation (faster on OpenVINO);
+    # the integer kernels need it int8: the Q/DQ pair it recorded goes back first (exact)
+    from edgekiln.quant.fused_acts import restore_output_qdq
+
+    restore_output_qdq(model)
     g = model.graph
     inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
     for node in g.node:

@@ -48,12 +48,19 @@ def decide_form(src: Path, dst: Path, cfg: QuantizeConfig, feeds: Any, exclude: 
             paths[form] = scratch / f"form_{form}.onnx"
             form_methods[form] = quantize_once(src, paths[form], replace(fcfg, adaround=False, bias_correction=False),
                                                feeds, list(exclude), seed)
+    fused = _fused_form(paths["on"], scratch) if changed else None
+    if fused is not None:
+        paths["fused"], form_methods["fused"], chosen["fused"] = fused, methods, chosen["on"]
     speed.update(choose_form(src, paths, cfg.runtime, feeds))
     keep = speed["kept_form"]
     final = chosen[keep]
     speed.update({"applied": final.speed_rule == "on" and changed, "activations": final.activations})
     if not speed["applied"]:
         speed.update({"float_for_speed": {}, "fused_hardswish": []})
+    if keep == "fused":   # NOTE: a rewrite of the "on" form's file (same quantization)
+        shutil.copyfile(paths["fused"], dst)
+        speed["float_conv_outputs"] = len(_float_outputs(dst))
+        return final, methods
     if keep != "on":
         rewrites.clear()
         rounding.clear()
@@ -129,3 +136,26 @@ def _float_costly_layers(src: Path, dst: Path, cfg: QuantizeConfig, feeds: Any, 
     speed["float_for_latency"] = {layer: f"int8 {base:.3f} ms -> {chosen_ms:.3f} ms on {rt} with it float"
                                   for layer in chosen}
     return quantize_once(src, dst, cfg, feeds, exclude, seed, rewrites, rounding)
+
+
+def _fused_form(on_form: Path, scratch: Path) -> Path | None:
+    """The "on" form with the Q/DQ pairs between a Conv and its float activation removed
+    (:mod:`edgekiln.quant.fused_acts`), or None when it has none."""
+    import onnx
+
+    from edgekiln.quant.fused_acts import drop_output_qdq
+
+    model = onnx.load(str(on_form))
+    if not drop_output_qdq(model):
+        return None
+    out = scratch / "form_fused.onnx"
+    onnx.save(model, str(out))
+    return out
+
+
+def _float_outputs(path: Path) -> dict[str, object]:
+    import onnx
+
+    from edgekiln.quant.fused_acts import recorded_pairs
+
+    return recorded_pairs(onnx.load(str(path), load_external_data=False))

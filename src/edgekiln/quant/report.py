@@ -305,7 +305,8 @@ def write_quantize_report(out: Path, *, scheme: str, metric_name: str, fp32: Pat
     return RunFolder(out).write(command="quantize", model=model, measurements=data, markdown="\n".join(lines))
 
 
-_FORM_LABELS = {"on": "int8, speed rule", "off": "int8, no speed rule", "uint8": "uint8 activations"}
+_FORM_LABELS = {"on": "int8, speed rule", "off": "int8, no speed rule", "uint8": "uint8 activations",
+                "fused": "int8, speed rule, Conv outputs before float activations left float"}
 
 
 def _speed_lines(sp: dict[str, Any]) -> list[str]:

@@ -24,8 +24,9 @@ def litert_candidate(qdq_path: str | Path, out_dir: str | Path, feed: Mapping[st
     ``{"path": ...}`` when it is a valid candidate, else ``{"error": one line}``."""
     from edgekiln.codegen.ir import load_qdq
     from edgekiln.codegen.tflite.writer import write_tflite
-    from edgekiln.execution.ort import error_line, ort_session
+    from edgekiln.execution.ort import error_line
     from edgekiln.execution.runtimes import available_runtimes, load_session
+    from edgekiln.quant.fused_acts import integer_session
 
     reason = available_runtimes().get("litert")
     if reason:
@@ -39,7 +40,7 @@ def litert_candidate(qdq_path: str | Path, out_dir: str | Path, feed: Mapping[st
         got = lite.run_as_onnx(dict(zip(lite.input_names, feed.values(), strict=True)))
     except Exception as exc:  # noqa: BLE001 - an op the writer lacks or LiteRT refuses: not a candidate
         return {"error": error_line(exc, 200)}
-    want = ort_session(Path(qdq_path)).run(None, dict(feed))
+    want = integer_session(qdq_path).run(None, dict(feed))
     worst = _agreement_db(want, got)
     if worst is None:
         return {"error": f"output shapes differ from the ONNX model's ({[w.shape for w in want]} vs "
