@@ -2,7 +2,7 @@
 exercise: magika's Gemm bias and basic-pitch's shared bias in tests/unit/quant/
 test_real_model_regressions.py, HardSwish split by pre-processing in tests/unit/quant/test_speed.py,
 fp16 and every scheme's artifact in tests/integration/test_artifacts_valid.py, fits at 1 byte per int8
-activation in tests/unit/models, the C/TFLite ops in tests/golden and tests/integration/test_export_*).
+activation in tests/unit/targets/test_fits_precision.py, the C/TFLite ops in tests/golden and tests/integration/test_export_*).
 """
 
 from __future__ import annotations
