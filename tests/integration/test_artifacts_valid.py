@@ -64,7 +64,7 @@ def _unsorted_fp16_model(path):
     back = helper.make_node("Cast", ["y16"], ["y"], name="graph_output_cast_0", to=TensorProto.FLOAT)
     g = helper.make_graph([relu, back, cast], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
 
 
@@ -93,8 +93,8 @@ def test_a_model_a_reported_runtime_cannot_run_is_not_written(tmp_path):
     g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
     path = tmp_path / "custom.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)],
-                                ir_version=8), path)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]),
+              path)
     art = ModelArtifact(kind=ONNX_FLOAT, path=path, inputs=(TensorSpec("x", (1, 4)),))
     with pytest.raises(EdgekilnError, match=r"inspect \(nothing written\): custom\.onnx does not load in onnxruntime") as err:
         RunFolder(tmp_path / "run").write(command="inspect", model=art, measurements={}, markdown="# i")
