@@ -213,6 +213,7 @@ def quantize(model: PathLike, scheme: str | None = None, *, out: PathLike, confi
     from edgekiln.passes.quantize import QuantizeConfig, metric_pair, result_of
     from edgekiln.pipeline import Step, run_pipeline
     from edgekiln.quant.report import (
+        accuracy_floor,
         parity,
         runtime_table,
         speed_verdict,
@@ -246,7 +247,7 @@ def quantize(model: PathLike, scheme: str | None = None, *, out: PathLike, confi
     runtimes = runtime_table(art.path, quantized.path, runs=bench_runs, warmup=min(50, bench_runs),
                              input_shapes=art.input_shapes, other_forms=others, accuracy_feeds=held)
     par = parity(quantized.path, load_npz(eval or calib)) if (eval or calib) and cfg.scheme != "fp16" else {}
-    verdict = speed_verdict(runtimes)
+    verdict = speed_verdict(runtimes, accuracy_floor(res))
     onnx_rows = [r for r in runtimes if "fp32_p50" in r and "p50" in r]
     prof = None
     if verdict and onnx_rows:   # NOTE: LiteRT has no per-layer profiler here: the fastest ONNX runtime's

@@ -4,8 +4,9 @@ Split/Slice as one ``gather``, Softmax over the channels of a 4-D map, SiLU and 
 the SE ``Mul`` with channel broadcasting, two outputs, each quantized two ways: every op int8, and
 with PRelu/Sigmoid/Mul/HardSigmoid left float between a DequantizeLinear and a QuantizeLinear (the
 "float islands" ``edgekiln quantize``'s speed rule leaves); Pad, ConvTranspose, Resize nearest
-and linear; Add with channel broadcasting and Sub (``add_lut``); and two graph inputs (packed into one C
-input buffer). The generated C (host gcc) must be
+and linear; Add with channel broadcasting and Sub (``add_lut``); two graph inputs (packed into one C
+input buffer); ReduceMean over one axis; a YOLO box decoder (anchor grid folded from Shape -> Range ->
+Cast into a ``constant`` tensor, Concat along a non-channel axis). The generated C (host gcc) must be
 bit-exact with the numpy reference and agree with onnxruntime on the QDQ model under the rule of
 test_kernels_exact.py: >= 99% of int8 outputs identical, none off by more than 1 LSB, top-1 equal.
 """
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 from edgekiln.codegen import testmodels as tm
+from edgekiln.codegen import testmodels_heads as th
 from edgekiln.codegen.fuse import lower_for_c
 from edgekiln.codegen.ir import IntGraph, Op, QTensor
 from edgekiln.codegen.reference import run_graph
@@ -40,6 +42,8 @@ VARIANTS = {
     # GlobalAveragePool float too, so that HardSwish gets no Q/DQ (as in MobileNetV3 after the speed rule)
     "se_hswish_islands": (tm.se_hswish_float, dict(extra_ops=(*tm.CNN_OPS_EXTRA, "Mul", "Unsqueeze"),
                                                     float_ops=(*tm.SPEED_FLOAT, "GlobalAveragePool"))),
+    "reduce_axes": (th.reduce_axes_float, dict(extra_ops=th.REDUCE_EXTRA)),
+    "anchor_head": (th.anchor_head_float, dict(extra_ops=th.ANCHOR_EXTRA)),
 }
 KINDS = {
     "shuffle_int8": ["conv2d", "lut_channel", "max_pool", "gather", "gather", "gather", "conv2d", "lut_channel", "lut",
@@ -57,6 +61,13 @@ KINDS = {
     # the input is quantized before its Unsqueeze; HardSwish (float) is read as a table by the SE mean
     # and the SE Mul; the float Sigmoid output gets qparams from its exact range
     "se_hswish_islands": ["reshape", "conv2d", "mean_lut", "conv2d", "conv2d", "mul", "conv2d", "lut"],
+    # ReduceMean over H (keepdims=0: NHWC rows -> ONNX's (N, C, W)), over W, over the channels: 1-D windows
+    "reduce_axes": ["conv2d", "avg_pool", "transpose_nchw", "avg_pool", "avg_pool", "reshape", "conv2d",
+                    "fully_connected"],
+    # the anchor grid (Shape -> Range -> Cast -> Add -> Q/DQ ...) folded into a constant tensor; the
+    # per-anchor stride and a concatenated constant row too; concatenation along a non-channel axis
+    "anchor_head": ["conv2d", "conv2d", "gather", "lut", "gather", "gather", "gather", "constant", "add_lut",
+                    "add_lut", "concat", "constant", "mul", "constant", "concat"],
 }
 
 
@@ -223,3 +234,24 @@ def test_two_inputs_are_packed_in_graph_order(tmp_path, models):
     header = (tmp_path / "k.h").read_text()
     assert "#define K_INPUT_COUNT 2" in header and "#define K_INPUT1_OFFSET 108" in header \
         and "#define K_INPUT_SIZE 112" in header
+
+
+@pytest.mark.parametrize("name", ["anchor_head", "se_hswish_islands", "shuffle_int8"])
+def test_float_pair_forms_lower_to_the_same_integer_graph(tmp_path, models, name):
+    """quantize may keep a form with activation Q/DQ pairs left out (OpenVINO's, quant/float_pairs.py);
+    lowering puts them back before folding constants: the same kernels, bit for bit the same outputs
+    (YOLOv8n's anchor grid, folded through its pair, failed as "constant not per-channel" when folded first)."""
+    import onnx
+
+    from edgekiln.quant.float_pairs import keep_weighted_inputs
+
+    form = onnx.load(str(models[name]))
+    assert keep_weighted_inputs(form), f"{name}: the inputs form leaves no pair out"
+    path = tmp_path / f"{name}_inputs.onnx"
+    onnx.save(form, str(path))
+    want, got = lower_for_c(models[name]), lower_for_c(path)
+    assert [op.kind for op in got.ops] == [op.kind for op in want.ops], [op.kind for op in got.ops]
+    q = _inputs(want, 16)
+    a = np.stack([run_graph(want, qi[None]).reshape(-1) for qi in q])
+    b = np.stack([run_graph(got, qi[None]).reshape(-1) for qi in q])
+    assert np.array_equal(a, b), f"{name}: outputs differ by up to {np.abs(a.astype(int) - b.astype(int)).max()} LSB"

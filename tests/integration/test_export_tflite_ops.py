@@ -1,5 +1,7 @@
 """`export --to tflite --data` end to end on the issue-20 ops (BatchNormalization as a depthwise conv,
-lookup-table activations, ReduceMean as MEAN, ceil_mode pooling) and on a model with three outputs.
+lookup-table activations, ReduceMean as MEAN over any one axis, ceil_mode pooling, the SE mean and
+scale of float HardSwish values, Add/Sub with broadcasting, a YOLO box decoder with a folded anchor
+grid) and on a model with three outputs.
 
 Tolerances, and why: LiteRT (XNNPACK) requantizes like onnxruntime, so >= 99% of the int8 outputs
 must be identical and none off by more than 1 LSB (the bar of test_tflite_writer.py). TFLM
@@ -21,6 +23,7 @@ pytest.importorskip("tflite_micro", reason="tflite-micro is an optional extra (p
 pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is an optional extra")
 
 from edgekiln.codegen import testmodels as tm  # noqa: E402
+from edgekiln.codegen import testmodels_heads as th  # noqa: E402
 from edgekiln.codegen.ir import load_qdq  # noqa: E402
 from edgekiln.codegen.tflite import export_tflite  # noqa: E402
 from edgekiln.fileio import atomic_save_npz  # noqa: E402
@@ -38,11 +41,28 @@ MODELS = {
     "shuffle_speed": (lambda: tm.shuffle_island_float(seed=SEED), dict(float_ops=tm.SPEED_FLOAT), (1, 4, 8, 8)),
     "se_int8": (lambda: tm.se_block_float(seed=SEED), dict(extra_ops=("HardSigmoid", "Mul")), (1, 3, 6, 6)),
     "se_speed": (lambda: tm.se_block_float(seed=SEED), dict(float_ops=tm.SPEED_FLOAT), (1, 3, 6, 6)),
+    # MobileNetV3's SE block after the speed rule: HardSwish float, read by the SE mean (mean_lut) and by
+    # the SE Mul, whose two operands are then both float (HardSwish and HardSigmoid tables)
+    "se_hswish_speed": (lambda: tm.se_hswish_float(seed=SEED, size=24),
+                        dict(extra_ops=(*tm.CNN_OPS_EXTRA, "Mul", "Unsqueeze"),
+                             float_ops=(*tm.SPEED_FLOAT, "GlobalAveragePool")), (1, 24, 24)),
+    # Add with channel broadcasting and Sub of two tensors (add_lut), the Sigmoid gate int8 and left float
+    "arith_int8": (lambda: tm.arith_float(seed=SEED), dict(extra_ops=("Add", "Sub", "Sigmoid")), (1, 4, 5, 5)),
+    "arith_islands": (lambda: tm.arith_float(seed=SEED), dict(extra_ops=("Sub",), float_ops=(*tm.SPEED_FLOAT, "Add")),
+                      (1, 4, 5, 5)),
+    # ReduceMean over H (keepdims=0), over W and over the channels: MEAN over one axis of a reshaped view
+    "reduce_axes": (lambda: th.reduce_axes_float(seed=SEED), dict(extra_ops=th.REDUCE_EXTRA), (1, 3, 5, 7)),
+    # a YOLO box decoder: an anchor grid computed from Shape (folded into a constant tensor), Sub/Add with
+    # it, a per-anchor Mul, Concat along a non-channel axis of 3-D tensors
+    "anchor_head": (lambda: th.anchor_head_float(seed=SEED), dict(extra_ops=th.ANCHOR_EXTRA), (1, 3, 4, 6)),
     # Pad, ConvTranspose (a strided pad + conv), nearest and align_corners bilinear Resize
     "decoder": (lambda: tm.decoder_float(seed=SEED), dict(extra_ops=("Pad", "Resize", "ConvTranspose")), (1, 3, 6, 6)),
 }
 #: kinds whose TFLite form moves or looks up values without arithmetic: exact in both runtimes.
 EXACT_KINDS = ("lut", "lut_channel", "gather", "max_pool", "reshape", "pad")
+#: kinds written as exact float32 steps of the reference's arithmetic (elementwise.py): they may leave
+#: it only within float32 rounding of a .5 tie, so nearly every output is identical in both runtimes.
+FLOAT_STEP_KINDS = ("softmax", "mean_lut", "add_lut")
 
 
 def _export(tmp_path, name):
@@ -60,7 +80,7 @@ def _lut_step(qdq) -> int:
     return max(steps, default=1)
 
 
-@pytest.mark.parametrize("name", ["cnn_ops", "multi_head"])
+@pytest.mark.parametrize("name", ["cnn_ops", "multi_head", "se_hswish_speed"])
 def test_litert_and_tflm_agree_with_onnxruntime(tmp_path, name):
     qdq, rep = _export(tmp_path, name)
     lite, tflm = rep["litert"], rep["tflm"]
@@ -101,10 +121,22 @@ def test_each_op_alone_is_within_1_lsb_of_the_reference_and_moves_exactly(tmp_pa
             assert k[rt]["max_abs_diff_lsb"] <= need, (
                 f"{name}: a {kind} op alone in {rt}: max {k[rt]['max_abs_diff_lsb']} LSB (need <= {need}), lowest "
                 f"identical share {k[rt]['min_identical_fraction']:.4f} over {k['n_ops']} ops, seed {SEED}")
+            if kind in FLOAT_STEP_KINDS:
+                assert k[rt]["min_identical_fraction"] >= 0.999, (
+                    f"{name}: a {kind} op alone in {rt}: identical {k[rt]['min_identical_fraction']:.4f} "
+                    f"(need >= 0.999), seed {SEED}")
     if name.startswith("shuffle"):
         assert {"gather", "lut_channel", "concat", "softmax"} <= set(kinds), kinds
     if name.startswith("se"):
         assert "mul" in kinds, kinds
+    if name == "se_hswish_speed":
+        assert "mean_lut" in kinds, kinds
+    if name.startswith("arith"):
+        assert kinds["add_lut"]["n_ops"] == 2, kinds
+    if name == "anchor_head":
+        assert {"add_lut", "mul", "concat"} <= set(kinds), kinds
+    if name == "reduce_axes":
+        assert kinds["avg_pool"]["n_ops"] == 3 and "transpose_nchw" in kinds, kinds
     if name == "decoder":
         assert {"pad", "resize"} <= set(kinds), kinds
 

@@ -54,7 +54,7 @@ _ARRAY_ORDER = {"conv2d": ("weights", "bias", "mult", "shift"), "conv_pool": ("w
                 "concat": ("channels", "zps", "mult", "shift"), "softmax": ("lut",),
                 "lut": ("table",), "lut_channel": ("table",), "gather": ("index",),
                 "mul": ("a_table", "b_table"), "resize": ("y0", "y1", "wy", "x0", "x1", "wx"),
-                "mean_lut": ("table",), "add_lut": ("a_table", "b_table")}
+                "mean_lut": ("table",), "add_lut": ("a_table", "b_table"), "constant": ("values",)}
 _CTYPE = {np.dtype(np.int8): "int8_t", np.dtype(np.int32): "int32_t"}
 
 KERNEL_FILES = ("ek_kernels.h", "ek_kernels.c")
@@ -128,6 +128,9 @@ def _op_call(i: int, op: Op, plan: MemoryPlan) -> str:
             return f"    /* step {i}: {_safe(op.name)}: reshape is a view (no code) */\n"
         return (f"    {{ int32_t k; for (k = 0; k < {op.attrs['size']}; ++k) {{ ({y})[k] = ({ins[0]})[k]; }} }}"
                 f" /* step {i}: reshape copy */\n")
+    if op.kind == "constant":
+        return (f"    {{ int32_t k; for (k = 0; k < {op.attrs['size']}; ++k) {{ ({y})[k] = op{i}_values[k]; }} }}"
+                f" /* step {i}: constant */\n")
     if op.kind in ("conv2d", "fully_connected"):
         fn = "ek_conv2d" if op.kind == "conv2d" else "ek_fully_connected"
         return f"    {fn}({p}, {ins[0]}, op{i}_weights, op{i}_bias, op{i}_mult, op{i}_shift, {y});\n"

@@ -23,7 +23,7 @@ CODE_BYTES = {"_requant": 178, "_call": 28, "_ldiv": 400, "_conv_row": 314, "_re
               "requantize": 58, "max_pool": 164, "avg_pool": 360, "concat": 146, "softmax": 224,
               "transpose_nchw": 74, "reshape": 0, "conv_pool": 420, "lut": 26, "lut_channel": 52, "gather": 54,
               "mul": 246, "pad": 118, "resize": 376, "mean_lut": 94,
-              "add_lut": 112}
+              "add_lut": 112, "constant": 0}
 #: bytes of one int32 field in a ``static const`` parameter struct.
 _FIELD_BYTES = 4
 

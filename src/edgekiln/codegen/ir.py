@@ -172,16 +172,20 @@ def load_qdq(model: Any, input_shapes: dict[str, tuple[int, ...]] | None = None)
 
     from edgekiln.codegen import lower, lower_island, lower_movement
     from edgekiln.codegen.fold_shapes import fold_shape_subgraphs
+    from edgekiln.models.qdq_pairs import recorded_pairs, restore_qdq_pairs
     from edgekiln.models.support import is_constant_mul
 
     if isinstance(model, str | Path):
         model = onnx.load(str(model))
+    elif recorded_pairs(model):   # NOTE: restored below, in place: not the caller's proto
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        model = copy
+    # NOTE: quantize may leave activations float where OpenVINO is faster (quant/float_pairs.py);
+    # the integer kernels need them int8: the Q/DQ pairs it recorded go back first (exact), before
+    # constant subgraphs are folded (YOLOv8n's anchor grid is folded through its Q/DQ pair)
+    restore_qdq_pairs(model)
     model = fold_shape_subgraphs(model, input_shapes)
-    # NOTE: quantize may leave a Conv's output float before a float activation (faster on OpenVINO);
-    # the integer kernels need it int8: the Q/DQ pair it recorded goes back first (exact)
-    from edgekiln.quant.fused_acts import restore_output_qdq
-
-    restore_output_qdq(model)
     g = model.graph
     inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
     for node in g.node:
@@ -255,8 +259,14 @@ def _read_input(ctx: LowerContext, vi: Any) -> None:
         down = quantized_downstream(ctx, vi.name)
         if down is None:
             _refuse_float_layer(ctx, ctx.float_consumers.get(vi.name, []))
-            raise EdgekilnError(f"graph input {vi.name!r} must feed exactly one QuantizeLinear (an int8 QDQ "
-                                "model)")
+            from onnx import TensorProto
+
+            from edgekiln.codegen.lower_island import unsupported_reader
+
+            dtype = TensorProto.DataType.Name(vi.type.tensor_type.elem_type)
+            reader = unsupported_reader(ctx, vi.name)
+            raise EdgekilnError(f"graph input {vi.name!r} ({dtype}) must feed exactly one QuantizeLinear (an int8 "
+                                f"QDQ model)" + (f"; it feeds {reader}" if reader else ""))
         qs, name = ctx.q_of[down], vi.name + "__int8"
         ctx.act_dq[vi.name] = name
     if dims[0] != 1:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekiln.codegen import lower_binary, lower_movement, lower_pointwise, lower_spatial
+from edgekiln.codegen import lower_binary, lower_movement, lower_pointwise, lower_reduce, lower_spatial
 from edgekiln.codegen.binary32 import binary32_multiplier, onnx_qlinear_scale
 from edgekiln.codegen.ir import IntGraph, LowerContext, Op, QTensor, activation_qparams
 from edgekiln.errors import EdgekilnError
@@ -43,8 +43,10 @@ def act_input(ctx: LowerContext, node: Any, i: int, *, flat_ok: bool = False) ->
     """The int8 tensor behind input ``i`` of ``node`` (a DequantizeLinear output); an error for a float path."""
     name = node.input[i]
     if name not in ctx.act_dq:
+        from edgekiln.codegen.lower_island import float_source
+
         raise EdgekilnError(f"input {name!r} of {node_label(node)} is not a dequantized int8 tensor "
-                            "(a float path in the QDQ model)")
+                            f"(a float path in the QDQ model{float_source(ctx, name)})")
     t = ctx.graph.tensors[ctx.act_dq[name]]
     if t.nchw_flatten_of is not None and not flat_ok:
         t = ctx.graph.tensors[emit_nchw_transpose(ctx, t.name)]
@@ -66,7 +68,11 @@ def act_output(ctx: LowerContext, node: Any, shape: tuple[int, ...], name_suffix
     """Register the int8 tensor the QuantizeLinear after ``node`` produces, in C layout ``shape``."""
     qs = ctx.q_of.get(node.output[0], [])
     if not qs:
-        raise EdgekilnError(f"output of {node_label(node)} is not quantized (no QuantizeLinear follows it)")
+        from edgekiln.codegen.lower_island import unsupported_reader
+
+        blocker = unsupported_reader(ctx, node.output[0])
+        raise EdgekilnError(f"output of {node_label(node)} is not quantized (no QuantizeLinear follows it)"
+                            + (f": it feeds {blocker}, which the C backend does not support" if blocker else ""))
     scale, zp = activation_qparams(ctx, qs[0])
     name = qs[0].output[0] + name_suffix
     t = QTensor(name, tuple(int(d) for d in shape), scale, zp)
@@ -238,7 +244,7 @@ def _fc(ctx: LowerContext, node: Any) -> None:
 
 
 def _add(ctx: LowerContext, node: Any) -> None:
-    if any(i in ctx.gates for i in node.input[:2]):  # a float operand: read through its table
+    if any(i in ctx.gates or i in ctx.const_dq for i in node.input[:2]):  # a float or constant operand
         lower_binary.lower_add_sub(ctx, node)
         return
     a, b = act_input(ctx, node, 0), act_input(ctx, node, 1)
@@ -322,12 +328,15 @@ def _avgpool(ctx: LowerContext, node: Any) -> None:
         lower_binary.lower_float_mean(ctx, node)
         return
     x = act_input(ctx, node, 0)
+    if node.op_type == "ReduceMean" and lower_reduce.reduce_axes(ctx, node, len(x.shape)) != [2, 3]:
+        lower_reduce.lower_reduce_mean(ctx, node, x)  # a mean over other axes (one contiguous block)
+        return
     out_shape = None
     if node.op_type in ("GlobalAveragePool", "ReduceMean"):
         if len(x.shape) != 4:
             raise EdgekilnError(f"{node_label(node)}: needs a 4-D input, got {x.shape}")
         if node.op_type == "ReduceMean":
-            out_shape = reduce_mean_hw_shape(ctx, node, x)
+            out_shape = lower_reduce.reduce_mean_hw_shape(ctx, node, x)
         geo = dict(in_h=x.shape[1], in_w=x.shape[2], channels=x.shape[3], out_h=1, out_w=1, k_h=x.shape[1],
                    k_w=x.shape[2], stride_h=1, stride_w=1, pad_top=0, pad_left=0)
         include_pad = 1
@@ -356,19 +365,6 @@ def _avgpool(ctx: LowerContext, node: Any) -> None:
         attrs=dict(geo, count_include_pad=include_pad, input_zp=x.zero_point, output_zp=y.zero_point,
                    mult=m, shift=sh),
         macs=y.size * k))
-
-
-def reduce_mean_hw_shape(ctx: LowerContext, node: Any, x: QTensor) -> tuple[int, ...]:
-    """C shape of a ReduceMean over H and W (a global average pool); an error for other axes."""
-    axes = node_attr(node, "axes", None)
-    if axes is None and len(node.input) > 1 and node.input[1]:
-        if node.input[1] not in ctx.inits:
-            raise EdgekilnError(f"{node_label(node)}: the axes must be a constant")
-        axes = np.asarray(ctx.inits[node.input[1]]).reshape(-1).tolist()
-    if axes is None or sorted(int(a) % 4 for a in axes) != [2, 3]:
-        raise EdgekilnError(f"{node_label(node)}: only ReduceMean over H and W (axes [2, 3]) is supported, got {axes}")
-    c = x.shape[3]
-    return (1, 1, 1, c) if node_attr(node, "keepdims", 1) else (1, c)
 
 
 def _reshape(ctx: LowerContext, node: Any) -> None:
@@ -416,21 +412,32 @@ def _flatten_style_reshape(ctx: LowerContext, node: Any) -> None:
 
 
 def _concat(ctx: LowerContext, node: Any) -> None:
+    """Concat along any axis: in the C layout each input is ``outer`` rows of a contiguous chunk (its
+    channels for a channel concat; a whole block for a concat along H, or along an axis of a 3-D
+    tensor), and the kernel interleaves the chunks row by row. A quantized constant input (a ViT's class
+    token) is a ``constant`` tensor (lower_binary.constant_tensor)."""
+    for name in node.input:
+        if name in ctx.const_dq and name not in ctx.act_dq:
+            ctx.act_dq[name] = lower_binary.constant_tensor(ctx, node, name)
     xs = [act_input(ctx, node, i) for i in range(len(node.input))]
     rank = len(xs[0].shape)
     axis = int(node_attr(node, "axis", 1))
     axis = axis + rank if axis < 0 else axis
-    if axis != 1 or any(len(t.shape) != rank for t in xs) or \
-            any(t.shape[:-1] != xs[0].shape[:-1] for t in xs):
-        raise EdgekilnError(f"{node_label(node)}: only channel concatenation (axis 1) of equal-size maps is supported")
-    channels = np.array([t.shape[-1] for t in xs], dtype=np.int32)
-    y = act_output(ctx, node, xs[0].shape[:-1] + (int(channels.sum()),))
+    c_axis = lower_reduce.c_axis(axis, rank)
+    if any(len(t.shape) != rank or t.shape[:c_axis] + t.shape[c_axis + 1:] !=
+           xs[0].shape[:c_axis] + xs[0].shape[c_axis + 1:] for t in xs):
+        raise EdgekilnError(f"{node_label(node)}: inputs of shapes {[t.shape for t in xs]} (C layout) differ "
+                            f"along an axis other than the concatenated one")
+    chunks = np.array([int(np.prod(t.shape[c_axis:])) for t in xs], dtype=np.int32)
+    shape = list(xs[0].shape)
+    shape[c_axis] = sum(t.shape[c_axis] for t in xs)
+    y = act_output(ctx, node, tuple(shape))
     mult, shift = _mult(np.array([t.scale / y.scale for t in xs]))
     ctx.graph.ops.append(Op(
         "concat", node.name or node.output[0], [t.name for t in xs], y.name,
-        attrs=dict(outer=int(np.prod(xs[0].shape[:-1])), out_c=int(channels.sum()), n_inputs=len(xs),
-                   output_zp=y.zero_point),
-        arrays=dict(channels=channels, zps=np.array([t.zero_point for t in xs], dtype=np.int32),
+        attrs=dict(outer=int(np.prod(xs[0].shape[:c_axis])), out_c=int(chunks.sum()), n_inputs=len(xs),
+                   output_zp=y.zero_point, axis=c_axis),
+        arrays=dict(channels=chunks, zps=np.array([t.zero_point for t in xs], dtype=np.int32),
                     mult=mult, shift=shift)))
 
 

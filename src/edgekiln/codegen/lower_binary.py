@@ -30,6 +30,8 @@ def _operand(ctx: LowerContext, node: Any, i: int) -> tuple[QTensor, np.ndarray,
     from edgekiln.codegen.lower_island import island_table
 
     name = node.input[i]
+    if name in ctx.const_dq and name not in ctx.act_dq:
+        ctx.act_dq[name] = constant_tensor(ctx, node, name)
     if name in ctx.act_dq:
         t = act_input(ctx, node, i)
         return t, np.arange(-128, 128, dtype=np.float64) - t.zero_point, t.scale, False
@@ -44,6 +46,33 @@ def _operand(ctx: LowerContext, node: Any, i: int) -> tuple[QTensor, np.ndarray,
     if not np.isfinite(g).all():
         raise EdgekilnError(f"{node_label(node)}: the float operand {name!r} is not finite on every int8 input")
     return t, g, 1.0, True
+
+
+def constant_tensor(ctx: LowerContext, node: Any, name: str) -> str:
+    """An int8 tensor holding the quantized constant ``name`` (a DequantizeLinear of an int8 initializer:
+    a detector's anchor grid), written by a ``constant`` op from flash; its C-layout name.
+
+    NOTE: a constant that varies along the channels only (or is one value) never gets here: a float
+    island folds it into a lookup table (lower_island.py); this is for one that varies per element."""
+    from edgekiln.codegen.ir import to_c_shape
+    from edgekiln.codegen.lower import node_label
+
+    q, scale, zp, _ = ctx.const_dq[name]
+    q, scale, zp = np.asarray(q), np.asarray(scale), np.asarray(zp)
+    if scale.size != 1 or zp.size != 1 or q.dtype not in (np.int8, np.uint8):
+        raise EdgekilnError(f"{node_label(node)}: constant {name!r} is not a per-tensor int8 quantized value; the C "
+                            "backend reads a constant tensor operand only as one")
+    shift = 128 if q.dtype == np.uint8 else 0  # uint8 as int8, as activation_qparams does
+    others = [len(ctx.graph.tensors[ctx.act_dq[i]].shape) for i in node.input if i in ctx.act_dq]
+    onnx_shape = (1,) * (max([q.ndim, *others]) - q.ndim) + q.shape  # numpy broadcasting aligns on the right
+    values = (q.astype(np.int32) - shift).astype(np.int8).reshape(onnx_shape)
+    if values.ndim == 4:
+        values = values.transpose(0, 2, 3, 1)
+    t = QTensor(name + "__const", to_c_shape(onnx_shape), float(scale.reshape(())), int(zp.reshape(())) - shift)
+    ctx.graph.tensors[t.name] = t
+    ctx.graph.ops.append(Op("constant", t.name, [], t.name, attrs=dict(size=t.size),
+                            arrays=dict(values=np.ascontiguousarray(values).reshape(-1))))
+    return t.name
 
 
 def _fixed(values: np.ndarray, scale: float, is_float: bool, limit: int) -> tuple[np.ndarray, float]:
@@ -64,7 +93,8 @@ def lower_float_mean(ctx: LowerContext, node: Any) -> None:
     of a HardSwish or SiLU output the speed rule left float) -> one ``mean_lut`` op:
     ``y[c] = zo + M * sum over pixels of T[q + 128]``, ``T`` the fixed-point table of ``g``,
     ``M = 2^-k / (pixels * s_y)``."""
-    from edgekiln.codegen.lower import act_output, node_label, reduce_mean_hw_shape
+    from edgekiln.codegen.lower import act_output, node_label
+    from edgekiln.codegen.lower_reduce import reduce_mean_hw_shape
 
     x, values, scale, is_float = _operand(ctx, node, 0)
     if len(x.shape) != 4:

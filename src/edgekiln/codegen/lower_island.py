@@ -75,9 +75,25 @@ def wants_island(ctx: LowerContext, node: Any) -> bool:
 
     if node.op_type not in ELEMENTWISE:
         return False
+    if node.op_type in ("Add", "Mul", "Sub") and _varies_per_element(ctx, node):
+        return False  # a constant tensor operand (lower_binary.constant_tensor), not a table
     if node.op_type in ("Add", "Mul", "Sub", "Div", "PRelu") or node.op_type not in SUPPORTED_OPS:
         return True
     return not ctx.q_of.get(node.output[0])
+
+
+def _varies_per_element(ctx: LowerContext, node: Any) -> bool:
+    """Whether a binary op of one int8 tensor has a quantized constant operand that varies along an
+    axis other than the channels (a detector's anchor grid): no per-channel table can hold it."""
+    srcs = [i for i in node.input if not _is_const(ctx, i)]
+    if len(srcs) != 1 or srcs[0] not in ctx.act_dq or not any(i in ctx.const_dq for i in node.input):
+        return False
+    x = ctx.graph.tensors[ctx.act_dq[srcs[0]]]
+    try:
+        _channels_of_constants(ctx, [node], len(x.shape), x.shape[-1] if len(x.shape) in (2, 4) else 1)
+    except EdgekilnError:
+        return True
+    return False
 
 
 def _gate_chain(ctx: LowerContext, node: Any) -> tuple[str, list[Any], str] | None:
@@ -251,3 +267,31 @@ def lower_island(ctx: LowerContext, node: Any) -> bool:
     if quantized != out:
         ctx.act_dq[out] = y.name  # the MaxPool/Transpose/... after the island (or the output) reads it
     return True
+
+
+def unsupported_reader(ctx: LowerContext, value: str) -> str:
+    """``"OpType (node 'name')"`` of the first op downstream of float ``value`` that no integer kernel
+    lowers (the reason a value stayed float, e.g. an LSTM), or ``""``."""
+    from edgekiln.codegen.ir import SUPPORTED_OPS
+    from edgekiln.codegen.lower import node_label
+
+    seen, todo = set(), [value]
+    while todo and len(seen) < 200:
+        for reader in ctx.float_consumers.get(todo.pop(0), []):
+            if reader.op_type not in (*SUPPORTED_OPS, *ELEMENTWISE, "QuantizeLinear", "DequantizeLinear"):
+                return node_label(reader)
+            if reader.output[0] not in seen:
+                seen.add(reader.output[0])
+                todo.append(reader.output[0])
+    return ""
+
+
+def float_source(ctx: LowerContext, value: str) -> str:
+    """``": computed in float by OpType (node 'name')"`` (or ``": a float constant"``) for an error about
+    float ``value``; ``""`` when nothing computes it (a graph input)."""
+    from edgekiln.codegen.lower import node_label
+
+    if value in ctx.inits:
+        return ": a float constant, not quantized"
+    producer = next((n for readers in ctx.float_consumers.values() for n in readers if value in n.output), None)
+    return f": computed in float by {node_label(producer)}" if producer is not None else ""

@@ -86,8 +86,11 @@ def avg_pool(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np
 
     NOTE: the zero point is added *before* rounding, as onnxruntime's QLinearAveragePool does
     (``nearbyintf(avg / y_scale + y_zero_point)``): with an odd zero point an exact .5 tie
-    goes to the other neighbour than ``rint(avg / y_scale) + zo`` would.
+    goes to the other neighbour than ``rint(avg / y_scale) + zo`` would. The input is read as the map
+    ``(in_h, in_w, channels)`` of the attrs, as the C kernel reads it (a ReduceMean over one axis is a
+    ``1 x R`` window over ``(outer, R, inner)``, lower_reduce.py).
     """
+    x = x.reshape(1, a["in_h"], a["in_w"], a["channels"])
     win = _windows(x[0].astype(np.int64) - a["input_zp"], a, 0)
     total = win.sum(axis=(2, 3))
     if a["count_include_pad"]:
@@ -124,9 +127,9 @@ def reshape(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.
 def concat(*args: object) -> np.ndarray:
     *xs, a, arr = args
     outs = []
-    for i, x in enumerate(xs):
-        y = mbqm(np.asarray(x, np.int64) - arr["zps"][i], arr["mult"][i], arr["shift"][i]) + a["output_zp"]
-        outs.append(_sat(y))
+    for i, x in enumerate(xs):  # each input: ``outer`` rows of its chunk (its channels, or a whole block)
+        y = mbqm(np.asarray(x, np.int64).reshape(a["outer"], -1) - arr["zps"][i], arr["mult"][i], arr["shift"][i])
+        outs.append(_sat(y + a["output_zp"]))
     return np.concatenate(outs, axis=-1)
 
 
@@ -214,11 +217,17 @@ def resize(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.n
     return _sat(div_round_half_even(acc, np.int64(1 << 30)) + a["zero_point"])[None]
 
 
+def constant(a: dict[str, int], arr: dict[str, np.ndarray]) -> np.ndarray:
+    """A quantized constant tensor (no input): its int8 values, in C layout."""
+    return arr["values"].astype(np.int8).copy()
+
+
 KERNELS: dict[str, Callable[..., np.ndarray]] = {
     "conv2d": conv2d, "fully_connected": fully_connected, "add": add, "requantize": requantize,
     "max_pool": max_pool, "avg_pool": avg_pool, "conv_pool": conv_pool, "reshape": reshape, "concat": concat,
     "softmax": softmax, "transpose_nchw": transpose_nchw, "lut": lut, "lut_channel": lut_channel,
     "gather": gather, "mul": mul, "pad": pad, "resize": resize, "mean_lut": mean_lut, "add_lut": add_lut,
+    "constant": constant,
 }
 
 

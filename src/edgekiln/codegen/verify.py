@@ -149,7 +149,7 @@ def ort_int8_outputs(model_path: Path, graph: IntGraph, q_inputs: np.ndarray,
     those Convs are integer QLinearConvs and agree with the C on 100%; but then its int8 Add and
     pooling differ from the C on ~4% of a MobileNet-style model's outputs, where the default agrees.
     """
-    from edgekiln.quant.fused_acts import integer_session
+    from edgekiln.quant.float_pairs import integer_session
 
     # NOTE: the C code implements the model with every Conv output int8 (load_qdq restores the Q/DQ
     # pairs quantize left out for OpenVINO): onnxruntime runs that same model as the reference

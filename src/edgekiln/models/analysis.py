@@ -153,6 +153,8 @@ def analyze(model: Any, input_shapes: Mapping[str, Shape] | None = None, *,
     import onnx
 
     proto, model_bytes, label = _load(model)
+    if precision == "int8":
+        proto = _as_integer_model(proto)
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in inits]
@@ -290,6 +292,21 @@ def _qdq_aliases(graph: Any, constants: set[str], graph_outputs: set[str],
 
 
 # --- loading and input shapes ------------------------------------------------------------
+
+def _as_integer_model(proto: Any) -> Any:
+    """``proto`` with the Q/DQ pairs an int8 form left out for a runtime's sake put back
+    (:mod:`edgekiln.models.qdq_pairs`): deployed as int8, those activations are int8 too."""
+    from edgekiln.models.qdq_pairs import recorded_pairs, restore_qdq_pairs
+
+    if not recorded_pairs(proto):
+        return proto
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    restore_qdq_pairs(copy)
+    return copy
+
 
 def _load(model: Any) -> tuple[Any, int, str]:
     """(proto, serialized size in bytes, label for messages)."""

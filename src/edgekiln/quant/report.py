@@ -77,13 +77,15 @@ def runtime_table(fp32: Path, quant: Path, *, runs: int, warmup: int,
     return list(rows.values())
 
 
-def speed_verdict(runtimes: list[dict[str, Any]]) -> dict[str, Any] | None:
+def speed_verdict(runtimes: list[dict[str, Any]], floor_db: float | None = None) -> dict[str, Any] | None:
     """The quantized model on its fastest runtime against FP32 on FP32's fastest runtime (the
     comparison users care about: what they would ship either way), in CPU time per call when every
     row has it (one-thread runtimes: the latency on an idle core, unmoved by other processes),
     else wall time.
 
-    Only runtimes whose ``sqnr_db`` is within ``SQNR_SLACK_DB`` of the best runtime's compete.
+    Only runtimes whose ``sqnr_db`` is within ``SQNR_SLACK_DB`` of the best runtime's compete, or at
+    least ``floor_db`` where that is lower (the bar the quantize pass chose its form with: the default
+    int8 form's SQNR minus ``SQNR_SLACK_DB``).
 
     >>> v = speed_verdict([{"runtime": "a", "fp32_p50": 2.0, "p50": 1.5}, {"runtime": "b", "fp32_p50": 1.0, "p50": 1.2}])
     >>> v["runtime"], v["fp32_runtime"], round(v["ratio"], 2), v["faster"], v["clock"]
@@ -91,6 +93,9 @@ def speed_verdict(runtimes: list[dict[str, Any]]) -> dict[str, Any] | None:
     >>> speed_verdict([{"runtime": "a", "fp32_p50": 2.0, "p50": 0.5, "sqnr_db": 15.0},
     ...                {"runtime": "b", "fp32_p50": 1.0, "p50": 0.8, "sqnr_db": 30.0}])["runtime"]
     'b'
+    >>> speed_verdict([{"runtime": "a", "fp32_p50": 2.0, "p50": 0.5, "sqnr_db": 15.0},
+    ...                {"runtime": "b", "fp32_p50": 1.0, "p50": 0.8, "sqnr_db": 30.0}], floor_db=14.0)["runtime"]
+    'a'
     """
     measured = [r for r in runtimes if "p50" in r]
     floats = [r for r in runtimes if "fp32_p50" in r]
@@ -98,7 +103,8 @@ def speed_verdict(runtimes: list[dict[str, Any]]) -> dict[str, Any] | None:
         return None
     best_sqnr = max((r["sqnr_db"] for r in measured if "sqnr_db" in r), default=None)
     if best_sqnr is not None:   # NOTE: a runtime is a candidate only where the int8 model's accuracy holds
-        measured = [r for r in measured if r.get("sqnr_db", float("-inf")) >= best_sqnr - SQNR_SLACK_DB]
+        bar = best_sqnr - SQNR_SLACK_DB if floor_db is None else min(best_sqnr - SQNR_SLACK_DB, floor_db)
+        measured = [r for r in measured if r.get("sqnr_db", float("-inf")) >= bar]
     clock = "cpu" if all("cpu_p50" in r for r in measured) and all("fp32_cpu_p50" in r for r in floats) else "wall"
     qk, fk = ("cpu_p50", "fp32_cpu_p50") if clock == "cpu" else ("p50", "fp32_p50")
     q = min(measured, key=lambda r: r[qk])
@@ -106,6 +112,11 @@ def speed_verdict(runtimes: list[dict[str, Any]]) -> dict[str, Any] | None:
     ratio = q[qk] / f[fk]
     return {"runtime": q["runtime"], "p50": q[qk], "fp32_runtime": f["runtime"], "fp32_p50": f[fk],
             "ratio": ratio, "faster": ratio < 1.0, "clock": clock}
+
+
+def accuracy_floor(res: Any) -> float | None:
+    """The SQNR bar the quantize pass chose its int8 form with (``speed["accuracy_floor_db"]``), if any."""
+    return (getattr(res, "speed", None) or {}).get("accuracy_floor_db")
 
 
 DIVERGENCE_SAMPLES = 16   # inputs the per-layer localization runs (each through every prefix model)
@@ -229,7 +240,7 @@ def write_quantize_report(out: Path, *, scheme: str, metric_name: str, fp32: Pat
         "kept_float": res.kept_float, "sensitivity": res.sensitivity, "attempts": res.attempts,
         "calibration": res.calibration, "parity": parity_result, "config": config,
         "rewrites": getattr(res, "rewrites", {}), "adaround": getattr(res, "adaround", {}),
-        "speed": getattr(res, "speed", {}), "speed_verdict": speed_verdict(runtimes), "time_profile": profile,
+        "speed": getattr(res, "speed", {}), "speed_verdict": speed_verdict(runtimes, accuracy_floor(res)), "time_profile": profile,
         "byte_breakdown": byte_breakdown(res.path),
     }
     plot = _sensitivity_plot(out, res.sensitivity)
@@ -306,7 +317,9 @@ def write_quantize_report(out: Path, *, scheme: str, metric_name: str, fp32: Pat
 
 
 _FORM_LABELS = {"on": "int8, speed rule", "off": "int8, no speed rule", "uint8": "uint8 activations",
-                "fused": "int8, speed rule, Conv outputs before float activations left float"}
+                "fused": "int8, speed rule, Conv outputs before float activations left float",
+                "inputs": "int8 only where a Conv/MatMul/Gemm reads (NNCF's placement), outputs float",
+                "inputs_uint8": "uint8 only where a Conv/MatMul/Gemm reads (NNCF's placement), outputs float"}
 
 
 def _speed_lines(sp: dict[str, Any]) -> list[str]:

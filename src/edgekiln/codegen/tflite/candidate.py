@@ -26,7 +26,7 @@ def litert_candidate(qdq_path: str | Path, out_dir: str | Path, feed: Mapping[st
     from edgekiln.codegen.tflite.writer import write_tflite
     from edgekiln.execution.ort import error_line
     from edgekiln.execution.runtimes import available_runtimes, load_session
-    from edgekiln.quant.fused_acts import integer_session
+    from edgekiln.quant.float_pairs import integer_session
 
     reason = available_runtimes().get("litert")
     if reason:

@@ -84,10 +84,17 @@ def _tflm(tflite_path: str | Path, arena_size: int | None) -> tuple[Any, list[di
     from tflite_micro.python.tflite_micro import runtime
 
     data = Path(tflite_path).read_bytes()
-    # NOTE: a generous arena on purpose; the arena *size* is measured separately, in child
-    # processes, by edgekiln.codegen.tflite.tflm.tflm_arena (a too-small arena can crash the process).
-    it = runtime.Interpreter.from_bytes(data, arena_size=arena_size or max(1 << 20, 10 * len(data)))
-    sg = runtime.convert_bytearray_to_object(bytearray(data)).subgraphs[0]
+    model = runtime.convert_bytearray_to_object(bytearray(data))
+    sg = model.subgraphs[0]
+    # NOTE: a generous arena on purpose (every non-constant tensor, live or not, plus room for TFLM's
+    # own allocations); the arena *size* is measured separately, in child processes, by
+    # edgekiln.codegen.tflite.tflm.tflm_arena (a too-small arena can crash the process).
+    width = {0: 4, 2: 4, 3: 1, 7: 2, 9: 1}  # TensorType FLOAT32, INT32, UINT8, INT16, INT8; else 8
+    activations = sum(int(np.prod(t.shape if t.shape is not None else [1])) * width.get(t.type, 8)
+                      for t in sg.tensors if not (model.buffers[t.buffer].data is not None
+                                                  and len(model.buffers[t.buffer].data)))
+    it = runtime.Interpreter.from_bytes(data, arena_size=arena_size or max(1 << 20, 10 * len(data),
+                                                                           2 * activations + (1 << 20)))
     ins = []
     for i in range(len(sg.inputs)):
         d = it.get_input_details(i)
@@ -166,9 +173,9 @@ def run_tflm(tflite_path: str | Path, x: Batch, *,
 
 def run_ort_int8(qdq_onnx_path: str | Path, x: Batch, out_q: list[dict[str, Any]]) -> list[np.ndarray]:
     """onnxruntime on the QDQ model (1 thread), each float output put back on its int8 output grid."""
-    from edgekiln.quant.fused_acts import integer_session
+    from edgekiln.quant.float_pairs import integer_session
 
-    sess = integer_session(qdq_onnx_path)   # NOTE: as the integer graph implements it (quant/fused_acts.py)
+    sess = integer_session(qdq_onnx_path)   # NOTE: as the integer graph implements it (quant/float_pairs.py)
     xs = _as_list(x)
     names = [i.name for i in sess.get_inputs()]
     if len(names) != len(xs):

@@ -1,5 +1,6 @@
 """TFLite lowering of the IR's data movement: ``gather`` (Reshape/Transpose/Slice/Split/channel
-shuffle ... lowered by :mod:`edgekiln.codegen.lower_movement` to one index table).
+shuffle ... lowered by :mod:`edgekiln.codegen.lower_movement` to one index table), and ``constant``
+(a quantized constant tensor, lower_binary.py), which is a constant buffer in the ``.tflite``.
 
 The IR kernel is ``out[p * out_c + j] = in[p * in_c + index[j]]`` for ``p < pixels``; in TFLite that
 is ``RESHAPE (pixels, in_c) -> GATHER(index, axis 1) -> RESHAPE`` to the output shape, moving the
@@ -44,7 +45,15 @@ def gather(low: Lowering, op: Any) -> None:
     low.reshape_to(moved, low.act(y.name), y.shape, op.name + "/out")
 
 
+def constant(low: Lowering, op: Any) -> None:
+    """A quantized constant tensor (an anchor grid, a class token): a constant int8 buffer, no operator."""
+    y = low.ir.tensors[op.output]
+    low.ids[y.name] = low.g.add_tensor(y.name, y.shape, np.int8, data=np.asarray(op.arrays["values"]).reshape(y.shape),
+                                       scale=np.float32(y.scale), zero_point=y.zero_point)
+
+
 #: IR kind -> (lowering function, the TFLite ops it writes), merged into the writer's table.
 KINDS = {
     "gather": (gather, "RESHAPE + GATHER + RESHAPE (the exact index table)"),
+    "constant": (constant, "a constant int8 tensor (no operator)"),
 }

@@ -30,7 +30,7 @@ def per_op_agreement(graph: IntGraph, xq: np.ndarray | list[np.ndarray], *, runt
     Each op is written as its own ``.tflite`` (its operands are the inputs) and run on the
     reference's values of its operands for every sample of ``xq`` (one int8 batch in C layout per
     graph input, :func:`~edgekiln.codegen.tflite.check.graph_input_int8`). An op reading one tensor twice
-    is skipped (a ``.tflite`` cannot list an input twice).
+    is skipped (a ``.tflite`` cannot list an input twice), and so is a ``constant`` (nothing to run).
     """
     from edgekiln.codegen.tflite.check import reference_values, run_litert_int8, run_tflm_int8
     from edgekiln.codegen.tflite.writer import to_tflite_bytes
@@ -40,7 +40,7 @@ def per_op_agreement(graph: IntGraph, xq: np.ndarray | list[np.ndarray], *, runt
     rows = []
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         for i, op in enumerate(graph.ops):
-            if len(set(op.inputs)) != len(op.inputs):
+            if len(set(op.inputs)) != len(op.inputs) or not op.inputs:  # a constant has no op to run
                 continue
             one = IntGraph(tensors=graph.tensors, ops=[op], input=op.inputs[0], output=op.output,
                            onnx_input_name="x", onnx_input_shape=(), onnx_output_shape=())

@@ -10,6 +10,8 @@
   the IR's source coordinates are one of its modes (half-pixel centers, aligned corners, or
   neither); its int8 kernel weights in its own fixed point, so it may differ from the IR's Q15
   one-rounding kernel by 1 LSB.
+* an ``avg_pool`` whose window covers whole axes (a global pool, a ReduceMean over any axes,
+  :mod:`edgekiln.codegen.lower_reduce`) is MEAN over those axes (:func:`mean`), which requantizes once.
 
 >>> from edgekiln.codegen.ir import IntGraph, Op, QTensor
 >>> from edgekiln.codegen.tflite.schema import op_names, read_model
@@ -114,6 +116,27 @@ def resize(low: Lowering, op: Any) -> None:
     size = low.g.add_tensor(op.name + "/size", (2,), np.int32, data=np.array([a["out_h"], a["out_w"]], np.int32))
     low.op("RESIZE_BILINEAR", [low.act(x.name), size], [low.act(op.output)],
            options("ResizeBilinearOptions", **flags))
+
+
+def mean(low: Lowering, op: Any, axes: list[int]) -> None:
+    """An average pool whose window covers whole axes of the map ``(1, in_h, in_w, channels)`` (a
+    global pool, a ReduceMean) as MEAN over those axes, which requantizes once; the IR tensors
+    are viewed as that map and back (RESHAPE, a no-op in memory) where their shapes differ."""
+    a = op.attrs
+    x, y = low.ir.tensors[op.inputs[0]], low.ir.tensors[op.output]
+    src, dst = low.act(x.name), low.act(y.name)
+    view = (1, a["in_h"], a["in_w"], a["channels"])
+    if tuple(x.shape) != view:
+        src = low.temp(op.name + "/as_map", view, x.scale, x.zero_point)
+        low.reshape_to(low.act(x.name), src, view, op.name + "/as_map")
+    pooled = (1, a["out_h"], a["out_w"], a["channels"])
+    keep = len(y.shape) == 4  # a ReduceMean with keepdims=0 over H, W gives (1, C)
+    if tuple(y.shape) != (pooled if keep else (1, a["channels"])):
+        dst, keep = low.temp(op.name + "/mean", pooled, y.scale, y.zero_point), True
+    at = low.g.add_tensor(op.name + "/axes", (len(axes),), np.int32, data=np.array(axes, np.int32))
+    low.op("MEAN", [src, at], [dst], options("ReducerOptions", keepDims=keep))
+    if dst != low.act(y.name):
+        low.reshape_to(dst, low.act(y.name), y.shape, op.name + "/out")
 
 
 #: IR kind -> (lowering function, the TFLite ops it writes), merged into the writer's table.

@@ -14,14 +14,15 @@ ONNX model), which is already in TFLite's layout:
 The float32 weight scales TFLite stores come from the IR op's ``weight_scale`` (export-time
 metadata the lowering keeps next to the requantization multipliers, :func:`weight_scales`).
 
-Where TFLite kernels demand equal input/output quantization (concatenation inputs, pooling) or a
-fixed one (int8 softmax output: scale 1/256, zero point -128), a requantization is inserted, as
-DEQUANTIZE -> QUANTIZE through float32 (see :meth:`Lowering.requantize_to`); global average
-pooling is written as MEAN, which requantizes itself.
+Where TFLite kernels demand equal input/output quantization (concatenation inputs, pooling), a
+requantization is inserted, as DEQUANTIZE -> QUANTIZE through float32 (see
+:meth:`Lowering.requantize_to`); an average over whole axes (global pooling, ReduceMean) is
+written as MEAN, which requantizes itself.
 
 The kinds this module writes are :class:`Lowering` methods; those that take several TFLite ops
-live in sibling modules, one function per kind: :mod:`.elementwise` (lookup tables, ``mul``),
-:mod:`.movement` (``gather``), :mod:`.spatial` (``pad``, ``resize``). Every form is checked op by
+live in sibling modules, one function per kind: :mod:`.elementwise` (lookup tables, ``mul``,
+``add_lut``, ``mean_lut``, ``softmax``), :mod:`.movement` (``gather``, ``constant``), :mod:`.spatial`
+(``pad``, ``resize``, MEAN). Every form is checked op by
 op against the integer reference in LiteRT and TFLM (:mod:`.per_op`).
 
 >>> from edgekiln.codegen.ir import load_qdq
@@ -50,7 +51,7 @@ SUPPORTED_KINDS = {
     "conv2d": "CONV_2D, DEPTHWISE_CONV_2D, or SPLIT + CONV_2D per group + CONCATENATION (after a PAD when pads are "
               "not SAME)", "fully_connected": "FULLY_CONNECTED", "add": "ADD",
     "max_pool": "MAX_POOL_2D", "avg_pool": "AVERAGE_POOL_2D or MEAN", "reshape": "RESHAPE",
-    "concat": "CONCATENATION", "softmax": "SOFTMAX", "requantize": "DEQUANTIZE + QUANTIZE / RELU / RELU6",
+    "concat": "CONCATENATION", "requantize": "DEQUANTIZE + QUANTIZE / RELU / RELU6",
     "transpose_nchw": "RESHAPE + TRANSPOSE + RESHAPE",
     **{kind: ops for kind, (_, ops) in (elementwise.KINDS | movement.KINDS | spatial.KINDS).items()},
 }
@@ -135,26 +136,33 @@ class Lowering:
         :data:`BANDS` bands along H, the body per band, CONCATENATION back: the temporaries shrink
         to one band's, for two cheap copies. Small tensors go through in one piece.
         """
-        h = shape[1] if len(shape) == 4 else 1
-        if h < 2 or int(np.prod(shape)) < BAND_MIN_ELEMENTS:
+        parts_in = self.split_rows(src, shape, name)
+        if len(parts_in) == 1:
             body(src, dst, shape)
             return
+        ys = self.g.tensors[dst]
+        parts_out = []
+        for i, a in enumerate(parts_in):
+            parts_out.append(self.g.add_tensor(f"{name}/band{i}_out", self.g.tensors[a].shape, np.dtype(ys.dtype),
+                                               scale=ys.scale, zero_point=ys.zero_point))
+            body(a, parts_out[-1], tuple(self.g.tensors[a].shape))
+        self.concatenate(parts_out, dst, axis=1, name=name)
+
+    def split_rows(self, src: int, shape: tuple[int, ...], name: str) -> list[int]:
+        """``src`` cut into up to :data:`BANDS` bands of rows (SPLIT_V along H), or ``[src]`` when it
+        is small or has one row (see :meth:`in_bands`)."""
+        h = shape[1] if len(shape) == 4 else 1
+        if h < 2 or int(np.prod(shape)) < BAND_MIN_ELEMENTS:
+            return [src]
         k = min(BANDS, h)
         rows = [h // k + (1 if i < h % k else 0) for i in range(k)]
-        xs, ys = self.g.tensors[src], self.g.tensors[dst]
-        parts_in, parts_out = [], []
-        for i, r in enumerate(rows):
-            band = (shape[0], r, *shape[2:])
-            parts_in.append(self.g.add_tensor(f"{name}/band{i}", band, np.dtype(xs.dtype), scale=xs.scale,
-                                              zero_point=xs.zero_point))
-            parts_out.append(self.g.add_tensor(f"{name}/band{i}_out", band, np.dtype(ys.dtype), scale=ys.scale,
-                                               zero_point=ys.zero_point))
+        xs = self.g.tensors[src]
+        parts = [self.g.add_tensor(f"{name}/band{i}", (shape[0], r, *shape[2:]), np.dtype(xs.dtype), scale=xs.scale,
+                                   zero_point=xs.zero_point) for i, r in enumerate(rows)]
         sizes = self.g.add_tensor(name + "/band_rows", (k,), np.int32, data=np.array(rows, np.int32))
         axis = self.g.add_tensor(name + "/band_axis", (), np.int32, data=np.array(1, np.int32))
-        self.op("SPLIT_V", [src, sizes, axis], parts_in, options("SplitVOptions", numSplits=k))
-        for a, b in zip(parts_in, parts_out, strict=True):
-            body(a, b, tuple(self.g.tensors[a].shape))
-        self.concatenate(parts_out, dst, axis=1, name=name)
+        self.op("SPLIT_V", [src, sizes, axis], parts, options("SplitVOptions", numSplits=k))
+        return parts
 
     def requantize_to(self, src: int, name: str, shape: tuple[int, ...], scale: float, zp: int,
                       dst: int | None = None) -> int:
@@ -349,12 +357,14 @@ class Lowering:
 
     def avg_pool(self, op: Any) -> None:
         a = op.attrs
-        if a["out_h"] == 1 and a["out_w"] == 1 and a["k_h"] == a["in_h"] and a["k_w"] == a["in_w"] \
-                and a["pad_top"] == 0 and a["pad_left"] == 0:
-            axes = self.g.add_tensor(op.name + "/axes", (2,), np.int32, data=np.array([1, 2], np.int32))
-            keep = len(self.ir.tensors[op.output].shape) == 4  # a ReduceMean with keepdims=0 gives (1, C)
-            self.op("MEAN", [self.act(op.inputs[0]), axes], [self.act(op.output)],
-                    options("ReducerOptions", keepDims=keep))
+        unpadded = a["pad_top"] == 0 and a["pad_left"] == 0
+        whole = [axis for axis, (o, i, k) in ((1, ("out_h", "in_h", "k_h")), (2, ("out_w", "in_w", "k_w")))
+                 if a[o] == 1 and a[k] == a[i]]
+        kept = all(a[k] == 1 and a[s] == 1 and a[o] == a[i] for o, i, k, s in
+                   (("out_h", "in_h", "k_h", "stride_h"), ("out_w", "in_w", "k_w", "stride_w"))
+                   if (1 if o == "out_h" else 2) not in whole)
+        if unpadded and whole and kept:
+            spatial.mean(self, op, whole)
             return
         # NOTE: TFLite's average divides by the window's count of input elements, as ONNX's
         # count_include_pad=0 does, so SAME padding matches it, and other pads (ceil_mode) cannot be
@@ -393,7 +403,7 @@ class Lowering:
                 # NOTE: TFLite int8 concatenation needs every input on the output's grid.
                 src = self.requantize_to(src, f"{n}/to_{op.name}", t.shape, y.scale, y.zero_point)
             ins.append(src)
-        self.concatenate(ins, self.act(y.name), axis=len(y.shape) - 1, name=op.name)
+        self.concatenate(ins, self.act(y.name), axis=op.attrs.get("axis", len(y.shape) - 1), name=op.name)
 
     def concatenate(self, ins: list[int], dst: int, *, axis: int, name: str) -> None:
         """CONCATENATION of ``ins`` (same quantization as ``dst``), in groups TFLM accepts.
@@ -412,17 +422,6 @@ class Lowering:
             self.op("CONCATENATION", group, [part], options("ConcatenationOptions", axis=axis))
             ins = [part, *ins]
         self.op("CONCATENATION", ins, [dst], options("ConcatenationOptions", axis=axis))
-
-    def softmax(self, op: Any) -> None:
-        y = self.ir.tensors[op.output]
-        opts = options("SoftmaxOptions", beta=1.0)
-        if abs(y.scale * 256 - 1) < 1e-6 and y.zero_point == -128:
-            self.op("SOFTMAX", [self.act(op.inputs[0])], [self.act(y.name)], opts)
-            return
-        # NOTE: int8 SOFTMAX in TFLite/TFLM only produces scale 1/256, zero point -128.
-        tmp = self.temp(op.output + "/softmax", y.shape, 1.0 / 256, -128)
-        self.op("SOFTMAX", [self.act(op.inputs[0])], [tmp], opts)
-        self.requantize_to(tmp, op.output + "/softmax", y.shape, y.scale, y.zero_point, self.act(y.name))
 
     def requantize(self, op: Any) -> None:
         x, y = self.ir.tensors[op.inputs[0]], self.ir.tensors[op.output]
