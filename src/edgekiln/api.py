@@ -64,7 +64,8 @@ def inspect(model: PathLike, *, input_shapes: Shapes = None, out: PathLike | Non
     >>> a.macs, a.params
     (2736, 1490)
     """
-    from edgekiln.models.analysis import analyze, plot_analysis, render_markdown
+    from edgekiln.models.analysis import analyze
+    from edgekiln.models.analysis_report import plot_analysis, render_markdown
     from edgekiln.models.run_folder import RunFolder
 
     art = load(model, input_shapes=input_shapes, work_dir=RunFolder(out).work_dir / "model" if out else None)

@@ -42,7 +42,7 @@ def _print_rich(analysis, label: str) -> None:  # noqa: ANN001 - ModelAnalysis, 
     from rich.table import Table
     from rich.text import Text
 
-    from edgekiln.models.analysis import human_bytes, human_count
+    from edgekiln.models.analysis_report import human_bytes, human_count
 
     a = analysis
     table = Table(title=f"{label}: layers", show_lines=False)

@@ -12,7 +12,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgekiln.errors import EdgekilnError
-from edgekiln.models.analysis import analyze, render_markdown
+from edgekiln.models.analysis import analyze
+from edgekiln.models.analysis_report import render_markdown
 from edgekiln.models.support import unsupported_ops
 
 SEED = 0
