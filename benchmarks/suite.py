@@ -41,6 +41,7 @@ def _cases() -> dict[str, Callable[[Path, bool], CaseResult]]:
         cases_early_exit,
         cases_federated,
         cases_fleet,
+        cases_optimize_corpus,
         cases_optimize_minilm,
         cases_quant,
         cases_scoreboard,
@@ -64,6 +65,7 @@ def _cases() -> dict[str, Callable[[Path, bool], CaseResult]]:
         "federated": cases_federated.federated,
         "corpus": cases_corpus.run_corpus,
         "scoreboard": cases_scoreboard.scoreboard,
+        "optimize_corpus": cases_optimize_corpus.optimize_corpus,
     }
 
 

@@ -19,7 +19,8 @@ def optimize_command(
     input_shape: list[str] = input_shape_option(),
     calib: str = typer.Option(None, "--calib", help="Calibration data (.npz with x)."),
     eval_: str = typer.Option(None, "--eval", help="Evaluation data (.npz with x, y)."),
-    metric: str = typer.Option(None, "--metric", help="accuracy | cosine | sqnr | module:function"),
+    metric: str = typer.Option(None, "--metric", help="accuracy | cosine | sqnr | module:function (default: "
+                               "accuracy when --eval holds labels y, else cosine against the input model)."),
     target: str = typer.Option(None, "--target", help="Device profile name or YAML file (see `edgekiln targets`)."),
     max_drop: float = typer.Option(None, "--max-drop", help="Largest allowed metric drop, in its units (0.01 = 1 point)."),
     max_latency_ms: float = typer.Option(None, "--max-latency-ms", help="Latency budget on the target (ms)."),
@@ -55,6 +56,12 @@ def optimize_command(
         ("ray_address", address)) if value is not None}
     rec = make_recipe(model, recipe=base, target=target, calib=calib, eval=eval_, metric=metric,
                       input_shapes=input_shape or None, constraints=constraints, search=search)
+    if not quiet:
+        from edgekiln.search.optimize import chosen_metric
+
+        note = chosen_metric(rec)[1]
+        if note:
+            print(note, flush=True)
     result = _run(optimize, rec, out, resume, quiet)
     _print_summary(result, rec)
 
@@ -74,7 +81,7 @@ def _run(optimize, rec, out, resume, quiet):  # noqa: ANN001, ANN202 - thin prog
             lat = f" {c.latency_ms_host:.3g} ms" if c.latency_ms_host is not None else ""
             if not quiet:
                 bar.console.print(f"trial #{c.number} {c.label}: {status}{lat}, drop {_num(c.drop)} ({c.seconds:.0f} s)"
-                                  + (f" — {c.error[:100]}" if c.error else ""))
+                                  + (f" — {c.error[:240]}" if c.error else ""))
             bar.update(task, advance=1, description="next trial running")
 
         try:
@@ -110,12 +117,17 @@ def _print_summary(result, rec) -> None:  # noqa: ANN001
         import json
 
         v = json.loads(versus.read_text()).get("vs_fp32") or {}
-        if v.get("selected_is_fp32"):
+        if v.get("selected_is_fp32") and v.get("faster_here"):
+            console.print(f"FP32 is kept: trial(s) {', '.join(map(str, v['faster_here']))} ran faster than FP32 here "
+                          f"within the budget, but FP32 ranks first on {rec.target}'s latency, then accuracy "
+                          "(why: report.md)")
+        elif v.get("selected_is_fp32"):
             console.print("no candidate is faster than FP32 within the budget: FP32 is kept (why: report.md)")
         elif v.get("speedup"):
             console.print(f"selected: {v['speedup']:.2f}x the speed of FP32 on this machine")
     if result.exhausted:
-        console.print(f"the search space holds {len(result.candidates)} distinct pipeline(s): every one was tried")
+        console.print(f"the search space holds {sum(not c.budget_round for c in result.candidates)} distinct "
+                      "pipeline(s): every one was tried")
     console.print(f"report: {result.out_dir / 'report.md'} (also report.html, report.json); "
                   f"model: {result.out_dir / 'model.onnx'}")
 

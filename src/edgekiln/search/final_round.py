@@ -18,7 +18,8 @@ from typing import Any
 from edgekiln.search.selection import beats_fp32, select_best
 from edgekiln.search.trial import Candidate, score_on_fastest, violations
 
-FINALISTS = 4      # at most this many candidates are timed again
+FINALISTS = 6      # at most this many candidates are timed again (the default CNN space holds 5 pipelines,
+#                    the transformer one 6: each is then compared with FP32 side by side)
 WITHIN = 1.0       # ... those up to 2x the fastest feasible trial's host latency (at 1.5x, the MiniLM
 #                    search left out two static int8 trials that its noise had timed 1.6-1.8x slower)
 PER_ROUND = 5      # calls of one model on one runtime before the next takes its turn
@@ -41,12 +42,17 @@ def retime(cands: Sequence[Candidate], *, runs: int, warmup: int, host_is_target
     ``runtimes``, host latencies and, when the host is the target, target latency and latency
     constraint, in place. A candidate whose fastest runtime changed is scored again on the new
     one (``payload`` holds the trial payload's ``eval``, ``metric``, ``reference``,
-    ``baseline_metric`` and ``constraints``)."""
+    ``baseline_metric``, ``constraints`` and ``artifact``, whose inputs give the shapes to time).
+
+    NOTE: timed at the input shapes the intake resolved, as in the trials: without them a model with
+    dynamic H/W (MTCNN P-Net) could not be fed, every pair was dropped, and the selection silently
+    used trial times taken minutes apart."""
     from edgekiln.execution.feeds import random_feeds, specs_from_session
     from edgekiln.execution.runtimes import REAL, available_runtimes, load_session, skip_reason
     from edgekiln.execution.timing import latency_stats, time_round_robin
 
     unavailable = available_runtimes()
+    shapes = {i["name"]: tuple(i["shape"]) for i in (payload.get("artifact") or {}).get("inputs", [])} or None
     calls: dict[tuple[int, str], Callable[[], Any]] = {}
     skipped: dict[int, list[dict[str, Any]]] = {c.number: [] for c in cands}
     for c in cands:
@@ -55,8 +61,8 @@ def retime(cands: Sequence[Candidate], *, runs: int, warmup: int, host_is_target
             reason = skip_reason(name, path, unavailable)
             if reason is None:
                 try:
-                    session = load_session(path, name, threads=1)
-                    feeds = random_feeds(specs_from_session(session))
+                    session = load_session(path, name, threads=1, input_shapes=shapes)
+                    feeds = random_feeds(specs_from_session(session, shapes))
                     session.run(feeds)
                 except Exception as exc:  # noqa: BLE001 - a runtime refusing a model only drops that pair
                     reason = f"{type(exc).__name__}: {exc}"[:200]

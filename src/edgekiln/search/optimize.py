@@ -10,6 +10,7 @@ SQLite in the output folder, so ``--resume`` continues where an interrupted sear
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -26,11 +27,13 @@ from edgekiln.search.final_round import final_selection
 from edgekiln.search.recipe import Recipe
 from edgekiln.search.selection import HOST_LATENCY_NOISE, beats_fp32, pareto_front, select_best
 from edgekiln.search.space import pipeline_key
-from edgekiln.search.trial import Candidate, keep_artifact, payload_key, run_trial
+from edgekiln.search.trial import Candidate, keep_artifact, payload_key
 
 MIN_SHARES, MAX_SHARES = 3, 6   # one trial may take 1/3 .. 1/6 of --timeout (1/6 from 6 trials on)
 WRAP_UP_SHARE = 10   # the last 1/WRAP_UP_SHARE of --timeout is kept for a stopped trial's wrap-up and the final round
 DISTINCT_DRAWS = 64  # draws per trial before a repeat is accepted (only in spaces too large to list)
+HARD_GRACE_S = 10.0  # at least this long past its own limit before a trial's worker is stopped (measuring
+#                     after the last clock check takes seconds)
 BATCH = 4            # trials asked per round; fixed so parallel and serial runs see the same proposals
 STUDY_NAME = "edgekiln-optimize"
 
@@ -77,6 +80,12 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
     for label, path in (("--calib", calib), ("--eval", evals)):
         if path and not Path(path).is_file():
             raise EdgekilnError(f"{path}: {label} file not found")
+    recipe = dataclasses.replace(recipe, metric=chosen_metric(recipe)[0])
+    if recipe.metric == "sqnr" and recipe.constraints.max_drop is not None:
+        # NOTE: the input model's SQNR against itself is unbounded (~240 dB as computed), so every
+        # candidate's "drop" would be ~200 dB and the budget meaningless.
+        raise EdgekilnError("--metric sqnr cannot take --max-drop (the input model's SQNR against itself is "
+                            "unbounded); use --metric cosine, or accuracy with labels 'y' in --eval")
     artifact = load_model(recipe.model, input_shapes=parse_shapes(recipe.input_shape),
                           data={"calib": calib, "eval": evals}, work_dir=out / "work" / "input")
     input_sha = sha256_file(artifact.path)
@@ -151,6 +160,10 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
                     break
                 for p in group:
                     p["time_limit_s"] = _trial_limit(recipe, deadline)
+                    # NOTE: the worker is stopped half-way into the wrap-up time if the trial is still in a
+                    # step that never looks at its clock (executors.py); the rest is the final round's.
+                    p["hard_limit_s"] = p["time_limit_s"] + max(_wrap_up(recipe) / 2, HARD_GRACE_S) \
+                        if p["time_limit_s"] else None
                 for cand in _execute(out, group, input_sha, recipe):
                     t = asked.pop(cand.number)
                     t.set_user_attr("candidate", cand.to_dict())
@@ -169,6 +182,10 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
                 break
     except KeyboardInterrupt:
         interrupted = True
+    notes: list[str] = []
+    if not interrupted and fp32_competes and not recipe.passes:
+        interrupted = _budget_round(out, recipe, deadline, candidates, baseline, base_payload, input_sha, tolerance,
+                                    len(study.trials), notes, on_trial)
     if interrupted:
         stop = "interrupted (Ctrl-C)"
     best = select_best(selectable(candidates), recipe.prefer, tolerance)
@@ -181,11 +198,79 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
     front = pareto_front([c for c in candidates if c.metric is not None] + [baseline])
     write_optimize_report(out, recipe, profile, baseline, candidates, best,
                           model=_selected_artifact(artifact, best, out, run_data), partial=interrupted,
-                          exhausted=exhausted, stop=stop)
+                          exhausted=exhausted, stop=stop, notes=notes)
     result = OptimizeResult(best, baseline, candidates, front, out, interrupted, exhausted, stop)
     if best is None and not interrupted:
         raise BudgetNotMet(_no_fit_message(candidates, baseline))
     return result
+
+
+def _budget_round(out: Path, recipe: Recipe, deadline: float | None, candidates: list[Candidate], baseline: Candidate,
+                  base_payload: dict[str, Any], input_sha: str, tolerance: float, number: int, notes: list[str],
+                  on_trial: Callable[[Candidate], None] | None) -> bool:
+    """Run the budget round (search/budget_round.py) if it is due, appending its candidate or, in
+    ``notes``, why it did not run; True when Ctrl-C stopped it."""
+    from edgekiln.search.budget_round import budget_payload
+
+    left = None if deadline is None else deadline - _wrap_up(recipe) - time.monotonic()
+    payload, note = budget_payload(candidates, baseline, base_payload, max_drop=recipe.constraints.max_drop,
+                                   tolerance=tolerance, seconds_left=left, number=number)
+    notes += [note] if note else []
+    if payload is None:
+        return False
+    payload["work_dir"] = str(out / "work" / f"trial-{number:04d}")
+    limit = payload["time_limit_s"]
+    payload["hard_limit_s"] = limit + max(_wrap_up(recipe) / 2, HARD_GRACE_S) if limit else None
+    try:
+        (cand,) = _execute(out, [payload], input_sha, recipe)
+    except KeyboardInterrupt:
+        return True
+    cand.budget_round = True
+    candidates.append(cand)
+    if on_trial:
+        on_trial(cand)
+    return False
+
+
+def chosen_metric(recipe: Recipe) -> tuple[str, str | None]:
+    """The metric the search scores with and, when the recipe left it to ``auto``, one line saying
+    which and why: accuracy when the evaluation data holds labels ``y``, else cosine against the
+    input model's outputs (what ``--max-drop`` then bounds, and which output is compared).
+
+    >>> chosen_metric(Recipe(model="m.onnx", metric="sqnr"))
+    ('sqnr', None)
+    """
+    import numpy as np
+
+    from edgekiln.models.intake import run_folder_data
+    from edgekiln.search.recipe import AUTO_METRIC
+
+    if recipe.metric != AUTO_METRIC:
+        return recipe.metric, None
+    evals = recipe.eval or (str(run_folder_data(recipe.model).get("eval") or "") or None)
+    try:
+        with np.load(evals or "", allow_pickle=False) as npz:
+            labelled = "y" in npz.files
+    except (OSError, ValueError):
+        return "accuracy", None   # the missing or unreadable file is reported where it is read
+    if labelled:
+        return "accuracy", f"metric: accuracy against the labels 'y' in {Path(str(evals)).name}"
+    budget = recipe.constraints.max_drop
+    bound = f"; --max-drop {budget:g} keeps a mean cosine of at least {1 - budget:.4g}" if budget is not None else ""
+    return "cosine", (f"metric: cosine (auto: {Path(str(evals)).name} holds no labels 'y'), the mean cosine "
+                      f"similarity of {_first_output(recipe.model)} with the input model's{bound}; "
+                      "--metric names another")
+
+
+def _first_output(model: str) -> str:
+    """Which output of ``model`` the metric compares (the first: models/metrics.py)."""
+    import onnx
+
+    try:
+        outputs = [o.name for o in onnx.load(model, load_external_data=False).graph.output]
+    except Exception:  # noqa: BLE001 - a run folder or a PyTorch factory: not worth loading here
+        return "the first output"
+    return "the output" if len(outputs) == 1 else f"the first of {len(outputs)} outputs ('{outputs[0]}') only"
 
 
 def _ask_distinct(study: Any, spaces: Any, points: list[dict[str, Any]] | None, seen: set[str],
@@ -272,22 +357,27 @@ def _execute(out: Path, payloads: list[dict[str, Any]], input_sha: str, recipe: 
     for p, cached in zip(payloads, results, strict=True):
         if cached is None:
             cached = Candidate.from_dict(next(fresh))
-            if not _stopped_by_time(cached):   # a longer --timeout may finish it
+            if not _not_for_cache(cached):   # a longer --timeout may finish it; a crash may not recur
                 _cache_put(out, p, input_sha, cached)
         final.append(cached)
     return final
 
 
-def _stopped_by_time(cand: Candidate) -> bool:
-    return (cand.error or "").startswith("timeout:") or any("gave up: timeout:" in v for v in cand.violations)
+def _not_for_cache(cand: Candidate) -> bool:
+    """A trial stopped by its time limit or ended by a crash of its process: a resumed search runs it again."""
+    return (cand.error or "").startswith(("timeout:", "crashed:")) or \
+        any("gave up: timeout:" in v for v in cand.violations)
 
 
 def _cached_run(out: Path, payload: dict[str, Any], input_sha: str) -> Candidate:
     cached = _cache_get(out, payload, input_sha)
     if cached is not None:
         return cached
-    cand = Candidate.from_dict(run_trial(payload))
-    _cache_put(out, payload, input_sha, cand)
+    from edgekiln.search.executors import run_isolated
+
+    cand = Candidate.from_dict(run_isolated(payload))
+    if not _not_for_cache(cand):
+        _cache_put(out, payload, input_sha, cand)
     return cand
 
 

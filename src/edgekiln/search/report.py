@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,13 @@ def summary(c: Candidate) -> dict[str, Any]:
         "passes": c.steps, "artifact": Path(c.artifact).name if c.artifact else None, "feasible": c.feasible,
         "violations": c.violations, "state": c.state, "error": c.error, "seconds": c.seconds, "cached": c.cached,
         "runtimes": c.runtimes, "runtime": next((r["runtime"] for r in c.runtimes if "p50_ms" in r), None),
-        "final_round": c.final_round,
+        "final_round": c.final_round, "budget_round": c.budget_round,
     }
 
 
 def write_optimize_report(out: Path, recipe: Recipe, profile: Any, baseline: Candidate, candidates: list[Candidate],
                           best: Candidate | None, *, model: ModelArtifact | None, partial: bool,
-                          exhausted: bool = False, stop: str | None = None) -> Path:
+                          exhausted: bool = False, stop: str | None = None, notes: Sequence[str] = ()) -> Path:
     """The optimize run folder; ``model`` is the selected candidate's artifact (None: nothing selected)."""
     front = pareto_front([c for c in candidates if c.metric is not None] + [baseline])
     # NOTE: only where FP32 itself could ship (host, Linux boards): on a microcontroller the host
@@ -53,15 +54,16 @@ def write_optimize_report(out: Path, recipe: Recipe, profile: Any, baseline: Can
         "stopped": stop,
         "vs_fp32": versus,
         "space_exhausted": exhausted,
+        "notes": list(notes),
         "recipe": recipe.to_dict(),
     }
     if best and baseline.model_bytes:
         data["size_reduction"] = baseline.model_bytes / max(1, best.model_bytes or 1)
     plot = _plot(out, baseline, candidates, best)
     md = _markdown(recipe, baseline, candidates, best, front, plot, partial, data.get("size_reduction"))
-    md = md.replace(FP32_SLOT, "\n".join(_vs_fp32_lines(versus, stop)))
+    md = md.replace(FP32_SLOT, "\n".join(_vs_fp32_lines(versus, stop) + [f"*{n}.*\n" for n in notes]))
     if exhausted:
-        md += (f"\n*The search space holds {len(candidates)} distinct pipeline(s), fewer than the "
+        md += (f"\n*The search space holds {sum(not c.budget_round for c in candidates)} distinct pipeline(s), fewer than the "
                f"{recipe.search.trials} trials asked for: every one was tried.*\n")
     atomic_write_text(out / "report.html", _html(md, plot))
     return RunFolder(out).write(command="optimize", model=model, measurements=data, markdown=md)
@@ -134,14 +136,21 @@ def vs_fp32(baseline: Candidate, best: Candidate | None, candidates: list[Candid
     rows = []
     for c in candidates:
         ratio = base / c.latency_ms_host if base and c.latency_ms_host else None
+        why = "selected" if best is not None and c.number == best.number else _why_not(c, base)
+        if why == FASTER and best is not None:
+            why += "; not selected: " + _lost_to(c, best, baseline)
         rows.append({"trial": c.number, "label": c.label, "state": c.state, "drop": c.drop,
                      "latency_ms_host": c.latency_ms_host, "runtime": _runtime(c), "speedup_vs_fp32": ratio,
-                     "why": "selected" if best is not None and c.number == best.number else _why_not(c, base)})
+                     "why": why})
     sel = best.latency_ms_host if best else None
     return {"fp32_latency_ms_host": base, "fp32_runtime": _runtime(baseline),
             "selected_is_fp32": best is not None and best.number == baseline.number,
             "selected_latency_ms_host": sel, "speedup": base / sel if base and sel else None,
-            "side_by_side": bool(best and best.final_round and baseline.final_round), "trials": rows}
+            "side_by_side": bool(best and best.final_round and baseline.final_round),
+            "faster_here": [r["trial"] for r in rows if r["why"].startswith(FASTER)], "trials": rows}
+
+
+FASTER = "faster than FP32 within the budget"
 
 
 def _runtime(c: Candidate) -> str | None:
@@ -158,7 +167,25 @@ def _why_not(c: Candidate, fp32_ms: float | None) -> str:
                        f"{HOST_LATENCY_NOISE:.0%} is timing noise)")
     if c.state == "pruned" and not reasons:
         reasons.append("pruned (cannot fit)")
-    return "; ".join(reasons) or "faster than FP32 within the budget"
+    return "; ".join(reasons) or FASTER
+
+
+def _lost_to(c: Candidate, best: Candidate, baseline: Candidate) -> str:
+    """Why ``c``, faster than FP32 here within the budget, lost to the selected ``best``: the
+    selection ranks by the target's latency (estimated for a board, measured for ``host``), then
+    the metric (search/selection.py); a trial left out of the final round is not compared."""
+    winner = "FP32" if best.number == baseline.number else f"trial {best.number}"
+    if best.final_round and not c.final_round:
+        return "not timed in the final round (only the fastest trials were), so its time does not compare"
+    mine, theirs = c.latency_ms_target_est, best.latency_ms_target_est
+    if mine is None or theirs is None:
+        return f"{winner} was selected"
+    if mine > theirs * (1 + HOST_LATENCY_NOISE):
+        return f"{winner} is faster on the target ({theirs:.4g} vs {mine:.4g} ms target latency)"
+    same = f"{winner} is as fast on the target ({theirs:.4g} vs {mine:.4g} ms target latency)"
+    if (best.metric or 0.0) > (c.metric or 0.0):
+        return f"{same} and more accurate (drop {best.drop or 0.0:.3g} vs {c.drop or 0.0:.3g})"
+    return f"{same}, as accurate, and first on size, then host time, then trial order"
 
 
 def _vs_fp32_lines(versus: dict[str, Any] | None, stop: str | None) -> list[str]:
@@ -168,7 +195,12 @@ def _vs_fp32_lines(versus: dict[str, Any] | None, stop: str | None) -> list[str]
     base, sel = versus["fp32_latency_ms_host"], versus["selected_latency_ms_host"]
     lines += ["## Compared with FP32", ""]
     where = "timed side by side in the final round" if versus["side_by_side"] else "host p50, fastest runtime each"
-    if versus["selected_is_fp32"]:
+    if versus["selected_is_fp32"] and versus.get("faster_here"):
+        lines += [f"**FP32 is kept** (FP32 {base:.4g} ms on {versus['fp32_runtime']}; {where}): trial(s) "
+                  f"{', '.join(map(str, versus['faster_here']))} ran faster than FP32 on this machine within the "
+                  "budget, but FP32 ranks first on the target's latency, then the metric. Why each trial was not "
+                  "selected:", ""]
+    elif versus["selected_is_fp32"]:
         lines += [f"**No candidate is faster than FP32 within the budget: FP32 is kept** (FP32 {base:.4g} ms on "
                   f"{versus['fp32_runtime']}; {where}). Why each trial was not selected:", ""]
     elif sel is not None:

@@ -46,6 +46,7 @@ class Candidate:
     cached: bool = False
     runtimes: list[dict[str, Any]] = field(default_factory=list)  # host/Linux targets: every runtime, fastest first
     final_round: bool = False  # timed again side by side with the other finalists (search/final_round.py)
+    budget_round: bool = False  # a trial's pipeline run again with the accuracy budget (search/budget_round.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
