@@ -60,3 +60,21 @@ def test_int8_cnn_is_faster_than_fp32_on_the_best_runtime(tmp_path):
     v = run.report()["speed_verdict"]
     assert v["ratio"] < 1.0, (f"int8 on {v['runtime']} {v['p50']:.3f} ms is {v['ratio']:.2f}x FP32 on "
                               f"{v['fp32_runtime']} {v['fp32_p50']:.3f} ms; threshold < 1.0")
+
+
+def test_fp16_of_the_crnn_does_not_kill_the_process(tmp_path, capsys):
+    """`quantize --scheme fp16` on the CRNN died with SIGSEGV (onnxruntime 1.31 creating a session on
+    its fp16 model: a Transpose after a Reshape), found by optimize's fp16 trial. The pass opens the
+    fp16 file in a child process first and keeps data movement float32 when that crashes."""
+    import onnx
+
+    from edgekiln.testing.corpus import ensure
+
+    cm = ensure("crnn_rec")
+    code = _run(["quantize", cm.path, "--scheme", "fp16", "--input-shape", "x=1,3,48,160", "--bench-runs", 5,
+                 "--out", tmp_path / "q"])
+    assert code == 0, capsys.readouterr().err
+    model = onnx.load(str(tmp_path / "q" / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    ops = {n.op_type for n in model.graph.node}
+    assert "Cast" in ops and any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer), ops

@@ -278,15 +278,67 @@ def _layernorm_width(model: Any) -> int | None:
     return None
 
 
+#: kept float32 in an fp16 model when onnxruntime cannot even open the fp16 file (see :func:`_fp16`)
+FP16_FALLBACK_OPS = ("Transpose", "Reshape")
+
+
 def _fp16(src: Path, dst: Path, exclude: list[str]) -> None:
+    """fp16 weights and activations, inputs and outputs float32. onnxruntime 1.31 died (SIGSEGV, no
+    error) creating a session on the CRNN's fp16 model (a Transpose after a Reshape before its LSTM):
+    the file is opened in a child process first and, if that crashes, converted again with data
+    movement kept float32; if it still crashes, one error line instead of a dead process."""
+    for extra in ((), FP16_FALLBACK_OPS):
+        _fp16_convert(src, dst, exclude, extra)
+        crash = _ort_open_crashes(dst)
+        if crash is None:
+            return
+    raise EdgekilnError(f"fp16: onnxruntime crashes opening the fp16 model ({crash}); keep the model in float32 or "
+                        "keep the ops named in the crash float with --keep-float")
+
+
+def _fp16_convert(src: Path, dst: Path, exclude: list[str], extra_block: tuple[str, ...]) -> None:
     import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     from edgekiln.quant.ort_quantizer import sort_nodes
 
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, node_block_list=list(exclude) or None)
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, node_block_list=list(exclude) or None,
+                                     op_block_list=[*DEFAULT_OP_BLOCK_LIST, *extra_block])
+    _drop_repeated_casts(model)
     sort_nodes(model)
     onnx.save(model, str(dst))
+
+
+def _ort_open_crashes(path: Path) -> str | None:
+    """None when a child process opens ``path`` in onnxruntime without dying (a load *error* is
+    reported later, by the checks); else what killed it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, onnxruntime as ort; o = ort.SessionOptions(); o.intra_op_num_threads = 1\n"
+            "try:\n    ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])\n"
+            "except Exception:\n    pass")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=600)
+    if proc.returncode >= 0:
+        return None
+    import signal
+
+    return f"signal {signal.Signals(-proc.returncode).name}"
+
+
+def _drop_repeated_casts(model: Any) -> None:
+    """Remove (in place) a node that repeats an earlier one exactly (same op, inputs, outputs,
+    attributes): the fp16 converter writes one Cast back to float32 per *use* of a tensor, so a
+    blocked node reading it twice (the LSTM's initial h and c) got two Casts with one output name."""
+    seen, keep = set(), []
+    for n in model.graph.node:
+        key = n.SerializeToString(deterministic=True)
+        if n.op_type == "Cast" and key in seen:
+            continue
+        seen.add(key)
+        keep.append(n)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
 
 
 def _int4(src: Path, dst: Path, cfg: QuantizeConfig, exclude: list[str]) -> None:
