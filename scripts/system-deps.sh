@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs the optional Debian tools edgekiln uses when present (ARM cross-compiler for the
-# microcontroller backend, valgrind for the generated C). Never fails the build: without root
-# or apt these steps are skipped and the code that needs them says so.
+# microcontroller backend, qemu-system-arm to run it on an emulated Cortex-M for measure-mcu,
+# valgrind for the generated C). Never fails the build: without root or apt these steps are
+# skipped and the code that needs them says so.
 set -u
 need=()
 command -v arm-none-eabi-gcc >/dev/null 2>&1 || need+=(gcc-arm-none-eabi libnewlib-arm-none-eabi)
+command -v qemu-system-arm >/dev/null 2>&1 || need+=(qemu-system-arm)
 command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
 # PostgreSQL server binaries: the fleet server's PostgreSQL tests start a throwaway cluster with them
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)

@@ -381,6 +381,26 @@ def distill(teacher: PathLike, config: DistillConfig, *, out: PathLike, data: Ma
     return run
 
 
+def measure_mcu(path: PathLike, *, cpu: str = "cortex-m4", opt: str = "O2", data: PathLike | None = None,
+                model: PathLike | None = None, limit: int = 10, out: PathLike | None = None) -> dict[str, Any]:
+    """Instructions per inference (total and per layer), sizes, arena, stack high-water and output
+    agreement of the C library in ``path`` (or ``path/c``) on an emulated Cortex-M4 or M7
+    (``edgekiln measure-mcu``); with ``out``, also the run folder (report.json/md, the ELF files).
+
+    For example ``measure_mcu("runs/mnist-c", cpu="cortex-m4", opt="Os")["instructions_per_inference"]``
+    (it needs arm-none-eabi-gcc and qemu-system-arm: ``scripts/system-deps.sh`` installs them).
+    """
+    from edgekiln.codegen.mcu.measure import measure_mcu as measure
+    from edgekiln.codegen.mcu.measure import render_markdown
+    from edgekiln.models.run_folder import RunFolder
+
+    rep = measure(path, cpu=cpu, opt=opt, data=data, model=model, limit=limit,
+                  build_dir=Path(out) / "build" if out is not None else None)
+    if out is not None:
+        RunFolder(out).write(command="measure-mcu", model=None, measurements=rep, markdown=render_markdown(rep))
+    return rep
+
+
 def optimize(model: PathLike | None = None, *, out: PathLike, target: str | None = None,
              recipe: PathLike | Mapping[str, Any] | Recipe | None = None, calib: PathLike | None = None,
              eval: PathLike | None = None, metric: str | None = None, input_shapes: Sequence[str] | None = None,

@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "edgekiln.cli.split_cmd",
     "edgekiln.cli.export_cmd",
     "edgekiln.cli.verify_c_cmd",
+    "edgekiln.cli.measure_mcu_cmd",
     "edgekiln.cli.agent_cmd",
     "edgekiln.cli.fleet_cmd",
     "edgekiln.cli.federate_cmd",
