@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -37,9 +38,11 @@ def test_export_and_verify_small_cnn(tmp_path, capsys):
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
     # fused conv->pool (default): the 28x28x8 conv1 map never exists; the peak is conv2_pool's step:
-    # pool1 out (14*14*8) + pool2 out (7*7*16) + 2 scratch rows of conv2 (2*14*16) = 2800 B
+    # pool1 out (14*14*8) + pool2 out (7*7*16) + the fast kernel's scratch: 2 im2col rows of 72 int16
+    # (3*3*8) and 16 int32 partial maxima = 2704 B
     assert report["fused"] is True
-    assert report["arena_bytes"] == 14 * 14 * 8 + 7 * 7 * 16 + 2 * 14 * 16, report["arena_bytes"]
+    assert report["arena_bytes"] == 14 * 14 * 8 + 7 * 7 * 16 + 2 * 72 * 2 + 16 * 4, report["arena_bytes"]
+    assert report["memory_plan"]["scratch_bytes_max"] == 2 * 72 * 2 + 16 * 4, report["memory_plan"]
     assert report["flash"]["weights"] > 9000 and report["flash_bytes"] > report["flash"]["weights"]
     header = (out / "mnist.h").read_text()
     assert "int mnist_invoke(const int8_t *input, int8_t *output);" in header
@@ -113,8 +116,11 @@ def test_verify_c_fails_on_a_tampered_library(tmp_path, capsys):
     out = tmp_path / "c"
     assert _run(["export", str(model), "--to", "c", "--out", str(out), "--prefix", "tiny"]) == 0
     src = (out / "tiny.c").read_text()
-    # break the first conv's output zero point: every output shifts
-    (out / "tiny.c").write_text(src.replace(".output_zp = -128", ".output_zp = -100", 1))
+    # break the first conv's bias (its first channel shifts by thousands of accumulator units)
+    tampered = re.sub(r"(op0_bias\[\d+\] = \{\s*)(-?\d+)", lambda m: f"{m.group(1)}{int(m.group(2)) + 5000}", src,
+                      count=1)
+    assert tampered != src, "found no op0_bias array to tamper with"
+    (out / "tiny.c").write_text(tampered)
     data = _eval_npz(tmp_path / "eval.npz", (1, 1, 8, 8), n=16)
     assert _run(["verify-c", str(out), "--data", str(data), "--no-valgrind"]) == 1
     assert "FAIL" in capsys.readouterr().out

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgekiln.codegen.fast_kernels import FastKernel, choose, fast_arrays, scratch
 from edgekiln.codegen.ir import IntGraph, Op
 from edgekiln.codegen.planner import MemoryPlan
 from edgekiln.errors import EdgekilnError
@@ -57,7 +58,7 @@ _ARRAY_ORDER = {"conv2d": ("weights", "bias", "mult", "shift"), "conv_pool": ("w
                 "mean_lut": ("table",), "add_lut": ("a_table", "b_table"), "constant": ("values",)}
 _CTYPE = {np.dtype(np.int8): "int8_t", np.dtype(np.int32): "int32_t"}
 
-KERNEL_FILES = ("ek_kernels.h", "ek_kernels.c")
+KERNEL_FILES = ("ek_kernels.h", "ek_kernels.c", "ek_kernels_dsp.h")
 
 
 def check_prefix(prefix: str) -> str:
@@ -72,11 +73,12 @@ def kernel_source(name: str) -> str:
     return resources.files("edgekiln.codegen").joinpath("c", name).read_text(encoding="utf-8")
 
 
-def _array(ctype: str, name: str, values: np.ndarray) -> str:
-    flat = [str(int(v)) for v in np.asarray(values).reshape(-1)]
+def _array(ctype: str, name: str, values: np.ndarray, attr: str = "") -> str:
+    suffix = "u" if ctype == "uint32_t" else ""
+    flat = [f"{int(v)}{suffix}" for v in np.asarray(values).reshape(-1)]
     rows = [", ".join(flat[i:i + 16]) for i in range(0, len(flat), 16)]
     body = ",\n    ".join(rows)
-    return f"static const {ctype} {name}[{len(flat)}] = {{\n    {body}\n}};\n"
+    return f"static const {ctype} {name}[{len(flat)}]{attr} = {{\n    {body}\n}};\n"
 
 
 def _safe(name: str) -> str:
@@ -92,7 +94,14 @@ def _ptr(plan: MemoryPlan, tensor: str) -> str:
     return f"arena + {offset}"
 
 
-def _op_decls(i: int, op: Op) -> str:
+def _fast(op: Op, plan: MemoryPlan) -> FastKernel | None:
+    return choose(op) if plan.fast_kernels else None
+
+
+def _op_decls(i: int, op: Op, plan: MemoryPlan) -> str:
+    fk = _fast(op, plan)
+    if fk is not None:
+        return _fast_decls(i, op, fk)
     out = [f"/* step {i}: {op.kind} {_safe(op.name)} */\n"]
     for key in _ARRAY_ORDER.get(op.kind, ()):
         arr = op.arrays[key]
@@ -118,10 +127,57 @@ def _conv_pool_params(i: int, op: Op) -> str:
             f"    .pool = {{ {pf} }},\n    .is_avg = {int(op.attrs['pool_is_avg'])}, .rows = {int(op.attrs['rows'])} }};\n")
 
 
+#: fast kernel -> (function in ek_kernels_dsp.h, its literal arguments after the arrays, by attrs name).
+_FAST_ARGS = {
+    "conv": ("ek_conv_s8_fast", "in_h in_w in_c out_h out_w out_c k_h k_w stride_h stride_w pad_top pad_left kp "
+                                "input_zp output_zp act_min act_max"),
+    "conv_maxpool2": ("ek_conv_maxpool2_s8_fast", "in_h in_w in_c pool_out_h pool_out_w out_c k_h k_w stride_h "
+                                                  "stride_w pad_top pad_left kp input_zp output_zp act_min act_max"),
+    "pointwise": ("ek_gemm_s8_fast", "pixels in_c out_c output_zp act_min act_max"),
+    "fc": ("ek_fc_s8_fast", "in_features out_features output_zp act_min act_max"),
+    "depthwise": ("ek_depthwise_s8_fast", "in_h in_w in_c out_h out_w k_h k_w stride_h stride_w pad_top pad_left "
+                                          "taps_even output_zp act_min act_max"),
+}
+
+
+def _fast_decls(i: int, op: Op, fk: FastKernel) -> str:
+    """The layer's arrays in the fast kernel's layout and a ``static void op{i}_run`` calling the kernel
+    with every shape, stride and zero point as a literal (the compiler specialises the inlined kernel)."""
+    arrays = fast_arrays(op, fk)
+    scratch = f" (im2col scratch {fk.scratch_bytes} B)" if fk.scratch_bytes else ""
+    out = [f"/* step {i}: {op.kind} {_safe(op.name)}: fast kernel {fk.name}{scratch} */\n",
+           _array("int8_t", f"op{i}_weights", arrays["weights"], " EK_ALIGN4"),
+           _array("int32_t", f"op{i}_bias", arrays["bias"])]
+    if "rq" in arrays:
+        out.append(_array("uint32_t", f"op{i}_rq", arrays["rq"]))
+        rq = f"op{i}_rq, 0, 0"
+    else:
+        out += [_array("int32_t", f"op{i}_mult", arrays["mult"]), _array("int32_t", f"op{i}_shift", arrays["shift"])]
+        rq = f"0, op{i}_mult, op{i}_shift"
+    taps = op.attrs.get("k_h", 0) * op.attrs.get("k_w", 0)
+    a = dict(op.attrs, kp=fk.kp, pixels=op.attrs.get("out_h", 1) * op.attrs.get("out_w", 1), taps_even=taps + taps % 2)
+    fn, names = _FAST_ARGS[fk.name]
+    lits = ", ".join(f"{int(a[n])}" for n in names.split())
+    pre = f"op{i}_weights, op{i}_bias, {rq}"
+    if fk.name == "depthwise":
+        if "zp_row" in arrays:
+            out.append(_array("int8_t", f"op{i}_zp_row", arrays["zp_row"], " EK_ALIGN4"))
+        pre += f", {f'op{i}_zp_row' if 'zp_row' in arrays else 'in'}"
+    col = ", uint32_t *col" if fk.scratch_bytes else ""
+    out.append(f"EK_LAYER void op{i}_run(const int8_t *in, int8_t *out{col}) {{\n"
+               f"    /* {names} */\n"
+               f"    {fn}(in, {pre}, out{', col' if col else ''},\n        {lits});\n}}\n")
+    return "".join(out)
+
+
 def _op_call(i: int, op: Op, plan: MemoryPlan) -> str:
     ins = [_ptr(plan, n) for n in op.inputs]
     y = _ptr(plan, op.output)
     p = f"&op{i}_params"
+    fk = _fast(op, plan)
+    if fk is not None:
+        col = f", (uint32_t *)({_ptr(plan, scratch(op)[0])})" if fk.scratch_bytes else ""
+        return f"    op{i}_run({ins[0]}, {y}{col});\n"
     if op.kind == "reshape":
         src, dst = plan.location[op.inputs[0]], plan.location[op.output]
         if src == dst:
@@ -200,10 +256,11 @@ def render_source(graph: IntGraph, plan: MemoryPlan, prefix: str) -> str:
     arena = max(plan.arena_bytes, 4)
     parts = [f"/* {prefix}.c: generated by edgekiln. Do not edit.\n"
              f" * {len(plan.schedule)} steps, arena {plan.arena_bytes} bytes, weights {graph.weight_bytes} bytes. */\n",
-             f'#include "{prefix}.h"\n#include "ek_kernels.h"\n\n',
+             f'#include "{prefix}.h"\n#include "ek_kernels.h"\n'
+             + ('#include "ek_kernels_dsp.h"\n' if any(_fast(op, plan) for op in plan.schedule) else "") + "\n",
              "/* One static arena for all intermediate tensors; the union keeps it 4-byte aligned. */\n",
              f"static union {{\n    int32_t align;\n    int8_t bytes[{arena}];\n}} {prefix}_arena;\n\n"]
-    parts += [_op_decls(i, op) + "\n" for i, op in enumerate(plan.schedule) if op.kind != "reshape"]
+    parts += [_op_decls(i, op, plan) + "\n" for i, op in enumerate(plan.schedule) if op.kind != "reshape"]
     parts.append(f"int {prefix}_invoke(const int8_t *input, int8_t *output) {{\n")
     parts.append(f"    int8_t *const arena = {prefix}_arena.bytes;\n")
     uses_arena = any(w == "arena" for w, _ in plan.location.values())

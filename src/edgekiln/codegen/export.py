@@ -64,19 +64,24 @@ class CExport:
 
 
 def estimate_flash(graph: IntGraph) -> dict[str, int]:
-    """Flash bytes: constant arrays + parameter structs + a code-size estimate (see :data:`CODE_BYTES`)."""
+    """Flash bytes: constant arrays + parameter structs + a code-size estimate (see :data:`CODE_BYTES`; a
+    layer a fast kernel runs: :data:`edgekiln.codegen.fast_kernels.CODE_BYTES`, its arrays as emitted)."""
+    from edgekiln.codegen import fast_kernels
     from edgekiln.codegen.emit import PARAM_STRUCT, STRUCT_FIELDS
 
-    weights = graph.weight_bytes
-    params = sum(len(STRUCT_FIELDS[PARAM_STRUCT[op.kind]].split()) * _FIELD_BYTES for op in graph.ops if op.kind in PARAM_STRUCT)
-    n_conv_pool = sum(op.kind == "conv_pool" for op in graph.ops)
+    fast = [fast_kernels.choose(op) for op in graph.ops]
+    portable = [op for op, fk in zip(graph.ops, fast, strict=True) if fk is None]
+    weights = sum(fast_kernels.const_bytes(op) for op in graph.ops)
+    params = sum(len(STRUCT_FIELDS[PARAM_STRUCT[op.kind]].split()) * _FIELD_BYTES for op in portable if op.kind in PARAM_STRUCT)
+    n_conv_pool = sum(op.kind == "conv_pool" for op in portable)
     params += n_conv_pool * (len(STRUCT_FIELDS["ek_conv_params"].split()) + len(STRUCT_FIELDS["ek_pool_params"].split()) + 2) \
         * _FIELD_BYTES
-    kinds = {op.kind for op in graph.ops}
+    kinds = {op.kind for op in portable}
     code = CODE_BYTES["_requant"] + sum(CODE_BYTES[k] for k in kinds) + CODE_BYTES["_call"] * len(graph.ops)
+    code += sum(fast_kernels.CODE_BYTES[fk.name] for fk in fast if fk is not None)
     if kinds & {"conv2d", "conv_pool"}:
         code += CODE_BYTES["_conv_row"]
-    if kinds & {"conv2d", "conv_pool", "fully_connected"}:
+    if kinds & {"conv2d", "conv_pool", "fully_connected"} or any(fast):
         code += CODE_BYTES["_requant_b32"]
     if kinds & {"avg_pool", "softmax", "conv_pool", "resize"}:
         code += CODE_BYTES["_ldiv"]
@@ -104,7 +109,7 @@ def mcu_footprint(model: str | Path | Any, input_shapes: dict[str, tuple[int, ..
     >>> from edgekiln.codegen.testmodels import tiny_qdq_model
     >>> fp = mcu_footprint(tiny_qdq_model("tiny_int8.onnx"))
     >>> fp.ram_bytes, fp.flash["total"]
-    (234, 3100)
+    (346, 4302)
     """
     graph = lower_for_c(model, input_shapes=input_shapes)  # fused, as the default export
     plan = plan_memory(graph)
@@ -122,7 +127,7 @@ def export_c(model: str | Path, out_dir: str | Path, *, prefix: str = "model", r
     >>> from edgekiln.codegen.testmodels import tiny_qdq_model
     >>> res = export_c(tiny_qdq_model("tiny_int8.onnx"), "out/c", prefix="tiny")
     >>> res.plan.arena_bytes, sorted(p.name for p in res.out_dir.glob("tiny.*"))
-    (160, ['tiny.c', 'tiny.h'])
+    (272, ['tiny.c', 'tiny.h'])
     """
     check_prefix(prefix)
     model = Path(model)

@@ -8,8 +8,9 @@ buffer whose lifetime (first..last step) intersects its own. Three calls: ``add_
 :func:`plan_memory` builds the buffers from an :class:`~edgekiln.codegen.ir.IntGraph`:
 Reshape/Flatten outputs alias their input, elementwise ops (Add, requantize) write into an
 input that dies at that step, the graph input is read from the caller's pointer and the graph
-output written to the caller's pointer, and an op's ``scratch`` tensor (the fused conv_pool's
-ring of conv rows) is a buffer live for that op's step only. It also tries a memory-aware reordering of independent
+output written to the caller's pointer, and an op's scratch (the fast kernels' im2col rows,
+:func:`edgekiln.codegen.fast_kernels.scratch`, or the portable fused conv_pool's ring of conv rows)
+is a buffer live for that op's step only. It also tries a memory-aware reordering of independent
 branches and keeps the schedule with the smaller arena.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from edgekiln.codegen.fast_kernels import scratch
 from edgekiln.codegen.ir import IntGraph, Op
 from edgekiln.errors import EdgekilnError
 
@@ -108,20 +110,28 @@ class MemoryPlan:
     live_bytes: list[int] = field(default_factory=list)   # arena bytes live at each step
     naive_bytes: int = 0                                   # every tensor in its own buffer
     reordered: bool = False
+    #: op name -> bytes of its one-step scratch buffer (im2col rows, conv_pool's ring), part of the arena
+    scratch_bytes: dict[str, int] = field(default_factory=dict)
+    #: the layers the fast kernels cover run them (ek_kernels_dsp.h); False: every layer the portable kernel
+    fast_kernels: bool = True
 
     def to_dict(self) -> dict[str, object]:
         return {"arena_bytes": self.arena_bytes, "naive_bytes": self.naive_bytes, "reordered": self.reordered,
+                "fast_kernels": self.fast_kernels, "scratch_bytes_per_op": self.scratch_bytes,
+                "scratch_bytes_max": max(self.scratch_bytes.values(), default=0),
                 "live_bytes_per_step": self.live_bytes, "schedule": [op.name for op in self.schedule]}
 
 
 _INPLACE_KINDS = ("add", "requantize", "lut", "lut_channel", "mul", "add_lut")
 
 
-def _plan_schedule(graph: IntGraph, schedule: list[Op]) -> MemoryPlan:
+def _plan_schedule(graph: IntGraph, schedule: list[Op], fast_kernels: bool = True) -> MemoryPlan:
     in_offsets = dict(zip(graph.inputs, graph.input_offsets, strict=True))
     root: dict[str, str] = {i: i for i in graph.inputs}
     produced_at = dict.fromkeys(graph.inputs, -1)
     last_use: dict[str, int] = {}
+    sizes = {name: t.size for name, t in graph.tensors.items()}
+    scratch_bytes: dict[str, int] = {}
     for step, op in enumerate(schedule):
         for name in op.inputs:
             last_use[root[name]] = step
@@ -137,9 +147,12 @@ def _plan_schedule(graph: IntGraph, schedule: list[Op]) -> MemoryPlan:
             root[out] = out
         produced_at.setdefault(root[out], step)
         last_use[root[out]] = max(last_use.get(root[out], step), step)
-        if op.scratch:  # NOTE: scratch lives for this one step only; it must not overlap in/out
-            root[op.scratch] = op.scratch
-            produced_at[op.scratch] = last_use[op.scratch] = step
+        own = scratch(op, graph.tensors[op.scratch].size if op.scratch else 0, fast=fast_kernels)
+        if own:  # NOTE: scratch lives for this one step only; it must not overlap in/out
+            root[own[0]] = own[0]
+            sizes[own[0]] = own[1]
+            scratch_bytes[op.name] = own[1]
+            produced_at[own[0]] = last_use[own[0]] = step
     for o in graph.outputs:
         last_use[root[o]] = len(schedule)  # the caller reads it after the last step
     planner = GreedyArenaPlanner()
@@ -152,7 +165,7 @@ def _plan_schedule(graph: IntGraph, schedule: list[Op]) -> MemoryPlan:
     for r in sorted(set(root.values()), key=lambda r: (produced_at[r], r)):
         if r in in_offsets or r in out_roots:
             continue
-        ids[r] = planner.add_buffer(graph.tensors[r].size, produced_at[r], last_use[r])
+        ids[r] = planner.add_buffer(sizes[r], produced_at[r], last_use[r])
     arena = planner.total_size()
     location: dict[str, tuple[str, int]] = {}
     for name, r in root.items():
@@ -162,10 +175,9 @@ def _plan_schedule(graph: IntGraph, schedule: list[Op]) -> MemoryPlan:
             location[name] = ("output", out_roots[r])
         else:
             location[name] = ("arena", planner.offset(ids[r]))
-    live = [sum(graph.tensors[r].size for r in ids if produced_at[r] <= s <= last_use[r])
-            for s in range(len(schedule))]
-    naive = sum(graph.tensors[r].size for r in ids)
-    return MemoryPlan(schedule, location, arena, live, naive)
+    live = [sum(sizes[r] for r in ids if produced_at[r] <= s <= last_use[r]) for s in range(len(schedule))]
+    naive = sum(sizes[r] for r in ids)
+    return MemoryPlan(schedule, location, arena, live, naive, scratch_bytes=scratch_bytes, fast_kernels=fast_kernels)
 
 
 def _last_consumer(schedule: list[Op], root: dict[str, str], r: str, step: int) -> int:
@@ -196,18 +208,20 @@ def _memory_aware_order(graph: IntGraph) -> list[Op]:
     return order
 
 
-def plan_memory(graph: IntGraph, *, reorder: bool = True) -> MemoryPlan:
-    """Plan the arena for ``graph``; with ``reorder`` also try a memory-aware op order.
+def plan_memory(graph: IntGraph, *, reorder: bool = True, fast_kernels: bool = True) -> MemoryPlan:
+    """Plan the arena for ``graph``; with ``reorder`` also try a memory-aware op order. ``fast_kernels``:
+    plan the scratch of the fast kernels (:mod:`edgekiln.codegen.fast_kernels`) the emitter then calls;
+    False plans (and makes the emitter call) the portable kernels everywhere.
 
     >>> from edgekiln.codegen.ir import load_qdq
     >>> from edgekiln.codegen.testmodels import tiny_qdq_model
     >>> plan = plan_memory(load_qdq(tiny_qdq_model("tiny_int8.onnx")))
     >>> plan.arena_bytes, plan.naive_bytes
-    (320, 480)
+    (336, 672)
     """
-    plan = _plan_schedule(graph, list(graph.ops))
+    plan = _plan_schedule(graph, list(graph.ops), fast_kernels)
     if reorder:
-        alt = _plan_schedule(graph, _memory_aware_order(graph))
+        alt = _plan_schedule(graph, _memory_aware_order(graph), fast_kernels)
         if alt.arena_bytes < plan.arena_bytes:
             alt.reordered = True
             plan = alt

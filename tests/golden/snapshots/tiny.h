@@ -20,7 +20,7 @@
 #define TINY_OUTPUT_DIM1 10
 #define TINY_OUTPUT_SCALE 0.014179263263940811f
 #define TINY_OUTPUT_ZERO_POINT (-34)
-#define TINY_ARENA_BYTES 160
+#define TINY_ARENA_BYTES 272
 
 /* Run one inference. input: INPUT_SIZE int8 values; output: OUTPUT_SIZE int8 values.
  * Returns 0. Not reentrant (one static arena). */

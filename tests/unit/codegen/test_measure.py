@@ -26,9 +26,10 @@ def test_fused_small_cnn_matches_unfused_reference_and_shrinks_the_arena(tmp_pat
         a, b = run_graph(unfused, x), run_graph(fused, x)
         assert np.array_equal(a, b), f"fused != unfused on {int((a != b).sum())} outputs (seed {SEED})"
     arena_u, arena_f = plan_memory(unfused).arena_bytes, plan_memory(fused).arena_bytes
-    # measured: 7840 B unfused (conv1 out + pool1 out) -> 2800 B fused
+    # measured: 7840 B unfused (conv1 out + pool1 out) -> 2704 B fused (pool1 out + pool2 out + conv2's scratch:
+    # 2 im2col rows of 72 int16 and 16 int32 partial maxima)
     assert arena_f < arena_u, f"fused arena {arena_f} B is not below unfused {arena_u} B (seed {SEED})"
-    assert arena_f == 2800, f"fused arena {arena_f} B, expected 2800 B (seed {SEED})"
+    assert arena_f == 2704, f"fused arena {arena_f} B, expected 2704 B (seed {SEED})"
 
 
 @pytest.mark.slow
