@@ -65,10 +65,12 @@ def _reference(lib: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, np.stack([run_graph(graph, qi).reshape(-1) for qi in q])
 
 
-def test_measure_mcu_cli_end_to_end(tools, tiny_lib):
+def test_measure_mcu_cli_end_to_end(tools, tiny_lib, monkeypatch):
+    # NOTE: relative paths, as users type them (QEMU runs in the build folder: a relative ELF path failed)
+    monkeypatch.chdir(tiny_lib)
     out = tiny_lib / "m4"
-    code = _run(["measure-mcu", str(tiny_lib / "c"), "--cpu", "cortex-m4", "--opt", "O2",
-                 "--data", str(tiny_lib / "eval.npz"), "--limit", "4", "--out", str(out)])
+    code = _run(["measure-mcu", "c", "--cpu", "cortex-m4", "--opt", "O2", "--data", "eval.npz", "--limit", "4",
+                 "--out", "m4"])
     assert code == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["command"] == "measure-mcu" and (out / "report.md").is_file() and (out / "build" / "run" / "prog.elf").is_file()

@@ -101,6 +101,8 @@ def _library_sources(lib_dir: Path) -> list[Path]:
 
 def _qemu(elf: Path, cpu: str, work: Path, timeout: float) -> tuple[str, int, list[int]]:
     """Run ``elf`` on the board of ``cpu`` with the counting plugin: (stdout, exit status, marker counts)."""
+    # NOTE: QEMU runs in ``work``: every path it is given must be absolute (a relative --out failed)
+    elf, work = elf.resolve(), work.resolve()
     counts = work / "counts.txt"
     counts.unlink(missing_ok=True)
     plugin = build_plugin()
