@@ -373,3 +373,20 @@ def error_line(exc: BaseException, limit: int = 300) -> str:
     text = re.sub(r"^\S+\.(cc|h|cpp|hpp):\d+ [\w:~<>]+\(.*?\)\s+(?=[A-Z\[])", "", text)
     text = re.sub(r"\s+", " ", text).strip() or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def ort_open_crashes(path: Path) -> str | None:
+    """None when a child process opens ``path`` in onnxruntime without dying (a load *error* is
+    reported later, by the checks); else what killed it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, onnxruntime as ort; o = ort.SessionOptions(); o.intra_op_num_threads = 1\n"
+            "try:\n    ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])\n"
+            "except Exception:\n    pass")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=600)
+    if proc.returncode >= 0:
+        return None
+    import signal
+
+    return f"signal {signal.Signals(-proc.returncode).name}"

@@ -287,9 +287,11 @@ def _fp16(src: Path, dst: Path, exclude: list[str]) -> None:
     error) creating a session on the CRNN's fp16 model (a Transpose after a Reshape before its LSTM):
     the file is opened in a child process first and, if that crashes, converted again with data
     movement kept float32; if it still crashes, one error line instead of a dead process."""
+    from edgekiln.execution.ort import ort_open_crashes
+
     for extra in ((), FP16_FALLBACK_OPS):
         _fp16_convert(src, dst, exclude, extra)
-        crash = _ort_open_crashes(dst)
+        crash = ort_open_crashes(dst)
         if crash is None:
             return
     raise EdgekilnError(f"fp16: onnxruntime crashes opening the fp16 model ({crash}); keep the model in float32 or "
@@ -308,22 +310,6 @@ def _fp16_convert(src: Path, dst: Path, exclude: list[str], extra_block: tuple[s
     sort_nodes(model)
     onnx.save(model, str(dst))
 
-
-def _ort_open_crashes(path: Path) -> str | None:
-    """None when a child process opens ``path`` in onnxruntime without dying (a load *error* is
-    reported later, by the checks); else what killed it."""
-    import subprocess
-    import sys
-
-    code = ("import sys, onnxruntime as ort; o = ort.SessionOptions(); o.intra_op_num_threads = 1\n"
-            "try:\n    ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])\n"
-            "except Exception:\n    pass")
-    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=600)
-    if proc.returncode >= 0:
-        return None
-    import signal
-
-    return f"signal {signal.Signals(-proc.returncode).name}"
 
 
 def _drop_repeated_casts(model: Any) -> None:
