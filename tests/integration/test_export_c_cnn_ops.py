@@ -8,20 +8,14 @@ import shutil
 
 import numpy as np
 import pytest
+from cli_run import run_cli as _run
 
-from edgekiln.cli.app import main
 from edgekiln.codegen import testmodels as tm
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="verify-c needs a host C compiler (gcc)")
 SEED = 1
 
 
-def _run(argv):
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
 
 
 @pytest.mark.parametrize("name", ["cnn_ops", "multi_head"])

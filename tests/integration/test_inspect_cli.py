@@ -5,18 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from cli_run import run_cli as _run
 
-from edgekiln.cli.app import main
 from edgekiln.testing.tiny import tiny_conv_onnx
-
-
-def _run(argv):
-    """Run the CLI; return the exit code (0 when main returns normally)."""
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
 
 
 def test_json_is_pure_and_has_the_keys(tmp_path, capsys):

@@ -8,19 +8,12 @@ import json
 import numpy as np
 import onnx
 import pytest
+from cli_run import run_cli as _run
 from onnx import TensorProto, helper, numpy_helper
-
-from edgekiln.cli.app import main
 
 vi = helper.make_tensor_value_info
 
 
-def _run(argv):
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
 
 
 def _conv_net(path, dims, *, aux=None, seed=0):

@@ -11,16 +11,7 @@ import json
 
 import numpy as np
 import pytest
-
-from edgekiln.cli.app import main
-
-
-def _run(argv):
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
+from cli_run import run_cli as _run
 
 
 def test_batch1_torch_export_quantizes_with_eval(tmp_path, capsys):

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_run import run_cli as _run
 
-from edgekiln.cli.app import main
 from edgekiln.codegen import testmodels as tm
 from edgekiln.codegen.mcu import run_on_qemu, tools_missing
 from edgekiln.codegen.mcu.harness import instrument_steps
@@ -37,12 +37,6 @@ def tools():
         pytest.skip(f"{why}; cannot install here (needs root and apt-get)")
 
 
-def _run(argv):
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
 
 
 @pytest.fixture(scope="module")

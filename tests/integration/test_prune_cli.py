@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from edgekiln.cli.app import main
+from cli_run import run_cli as _run
 
 pytestmark = pytest.mark.slow
 KEYS = ("metric_before", "metric", "params_before", "params", "macs_before", "macs", "latency_ms_before", "latency_ms")
@@ -23,12 +22,6 @@ def digits(tmp_path_factory):
     return out
 
 
-def _run(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def _report(folder) -> dict:

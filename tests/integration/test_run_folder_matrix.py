@@ -9,8 +9,8 @@ as its input and continue the source's provenance.
 from __future__ import annotations
 
 import pytest
+from cli_run import run_cli as _run
 
-from edgekiln.cli.app import main
 from edgekiln.fileio import sha256_file
 from edgekiln.models.run_folder import RunFolder
 
@@ -20,12 +20,6 @@ PRODUCERS = ("example", "quantize", "optimize", "prune", "distill", "export", "f
 CONSUMERS = ("inspect", "fits", "bench", "quantize", "export")
 
 
-def _run(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def _make(argv: list[str], out) -> RunFolder:  # noqa: ANN001
