@@ -19,7 +19,6 @@ its slow path: products within 2^-15 of a .5 tie, exact ties, |acc| >= 2^24, sat
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -35,22 +34,10 @@ from edgekiln.codegen.ir import IntGraph, Op, QTensor
 from edgekiln.codegen.planner import plan_memory
 from edgekiln.codegen.reference import run_graph
 from edgekiln.codegen.verify import HOST_CFLAGS
+from tests.mcu_tools import require_mcu_tools
 
 SEED = 7
 N_INPUTS = 6
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _tools_or_skip():
-    from edgekiln.codegen.mcu import tools_missing
-
-    why = tools_missing()
-    if why and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["bash", str(ROOT / "scripts" / "system-deps.sh")], capture_output=True, timeout=1200)
-        why = tools_missing()
-        assert why is None, f"scripts/system-deps.sh ran as root with apt-get, still: {why}"
-    if why:
-        pytest.skip(f"{why}; cannot install here (needs root and apt-get)")
 
 
 class _Builder:
@@ -222,7 +209,7 @@ def test_host_fast_and_portable_match_reference(odd_case):
 
 @pytest.mark.parametrize("opt,defines", [("O2", ()), ("Os", ()), ("O2", ("EK_NO_ASM",)), ("O2", ("EK_NO_DSP",))])
 def test_cortex_m4_matches_reference(odd_case, opt, defines):
-    _tools_or_skip()
+    require_mcu_tools()
     from edgekiln.codegen.mcu import run_on_qemu
 
     graph, q, ref, tmp = odd_case
@@ -253,7 +240,7 @@ def test_requant_fast_path_exact(tmp_path):
     if shutil.which("gcc") is not None:
         host = _host_run(_write(graph, tmp_path / "host"), q)
         assert np.array_equal(host, ref), "requant, host: " + _mismatch(host, ref)
-    _tools_or_skip()
+    require_mcu_tools()
     from edgekiln.codegen.mcu import run_on_qemu
 
     run = run_on_qemu(_write(graph, tmp_path / "arm"), q, cpu="cortex-m4", opt="O2", expected=ref)

@@ -9,9 +9,6 @@ that script when it can (root and apt-get) and skips only when it cannot.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,24 +16,16 @@ import pytest
 from cli_run import run_cli as _run
 
 from edgekiln.codegen import testmodels as tm
-from edgekiln.codegen.mcu import run_on_qemu, tools_missing
+from edgekiln.codegen.mcu import run_on_qemu
 from edgekiln.codegen.mcu.harness import instrument_steps
+from tests.mcu_tools import require_mcu_tools
 
 SEED = 3
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def tools():
-    why = tools_missing()
-    if why and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["bash", str(ROOT / "scripts" / "system-deps.sh")], capture_output=True, timeout=1200)
-        why = tools_missing()
-        assert why is None, f"scripts/system-deps.sh ran as root with apt-get, still: {why}"
-    if why:
-        pytest.skip(f"{why}; cannot install here (needs root and apt-get)")
-
-
+    require_mcu_tools()
 
 
 @pytest.fixture(scope="module")
