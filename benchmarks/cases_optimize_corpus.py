@@ -10,7 +10,9 @@ drop against the budget, and the verdict or optimize's reason for keeping FP32.
         --target raspberry-pi-4 --max-drop 0.01 --out RUN
 
 Which models: ``quick`` = the small ones; ``EDGEKILN_OPTIMIZE_CORPUS=ds_cnn,mtcnn_rnet`` (comma-separated)
-picks a subset, also under ``make bench``. One model at a time while developing:
+picks a subset, also under ``make bench``; the other models' rows are then carried over from the previous
+``bench/results/optimize_corpus.json``, each with the date and commit it was measured at. One model at a
+time while developing:
 ``python -m benchmarks.cases_optimize_corpus NAME ... [--quick]``.
 """
 
@@ -44,6 +46,17 @@ def command(m: CorpusModel, out: Path) -> list[str]:
             "--target", TARGET, "--max-drop", str(MAX_DROP), "--out", str(out)]
 
 
+def _commit() -> str:
+    """The repository's short commit (``+`` when the tree has changes), or ``?`` outside git."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+    return rev.stdout.strip() + ("+" if dirty.stdout.strip() else "")
+
+
 def run_model(name: str, work: Path) -> dict[str, Any]:
     """Run the command on corpus model ``name`` in a subprocess and read its run folder: one row."""
     from edgekiln.search.recipe import DEFAULT_TIMEOUT_S
@@ -61,7 +74,8 @@ def run_model(name: str, work: Path) -> dict[str, Any]:
     except subprocess.TimeoutExpired as exc:
         code, stdout, stderr = -9, _text(exc.stdout), f"killed after {DEFAULT_TIMEOUT_S + HANG_GRACE_S:.0f} s"
     wall = time.monotonic() - start
-    row: dict[str, Any] = {"model": name, "exit": code, "wall_s": round(wall, 1),
+    row: dict[str, Any] = {"model": name, "exit": code, "wall_s": round(wall, 1), "commit": _commit(),
+                           "measured": time.strftime("%Y-%m-%d", time.gmtime()),
                            "progress_lines": sum(line.startswith("trial #") for line in stdout.splitlines()),
                            "metric_note": next((line for line in stdout.splitlines() if line.startswith("metric:")),
                                                None)}
@@ -153,7 +167,8 @@ def _cells(r: dict[str, Any]) -> list[Any]:
     speed = "-" if r.get("speedup") is None else f"{r['speedup']:.2f}x"
     trials = f"{r.get('trials', '-')}" + (" (stopped: timeout)" if (r.get("stopped") or "").startswith("timeout")
                                           else "")
-    return [r["model"], wall, trials, r.get("metric") or "-", r.get("selected") or "-",
+    when = f"{r.get('measured', '?')} {r.get('commit', '?')}"
+    return [r["model"], when, wall, trials, r.get("metric") or "-", r.get("selected") or "-",
             ms(r.get("selected_p50_ms"), r.get("selected_runtime")), ms(r.get("fp32_p50_ms"), r.get("fp32_runtime")),
             speed, drop, r.get("verdict", "-")]
 
@@ -171,14 +186,30 @@ def chosen_models(quick: bool, names: list[str] | None = None) -> list[str]:
     return sorted(chosen, key=lambda n: ensure(n).path.stat().st_size)
 
 
+def earlier_rows(results: Path, skip: list[str]) -> list[dict[str, Any]]:
+    """Rows of the previous run (``results``: its JSON) for the corpus models not in ``skip``."""
+    if not results.is_file():
+        return []
+    data = json.loads(results.read_text())
+    day = str(data.get("date", "?"))[:10]
+    return [{"measured": day, "commit": "?", **r} for r in data.get("rows", [])
+            if r.get("model") in CORPUS and r.get("model") not in skip]
+
+
 def optimize_corpus(work: Path, quick: bool = False, models: list[str] | None = None) -> CaseResult:
     work.mkdir(parents=True, exist_ok=True)
+    names = chosen_models(quick, models)
+    subset = bool(models or os.environ.get(SUBSET_ENV, "").strip())
     rows = []
-    for name in chosen_models(quick, models):
+    for name in names:
         print(f"-- optimize_corpus: {name}", flush=True)
         rows.append(run_model(name, work))
         print(f"   {rows[-1]['wall_s']:.0f} s: {rows[-1].get('verdict')}", flush=True)
-    table = md_table(["model", "wall s / timeout s", "trials", "metric", "selected", "selected p50 ms",
+    if subset:   # NOTE: work is ROOT/runs/bench/optimize_corpus; the previous results are ROOT/bench/results
+        rows += earlier_rows(work.resolve().parents[2] / "bench" / "results" / "optimize_corpus.json", names)
+    order = list(CORPUS)
+    rows.sort(key=lambda r: order.index(r["model"]) if r["model"] in order else len(order))
+    table = md_table(["model", "measured (date, commit)", "wall s / timeout s", "trials", "metric", "selected", "selected p50 ms",
                       "FP32 p50 ms", "x FP32", "drop / budget", "verdict"], [_cells(r) for r in rows])
     faster = sum(r.get("verdict") == "faster than FP32 within the budget" for r in rows)
     kept = sum(str(r.get("verdict", "")).startswith("FP32 kept") for r in rows)
@@ -189,7 +220,8 @@ def optimize_corpus(work: Path, quick: bool = False, models: list[str] | None = 
         "(`--timeout` 600 s, the default search space; no labels in the corpus data, so the metric is cosine "
         "against the FP32 model's first output). Wall time includes start-up; p50s are optimize's own numbers "
         "(batch 1, one thread, each model on its fastest runtime, the selected model and FP32 timed side by side "
-        "in its final round); the verdict is optimize's reason, trial by trial, when it kept FP32.", "",
+        "in its final round); the verdict is optimize's reason, trial by trial, when it kept FP32. Rows measured "
+        "in an earlier run of a subset of the models say so in their date and commit.", "",
         table, "",
         f"- Faster than FP32 within the budget: {faster} of {len(rows)}; FP32 kept with the reason stated: {kept}; "
         f"over the timeout or no report: {', '.join(over) or 'none'}."])
