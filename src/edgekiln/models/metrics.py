@@ -1,8 +1,10 @@
 """Evaluate an ONNX model on an npz file with a metric; higher is always better.
 
 - ``accuracy``: top-1 against labels ``y``.
-- ``cosine``: mean cosine similarity of outputs with a reference model's (or saved) outputs.
-- ``sqnr``: signal-to-quantization-noise ratio in dB, ``20*log10(|y_ref| / |y - y_ref|)``.
+- ``cosine``: mean cosine similarity of outputs with a reference model's (or saved) outputs; with a
+  reference model, every output is compared and each sample scores its worst output.
+- ``sqnr``: signal-to-quantization-noise ratio in dB, ``20*log10(|y_ref| / |y - y_ref|)``; with a
+  reference model, of the worst output.
 - ``module:function``: your own ``f(outputs: np.ndarray, data: dict[str, np.ndarray]) -> float``.
 
 The npz holds ``x`` (the model's first input) or arrays named after the model's inputs
@@ -30,6 +32,12 @@ def run_outputs(model_path: str | Path, data: dict[str, np.ndarray], *, batch_si
     >>> run_outputs("model.onnx", {"x": x}, runtime="openvino").shape    # doctest: +SKIP
     (100, 10)
     """
+    return run_all_outputs(model_path, data, batch_size=batch_size, where=where, runtime=runtime)[0]
+
+
+def run_all_outputs(model_path: str | Path, data: dict[str, np.ndarray], *, batch_size: int = 64,
+                    where: str = "data", runtime: str = "onnxruntime") -> list[np.ndarray]:
+    """Every output of the model over every row of the data, in the model's output order."""
     from edgekiln.execution.feeds import npz_feeds, specs_from_session
     from edgekiln.execution.runtimes import load_session
 
@@ -48,8 +56,9 @@ def run_outputs(model_path: str | Path, data: dict[str, np.ndarray], *, batch_si
         # NOTE: dynamic quantization picks one activation range per call: a batch of 64 shares
         # it, so its outputs differ from the batch-1 deployment being measured. Score at batch 1.
         batch_size = 1
-    outs = [np.asarray(sess.run({k: v[i:i + batch_size] for k, v in feeds.items()})[0]) for i in range(0, n, batch_size)]
-    return np.concatenate(outs)
+    outs = [[np.asarray(o) for o in sess.run({k: v[i:i + batch_size] for k, v in feeds.items()})]
+            for i in range(0, n, batch_size)]
+    return [np.concatenate([batch[j] for batch in outs]) for j in range(len(outs[0]))]
 
 
 def _quantizes_at_run_time(model_path: str | Path) -> bool:
@@ -79,7 +88,8 @@ def evaluate_detailed(model_path: str | Path, eval_npz: str | Path, metric: str 
                       runtime: str = "onnxruntime") -> dict[str, Any]:
     """Like :func:`evaluate`, with extra detail (``min`` cosine, the number of samples)."""
     data = load_npz(eval_npz)
-    out = run_outputs(model_path, data, batch_size=batch_size, where=str(eval_npz), runtime=runtime)
+    outs = run_all_outputs(model_path, data, batch_size=batch_size, where=str(eval_npz), runtime=runtime)
+    out = outs[0]
     if metric == "accuracy":
         if "y" not in data:
             raise EdgekilnError(f"{eval_npz}: the accuracy metric needs labels 'y'")
@@ -88,13 +98,12 @@ def evaluate_detailed(model_path: str | Path, eval_npz: str | Path, metric: str 
             raise EdgekilnError(f"{eval_npz}: {len(y)} labels for {len(out)} inputs")
         return {"value": float((out.reshape(len(out), -1).argmax(1) == y).mean()), "n": len(y)}
     if metric in ("cosine", "sqnr"):
-        ref = _reference(reference_path, data, batch_size, str(eval_npz))
-        a, b = out.reshape(len(out), -1).astype(np.float64), ref.reshape(len(ref), -1).astype(np.float64)
+        refs = _reference(reference_path, data, batch_size, str(eval_npz))
+        pairs = list(zip(outs, refs, strict=False))   # a saved reference holds the first output only
         if metric == "cosine":
-            cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-            return {"value": float(cos.mean()), "min": float(cos.min()), "n": len(cos)}
-        noise = np.linalg.norm(a - b)
-        return {"value": float(20 * np.log10(np.linalg.norm(b) / max(noise, 1e-12))), "n": len(a)}
+            cos = np.min([_cosine_rows(a, b) for a, b in pairs], axis=0)
+            return {"value": float(cos.mean()), "min": float(cos.min()), "n": len(cos), "outputs": len(pairs)}
+        return {"value": min(_sqnr_db(a, b) for a, b in pairs), "n": len(out), "outputs": len(pairs)}
     if ":" in metric:
         from edgekiln.models.torch_source import resolve_factory
 
@@ -103,13 +112,26 @@ def evaluate_detailed(model_path: str | Path, eval_npz: str | Path, metric: str 
     raise EdgekilnError(f"unknown metric '{metric}'; use one of {', '.join(BUILTIN)} or module:function")
 
 
+def _cosine_rows(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each sample's output with its reference (rows: the first axis)."""
+    a, b = out.reshape(len(out), -1).astype(np.float64), ref.reshape(len(ref), -1).astype(np.float64)
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
+def _sqnr_db(out: np.ndarray, ref: np.ndarray) -> float:
+    b = ref.astype(np.float64)
+    noise = np.linalg.norm(out.astype(np.float64).reshape(b.shape) - b)
+    return float(20 * np.log10(np.linalg.norm(b) / max(noise, 1e-12)))
+
+
 def _reference(reference_path: str | Path | None, data: dict[str, np.ndarray], batch_size: int,
-               where: str) -> np.ndarray:
+               where: str) -> list[np.ndarray]:
+    """The reference outputs: every output of a reference model, or the one saved array."""
     if reference_path is None:
         if "y" in data and data["y"].dtype.kind == "f":
-            return data["y"]
+            return [data["y"]]
         raise EdgekilnError(f"{where}: cosine/sqnr need reference outputs: a reference model, or float 'y' arrays")
     ref = Path(reference_path)
     if ref.suffix == ".npy":
-        return np.load(ref, allow_pickle=False)
-    return run_outputs(ref, data, batch_size=batch_size, where=where)
+        return [np.load(ref, allow_pickle=False)]
+    return run_all_outputs(ref, data, batch_size=batch_size, where=where)

@@ -258,19 +258,19 @@ def chosen_metric(recipe: Recipe) -> tuple[str, str | None]:
     budget = recipe.constraints.max_drop
     bound = f"; --max-drop {budget:g} keeps a mean cosine of at least {1 - budget:.4g}" if budget is not None else ""
     return "cosine", (f"metric: cosine (auto: {Path(str(evals)).name} holds no labels 'y'), the mean cosine "
-                      f"similarity of {_first_output(recipe.model)} with the input model's{bound}; "
+                      f"similarity of {_compared_outputs(recipe.model)} with the input model's{bound}; "
                       "--metric names another")
 
 
-def _first_output(model: str) -> str:
-    """Which output of ``model`` the metric compares (the first: models/metrics.py)."""
+def _compared_outputs(model: str) -> str:
+    """Which outputs of ``model`` the metric compares (all, each sample scored by its worst: models/metrics.py)."""
     import onnx
 
     try:
         outputs = [o.name for o in onnx.load(model, load_external_data=False).graph.output]
     except Exception:  # noqa: BLE001 - a run folder or a PyTorch factory: not worth loading here
-        return "the first output"
-    return "the output" if len(outputs) == 1 else f"the first of {len(outputs)} outputs ('{outputs[0]}') only"
+        return "the outputs (each sample scored by its worst output)"
+    return "the output" if len(outputs) == 1 else f"each of the {len(outputs)} outputs (each sample scored by its worst)"
 
 
 def _ask_distinct(study: Any, spaces: Any, points: list[dict[str, Any]] | None, seen: set[str],
