@@ -55,7 +55,7 @@ KINDS = {
     "se_islands": ["conv2d", "avg_pool", "conv2d", "conv2d", "mul", "conv2d"],  # the float gate is mul's table
     # ConvTranspose = zero-inserting pad + conv of the flipped kernel (its Relu fused into it)
     "decoder": ["conv2d", "pad", "conv2d", "pad", "conv2d", "resize", "resize", "add", "conv2d"],
-    "two_inputs": ["fully_connected", "conv_pool", "reshape", "concat", "fully_connected"],
+    "two_inputs": ["fully_connected", "conv2d", "avg_pool", "reshape", "concat", "fully_connected"],
     "arith_int8": ["conv2d", "avg_pool", "conv2d", "lut", "add_lut", "add_lut", "conv2d"],
     "arith_islands": ["conv2d", "avg_pool", "conv2d", "add_lut", "add_lut", "conv2d"],  # Sigmoid read as a table
     # the input is quantized before its Unsqueeze; HardSwish (float) is read as a table by the SE mean
