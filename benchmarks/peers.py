@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from edgekiln.execution import latency_stats, load_session, lower_for_ort, readable_file, time_round_robin
+from edgekiln.execution import latency_stats, load_session, lower_for_ort, readable_file
+from edgekiln.execution.timing import time_round_robin_wall_and_cpu
 from edgekiln.quant.calibration import calibration_reader
 
 Feeds = dict[str, np.ndarray]
@@ -116,13 +117,13 @@ def onnxruntime_session(path: str | Path, *, threads: int = 1) -> Callable[[Feed
 
 def time_interleaved(runs: Mapping[str, Callable[[Feeds], Any]], feeds: Mapping[str, Feeds], *, warmup: int = 10,
                      rounds: int = 40, per_round: int = 5) -> dict[str, dict[str, float]]:
-    """Latency statistics (ms; p50, p90, mean, ...) of several ``run(feeds)`` timed round-robin by
-    :func:`edgekiln.execution.time_round_robin`: each round times ``per_round`` calls of every
+    """Latency statistics (ms; p50, p90, mean, ... of wall time, and ``cpu_p50``: this process's CPU time
+    per call) of several ``run(feeds)`` timed round-robin: each round times ``per_round`` calls of every
     model in turn, so load from other processes on a shared machine falls on all of them alike
     instead of on whichever happened to run during a busy spell."""
     calls = {name: functools.partial(run, feeds[name]) for name, run in runs.items()}
-    samples = time_round_robin(calls, rounds=rounds, warmup=warmup, per_turn=per_round)
-    return {name: latency_stats(t) for name, t in samples.items()}
+    wall, cpu = time_round_robin_wall_and_cpu(calls, rounds=rounds, warmup=warmup, per_turn=per_round)
+    return {name: {**latency_stats(t), "cpu_p50": float(np.median(cpu[name]))} for name, t in wall.items()}
 
 
 def predict(run: Any, arrays: Mapping[str, np.ndarray], batch: int = 1) -> np.ndarray:

@@ -109,11 +109,35 @@ def test_totals_count_a_failed_edgekiln_row_as_a_miss():
     for s in (fast, broken):
         s["summary"] = summary(s)
     lines = cases_scoreboard.tally([fast, broken])
-    assert "faster than the best FP32: 1 of 2 (not: b)" in lines[2], lines
+    assert "faster than the best FP32 (wall time): 1 of 2 (not: b)" in lines[2], lines
     assert "function): 1 of 2 (not: b)" in lines[3], lines
     assert "(where both run): 1 of 1" in lines[4], lines           # b has no SQNR to compare
     assert lines[5].startswith("- C export ok, other models") and lines[5].endswith("0 of 1 (not: b)"), lines
     assert lines[6].startswith("- TFLite") and lines[6].endswith("1 of 2 (not: b)"), lines
+
+
+def test_cpu_time_verdict_beside_wall_time_where_measured():
+    # wall time says int8 is slower (another process took the core), CPU time per call says faster
+    rows = [_row(FP32, "onnxruntime", 0.057), _row(EDGEKILN, "litert", 0.058),
+            {"tool": LITERT, "runtime": "litert", "error": "LSTM", "note": "", "chosen": False}]
+    rows[0]["cpu_p50_ms"], rows[1]["cpu_p50_ms"] = 0.060, 0.051
+    s = {"name": "m", "rows": rows, "c_export": None, "params": 1000}
+    s["summary"] = summary(s)
+    b = s["summary"]["vs_best_fp32"]
+    assert not b["faster"] and b["cpu_faster"] and b["cpu_ratio"] == pytest.approx(0.85), b
+    old = {"name": "old", "rows": [_row(FP32, "onnxruntime", 2.0), _row(EDGEKILN, "onnxruntime", 1.0), rows[2]],
+           "c_export": None}   # measured before CPU time was recorded: not counted on that line
+    old["summary"] = summary(old)
+    lines = cases_scoreboard.tally([s, old])
+    assert "(wall time): 1 of 2 (not: m)" in lines[2] and "recorded): 1 of 1" in lines[3], lines
+    assert "CPU time per call: 0.85x, faster" in cases_scoreboard.summary_line(s)
+
+
+def test_a_subset_rerun_keeps_the_other_models(tmp_path):
+    prev = tmp_path / "scoreboard.json"
+    prev.write_text(json.dumps({"models": [{"name": "a", "rows": []}, {"name": "b", "rows": [], "x": 1}]}))
+    out = cases_scoreboard.merged(prev, [{"name": "b", "rows": [], "x": 2}])
+    assert [(s["name"], s.get("x"), s.get("alone")) for s in out] == [("a", None, None), ("b", 2, True)], out
 
 
 def test_class_vectors_are_logits_of_classifiers_or_probabilities():
