@@ -29,27 +29,37 @@ def export_command(
     input_shape: list[str] = input_shape_option(),
     fuse: bool = typer.Option(True, "--fuse/--no-fuse", help="With --to c: fuse conv->pool pairs into one kernel "
                               "that never stores the full conv output (smaller arena; bit-identical results)."),
+    requant: str = typer.Option("float32-exact", "--requant", help="With --to c: conv/FC/Add requantization, "
+                                "float32-exact (bit-exact with onnxruntime) or fixed-point (bit-exact with TFLite "
+                                "Micro / CMSIS-NN: int32 multiplier, two roundings; ops it cannot match are refused)."),
 ) -> None:
     """Export an int8 QDQ model: `--to c` writes a self-contained C99 library with a static arena."""
     exporters = {"c": _export_c, "tflite": _export_tflite}
     if to not in exporters:
         raise EdgekilnError(f"--to {to!r} is not a known target; choose one of: {', '.join(exporters)}")
+    if to == "c":
+        from edgekiln.codegen.requant_fixed import check_mode
+
+        check_mode(requant)
+    elif requant != "float32-exact":
+        raise EdgekilnError("--requant applies to --to c (a .tflite always requantizes as the runtime running it)")
     art = load_cli_model(model, input_shape, data={"eval": data})
     if to == "tflite":
         _export_tflite(art, out, prefix, data)
     else:
-        _export_c(art, out, prefix, fuse)
+        _export_c(art, out, prefix, fuse, requant)
 
 
-def _export_c(model: ModelArtifact, out: Path, prefix: str, fuse: bool = True) -> None:
+def _export_c(model: ModelArtifact, out: Path, prefix: str, fuse: bool = True, requant: str = "float32-exact") -> None:
     from edgekiln.codegen.export import export_c, write_export_report
 
-    res = export_c(model.path, out, prefix=prefix, fuse=fuse, input_shapes=model.input_shapes)
+    res = export_c(model.path, out, prefix=prefix, fuse=fuse, input_shapes=model.input_shapes, requant=requant)
     write_export_report(res, model)
     d = res.to_dict()
     typer.echo(f"wrote {prefix}.h, {prefix}.c, ek_kernels.c/.h, CMakeLists.txt, main.c to {out}")
     typer.echo(f"arena {d['arena_bytes']} B (RAM incl. I/O {d['ram_bytes']} B), flash {d['flash_bytes']} B "
-               f"(weights {res.flash['weights']} B), {len(res.plan.schedule)} steps; report: {out}/report.md")
+               f"(weights {res.flash['weights']} B), {len(res.plan.schedule)} steps, requantization {requant}; "
+               f"report: {out}/report.md")
 
 
 def _export_tflite(model: ModelArtifact, out: Path, prefix: str, data: Path | None = None) -> None:

@@ -19,7 +19,8 @@ def verify_c_command(
     valgrind: bool = typer.Option(True, "--valgrind/--no-valgrind", help="Also run under valgrind if installed."),
     limit: int = typer.Option(None, "--limit", help="Use only the first N inputs."),
 ) -> None:
-    """Host-compile and run the C library; identical top-1, >= 99% identical int8 outputs, none off by > 1."""
+    """Host-compile and run the C library; identical top-1, >= 99% identical int8 outputs, none off by > 1
+    (against onnxruntime; a `--requant fixed-point` library against TFLite Micro: all identical)."""
     from rich.console import Console
     from rich.table import Table
 

@@ -17,6 +17,7 @@ import numpy as np
 from edgekiln.codegen.fast_kernels import FastKernel, choose, fast_arrays, scratch
 from edgekiln.codegen.ir import IntGraph, Op
 from edgekiln.codegen.planner import MemoryPlan
+from edgekiln.codegen.requant_fixed import FIXED_ATTR
 from edgekiln.errors import EdgekilnError
 from edgekiln.fileio import atomic_write_text
 
@@ -71,6 +72,24 @@ def check_prefix(prefix: str) -> str:
 def kernel_source(name: str) -> str:
     """The text of a packaged C kernel file (``ek_kernels.c`` or ``ek_kernels.h``)."""
     return resources.files("edgekiln.codegen").joinpath("c", name).read_text(encoding="utf-8")
+
+
+#: the line of ek_kernels.h that selects the requantization mode (see requant_fixed.py).
+_MODE_LINE = "#define EK_REQUANT_FIXED_POINT 0"
+
+
+def set_fixed_point(header: str) -> str:
+    """ek_kernels.h's text with the fixed-point requantization mode selected."""
+    if header.count(_MODE_LINE) != 1:
+        raise EdgekilnError("ek_kernels.h has no single EK_REQUANT_FIXED_POINT line to set")
+    return header.replace(_MODE_LINE, "#define EK_REQUANT_FIXED_POINT 1")
+
+
+def library_requant(lib_dir: str | Path) -> str:
+    """The requantization mode a written library was generated in, from its ek_kernels.h."""
+    header = Path(lib_dir) / "ek_kernels.h"
+    text = header.read_text(encoding="utf-8") if header.is_file() else ""
+    return "fixed-point" if "#define EK_REQUANT_FIXED_POINT 1" in text else "float32-exact"
 
 
 def _array(ctype: str, name: str, values: np.ndarray, attr: str = "") -> str:
@@ -340,6 +359,8 @@ def render_library(graph: IntGraph, plan: MemoryPlan, prefix: str) -> dict[str, 
         raise EdgekilnError("the model's output is its input (no computation): nothing to export")
     files = {f"{prefix}.h": render_header(graph, plan, prefix), f"{prefix}.c": render_source(graph, plan, prefix)}
     files.update({name: kernel_source(name) for name in KERNEL_FILES})
+    if any(op.attrs.get(FIXED_ATTR) for op in graph.ops):  # the multipliers are TFLM's: the kernels must know
+        files["ek_kernels.h"] = set_fixed_point(files["ek_kernels.h"])
     files["CMakeLists.txt"] = render_cmake(prefix)
     files["main.c"] = render_main(prefix)
     return files

@@ -10,16 +10,18 @@ from edgekiln.codegen.emit import check_prefix, write_library
 from edgekiln.codegen.fuse import lower_for_c
 from edgekiln.codegen.ir import IntGraph
 from edgekiln.codegen.planner import MemoryPlan, plan_memory, plot_live_memory
+from edgekiln.codegen.requant_fixed import FIXED_ATTR, FLOAT32_EXACT, apply_mode, check_mode
 from edgekiln.errors import EdgekilnError
 
 #: Cortex-M4 ``-mthumb -Os`` code bytes per kernel, measured with arm-none-eabi-gcc 12 on
 #: ek_kernels.c (``-ffunction-sections``); ``_call`` is the per-step call site in NAME.c and
 #: ``_ldiv`` libgcc's 64-bit division, pulled in by avg_pool and softmax; ``_conv_row`` the conv
 #: row helper shared by conv2d and the fused conv_pool; ``_requant_b32`` the float32-exact conv/FC
-#: requantization with its 24-bit rounding helper (186 + 154 B). lut_channel, gather, mul, pad, resize
-#: measured the same way (issue 20).
-CODE_BYTES = {"_requant": 178, "_call": 28, "_ldiv": 400, "_conv_row": 314, "_requant_b32": 340, "conv2d": 66,
-              "fully_connected": 108, "add": 108,
+#: requantization with its 24-bit rounding helper (186 + 154 B), ``_requant_fixed`` the fixed-point mode's
+#: (TFLite Micro's arithmetic, used instead). lut_channel, gather, mul, pad, resize measured the same way
+#: (issue 20).
+CODE_BYTES = {"_requant": 178, "_call": 28, "_ldiv": 400, "_conv_row": 314, "_requant_b32": 340,
+              "_requant_fixed": 166, "conv2d": 66, "fully_connected": 108, "add": 108,
               "requantize": 58, "max_pool": 164, "avg_pool": 360, "concat": 146, "softmax": 224,
               "transpose_nchw": 74, "reshape": 0, "conv_pool": 420, "lut": 26, "lut_channel": 52, "gather": 54,
               "mul": 246, "pad": 118, "resize": 376, "mean_lut": 94,
@@ -39,12 +41,15 @@ class CExport:
     files: list[Path]
     flash: dict[str, int] = field(default_factory=dict)
     fused: bool = False
+    #: requantization mode (edgekiln.codegen.requant_fixed.REQUANT_MODES)
+    requant: str = "float32-exact"
 
     def to_dict(self) -> dict[str, Any]:
         g = self.graph
         ti, to = g.tensors[g.input], g.tensors[g.output]
         return {
             "target": "c", "prefix": self.prefix, "files": [p.name for p in self.files], "fused": self.fused,
+            "requant": self.requant,
             "arena_bytes": self.plan.arena_bytes, "io_bytes": g.input_bytes + g.output_bytes,
             "ram_bytes": self.plan.arena_bytes + g.input_bytes + g.output_bytes,
             "flash_bytes": self.flash["total"], "flash": self.flash, "macs": g.macs,
@@ -82,7 +87,8 @@ def estimate_flash(graph: IntGraph) -> dict[str, int]:
     if kinds & {"conv2d", "conv_pool"}:
         code += CODE_BYTES["_conv_row"]
     if kinds & {"conv2d", "conv_pool", "fully_connected"} or any(fast):
-        code += CODE_BYTES["_requant_b32"]
+        fixed = any(op.attrs.get(FIXED_ATTR) for op in graph.ops)
+        code += CODE_BYTES["_requant_fixed" if fixed else "_requant_b32"]
     if kinds & {"avg_pool", "softmax", "conv_pool", "resize"}:
         code += CODE_BYTES["_ldiv"]
     return {"weights": weights, "params": params, "code_estimate": code, "total": weights + params + code}
@@ -118,11 +124,14 @@ def mcu_footprint(model: str | Path | Any, input_shapes: dict[str, tuple[int, ..
 
 
 def export_c(model: str | Path, out_dir: str | Path, *, prefix: str = "model", reorder: bool = True,
-             fuse: bool = True, input_shapes: dict[str, tuple[int, ...]] | None = None) -> CExport:
+             fuse: bool = True, input_shapes: dict[str, tuple[int, ...]] | None = None,
+             requant: str = FLOAT32_EXACT) -> CExport:
     """Lower a QDQ int8 ONNX model to a C99 library in ``out_dir``; plot and plan included.
 
     ``fuse`` (default) runs :func:`edgekiln.codegen.fuse.fuse_conv_pool`: conv -> pool pairs
     become one kernel that never stores the full conv output (a smaller arena). ``input_shapes`` fixes dynamic input dims (else 1).
+    ``requant``: ``float32-exact`` (bit-exact with onnxruntime) or ``fixed-point`` (with TFLite Micro,
+    :mod:`edgekiln.codegen.requant_fixed`; ops it cannot match are refused, named).
 
     >>> from edgekiln.codegen.testmodels import tiny_qdq_model
     >>> res = export_c(tiny_qdq_model("tiny_int8.onnx"), "out/c", prefix="tiny")
@@ -130,14 +139,15 @@ def export_c(model: str | Path, out_dir: str | Path, *, prefix: str = "model", r
     (272, ['tiny.c', 'tiny.h'])
     """
     check_prefix(prefix)
+    check_mode(requant)
     model = Path(model)
     if not model.is_file():
         raise EdgekilnError(f"{model}: no such ONNX file")
-    graph = lower_for_c(model, fuse=fuse, input_shapes=input_shapes)
+    graph = apply_mode(lower_for_c(model, fuse=fuse, input_shapes=input_shapes), requant)
     plan = plan_memory(graph, reorder=reorder)
     out_dir = Path(out_dir)
     files = write_library(graph, plan, out_dir, prefix)
-    return CExport(out_dir, prefix, graph, plan, files, estimate_flash(graph), fused=fuse)
+    return CExport(out_dir, prefix, graph, plan, files, estimate_flash(graph), fused=fuse, requant=requant)
 
 
 def render_markdown(res: CExport, model: str) -> str:
@@ -151,7 +161,7 @@ def render_markdown(res: CExport, model: str) -> str:
              f"- flash: **{d['flash_bytes']} B** = weights {res.flash['weights']} + parameters {res.flash['params']}"
              f" + code (estimate, Cortex-M4 -Os) {res.flash['code_estimate']}",
              f"- MACs: {d['macs']}; schedule reordered for memory: {res.plan.reordered}; "
-             f"conv->pool fusion: {res.fused}",
+             f"conv->pool fusion: {res.fused}; requantization: {res.requant}",
              "- layout: NHWC (channels last), batch 1; input quantization: "
              f"scale {d['input']['scale']:.6g}, zero point {d['input']['zero_point']}", "",
              md_table(["step", "op", "kind", "output (NHWC)", "MACs", "const B", "buffer", "live B"],

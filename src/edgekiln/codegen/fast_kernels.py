@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgekiln.codegen.ir import Op
+from edgekiln.codegen.requant_fixed import FIXED_ATTR
 
 #: most taps a depthwise kernel takes (its tap pointer array: 7x7 + the zero pad tap).
 MAX_DW_TAPS = 50
@@ -30,7 +31,8 @@ PACKED_SHIFT_RANGE = (1, 31)
 #: Cortex-M4 ``-mthumb -Os`` code bytes of one layer's specialised function (``op{i}_run`` with the kernel
 #: inlined), the largest measured with arm-none-eabi-gcc 12 on tests/golden/test_c_kernels_dsp.py's shapes
 #: (conv 800-1418, conv_maxpool2 924-1076, depthwise 752-784, pointwise 596-780, fc 516-676); every layer has its
-#: own copy. Layers without one share the portable kernels of ek_kernels.c.
+#: own copy. Layers without one share the portable kernels of ek_kernels.c. In the fixed-point requantization mode the
+#: same layers measured 70-150 B smaller (DS-CNN, MNIST CNN): these stay the bound.
 CODE_BYTES = {"conv": 1420, "conv_maxpool2": 1080, "depthwise": 790, "pointwise": 780, "fc": 680}
 
 
@@ -93,6 +95,17 @@ def pack_requant(mult: np.ndarray, shift: np.ndarray) -> np.ndarray | None:
     return (np.asarray(mult, np.int64) << 8) | t
 
 
+def pack_fixed(mult: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """The fixed-point mode's words (``ek_requant_fixed_pair``): per channel TFLM's multiplier ``q`` and
+    ``s = -shift - 1`` (-1: no right shift), as uint32 values in an int64 array.
+
+    >>> pack_fixed(np.array([1 << 30, 1 << 30]), np.array([-3, 0])).tolist()
+    [1073741824, 2, 1073741824, 4294967295]
+    """
+    words = np.stack([np.asarray(mult, np.int64), -np.asarray(shift, np.int64) - 1], axis=1).reshape(-1)
+    return words % (1 << 32)
+
+
 def fold_input_offset(bias: np.ndarray, weights: np.ndarray, input_zp: int) -> np.ndarray:
     """``bias - input_zp * sum(w)`` per output row, wrapped to int32 (the kernels add modulo 2^32 and the
     true accumulator fits in int32, so the result is exact)."""
@@ -132,8 +145,8 @@ def depthwise_weights(weights: np.ndarray) -> np.ndarray:
 
 
 def fast_arrays(op: Op, fk: FastKernel) -> dict[str, np.ndarray]:
-    """The arrays ``fk`` reads: weights, bias, and ``rq`` (packed) or ``mult``/``shift``; ``zp_row`` for a
-    padded depthwise layer."""
+    """The arrays ``fk`` reads: weights, bias, and ``rq`` (packed; :func:`pack_fixed` in the fixed-point
+    mode) or ``mult``/``shift``; ``zp_row`` for a padded depthwise layer."""
     arr = op.arrays
     out: dict[str, np.ndarray] = {}
     zp = int(op.attrs["input_zp"])
@@ -148,7 +161,8 @@ def fast_arrays(op: Op, fk: FastKernel) -> dict[str, np.ndarray]:
         out["bias"] = fold_input_offset(arr["bias"], arr["weights"], zp)
         if op.attrs["pad_top"] or op.attrs["pad_left"] or _pads_bottom_right(op):
             out["zp_row"] = np.full(op.attrs["in_c"], zp, np.int8)
-    packed = pack_requant(arr["mult"], arr["shift"])
+    packed = pack_fixed(arr["mult"], arr["shift"]) if op.attrs.get(FIXED_ATTR) else \
+        pack_requant(arr["mult"], arr["shift"])
     if packed is not None:
         out["rq"] = packed
     else:

@@ -5,7 +5,9 @@ Each kernel takes int8 arrays in C layout (NHWC, batch 1) plus the ``attrs``/``a
 the export-time checks keep every accumulator within int32, so the results are identical.
 Requantization of conv/FC accumulators is :func:`edgekiln.codegen.binary32.requant_binary32`
 (float32 rounding emulated in integers, as ONNX QLinearConv computes it); every other rescale is
-:func:`edgekiln.quant.fixed_point.multiply_by_quantized_multiplier`.
+:func:`edgekiln.quant.fixed_point.multiply_by_quantized_multiplier`. An op marked for the fixed-point
+mode (attribute ``requant_fixed``: conv, FC, Add, average pooling) computes as TFLite Micro does instead,
+with its two-rounding :func:`edgekiln.codegen.requant_fixed.requant_fixed`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ import numpy as np
 
 from edgekiln.codegen.binary32 import requant_binary32
 from edgekiln.codegen.ir import IntGraph, Op
+from edgekiln.codegen.requant_fixed import FIXED_ATTR, requant_fixed
 from edgekiln.quant.fixed_point import multiply_by_quantized_multiplier as mbqm
+
+
+def _requant_acc(acc: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.ndarray:
+    """A conv/FC accumulator requantized in the op's mode (float32-exact, or fixed-point when marked)."""
+    return (requant_fixed if a.get(FIXED_ATTR) else requant_binary32)(acc, arr["mult"], arr["shift"])
 
 
 def _sat(x: np.ndarray, lo: int = -128, hi: int = 127) -> np.ndarray:
@@ -53,21 +61,23 @@ def conv2d(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.n
         ws = w[gi * cout_g:(gi + 1) * cout_g]
         acc[..., gi * cout_g:(gi + 1) * cout_g] = np.einsum("hwijc,oijc->hwo", xs, ws)
     acc += arr["bias"].astype(np.int64)
-    y = requant_binary32(acc, arr["mult"], arr["shift"]) + a["output_zp"]
+    y = _requant_acc(acc, a, arr) + a["output_zp"]
     return _sat(y, a["act_min"], a["act_max"])[None]
 
 
 def fully_connected(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.ndarray:
     acc = (x.astype(np.int64) - a["input_zp"]) @ arr["weights"].astype(np.int64).T + arr["bias"]
-    y = requant_binary32(acc, arr["mult"], arr["shift"]) + a["output_zp"]
+    y = _requant_acc(acc, a, arr) + a["output_zp"]
     return _sat(y, a["act_min"], a["act_max"])
 
 
 def add(xa: np.ndarray, xb: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np.ndarray:
-    """out = zo + M_o * (M_a * ((qa - za) << 20) + M_b * ((qb - zb) << 20)), each M a rounded step."""
-    sa = mbqm((xa.astype(np.int64) - a["a_zp"]) << a["left_shift"], a["a_mult"], a["a_shift"])
-    sb = mbqm((xb.astype(np.int64) - a["b_zp"]) << a["left_shift"], a["b_mult"], a["b_shift"])
-    y = mbqm(sa + sb, a["out_mult"], a["out_shift"]) + a["output_zp"]
+    """out = zo + M_o * (M_a * ((qa - za) << 20) + M_b * ((qb - zb) << 20)), each M a rounded step
+    (one rounding each; two, as TFLite Micro's Add, in the fixed-point mode)."""
+    rq = requant_fixed if a.get(FIXED_ATTR) else mbqm
+    sa = rq((xa.astype(np.int64) - a["a_zp"]) << a["left_shift"], a["a_mult"], a["a_shift"])
+    sb = rq((xb.astype(np.int64) - a["b_zp"]) << a["left_shift"], a["b_mult"], a["b_shift"])
+    y = rq(sa + sb, a["out_mult"], a["out_shift"]) + a["output_zp"]
     return _sat(y, a["act_min"], a["act_max"])
 
 
@@ -88,16 +98,23 @@ def avg_pool(x: np.ndarray, a: dict[str, int], arr: dict[str, np.ndarray]) -> np
     (``nearbyintf(avg / y_scale + y_zero_point)``): with an odd zero point an exact .5 tie
     goes to the other neighbour than ``rint(avg / y_scale) + zo`` would. The input is read as the map
     ``(in_h, in_w, channels)`` of the attrs, as the C kernel reads it (a ReduceMean over one axis is a
-    ``1 x R`` window over ``(outer, R, inner)``, lower_reduce.py).
+    ``1 x R`` window over ``(outer, R, inner)``, lower_reduce.py). In the fixed-point mode TFLite Micro's:
+    MEAN over whole axes ``requant_fixed(sum(x - zi), mult, shift) + zo``; with ``mult == 0`` AVERAGE_POOL_2D,
+    the raw values' mean over the in-bounds window, ties away from zero.
     """
     x = x.reshape(1, a["in_h"], a["in_w"], a["channels"])
     win = _windows(x[0].astype(np.int64) - a["input_zp"], a, 0)
     total = win.sum(axis=(2, 3))
+    if a.get(FIXED_ATTR) and a["mult"]:  # TFLite Micro's MEAN: mult/shift divide by the (whole-axes) count too
+        return _sat(requant_fixed(total, a["mult"], a["shift"]) + a["output_zp"])[None]
     if a["count_include_pad"]:
         count = np.full(total.shape[:2], a["k_h"] * a["k_w"], np.int64)
     else:
         ones = _windows(np.ones(x.shape[1:3] + (1,), np.int64), a, 0)
         count = ones.sum(axis=(2, 3))[..., 0]
+    if a.get(FIXED_ATTR):  # TFLite Micro's AVERAGE_POOL_2D (one grid): the raw mean, ties away from zero
+        raw, c = total + a["input_zp"] * count[..., None], count[..., None]
+        return _sat(np.where(raw > 0, (raw + c // 2) // c, -((c // 2 - raw) // c)))[None]
     den = count[..., None] << (31 - a["shift"])
     y = div_round_half_even(total * a["mult"] + a["output_zp"] * den, den)
     return _sat(y)[None]

@@ -11,6 +11,11 @@ a float, so values within ~1e-6 of a rounding boundary can land on the other sid
 LSB then spreads through the later layers. The C output is also compared with the numpy integer reference, where it
 must be bit-exact.
 
+A library exported in the fixed-point mode (report.json ``requant: fixed-point``,
+:mod:`edgekiln.codegen.requant_fixed`) is compared with TFLite Micro's Python interpreter instead, running
+the ``.tflite`` that ``export --to tflite`` writes from the same QDQ model, and with the numpy reference of
+that mode; both must agree on every int8 output (:data:`FIXED_POINT_THRESHOLDS`).
+
 Also, when available: ``valgrind --error-exitcode=1`` on the host binary, and a Cortex-M4
 cross-compile (``arm-none-eabi-gcc -mcpu=cortex-m4 -mthumb -Os``) with section sizes.
 """
@@ -26,8 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from edgekiln.codegen.emit import library_requant
 from edgekiln.codegen.fuse import lower_for_c
 from edgekiln.codegen.ir import IntGraph
+from edgekiln.codegen.requant_fixed import FIXED_POINT, FLOAT32_EXACT, apply_mode, check_mode
 from edgekiln.errors import EdgekilnError
 
 HOST_CFLAGS = ("-std=c99", "-Wall", "-Wextra", "-Werror", "-O2")
@@ -37,6 +44,8 @@ MIN_IDENTICAL = 0.99
 #: library is compared with both and judged on the closer one, both are recorded.
 ORT_MODES: dict[str, dict[str, str] | None] = {"default": None, "int8_kept": {"session.qdqisint8allowed": "1"}}
 MAX_ABS_DIFF = 1
+#: (identical share, max |diff|) a fixed-point library must reach against TFLite Micro: all identical.
+FIXED_POINT_THRESHOLDS = (1.0, 0)
 
 
 @dataclass
@@ -53,11 +62,23 @@ class VerifyResult:
     #: onnxruntime mode the agreement numbers come from, and (identical, max diff) per mode.
     ort_mode: str = "default"
     ort_modes: dict[str, tuple[float, int]] = field(default_factory=dict)
+    #: the library's requantization mode; fixed-point: the agreement numbers are against TFLite Micro.
+    requant: str = FLOAT32_EXACT
+
+    @property
+    def runtime(self) -> str:
+        """The runtime the agreement numbers compare with."""
+        return "tflite-micro" if self.requant == FIXED_POINT else "onnxruntime"
+
+    @property
+    def thresholds(self) -> tuple[float, int]:
+        return FIXED_POINT_THRESHOLDS if self.requant == FIXED_POINT else (MIN_IDENTICAL, MAX_ABS_DIFF)
 
     @property
     def passed(self) -> bool:
-        return (self.top1_agree == self.n_inputs and self.identical_fraction >= MIN_IDENTICAL
-                and self.max_abs_diff <= MAX_ABS_DIFF and self.exact_vs_reference
+        min_same, max_diff = self.thresholds
+        return (self.top1_agree == self.n_inputs and self.identical_fraction >= min_same
+                and self.max_abs_diff <= max_diff and self.exact_vs_reference
                 and not self.valgrind.startswith("errors"))
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,17 +88,18 @@ class VerifyResult:
                 "arm_sizes": self.arm_sizes, "arm_note": self.arm_note, "onnxruntime_mode": self.ort_mode,
                 "onnxruntime_modes": {k: {"identical_fraction": v[0], "max_abs_diff": v[1]}
                                       for k, v in self.ort_modes.items()},
-                "thresholds": {"identical_fraction": MIN_IDENTICAL, "max_abs_diff": MAX_ABS_DIFF}}
+                "requant": self.requant, "compared_with": self.runtime,
+                "thresholds": {"identical_fraction": self.thresholds[0], "max_abs_diff": self.thresholds[1]}}
 
 
-def _lib_info(lib_dir: Path, model: str | Path | None) -> tuple[str, Path, bool]:
+def _lib_info(lib_dir: Path, model: str | Path | None) -> tuple[str, Path, bool, str]:
     from edgekiln.models.run_folder import RunFolder
 
     run = RunFolder(lib_dir)
     meta = run.report() if run.is_run_folder() else {}
     prefix = meta.get("prefix")
     if prefix is None:
-        heads = [p.stem for p in lib_dir.glob("*.h") if p.name != "ek_kernels.h"]
+        heads = [p.stem for p in lib_dir.glob("*.h") if not p.name.startswith("ek_kernels")]
         if len(heads) != 1:
             raise EdgekilnError(f"{lib_dir}: not an edgekiln C library (no report.json and {len(heads)} headers)")
         prefix = heads[0]
@@ -92,8 +114,9 @@ def _lib_info(lib_dir: Path, model: str | Path | None) -> tuple[str, Path, bool]
         model_path = Path("")
     if not model_path.is_file():
         raise EdgekilnError(f"{lib_dir}: cannot find the QDQ model ({model_path or 'not recorded'}); pass --model")
-    # NOTE: libraries written before fusion existed have no "fused" key and were unfused.
-    return prefix, model_path, bool(meta.get("fused", False))
+    # NOTE: libraries written before fusion existed have no "fused" key and were unfused; the mode is the
+    # one the library's ek_kernels.h was generated in (no report.json, or one from before the modes)
+    return prefix, model_path, bool(meta.get("fused", False)), check_mode(meta.get("requant", library_requant(lib_dir)))
 
 
 def _input_names(model_path: Path) -> list[str]:
@@ -208,7 +231,9 @@ def arm_section_sizes(lib_dir: Path, prefix: str, work: Path) -> tuple[dict[str,
 def verify_c(lib_dir: str | Path, data: str | Path, *, model: str | Path | None = None,
              valgrind: bool = True, valgrind_inputs: int = 10, limit: int | None = None) -> VerifyResult:
     """Compile ``lib_dir`` with gcc, run it on ``data`` (npz with ``x``, or one array per input name
-    for a model with several inputs), compare with onnxruntime.
+    for a model with several inputs), compare with onnxruntime, or for a library in the fixed-point
+    requantization mode with TFLite Micro (:func:`tflm_int8_outputs`), and with the numpy reference of
+    the library's mode.
 
     >>> verify_c("out/c", "eval.npz").passed    # doctest: +SKIP
     True
@@ -216,7 +241,7 @@ def verify_c(lib_dir: str | Path, data: str | Path, *, model: str | Path | None 
     from edgekiln.codegen.reference import run_graph
 
     lib_dir = Path(lib_dir)
-    prefix, model_path, fused = _lib_info(lib_dir, model)
+    prefix, model_path, fused, requant = _lib_info(lib_dir, model)
     names = _input_names(model_path)
     try:
         with np.load(data) as z:
@@ -226,8 +251,9 @@ def verify_c(lib_dir: str | Path, data: str | Path, *, model: str | Path | None 
         raise EdgekilnError(f"{data}: cannot read {want} from the npz ({exc})") from exc
     if limit:
         arrays = {k: v[:limit] for k, v in arrays.items()}
-    graph = lower_for_c(model_path, fuse=fused,  # the reference runs the very ops the C runs
-                        input_shapes={k: (1, *v.shape[1:]) for k, v in arrays.items()})
+    shapes = {k: (1, *v.shape[1:]) for k, v in arrays.items()}
+    # the reference runs the very ops the C runs, in its requantization mode
+    graph = apply_mode(lower_for_c(model_path, fuse=fused, input_shapes=shapes), requant)
     for name, shape in graph.onnx_inputs:
         if tuple(arrays[name].shape[1:]) != tuple(shape[1:]):
             raise EdgekilnError(f"{data}: inputs have shape {arrays[name].shape[1:]}, the model expects "
@@ -251,31 +277,65 @@ def verify_c(lib_dir: str | Path, data: str | Path, *, model: str | Path | None 
         arm_sizes, arm_note = arm_section_sizes(lib_dir, prefix, work)
     ref = np.stack([run_graph(graph, qi[None]).reshape(-1) for qi in q])
     first = graph.tensors[graph.output].size  # top-1 of the first output when several are packed
-    modes: dict[str, tuple[float, int, int]] = {}
-    for mode, config in ORT_MODES.items():
-        ort_out = ort_int8_outputs(model_path, graph, q, config).reshape(len(q), -1)
-        diff = np.abs(c_out.astype(np.int64) - ort_out.astype(np.int64))
-        modes[mode] = (float((diff == 0).mean()), int(diff.max(initial=0)),
-                       int((c_out[:, :first].argmax(1) == ort_out[:, :first].argmax(1)).sum()))
+
+    def agreement(other: np.ndarray) -> tuple[float, int, int]:
+        diff = np.abs(c_out.astype(np.int64) - other.astype(np.int64))
+        return (float((diff == 0).mean()), int(diff.max(initial=0)),
+                int((c_out[:, :first].argmax(1) == other[:, :first].argmax(1)).sum()))
+
+    common = dict(n_inputs=len(q), exact_vs_reference=bool(np.array_equal(c_out, ref)), valgrind=vg,
+                  arm_sizes=arm_sizes, arm_note=arm_note, requant=requant)
+    if requant == FIXED_POINT:
+        same, worst, top1 = agreement(tflm_int8_outputs(model_path, shapes, q))
+        return VerifyResult(top1_agree=top1, identical_fraction=same, max_abs_diff=worst, ort_mode="-", **common)
+    modes = {mode: agreement(ort_int8_outputs(model_path, graph, q, config).reshape(len(q), -1))
+             for mode, config in ORT_MODES.items()}
     best = max(modes, key=lambda m: (modes[m][2], modes[m][0], -modes[m][1]))
     same, worst, top1 = modes[best]
-    return VerifyResult(
-        n_inputs=len(q), top1_agree=top1, identical_fraction=same, max_abs_diff=worst,
-        exact_vs_reference=bool(np.array_equal(c_out, ref)), valgrind=vg, arm_sizes=arm_sizes, arm_note=arm_note,
-        ort_mode=best, ort_modes={m: (v[0], v[1]) for m, v in modes.items()})
+    return VerifyResult(top1_agree=top1, identical_fraction=same, max_abs_diff=worst, ort_mode=best,
+                        ort_modes={m: (v[0], v[1]) for m, v in modes.items()}, **common)
+
+
+def tflm_int8_outputs(model_path: Path, shapes: dict[str, tuple[int, ...]], q_inputs: np.ndarray) -> np.ndarray:
+    """TFLite Micro's int8 outputs, ``(N, output_bytes)`` packed as the C output buffer, for int8 inputs in C
+    layout: the ``.tflite`` is the one ``export --to tflite`` writes (the unfused integer graph)."""
+    from edgekiln.codegen.ir import load_qdq
+    from edgekiln.codegen.tflite.writer import write_tflite
+
+    try:
+        import tflite_micro  # noqa: F401
+
+        from edgekiln.codegen.tflite.check import run_tflm_int8
+    except ImportError as exc:
+        raise EdgekilnError(f"verifying a fixed-point library needs TFLite Micro's interpreter ({exc.name} is not "
+                            "installed: pip install tflite-micro)") from None
+    g = load_qdq(model_path, shapes)
+    flat = q_inputs.reshape(len(q_inputs), -1)
+    xs = [flat[:, off:off + g.tensors[i].size].reshape(len(flat), *g.tensors[i].shape)
+          for i, off in zip(g.inputs, g.input_offsets, strict=True)]
+    with tempfile.TemporaryDirectory(prefix="ek-verify-tflm-") as tmp:
+        path = write_tflite(g, Path(tmp) / "model.tflite")
+        ys = run_tflm_int8(path, xs)
+    return np.concatenate([y.reshape(len(flat), -1) for y in ys], axis=1)
 
 
 def summary_rows(res: VerifyResult) -> list[list[str]]:
     """Rows for a summary table: check, measured, threshold, ok."""
     ok = "ok"
-    return [
+    min_same, max_diff = res.thresholds
+    rt = "TFLM" if res.requant == FIXED_POINT else "ORT"
+    rows = [
+        ["requantization", res.requant, "-", ok],
         ["top-1 identical", f"{res.top1_agree}/{res.n_inputs}", "all", ok if res.top1_agree == res.n_inputs else "FAIL"],
-        ["int8 outputs identical", f"{res.identical_fraction:.4%}", f">= {MIN_IDENTICAL:.0%}",
-         ok if res.identical_fraction >= MIN_IDENTICAL else "FAIL"],
-        ["max |C - ORT| (LSB)", str(res.max_abs_diff), f"<= {MAX_ABS_DIFF}",
-         ok if res.max_abs_diff <= MAX_ABS_DIFF else "FAIL"],
-        ["onnxruntime mode (closer)", res.ort_mode + "; " + ", ".join(
-            f"{m} {v[0]:.4%} max {v[1]}" for m, v in res.ort_modes.items()), "-", ok],
+        [f"int8 outputs identical to {res.runtime}", f"{res.identical_fraction:.4%}", f">= {min_same:.0%}",
+         ok if res.identical_fraction >= min_same else "FAIL"],
+        [f"max |C - {rt}| (LSB)", str(res.max_abs_diff), f"<= {max_diff}",
+         ok if res.max_abs_diff <= max_diff else "FAIL"],
+    ]
+    if res.ort_modes:
+        rows.append(["onnxruntime mode (closer)", res.ort_mode + "; " + ", ".join(
+            f"{m} {v[0]:.4%} max {v[1]}" for m, v in res.ort_modes.items()), "-", ok])
+    return rows + [
         ["C == numpy reference", str(res.exact_vs_reference), "bit-exact", ok if res.exact_vs_reference else "FAIL"],
         ["valgrind", res.valgrind, "clean", "FAIL" if res.valgrind.startswith("errors") else ok],
         ["cortex-m4 sizes", ", ".join(f"{k} {v}" for k, v in res.arm_sizes.items()) if res.arm_sizes

@@ -109,6 +109,56 @@ int32_t ek_requant_b32(int32_t acc, int32_t mant, int32_t rshift) {
     return acc < 0 ? -(int32_t)q : (int32_t)q;
 }
 
+/* TFLite's MultiplyByQuantizedMultiplier for a multiplier below 1 (shift <= 0; the export refuses others):
+ * x = floor((acc * mult + 2^30) / 2^31) (gemmlowp's saturating rounding doubling high multiply; it cannot
+ * saturate, mult > 0), then x / 2^-shift rounded to nearest, ties away from zero. */
+int32_t ek_requant_fixed(int32_t acc, int32_t mult, int32_t shift) {
+    const int32_t right = -shift;
+    const int32_t x = (int32_t)ek_floor_shift((int64_t)acc * (int64_t)mult + ((int64_t)1 << 30), 31);
+    uint32_t mask, rem, threshold;
+    if (right <= 0) {
+        return x;
+    }
+    mask = ((uint32_t)1 << right) - 1u;
+    rem = (uint32_t)x & mask;
+    threshold = (mask >> 1) + (x < 0 ? 1u : 0u);
+    return (int32_t)ek_floor_shift(x, right) + (rem > threshold ? 1 : 0);
+}
+
+#if EK_REQUANT_FIXED_POINT
+#define EK_REQUANT_ACC ek_requant_fixed
+#define EK_REQUANT_ADD ek_requant_fixed
+#else
+#define EK_REQUANT_ACC ek_requant_b32
+#define EK_REQUANT_ADD ek_requant
+#endif
+
+/* The average of a pooling window as int8 from sum(x - input_zp) over its `count` in-bounds values;
+ * t = 31 - p->shift. float32-exact: one exact rounding (half to even) of sum * mult / (count << t) + output_zp,
+ * the zero point joining before the rounding as in onnxruntime's QLinearAveragePool. Fixed-point: TFLite
+ * Micro's MEAN over whole axes, mult/shift dividing by the constant count too (requant_fixed.py), or with
+ * mult 0 its AVERAGE_POOL_2D (input and output on one grid, count = the in-bounds values). */
+static int32_t ek_pool_average(const ek_pool_params *p, int32_t sum, int32_t count, int32_t t) {
+#if EK_REQUANT_FIXED_POINT
+    int64_t q;
+    (void)t;
+    if (p->mult == 0) { /* TFLite Micro's AVERAGE_POOL_2D, one grid: the raw values' mean, ties away from zero */
+        const int32_t raw = sum + p->input_zp * count;
+        q = raw > 0 ? (raw + count / 2) / count : (raw - count / 2) / count;
+    } else {
+        q = (int64_t)ek_requant_fixed(sum, p->mult, p->shift) + p->output_zp;
+    }
+#else
+    int64_t q, den;
+    if (p->count_include_pad) {
+        count = p->k_h * p->k_w;
+    }
+    den = (int64_t)count << t;
+    q = ek_div_round_half_even((int64_t)sum * p->mult + (int64_t)p->output_zp * den, den);
+#endif
+    return (int32_t)(q < -128 ? -128 : (q > 127 ? 127 : q));
+}
+
 /* One output row `oy` of the convolution into out_row (out_w * out_c values). */
 static void ek_conv_row(const ek_conv_params *p, const int8_t *in, const int8_t *weights, const int32_t *bias,
                         const int32_t *mult, const int32_t *shift, int32_t oy, int8_t *out_row) {
@@ -139,7 +189,7 @@ static void ek_conv_row(const ek_conv_params *p, const int8_t *in, const int8_t 
                     }
                 }
             }
-            acc = ek_requant_b32(acc, mult[oc], shift[oc]) + p->output_zp;
+            acc = EK_REQUANT_ACC(acc, mult[oc], shift[oc]) + p->output_zp;
             out_row[(int32_t)ox * p->out_c + oc] = ek_clamp8(acc, p->act_min, p->act_max);
         }
     }
@@ -206,13 +256,7 @@ void ek_conv_pool(const ek_conv_pool_params *p, const int8_t *in, const int8_t *
                     }
                 }
                 if (p->is_avg) {
-                    int64_t q;
-                    if (pp->count_include_pad) {
-                        count = pp->k_h * pp->k_w;
-                    }
-                    const int64_t den = (int64_t)count << t;
-                    q = ek_div_round_half_even((int64_t)sum * pp->mult + (int64_t)pp->output_zp * den, den);
-                    best = (int32_t)(q < -128 ? -128 : (q > 127 ? 127 : q));
+                    best = ek_pool_average(pp, sum, count, t);
                 }
                 out[((int32_t)oy * pp->out_w + ox) * pp->channels + c] = (int8_t)best;
             }
@@ -229,7 +273,7 @@ void ek_fully_connected(const ek_fc_params *p, const int8_t *in, const int8_t *w
         for (i = 0; i < p->in_features; ++i) {
             acc += ((int32_t)in[i] - p->input_zp) * (int32_t)w[i];
         }
-        acc = ek_requant_b32(acc, mult[o], shift[o]) + p->output_zp;
+        acc = EK_REQUANT_ACC(acc, mult[o], shift[o]) + p->output_zp;
         out[o] = ek_clamp8(acc, p->act_min, p->act_max);
     }
 }
@@ -240,8 +284,8 @@ void ek_add(const ek_add_params *p, const int8_t *a, const int8_t *b, int8_t *ou
         /* (x - zp) * 2^left_shift fits in int32: |x - zp| <= 255 and left_shift is 20. */
         const int32_t xa = ((int32_t)a[i] - p->a_zp) * ((int32_t)1 << p->left_shift);
         const int32_t xb = ((int32_t)b[i] - p->b_zp) * ((int32_t)1 << p->left_shift);
-        const int32_t sum = ek_requant(xa, p->a_mult, p->a_shift) + ek_requant(xb, p->b_mult, p->b_shift);
-        out[i] = ek_clamp8(ek_requant(sum, p->out_mult, p->out_shift) + p->output_zp, p->act_min, p->act_max);
+        const int32_t sum = EK_REQUANT_ADD(xa, p->a_mult, p->a_shift) + EK_REQUANT_ADD(xb, p->b_mult, p->b_shift);
+        out[i] = ek_clamp8(EK_REQUANT_ADD(sum, p->out_mult, p->out_shift) + p->output_zp, p->act_min, p->act_max);
     }
 }
 
@@ -290,7 +334,6 @@ void ek_avg_pool(const ek_pool_params *p, const int8_t *in, int8_t *out) {
             for (c = 0; c < p->channels; ++c) {
                 int32_t sum = 0;
                 int32_t count = 0;
-                int64_t q, den;
                 for (ky = 0; ky < p->k_h; ++ky) {
                     const int32_t iy = oy * p->stride_h - p->pad_top + ky;
                     if (iy < 0 || iy >= p->in_h) {
@@ -305,19 +348,7 @@ void ek_avg_pool(const ek_pool_params *p, const int8_t *in, int8_t *out) {
                         count += 1;
                     }
                 }
-                if (p->count_include_pad) {
-                    count = p->k_h * p->k_w;
-                }
-                /* the zero point joins before the rounding, as in onnxruntime's QLinearAveragePool */
-                den = (int64_t)count << t;
-                q = ek_div_round_half_even((int64_t)sum * p->mult + (int64_t)p->output_zp * den, den);
-                if (q < -128) {
-                    q = -128;
-                }
-                if (q > 127) {
-                    q = 127;
-                }
-                out[((int32_t)oy * p->out_w + ox) * p->channels + c] = (int8_t)q;
+                out[((int32_t)oy * p->out_w + ox) * p->channels + c] = (int8_t)ek_pool_average(p, sum, count, t);
             }
         }
     }

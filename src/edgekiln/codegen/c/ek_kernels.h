@@ -8,11 +8,17 @@
  * i.e. one rounding of the exact 64-bit product, ties toward +infinity, saturated to int32.
  * Conv and fully connected use ek_requant_b32 instead: rint(float32(float32(acc) * s)) for the
  * float32 scale s = mant * 2^-rshift, computed with integers only (as ONNX QLinearConv rounds).
+ * In the fixed-point mode (export --requant fixed-point) conv, FC and Add use ek_requant_fixed instead:
+ * TFLite Micro's two roundings (doubling high multiply, rounding shift), bit-exact with TFLM / CMSIS-NN.
  */
 #ifndef EK_KERNELS_H
 #define EK_KERNELS_H
 
 #include <stdint.h>
+
+/* The export's requantization mode, written by edgekiln (the multipliers in NAME.c are in its format):
+ * 0 float32-exact, 1 fixed-point. Not a user option: changing it here breaks the library. */
+#define EK_REQUANT_FIXED_POINT 0
 
 typedef struct {
     int32_t in_h, in_w, in_c, out_h, out_w, out_c;
@@ -106,6 +112,7 @@ typedef struct {
 
 int32_t ek_requant(int32_t acc, int32_t mult, int32_t shift);
 int32_t ek_requant_b32(int32_t acc, int32_t mant, int32_t rshift);
+int32_t ek_requant_fixed(int32_t acc, int32_t mult, int32_t shift);
 
 void ek_conv2d(const ek_conv_params *p, const int8_t *in, const int8_t *weights, const int32_t *bias,
                const int32_t *mult, const int32_t *shift, int8_t *out);

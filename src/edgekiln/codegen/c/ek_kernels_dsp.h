@@ -20,7 +20,9 @@
  *  - depthwise: per block of 4 channels and pair of taps (t0, t1), two words
  *    (w[t0][c0], w[t0][c2], w[t1][c0], w[t1][c2]), (w[t0][c1], w[t0][c3], w[t1][c1], w[t1][c3]); an odd tap
  *    count is padded with a zero-weight tap; bias folded as for GEMM; padded taps read a row of zero points.
- *  - requantization: one word per channel, (mant << 8) | (rshift - 24), see ek_requant_b32_packed.
+ *  - requantization: one word per channel, (mant << 8) | (rshift - 24), see ek_requant_b32_packed; in the
+ *    fixed-point mode (EK_REQUANT_FIXED_POINT) two, TFLite Micro's multiplier q and s = -shift - 1, see
+ *    ek_requant_fixed_pair.
  *
  * Needs a little-endian target for the DSP path (every Cortex-M is); the portable path assembles
  * words from bytes and runs on any host.
@@ -147,11 +149,45 @@ EK_INLINE int32_t ek_requant_b32_packed(int32_t acc, uint32_t m) {
     return acc < 0 ? -q : q;
 }
 
-/* Requantize, add the output zero point, clamp, as int8. rq: packed words (fast) or NULL with mult/shift. */
+/* uint32 -> int32 bits without implementation-defined conversions. */
+EK_INLINE int32_t ek_as_i32(uint32_t v) { return v <= 0x7FFFFFFFu ? (int32_t)v : -(int32_t)(~v) - 1; }
+
+/* ek_requant_fixed (TFLite Micro's arithmetic) from one word pair rq = (q, s), s = -shift - 1.
+ * With a right shift r = s + 1 >= 1 the doubling high multiply x = floor((acc*q + 2^30) / 2^31) and the rounding
+ * shift (x / 2^r, ties away from zero) fold into one 64-bit sum, because nested floors of divisions compose:
+ *     y = floor((acc*q + 2^30 + 2^(31+s) - [acc < 0] * 2^31) / 2^(32+s)) = (high word) >> s
+ * (the -2^31 moves a negative tie away from zero, as the rounding shift does for x < 0; acc < 0 with x == 0
+ * gives 0 either way). One SMLAL and a few ALU instructions; s = -1 (no shift) takes ek_requant_fixed.
+ * GCC/Clang shift signed values arithmetically; other compilers take ek_requant_fixed. */
+EK_INLINE int32_t ek_requant_fixed_pair(int32_t acc, const uint32_t *rq) {
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(EK_NO_BUILTINS)
+    const int32_t q = (int32_t)rq[0], s = (int32_t)rq[1];
+    uint32_t t;
+    int64_t k, v;
+    if (s < 0) {
+        return ek_requant_fixed(acc, q, 0);
+    }
+    t = 1u << s;
+    k = (int64_t)(((uint64_t)(t >> 1) << 32) | (0x40000000u | (t << 31)));  /* 2^30 + 2^(31+s) */
+    v = (int64_t)acc * q + k + (int64_t)(int32_t)((uint32_t)acc & 0x80000000u);
+    return (int32_t)(v >> 32) >> s;
+#else
+    return ek_requant_fixed(acc, ek_as_i32(rq[0]), -ek_as_i32(rq[1]) - 1);
+#endif
+}
+
+/* Requantize, add the output zero point, clamp, as int8. rq: packed words (fast) or NULL with mult/shift;
+ * in the fixed-point mode always rq, two words per channel (ek_requant_fixed_pair). */
 EK_INLINE int8_t ek_requant_out(int32_t acc, const uint32_t *rq, const int32_t *mult, const int32_t *shift,
                                 int32_t c, int32_t output_zp, int32_t act_min, int32_t act_max) {
+#if EK_REQUANT_FIXED_POINT
+    int32_t y = ek_sat8(ek_requant_fixed_pair(acc, rq + 2 * c) + output_zp);
+    (void)mult;
+    (void)shift;
+#else
     int32_t y = ek_sat8((rq != 0 ? ek_requant_b32_packed(acc, rq[c]) : ek_requant_b32(acc, mult[c], shift[c]))
                         + output_zp);
+#endif
     if (act_min > -128) {
         y = y < act_min ? act_min : y;
     }

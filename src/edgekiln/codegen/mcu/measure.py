@@ -23,8 +23,6 @@ from edgekiln.errors import EdgekilnError
 
 DEFAULT_LIMIT = 10
 SYNTHETIC_SEED = 0
-#: the requantization mode an export without a ``requant`` key used (the only one before issue 21).
-DEFAULT_REQUANT = "float32-exact"
 
 
 def find_library(path: Path) -> Path:
@@ -114,9 +112,11 @@ def measure_mcu(path: str | Path, *, cpu: str = "cortex-m4", opt: str = "O2", da
     ``sizes`` (the library as linked: text = code + constants, data, bss), ``arena_bytes``,
     ``stack_bytes``, ``outputs_match`` and the tools' versions. ``build_dir`` keeps the ELF files.
     """
+    from edgekiln.codegen.emit import library_requant
     from edgekiln.codegen.fuse import lower_for_c
     from edgekiln.codegen.planner import plan_memory
     from edgekiln.codegen.reference import run_graph
+    from edgekiln.codegen.requant_fixed import apply_mode
 
     require_tools()
     cflags(cpu, opt)  # an unknown --cpu or --opt fails before any work
@@ -125,7 +125,9 @@ def measure_mcu(path: str | Path, *, cpu: str = "cortex-m4", opt: str = "O2", da
     lib_dir = find_library(Path(path))
     meta = _export_meta(lib_dir)
     model_path, shapes = _model(lib_dir, model, meta)
-    graph = lower_for_c(model_path, fuse=bool(meta.get("fused", True)), input_shapes=shapes)
+    # the expected outputs come from the reference of the export's requantization mode
+    requant = meta.get("requant", library_requant(lib_dir))
+    graph = apply_mode(lower_for_c(model_path, fuse=bool(meta.get("fused", True)), input_shapes=shapes), requant)
     q, source = _inputs(graph, data, limit)
     expected = np.stack([run_graph(graph, qi).reshape(-1) for qi in q])
     run = run_on_qemu(lib_dir, q, cpu=cpu, opt=opt, expected=expected, per_layer=True,
@@ -138,7 +140,7 @@ def measure_mcu(path: str | Path, *, cpu: str = "cortex-m4", opt: str = "O2", da
     identical = float((run.outputs == expected).mean())
     return {
         "library": str(lib_dir), "prefix": library_prefix(lib_dir), "model_path": str(model_path),
-        "requant": meta.get("requant", DEFAULT_REQUANT),
+        "requant": requant,
         "cpu": cpu, "board": CPUS[cpu].machine, "opt": opt, "cflags": run.cflags, "tools": _tool_versions(),
         "inputs": {"source": source, "n": len(q)},
         "macs": int(graph.macs), "instructions_per_inference": total,
