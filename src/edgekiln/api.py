@@ -104,6 +104,7 @@ def fits(model: PathLike, target: str, *, precision: str | None = None, max_late
     from edgekiln.models.run_folder import RunFolder, precision_of
     from edgekiln.search.trial import c_backend_footprint
     from edgekiln.targets.fit import estimate_fit
+    from edgekiln.targets.kernel_kinds import macs_by_kernel_kind
     from edgekiln.targets.profiles import load_profile
     from edgekiln.targets.units import parse_bytes
 
@@ -126,6 +127,7 @@ def fits(model: PathLike, target: str, *, precision: str | None = None, max_late
                           code_bytes=c_fp.flash["code_estimate"] if c_fp else 0,
                           peak_activation_bytes=c_fp.ram_bytes if c_fp else info.peak_activation_bytes,
                           io_bytes=0 if c_fp else info.io_bytes, macs=info.macs, precision=prec,
+                          macs_by_kind=macs_by_kernel_kind(art.path, info.layers),
                           measured_latency_ms=measured, max_latency_ms=max_latency_ms,
                           max_ram_bytes=nbytes(max_ram), max_flash_bytes=nbytes(max_flash))
     report = replace(report, ram_source="C backend memory plan (arena incl. I/O)" if c_fp else
@@ -410,7 +412,8 @@ def optimize(model: PathLike | None = None, *, out: PathLike, target: str | None
 
     ``recipe`` is a YAML file, its dict or a :class:`~edgekiln.search.recipe.Recipe`; the other
     arguments override its fields (see :func:`make_recipe`). The run folder is ``out``; its
-    ``model.onnx`` is the selected model; ``on_trial`` is called with each finished candidate.
+    ``model.onnx`` is the selected model (on a microcontroller target also its C library, ``c/``,
+    verified and, with QEMU installed, measured); ``on_trial`` is called with each finished candidate.
 
     >>> import tempfile
     >>> from edgekiln.testing.tiny import random_npz, tiny_conv_onnx
@@ -418,8 +421,8 @@ def optimize(model: PathLike | None = None, *, out: PathLike, target: str | None
     >>> calib, ev = (random_npz(tmp / f"{n}.npz", (1, 1, 8, 8), n=16, seed=s) for n, s in (("c", 1), ("e", 2)))
     >>> res = optimize(tiny_conv_onnx(tmp / "m.onnx"), target="cortex-m7", calib=calib, eval=ev,
     ...                constraints={"max_drop": 1.0}, search={"trials": 2}, out=tmp / "o")
-    >>> res.selected is not None, (tmp / "o" / "report.json").is_file()
-    (True, True)
+    >>> res.selected is not None, (tmp / "o" / "report.json").is_file(), (tmp / "o" / "c" / "model.h").is_file()
+    (True, True, True)
     """
     from edgekiln.search.optimize import optimize as run_search
 

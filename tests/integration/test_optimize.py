@@ -27,7 +27,7 @@ def _recipe(digits, **search):
     return Recipe.from_dict({
         "model": str(digits / "model.onnx"), "calib": str(digits / "calib.npz"), "eval": str(digits / "eval.npz"),
         "target": "cortex-m7", "constraints": {"max_drop": 0.03},
-        "search": {"trials": 4, "seed": 0, "bench_runs": 20, **search},
+        "search": {"trials": 4, "seed": 0, "bench_runs": 20, "mcu_library": False, **search},
     })
 
 

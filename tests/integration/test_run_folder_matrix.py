@@ -137,7 +137,7 @@ def test_transforming_command_on_run_folder(request, tmp_path, producer, consume
     model = src.read()
     out = tmp_path / "out"
     if consumer == "optimize":
-        argv = ["optimize", str(src.path), "--target", "cortex-m7", "--trials", "1", "--quiet"]
+        argv = ["optimize", str(src.path), "--target", "cortex-m7", "--trials", "1", "--no-mcu-library", "--quiet"]
     else:
         argv = [consumer, str(src.path), *TORCH_CONSUMERS[consumer]]
         if "train" not in model.data:   # federate's data stays with its clients: the user names it

@@ -37,7 +37,8 @@ def runs(tmp_path_factory):
     assert q.returncode == 0, q.stderr[-2000:]
     optimize(Recipe.from_dict({"model": str(d / "m.onnx"), "calib": str(d / "calib.npz"), "eval": str(d / "eval.npz"),
                                "target": "cortex-m7", "constraints": {"max_drop": 1.0},
-                               "search": {"trials": 2, "seed": 0, "bench_runs": 10}}), d / "O", quiet=True)
+                               "search": {"trials": 2, "seed": 0, "bench_runs": 10, "mcu_library": False}}), d / "O",
+             quiet=True)
     np.save(d / "x.npy", np.random.default_rng(0).standard_normal((1, 1, 8, 8)).astype(np.float32))
     return d
 

@@ -35,6 +35,10 @@ def optimize_command(
     workers: int = typer.Option(None, "--workers", help="Trials run in parallel on this machine."),
     executor: str = typer.Option(None, "--executor", help="local | ray"),
     address: str = typer.Option(None, "--address", help="Ray cluster address (with --executor ray)."),
+    mcu_library: bool = typer.Option(None, "--mcu-library/--no-mcu-library", help="Microcontroller targets: "
+                                     "judge each candidate by its C library, run on the emulated CPU (QEMU) where "
+                                     "installed, and write the selected one to OUT/c with its verify-c and "
+                                     "measure-mcu results (default); --no-mcu-library: estimates only, no c/."),
     out: Path = typer.Option(..., "--out", help="Run folder to write."),
     resume: bool = typer.Option(False, "--resume", help="Continue the search stored in --out."),
     quiet: bool = typer.Option(False, "--quiet"),
@@ -53,7 +57,7 @@ def optimize_command(
         ("max_flash_bytes", parse_bytes(max_flash) if max_flash else None)) if value is not None}
     search = {key: value for key, value in (
         ("trials", trials), ("timeout_s", timeout), ("seed", seed), ("workers", workers), ("executor", executor),
-        ("ray_address", address)) if value is not None}
+        ("ray_address", address), ("mcu_library", mcu_library)) if value is not None}
     rec = make_recipe(model, recipe=base, target=target, calib=calib, eval=eval_, metric=metric,
                       input_shapes=input_shape or None, constraints=constraints, search=search)
     if not quiet:
@@ -79,6 +83,8 @@ def _run(optimize, rec, out, resume, quiet):  # noqa: ANN001, ANN202 - thin prog
         def on_trial(c):  # noqa: ANN001, ANN202
             status = "fits" if c.feasible else (c.state if c.state != "complete" else "no fit")
             lat = f" {c.latency_ms_host:.3g} ms" if c.latency_ms_host is not None else ""
+            if c.mcu and "instructions" in c.mcu:   # its C library, measured on the emulated CPU
+                lat = f" {c.mcu['instructions']:,} instructions ({c.latency_ms_target_est:.3g} ms on {rec.target})"
             if not quiet:
                 bar.console.print(f"trial #{c.number} {c.label}: {status}{lat}, drop {_num(c.drop)} ({c.seconds:.0f} s)"
                                   + (f" — {c.error[:240]}" if c.error else ""))
@@ -116,7 +122,10 @@ def _print_summary(result, rec) -> None:  # noqa: ANN001
     if versus.is_file():
         import json
 
-        v = json.loads(versus.read_text()).get("vs_fp32") or {}
+        from edgekiln.search.report import deployment_summary
+
+        written = json.loads(versus.read_text())
+        v = written.get("vs_fp32") or {}
         if v.get("selected_is_fp32") and v.get("faster_here"):
             console.print(f"FP32 is kept: trial(s) {', '.join(map(str, v['faster_here']))} ran faster than FP32 here "
                           f"within the budget, but FP32 ranks first on {rec.target}'s latency, then accuracy "
@@ -125,6 +134,8 @@ def _print_summary(result, rec) -> None:  # noqa: ANN001
             console.print("no candidate is faster than FP32 within the budget: FP32 is kept (why: report.md)")
         elif v.get("speedup"):
             console.print(f"selected: {v['speedup']:.2f}x the speed of FP32 on this machine")
+        for line in deployment_summary(written.get("deployment"), result.out_dir):
+            console.print(line)
     if result.exhausted:
         console.print(f"the search space holds {sum(not c.budget_round for c in result.candidates)} distinct "
                       "pipeline(s): every one was tried")

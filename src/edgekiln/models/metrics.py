@@ -56,7 +56,9 @@ def run_all_outputs(model_path: str | Path, data: dict[str, np.ndarray], *, batc
         # NOTE: dynamic quantization picks one activation range per call: a batch of 64 shares
         # it, so its outputs differ from the batch-1 deployment being measured. Score at batch 1.
         batch_size = 1
-    outs = [[np.asarray(o) for o in sess.run({k: v[i:i + batch_size] for k, v in feeds.items()})]
+    # NOTE: a .tflite gives its outputs in its own dtype and layout (int8, NHWC): compare them as ONNX's
+    run = getattr(sess, "run_as_onnx", sess.run)
+    outs = [[np.asarray(o) for o in run({k: v[i:i + batch_size] for k, v in feeds.items()})]
             for i in range(0, n, batch_size)]
     return [np.concatenate([batch[j] for batch in outs]) for j in range(len(outs[0]))]
 

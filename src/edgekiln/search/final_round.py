@@ -50,17 +50,24 @@ def retime(cands: Sequence[Candidate], *, runs: int, warmup: int, host_is_target
     from edgekiln.execution.feeds import random_feeds, specs_from_session
     from edgekiln.execution.runtimes import REAL, available_runtimes, load_session, skip_reason
     from edgekiln.execution.timing import latency_stats, time_round_robin
+    from edgekiln.search.litert_form import evaluation_file, timing_call
 
     unavailable = available_runtimes()
     shapes = {i["name"]: tuple(i["shape"]) for i in (payload.get("artifact") or {}).get("inputs", [])} or None
     calls: dict[tuple[int, str], Callable[[], Any]] = {}
     skipped: dict[int, list[dict[str, Any]]] = {c.number: [] for c in cands}
+    files: dict[tuple[int, str], str] = {}
     for c in cands:
-        path = Path(c.artifact or "")
         for name in REAL:
+            # NOTE: an int8 candidate timed on LiteRT as its .tflite (search/litert_form.py) is timed so again
+            path = Path(evaluation_file(c.runtimes, name, c.artifact or ""))
             reason = skip_reason(name, path, unavailable)
             if reason is None:
                 try:
+                    if path.suffix == ".tflite":
+                        calls[(c.number, name)] = timing_call(path, Path(c.artifact or ""), shapes)
+                        files[(c.number, name)] = str(path)
+                        continue
                     session = load_session(path, name, threads=1, input_shapes=shapes)
                     feeds = random_feeds(specs_from_session(session, shapes))
                     session.run(feeds)
@@ -80,7 +87,8 @@ def retime(cands: Sequence[Candidate], *, runs: int, warmup: int, host_is_target
         for (number, name), values in samples.items():
             if number == c.number:
                 stats = latency_stats(values)
-                rows.append({"runtime": name, "p50_ms": float(stats["p50"]), "p90_ms": float(stats["p90"])})
+                rows.append({"runtime": name, "p50_ms": float(stats["p50"]), "p90_ms": float(stats["p90"]),
+                             **({"file": files[(number, name)]} if (number, name) in files else {})})
         if not rows:
             continue  # keeps the search's own measurement
         rows.sort(key=lambda r: r["p50_ms"])

@@ -6,6 +6,9 @@ model so far into the output folder (anytime: Ctrl-C or a time budget leaves a u
 Batches have a fixed size whatever the number of workers, so a seeded search proposes the same
 trials serially and in parallel. Results are cached by content hash; the Optuna study lives in
 SQLite in the output folder, so ``--resume`` continues where an interrupted search stopped.
+On a microcontroller target (search/mcu.py) the candidates are the C library's (int8 only, measured
+on the emulated CPU where QEMU is installed) and the run folder also gets the selected model's
+library (``c/``), its ``verify-c`` result and its ``measure-mcu`` report.
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
         "train": str(data["train"]) if "train" in data else None,
         "seed": recipe.search.seed, "target": recipe.target, "constraints": recipe.constraints.to_dict(),
         "bench_runs": recipe.search.bench_runs, "reference": str(artifact.path),
+        "mcu_library": recipe.search.mcu_library,
     }
     baseline = _cached_run(out, {**base_payload, "number": -1, "label": "baseline", "steps": [], "measure_all": True,
                                  "work_dir": str(out / "work" / "baseline"), "baseline_metric": None}, input_sha)
@@ -195,10 +199,15 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
                                payload=base_payload, baseline=baseline, fp32_competes=fp32_competes)
     if best is not None:
         best = _save_best(out, best, artifact)
+    selected = _selected_artifact(artifact, best, out, run_data)
+    deployment = None
+    if profile.kind == "mcu" and selected is not None and not interrupted and recipe.search.mcu_library:
+        from edgekiln.search.mcu import deploy_c_library
+
+        deployment = deploy_c_library(out, selected, profile, evals)
     front = pareto_front([c for c in candidates if c.metric is not None] + [baseline])
-    write_optimize_report(out, recipe, profile, baseline, candidates, best,
-                          model=_selected_artifact(artifact, best, out, run_data), partial=interrupted,
-                          exhausted=exhausted, stop=stop, notes=notes)
+    write_optimize_report(out, recipe, profile, baseline, candidates, best, model=selected, partial=interrupted,
+                          exhausted=exhausted, stop=stop, notes=notes, deployment=deployment)
     result = OptimizeResult(best, baseline, candidates, front, out, interrupted, exhausted, stop)
     if best is None and not interrupted:
         raise BudgetNotMet(_no_fit_message(candidates, baseline))
@@ -415,7 +424,7 @@ def _save_best(out: Path, best: Candidate, artifact: ModelArtifact | None = None
     from edgekiln.models.artifact_check import ALWAYS, check_model_file
 
     if best.artifact:
-        timed = [r["runtime"] for r in best.runtimes if "p50_ms" in r]
+        timed = [r["runtime"] for r in best.runtimes if "p50_ms" in r and not r.get("file")]   # file: a .tflite
         check_model_file(best.artifact, runtimes=tuple(dict.fromkeys([*ALWAYS, *timed])),
                          inputs=artifact.inputs if artifact else (), label="optimize (selected model not written)")
     kept = keep_artifact(best, out)

@@ -69,6 +69,11 @@ class SearchSettings:
     executor: str = "local"          # local | ray
     ray_address: str | None = None   # an existing Ray cluster; None starts a local one
     bench_runs: int = 100            # timed runs per host latency measurement
+    # microcontroller targets: write each candidate's C library, run it on the emulated CPU (QEMU, where
+    # installed) for the fit and the selection, and give the run folder the selected model's library
+    # (c/), its verify-c result and its measure-mcu report; False: the C backend's planned footprint
+    # and the profile's estimates only (seconds faster per trial), no c/
+    mcu_library: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -27,14 +27,16 @@ def summary(c: Candidate) -> dict[str, Any]:
         "passes": c.steps, "artifact": Path(c.artifact).name if c.artifact else None, "feasible": c.feasible,
         "violations": c.violations, "state": c.state, "error": c.error, "seconds": c.seconds, "cached": c.cached,
         "runtimes": c.runtimes, "runtime": next((r["runtime"] for r in c.runtimes if "p50_ms" in r), None),
-        "final_round": c.final_round, "budget_round": c.budget_round,
+        "final_round": c.final_round, "budget_round": c.budget_round, "mcu": c.mcu,
     }
 
 
 def write_optimize_report(out: Path, recipe: Recipe, profile: Any, baseline: Candidate, candidates: list[Candidate],
                           best: Candidate | None, *, model: ModelArtifact | None, partial: bool,
-                          exhausted: bool = False, stop: str | None = None, notes: Sequence[str] = ()) -> Path:
-    """The optimize run folder; ``model`` is the selected candidate's artifact (None: nothing selected)."""
+                          exhausted: bool = False, stop: str | None = None, notes: Sequence[str] = (),
+                          deployment: dict[str, Any] | None = None) -> Path:
+    """The optimize run folder; ``model`` is the selected candidate's artifact (None: nothing selected);
+    ``deployment`` the C library written for it on a microcontroller target (search/mcu.py)."""
     front = pareto_front([c for c in candidates if c.metric is not None] + [baseline])
     # NOTE: only where FP32 itself could ship (host, Linux boards): on a microcontroller the host
     # time of an FP32 ONNX file says nothing about the device.
@@ -55,13 +57,15 @@ def write_optimize_report(out: Path, recipe: Recipe, profile: Any, baseline: Can
         "vs_fp32": versus,
         "space_exhausted": exhausted,
         "notes": list(notes),
+        "deployment": deployment,
         "recipe": recipe.to_dict(),
     }
     if best and baseline.model_bytes:
         data["size_reduction"] = baseline.model_bytes / max(1, best.model_bytes or 1)
     plot = _plot(out, baseline, candidates, best)
     md = _markdown(recipe, baseline, candidates, best, front, plot, partial, data.get("size_reduction"))
-    md = md.replace(FP32_SLOT, "\n".join(_vs_fp32_lines(versus, stop) + [f"*{n}.*\n" for n in notes]))
+    md = md.replace(FP32_SLOT, "\n".join(_vs_fp32_lines(versus, stop) + [f"*{n}.*\n" for n in notes]
+                                        + deployment_lines(deployment, getattr(profile, "name", recipe.target))))
     if exhausted:
         md += (f"\n*The search space holds {sum(not c.budget_round for c in candidates)} distinct pipeline(s), fewer than the "
                f"{recipe.search.trials} trials asked for: every one was tried.*\n")
@@ -113,6 +117,8 @@ def _markdown(recipe: Recipe, baseline: Candidate, candidates: list[Candidate], 
                            [[r["runtime"], _f(r.get("p50_ms")), _f(r.get("p90_ms")) if "p90_ms" in r else r.get("skipped")]
                             for r in best.runtimes]), "",
                   f"Deploy with **{best.runtimes[0]['runtime']}**: the fastest on this machine"
+                  + (f" (as `{Path(best.runtimes[0]['file']).name}`, edgekiln's own export of the model in this "
+                     "folder; `edgekiln export RUN --to tflite` writes it again)" if best.runtimes[0].get("file") else "")
                   + (f"; the metric was measured on {best.metric_runtime}." if best.metric_runtime else "."), ""]
     lines += [FP32_SLOT, ""]
     lines += _final_round([baseline, *candidates])
@@ -121,7 +127,9 @@ def _markdown(recipe: Recipe, baseline: Candidate, candidates: list[Candidate], 
     lines += ["## Pareto front (metric vs size vs target latency)", "", md_table(HEADERS, table_rows(front)), ""]
     lines += ["## All trials", "", md_table(HEADERS, table_rows(candidates)), ""]
     lines += ["Target latency is estimated from the device profile (roofline, see docs/targets.md) except for the "
-              "`host` target, where it is measured. Host latency: 1 thread, batch 1, p50, on the fastest installed "
+              "`host` target, where it is measured, and microcontroller targets with QEMU installed, where it is the "
+              "C library's instructions counted on the emulated CPU x the profile's cycles per instruction / its "
+              "clock. Host latency: 1 thread, batch 1, p50, on the fastest installed "
               "runtime (named in brackets) for host and Linux-class targets, on onnxruntime otherwise.", ""]
     return "\n".join(lines)
 
@@ -212,6 +220,73 @@ def _vs_fp32_lines(versus: dict[str, Any] | None, stop: str | None) -> list[str]
         lines += [md_table(["trial", "pipeline", "drop", "host p50 ms", "runtime", "x FP32 speed", "verdict"],
                            rows), ""]
     return lines
+
+
+def deployment_lines(dep: dict[str, Any] | None, target: str) -> list[str]:
+    """The report.md section on the selected model's C library (microcontroller targets).
+
+    >>> deployment_lines({"library": None, "error": "export --to c failed: x"}, "cortex-m7")[2]
+    'The C library could not be written: export --to c failed: x.'
+    """
+    if dep is None:
+        return []
+    lines = ["## Deployment: the C library (`c/`)", ""]
+    if dep.get("library") is None:
+        return lines + [f"The C library could not be written: {dep.get('error')}.", ""]
+    rows = [["library", f"`c/` (as `edgekiln export RUN --to c` writes it; requantization {dep['requant']})"],
+            ["arena / RAM incl. I/O (planned)", f"{dep['arena_bytes']:,} B / {dep['ram_bytes']:,} B"],
+            ["flash (estimate)", f"{dep['flash_bytes_estimate']:,} B"]]
+    v = dep["verify_c"]
+    if "passed" in v:
+        rows.append([f"verify-c on {v['data']} ({v['n_inputs']:,} inputs)",
+                     f"**{'PASS' if v['passed'] else 'FAIL'}**: {v['identical_fraction']:.2%} of int8 outputs identical to "
+                     f"onnxruntime's (>= {v['thresholds']['identical_fraction']:.0%}), max {v['max_abs_diff']} LSB, top-1 "
+                     f"{v['top1_agree']:,}/{v['n_inputs']:,}, bit-exact with the integer reference: "
+                     f"{v['exact_vs_numpy_reference']}; valgrind {v['valgrind']}"])
+    else:
+        rows.append(["verify-c", f"not run: {v.get('skipped') or v.get('error')}"])
+    m = dep["measured"]
+    if "instructions_per_inference" in m:
+        lo, hi = m["instructions_range"]
+        rows += [[f"instructions / inference ({m['cpu']}, QEMU {m['board']}, -{m['opt']})",
+                  f"**{m['instructions_per_inference']:,}** ({m['instructions_per_mac']} per MAC; {lo:,} .. {hi:,} over "
+                  f"{m['inputs']['n']} inputs)"],
+                 [f"latency on {target} (est.)", f"**{m['latency_ms_est']:.4g} ms** at {m['clock_hz'] / 1e6:g} MHz, "
+                  f"{m['cycles_per_instruction']:g} cycles per instruction ({m['cpi_source']})"],
+                 ["library as linked", f"text {m['text']:,} B, data {m['data']:,} B, bss {m['bss']:,} B"],
+                 ["arena / stack (measured)", f"{m['arena_bytes']:,} B / {m['stack_bytes']:,} B"],
+                 ["outputs on the device", f"identical to the integer reference: {m['outputs_match']} "
+                  f"({m['inputs']['source']})"]]
+    else:
+        rows.append(["measured on the emulated CPU", f"not measured: {m.get('skipped') or m.get('error')}"])
+    lines += [md_table(["", "value"], rows), ""]
+    if "report" in m:
+        lines += [f"Per layer: [{m['report']}]({m['report']}) (`edgekiln measure-mcu c --cpu {m['cpu']}` gives "
+                  "the same). QEMU counts executed instructions, not cycles: the latency assumes the stated CPI.", ""]
+    return lines
+
+
+def deployment_summary(dep: dict[str, Any] | None, out: Path) -> list[str]:
+    """The lines ``optimize`` prints about the selected model's C library (microcontroller targets).
+
+    >>> deployment_summary({"library": "c", "verify_c": {"skipped": "no evaluation data"},
+    ...                     "measured": {"skipped": "qemu-system-arm not installed"}}, Path("o"))
+    ['C library: o/c; verify-c not run (no evaluation data); not measured on the emulated CPU (qemu-system-arm not installed)']
+    """
+    if dep is None:
+        return []
+    if dep.get("library") is None:
+        return [f"C library: not written ({dep.get('error')})"]
+    v, m = dep["verify_c"], dep["measured"]
+    check = (f"verify-c {'PASS' if v['passed'] else 'FAIL'} ({v['identical_fraction']:.2%} of int8 outputs identical on "
+             f"{v['n_inputs']:,} inputs)") if "passed" in v else f"verify-c not run ({v.get('skipped') or v.get('error')})"
+    if "instructions_per_inference" in m:
+        measured = (f"{m['cpu']} (QEMU, -{m['opt']}): {m['instructions_per_inference']:,} instructions/inference, "
+                    f"~{m['latency_ms_est']:.3g} ms at {m['clock_hz'] / 1e6:g} MHz, arena {m['arena_bytes']:,} B, "
+                    f"stack {m['stack_bytes']:,} B, text {m['text']:,} B")
+    else:
+        measured = f"not measured on the emulated CPU ({m.get('skipped') or m.get('error')})"
+    return [f"C library: {out / dep['library']}; {check}; {measured}"]
 
 
 def _final_round(candidates: list[Candidate]) -> list[str]:

@@ -25,7 +25,12 @@ def default_space(artifact: ModelArtifact, recipe: Recipe, precisions: Sequence[
     then quantize with the schemes the target supports. On host and Linux-class targets
     (``target_kind``) int8 keeps the quantize pass's speed rule (timed on every installed ONNX
     runtime, as the trial is); on a microcontroller it is off: the integer C/TFLite kernels run
-    every op in int8. FP32 itself is the baseline, measured and compared with anyway."""
+    every op in int8. FP32 itself is the baseline, measured and compared with anyway.
+
+    On a microcontroller (``target_kind="mcu"``) only what edgekiln's C library runs is searched:
+    static int8 QDQ, quantization required (no FP32, fp16 or dynamic int8 pipeline), whatever
+    else the profile lists."""
+    mcu = target_kind == "mcu"
     spaces = []
     if artifact.torch is not None and "prune" in registry():
         spaces.append(PassSpace(name="prune", optional=True,
@@ -41,8 +46,10 @@ def default_space(artifact: ModelArtifact, recipe: Recipe, precisions: Sequence[
         # installed runtime). Static without the float outlier rows: they bought +0.002 cosine for
         # 10% more latency there, and the quantize pass's max_drop keeps layers float if needed.
         # fp16 ran slower than fp32 (18.2 vs 16.8 ms CPU time): not searched.
-        options_t: dict[str, tuple[Any, ...]] = {"scheme": ("int8-dynamic", "int8"), "smooth_alpha": (0.5, 0.7, 0.85),
-                                                 "outlier_rows": (False,)}
+        options_t: dict[str, tuple[Any, ...]] = {"scheme": ("int8",) if mcu else ("int8-dynamic", "int8"),
+                                                 "smooth_alpha": (0.5, 0.7, 0.85), "outlier_rows": (False,)}
+        if mcu:
+            options_t.update({"speed_rule": ("off",), "activations": ("int8",)})
         if recipe.constraints.max_drop is not None:
             options_t["max_drop"] = (recipe.constraints.max_drop,)
         # NOTE: not optional: the FP32 model is measured as the baseline anyway, and on MiniLM a seeded
@@ -53,7 +60,7 @@ def default_space(artifact: ModelArtifact, recipe: Recipe, precisions: Sequence[
         schemes = []
         if "int8" in precisions:
             schemes.append("int8")
-        if "fp16" in precisions and not artifact.torch:
+        if "fp16" in precisions and not artifact.torch and not mcu:
             schemes.append("fp16")
         options: dict[str, tuple[Any, ...]] = {"scheme": tuple(schemes) or ("int8",),
                                                "calibration": ("minmax", "percentile", "entropy", "mse")}
@@ -70,7 +77,8 @@ def default_space(artifact: ModelArtifact, recipe: Recipe, precisions: Sequence[
         # time left (search/budget_round.py).
         # NOTE: on a Linux-class target, "no quantization" alone is the FP32 baseline, which optimize
         # measures and selects when nothing beats it: optional only after a prune pass (pruned FP32).
-        optional = "fp32" in precisions and (bool(spaces) or not linux_class)
+        # NOTE: on a microcontroller FP32 does not deploy (the C library is integer): quantization is required.
+        optional = "fp32" in precisions and (bool(spaces) or not linux_class) and not mcu
         spaces.append(PassSpace(name="quantize", optional=optional, options=options))
     return tuple(spaces)
 

@@ -47,6 +47,8 @@ class Candidate:
     runtimes: list[dict[str, Any]] = field(default_factory=list)  # host/Linux targets: every runtime, fastest first
     final_round: bool = False  # timed again side by side with the other finalists (search/final_round.py)
     budget_round: bool = False  # a trial's pipeline run again with the accuracy budget (search/budget_round.py)
+    # microcontroller targets: its C library on the emulated CPU (search/mcu.py measure_candidate), or why not
+    mcu: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -161,14 +163,16 @@ def measure(cand: Candidate, model_path: Path, kind: str, payload: dict[str, Any
     """Fill ``cand`` with size, RAM, target estimates, host latency and the metric.
 
     Cheap checks first: a model that cannot fit the flash/RAM budget is marked ``pruned`` without
-    spending time on evaluation and benchmarking (early pruning of hopeless trials). The metric is
+    spending time on evaluation and benchmarking (early pruning of hopeless trials). On a
+    microcontroller target the fit is the C library's: measured on the emulated CPU where the
+    tools are installed (:func:`_measured_on_mcu`), and a model the C backend cannot compile is
+    not deployable (a violation). The metric is
     measured on the runtime the latency is reported for (:func:`deployed_runtime`), so accuracy
     and speed describe the same deployment.
     """
     from edgekiln.execution.timing import benchmark
     from edgekiln.models.analysis import analyze
     from edgekiln.models.artifact_check import check_model_file
-    from edgekiln.targets.fit import estimate_fit
     from edgekiln.targets.profiles import load_profile
 
     model_path = Path(model_path)
@@ -184,28 +188,41 @@ def measure(cand: Candidate, model_path: Path, kind: str, payload: dict[str, Any
     profile = load_profile(payload["target"])
     precision = precision_of(kind)
     limits = payload["constraints"]
-    c_fp = c_backend_footprint(model_path, kind, profile, input_shapes=shapes)
+    # NOTE: on a microcontroller the deployed model is edgekiln's C library: one the C backend cannot
+    # compile (a float model) is measured for the report but never selected.
+    c_fp, not_c, by_kind = None, None, None
+    if profile.kind == "mcu":
+        from edgekiln.search.mcu import c_backend_check
+        from edgekiln.targets.kernel_kinds import macs_by_kernel_kind
+
+        c_fp, not_c = c_backend_check(model_path, kind, input_shapes=shapes)
+        # the profile's measured instructions per MAC of each kernel kind (the estimate before, or without, QEMU)
+        by_kind = macs_by_kernel_kind(model_path, info.layers)
     fit_kwargs = dict(weight_bytes=c_fp.flash["weights"] + c_fp.flash["params"] if c_fp else info.weight_bytes,
                       code_bytes=c_fp.flash["code_estimate"] if c_fp else 0,
                       peak_activation_bytes=c_fp.ram_bytes if c_fp else info.peak_activation_bytes,
-                      io_bytes=0 if c_fp else info.io_bytes, macs=info.macs, precision=precision)
-    fit = estimate_fit(profile, **fit_kwargs, max_ram_bytes=limits.get("max_ram_bytes"),
-                       max_flash_bytes=limits.get("max_flash_bytes"))
-    fd = fit.to_dict()
-    cand.peak_ram_bytes = int(_value(fd, "ram"))
-    cand.flash_bytes = int(_value(fd, "flash"))
-    cand.latency_ms_target_est = _value(fd, "latency_ms")
-    cand.energy_mj_target_est = _value(fd, "energy_mj")
+                      io_bytes=0 if c_fp else info.io_bytes, macs=info.macs, precision=precision,
+                      macs_by_kind=by_kind)
+    fit = _fit(cand, profile, fit_kwargs, limits)
     memory_violations = [v for v in fit.exceeded if v.lower().startswith(("ram", "flash"))]
     if memory_violations and not payload.get("measure_all"):
         cand.state, cand.violations, cand.feasible = "pruned", memory_violations, False
         return
+    if c_fp is not None and not memory_violations and payload.get("mcu_library", True):
+        fit = _measured_on_mcu(cand, model_path, profile, payload, shapes, fit_kwargs, limits) or fit
     runs, warmup = payload["bench_runs"], min(50, payload["bench_runs"])
     if profile.kind in ("host", "linux"):
         # NOTE: such targets deploy to the fastest installed runtime, so a candidate is timed on
         # each: MiniLM's static int8 runs 2.7x slower on onnxruntime than on OpenVINO, and
         # onnxruntime's time alone would have ruled out the fastest deployable model.
         cand.runtimes = runtime_latencies(model_path, runs=runs, warmup=warmup, input_shapes=shapes)
+        from edgekiln.search.litert_form import tflite_form, timed_row, with_litert
+
+        # NOTE: an int8 model also competes as edgekiln's own .tflite on LiteRT, as in `edgekiln quantize`
+        form = tflite_form(model_path, kind, Path(payload["work_dir"]), shapes)
+        if form is not None:
+            cand.runtimes = with_litert(cand.runtimes, timed_row(form, model_path, runs=runs, warmup=warmup,
+                                                                 input_shapes=shapes))
         timed = [r for r in cand.runtimes if "p50_ms" in r]
         if not timed:
             raise EdgekilnError("no installed runtime runs this model: " + "; ".join(
@@ -219,8 +236,51 @@ def measure(cand: Candidate, model_path: Path, kind: str, payload: dict[str, Any
     score_on_fastest(cand, payload)
     if profile.kind == "host":
         cand.latency_ms_target_est = cand.latency_ms_host
-    cand.violations = violations(cand, limits, fit.exceeded)
+    cand.violations = violations(cand, limits, fit.exceeded) + [v for v in (not_c, _mcu_violation(cand)) if v]
     cand.feasible = not cand.violations
+
+
+def _fit(cand: Candidate, profile: Any, fit_kwargs: dict[str, Any], limits: dict[str, Any]) -> Any:
+    """:func:`estimate_fit` with ``fit_kwargs``; its RAM, flash, latency and energy copied to ``cand``."""
+    from edgekiln.targets.fit import estimate_fit
+
+    fit = estimate_fit(profile, **fit_kwargs, max_ram_bytes=limits.get("max_ram_bytes"),
+                       max_flash_bytes=limits.get("max_flash_bytes"))
+    fd = fit.to_dict()
+    cand.peak_ram_bytes = int(_value(fd, "ram"))
+    cand.flash_bytes = int(_value(fd, "flash"))
+    cand.latency_ms_target_est = _value(fd, "latency_ms")
+    cand.energy_mj_target_est = _value(fd, "energy_mj")
+    return fit
+
+
+def _measured_on_mcu(cand: Candidate, model_path: Path, profile: Any, payload: dict[str, Any],
+                     shapes: dict[str, tuple[int, ...]], estimated: dict[str, Any], limits: dict[str, Any]) -> Any:
+    """Run ``cand``'s C library on the target's emulated CPU (search/mcu.py) and fit it again with
+    what was measured: flash = the linked library (code + constants + data), RAM = its static data
+    (the arena) + the stack one inference used + the I/O buffers, latency = instructions at the
+    profile's clock and CPI. None (the estimates from ``estimated``, the fit's arguments, stand)
+    when it was not measured."""
+    from edgekiln.search.mcu import measure_candidate
+
+    cand.mcu = measure_candidate(model_path, profile, Path(payload["work_dir"]), eval_path=payload.get("eval"),
+                                 input_shapes=shapes)
+    if "instructions" not in cand.mcu:
+        return None
+    m = cand.mcu
+    measured = dict(estimated, weight_bytes=m["const_bytes"], code_bytes=m["code_bytes"],
+                    peak_activation_bytes=m["bss"] + m["stack_bytes"], io_bytes=m["io_bytes"])
+    fit = _fit(cand, profile, measured, limits)
+    cand.latency_ms_target_est = m["latency_ms"]
+    return fit
+
+
+def _mcu_violation(cand: Candidate) -> str | None:
+    if cand.mcu is None:
+        return None
+    from edgekiln.search.mcu import measured_violation
+
+    return measured_violation(cand.mcu)
 
 
 def score_on_fastest(cand: Candidate, payload: dict[str, Any]) -> None:
@@ -252,8 +312,10 @@ def score(cand: Candidate, runtime: str, payload: dict[str, Any]) -> None:
     """Measure ``cand``'s metric on ``runtime`` (the one its latency is reported for) and its drop
     against ``payload["baseline_metric"]``."""
     from edgekiln.models.metrics import evaluate
+    from edgekiln.search.litert_form import evaluation_file
 
-    cand.metric = float(evaluate(cand.artifact or "", payload["eval"], payload["metric"],
+    model = evaluation_file(cand.runtimes, runtime, cand.artifact or "")   # LiteRT: the .tflite it was timed as
+    cand.metric = float(evaluate(model, payload["eval"], payload["metric"],
                                  reference_path=payload.get("reference"), runtime=runtime))
     cand.metric_runtime = runtime
     if payload.get("baseline_metric") is not None:
@@ -341,6 +403,12 @@ def keep_artifact(cand: Candidate, dest_dir: Path) -> Candidate:
         atomic_write_bytes(dest, src.read_bytes())
     kept = Candidate.from_dict(cand.to_dict())
     kept.artifact = str(dest)
+    for row in kept.runtimes:   # the .tflite a LiteRT row timed (search/litert_form.py) travels with the model
+        if row.get("file") and Path(row["file"]).is_file():
+            other = dest_dir / f"model{Path(row['file']).suffix}"
+            if Path(row["file"]).resolve() != other.resolve():
+                atomic_write_bytes(other, Path(row["file"]).read_bytes())
+            row["file"] = str(other)
     return kept
 
 
@@ -372,4 +440,6 @@ def payload_key(payload: dict[str, Any], input_sha: str) -> str:
     keyed = {k: payload.get(k) for k in ("steps", "metric", "seed", "target", "constraints", "bench_runs", "calib", "eval",
                                          "train")}
     keyed["input"] = input_sha
+    if payload.get("mcu_library") is False:   # NOTE: only then, so caches written before the option still apply
+        keyed["mcu_library"] = False
     return sha256_bytes(json.dumps(keyed, sort_keys=True, default=str).encode())[:24]

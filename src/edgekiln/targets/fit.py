@@ -8,6 +8,12 @@ The latency estimate is a roofline (documented in docs/targets.md):
 
 with ``bytes_moved = weight_bytes + 2 * activation traffic`` (each activation written once and
 read once; the peak activation size stands in for the traffic when nothing better is known).
+For int8 on a microcontroller whose profile carries measured ``instructions_per_mac`` (edgekiln's
+own C kernels under QEMU, per kernel kind: :mod:`edgekiln.targets.kernel_kinds`), the compute
+term is measured instructions instead of a share of the peak:
+
+    compute_s = sum_kind(MACs_kind * instructions_per_mac[kind]) * cycles_per_instruction / clock_hz
+
 Energy = MACs * pJ/MAC + bytes_moved * pJ/byte, when the profile knows those figures; otherwise
 it is reported as unknown, never invented.
 
@@ -17,9 +23,11 @@ reserve); on Linux-class devices and accelerators the weights are loaded into RA
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgekiln.targets.kernel_kinds import mcu_instructions
 from edgekiln.targets.profiles import DeviceProfile
 from edgekiln.targets.units import format_bytes
 
@@ -98,14 +106,19 @@ class FitReport:
 def estimate_fit(profile: DeviceProfile, *, weight_bytes: int, peak_activation_bytes: int, io_bytes: int, macs: int,
                  precision: str, code_bytes: int = 0, measured_latency_ms: float | None = None,
                  max_latency_ms: float | None = None, max_energy_mj: float | None = None,
-                 max_ram_bytes: int | None = None, max_flash_bytes: int | None = None) -> FitReport:
+                 max_ram_bytes: int | None = None, max_flash_bytes: int | None = None,
+                 macs_by_kind: Mapping[str, int] | None = None) -> FitReport:
     """Estimate flash, RAM, latency and energy of a model on ``profile``.
+
+    ``macs_by_kind`` (:func:`edgekiln.targets.kernel_kinds.macs_by_kernel_kind`) splits the MACs for
+    an MCU profile's measured per-kind instructions per MAC; without it every MAC costs the
+    profile's whole-model figure.
 
     >>> from edgekiln.targets.profiles import load_profile
     >>> r = estimate_fit(load_profile("cortex-m4"), weight_bytes=100_000, peak_activation_bytes=20_000,
     ...                  io_bytes=1_000, macs=2_000_000, precision="int8")
-    >>> r.fits, round(r.metrics["latency_ms"].value, 2)
-    (True, 32.68)
+    >>> r.fits, r.latency_source   # int8 on an MCU: measured instructions per MAC x the profile's CPI
+    (True, 'estimate from measured instructions')
     """
     notes: list[str] = []
     if precision not in profile.precisions:
@@ -119,9 +132,16 @@ def estimate_fit(profile: DeviceProfile, *, weight_bytes: int, peak_activation_b
         notes.append("flash counts weights only (no code size given; the C export reports it)")
     moved = weight_bytes + 2 * peak_activation_bytes
     compute_s = macs / (profile.peak_macs_per_s[precision] * profile.efficiency)
+    source = "estimate"
+    if mcu and precision == "int8" and profile.instructions_per_mac and profile.cycles_per_instruction:
+        instructions = mcu_instructions(profile.instructions_per_mac, macs, macs_by_kind)
+        compute_s = instructions * profile.cycles_per_instruction / profile.clock_hz
+        source = "estimate from measured instructions"
+        notes.append(f"int8 latency: {instructions:,.0f} instructions (edgekiln's C kernels, measured per MAC "
+                     f"{'by kernel kind' if macs_by_kind else 'for a whole model'}) x {profile.cycles_per_instruction} "
+                     f"cycles per instruction (assumed) at {profile.clock_hz / 1e6:g} MHz")
     memory_s = moved / profile.memory_bandwidth_bytes_per_s
     latency = max(compute_s, memory_s) * 1000.0
-    source = "estimate"
     if profile.measured and measured_latency_ms is not None:
         latency, source = measured_latency_ms, "measured"
     pj_mac = profile.energy_pj_per_mac.get(precision)

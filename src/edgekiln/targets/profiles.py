@@ -31,6 +31,11 @@ class DeviceProfile:
     peak_macs_per_s: dict[str, float]           # per precision
     memory_bandwidth_bytes_per_s: float
     efficiency: float                           # share of peak a real kernel reaches (documented assumption)
+    #: mcu, int8: executed instructions per MAC of edgekiln's C kernels, measured per kernel kind
+    #: (targets/kernel_kinds.py: conv, depthwise, pointwise, fc, add per element, ``model`` for the rest); replaces
+    #: ``efficiency`` for int8 when given, with ``cycles_per_instruction`` turning instructions into time
+    instructions_per_mac: dict[str, float] = field(default_factory=dict)
+    cycles_per_instruction: float | None = None  # an assumption (QEMU counts instructions, not cycles)
     runtime_overhead_bytes: int = 0             # RAM/flash the runtime or firmware keeps for itself
     energy_pj_per_mac: dict[str, float] = field(default_factory=dict)   # empty: unknown
     energy_pj_per_byte: float | None = None
@@ -128,7 +133,34 @@ def _validate(data: dict[str, Any], path: Path) -> DeviceProfile:
     out["precisions"] = tuple(precisions)
     out["peak_macs_per_s"] = {k: float(v) for k, v in peaks.items()}
     out["energy_pj_per_mac"] = {k: float(v) for k, v in (out.get("energy_pj_per_mac") or {}).items()}
+    out["instructions_per_mac"] = _instructions_per_mac(out, where)
     return DeviceProfile(**out, path=str(path))
+
+
+def _instructions_per_mac(data: dict[str, Any], where: str) -> dict[str, float]:
+    """The measured figures, checked: known kinds, positive numbers, ``model`` and a CPI with them."""
+    from edgekiln.targets.kernel_kinds import KERNEL_KINDS, MODEL_KIND
+
+    ipm = data.get("instructions_per_mac") or {}
+    if not isinstance(ipm, dict):
+        raise EdgekilnError(f"{where}: field 'instructions_per_mac' is a mapping of kernel kind to a number")
+    if not ipm:
+        return {}
+    kinds = (*KERNEL_KINDS, MODEL_KIND)
+    unknown = sorted(set(ipm) - set(kinds))
+    if unknown:
+        raise EdgekilnError(f"{where}: field 'instructions_per_mac': unknown kind(s) {', '.join(unknown)} "
+                            f"(known: {', '.join(kinds)})")
+    if MODEL_KIND not in ipm:
+        raise EdgekilnError(f"{where}: field 'instructions_per_mac' needs '{MODEL_KIND}' (a whole model's figure)")
+    for k, v in ipm.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+            raise EdgekilnError(f"{where}: field 'instructions_per_mac.{k}' must be a positive number (got {v!r})")
+    cpi = data.get("cycles_per_instruction")
+    if not isinstance(cpi, (int, float)) or isinstance(cpi, bool) or cpi <= 0:
+        raise EdgekilnError(f"{where}: field 'instructions_per_mac' needs 'cycles_per_instruction', a positive "
+                            f"number (got {cpi!r})")
+    return {k: float(v) for k, v in ipm.items()}
 
 
 def _fill_host(data: dict[str, Any]) -> dict[str, Any]:

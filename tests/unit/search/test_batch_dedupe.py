@@ -26,7 +26,7 @@ def _recipe(tmp_path, model, options, trials, sampler="tpe"):
     return Recipe.from_dict({
         "model": str(model), "calib": str(tmp_path / "calib.npz"), "eval": str(tmp_path / "eval.npz"),
         "target": "cortex-m7", "passes": [{"pass": "quantize", "optional": False, "options": options}],
-        "search": {"trials": trials, "bench_runs": 5, "sampler": sampler, "seed": 0}})
+        "search": {"trials": trials, "bench_runs": 5, "sampler": sampler, "seed": 0, "mcu_library": False}})
 
 
 def test_a_one_pipeline_space_runs_once_and_says_it_is_exhausted(tiny, tmp_path, monkeypatch):
