@@ -128,6 +128,7 @@ def fits(model: PathLike, target: str, *, precision: str | None = None, max_late
                           peak_activation_bytes=c_fp.ram_bytes if c_fp else info.peak_activation_bytes,
                           io_bytes=0 if c_fp else info.io_bytes, macs=info.macs, precision=prec,
                           macs_by_kind=macs_by_kernel_kind(art.path, info.layers),
+                          measured_instructions=_measured_instructions(model, profile) if c_fp else None,
                           measured_latency_ms=measured, max_latency_ms=max_latency_ms,
                           max_ram_bytes=nbytes(max_ram), max_flash_bytes=nbytes(max_flash))
     report = replace(report, ram_source="C backend memory plan (arena incl. I/O)" if c_fp else
@@ -272,6 +273,21 @@ def _litert_form(quantized: Any, work: Path) -> dict[str, dict[str, Any]]:
     except EdgekilnError as exc:
         return {"litert": {"error": str(exc)}}
     return {"litert": litert_candidate(quantized.path, work, feed, quantized.input_shapes)}
+
+
+def _measured_instructions(model: PathLike, profile: Any) -> int | None:
+    """Instructions per inference an ``optimize`` run folder measured for its C library on ``profile``'s
+    emulated CPU (report.json ``deployment.measured``), or None."""
+    from edgekiln.models.run_folder import RunFolder
+    from edgekiln.search.mcu import emulated_cpu
+
+    run = RunFolder(model)
+    if not Path(model).is_dir() or not run.is_run_folder():
+        return None
+    measured = ((run.report().get("deployment") or {}).get("measured") or {})
+    if measured.get("cpu") != emulated_cpu(profile) or not measured.get("instructions_per_inference"):
+        return None
+    return int(measured["instructions_per_inference"])
 
 
 def prune(model: PathLike, config: PruneConfig | None = None, *, out: PathLike,

@@ -56,6 +56,14 @@ def test_the_run_folder_holds_the_c_library_its_verification_and_the_measured_nu
     # the folder exports as it is, to the very library the search measured
     assert run_cli(["export", out, "--to", "c", "--out", tmp_path / "again"]) == 0
     assert (tmp_path / "again" / "model.c").read_bytes() == (out / "c" / "model.c").read_bytes()
+    # `fits` on the folder uses the measured count, not the per-kind estimate
+    from edgekiln.api import fits
+
+    fit = fits(out, "cortex-m7")
+    assert fit.latency_source == "measured instructions (emulated CPU)", fit.latency_source
+    assert fit.metrics["latency_ms"].value == pytest.approx(m["latency_ms_est"], rel=1e-9), \
+        (fit.metrics["latency_ms"].value, m["latency_ms_est"])
+    assert fits(out, "cortex-m4").latency_source == "estimate from measured instructions"   # measured on an M7
 
 
 def test_a_float_pipeline_is_not_deployable_on_a_microcontroller(tmp_path):

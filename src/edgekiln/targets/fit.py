@@ -107,12 +107,14 @@ def estimate_fit(profile: DeviceProfile, *, weight_bytes: int, peak_activation_b
                  precision: str, code_bytes: int = 0, measured_latency_ms: float | None = None,
                  max_latency_ms: float | None = None, max_energy_mj: float | None = None,
                  max_ram_bytes: int | None = None, max_flash_bytes: int | None = None,
-                 macs_by_kind: Mapping[str, int] | None = None) -> FitReport:
+                 macs_by_kind: Mapping[str, int] | None = None,
+                 measured_instructions: int | None = None) -> FitReport:
     """Estimate flash, RAM, latency and energy of a model on ``profile``.
 
     ``macs_by_kind`` (:func:`edgekiln.targets.kernel_kinds.macs_by_kernel_kind`) splits the MACs for
     an MCU profile's measured per-kind instructions per MAC; without it every MAC costs the
-    profile's whole-model figure.
+    profile's whole-model figure. ``measured_instructions``: this model's own C library counted on the
+    profile's emulated CPU (``measure-mcu``, an ``optimize`` run folder's deployment record), used instead.
 
     >>> from edgekiln.targets.profiles import load_profile
     >>> r = estimate_fit(load_profile("cortex-m4"), weight_bytes=100_000, peak_activation_bytes=20_000,
@@ -133,7 +135,13 @@ def estimate_fit(profile: DeviceProfile, *, weight_bytes: int, peak_activation_b
     moved = weight_bytes + 2 * peak_activation_bytes
     compute_s = macs / (profile.peak_macs_per_s[precision] * profile.efficiency)
     source = "estimate"
-    if mcu and precision == "int8" and profile.instructions_per_mac and profile.cycles_per_instruction:
+    if mcu and precision == "int8" and measured_instructions and profile.cycles_per_instruction:
+        compute_s = measured_instructions * profile.cycles_per_instruction / profile.clock_hz
+        source = "measured instructions (emulated CPU)"
+        notes.append(f"int8 latency: {measured_instructions:,} instructions of this model's C library counted on the "
+                     f"emulated CPU x {profile.cycles_per_instruction} cycles per instruction (assumed) at "
+                     f"{profile.clock_hz / 1e6:g} MHz")
+    elif mcu and precision == "int8" and profile.instructions_per_mac and profile.cycles_per_instruction:
         instructions = mcu_instructions(profile.instructions_per_mac, macs, macs_by_kind)
         compute_s = instructions * profile.cycles_per_instruction / profile.clock_hz
         source = "estimate from measured instructions"
