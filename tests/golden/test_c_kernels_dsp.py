@@ -20,7 +20,6 @@ its slow path: products within 2^-15 of a .5 tie, exact ties, |acc| >= 2^24, sat
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ from edgekiln.codegen.fuse import fuse_conv_pool
 from edgekiln.codegen.ir import IntGraph, Op, QTensor
 from edgekiln.codegen.planner import plan_memory
 from edgekiln.codegen.reference import run_graph
-from edgekiln.codegen.verify import HOST_CFLAGS
+from tests.c_host import host_run
 from tests.mcu_tools import require_mcu_tools
 
 SEED = 7
@@ -164,15 +163,6 @@ def _write(graph: IntGraph, out: Path, *, fast: bool = True) -> Path:
     return out
 
 
-def _host_run(lib: Path, q: np.ndarray) -> np.ndarray:
-    exe = lib / "k_host"
-    subprocess.run(["gcc", *HOST_CFLAGS, "-pedantic", "-o", str(exe), str(lib / "k.c"), str(lib / "ek_kernels.c"),
-                    str(lib / "main.c")], check=True, capture_output=True, text=True)
-    q.astype(np.int8).tofile(lib / "in.bin")
-    subprocess.run([str(exe), str(lib / "in.bin"), str(lib / "out.bin")], check=True, capture_output=True)
-    return np.fromfile(lib / "out.bin", np.int8).reshape(len(q), -1)
-
-
 def _inputs(graph: IntGraph, n: int, seed: int) -> np.ndarray:
     q = np.random.default_rng(seed).integers(-128, 128, (n, graph.input_bytes)).astype(np.int8)
     q[0], q[1] = -128, 127   # every input at the extremes
@@ -201,9 +191,9 @@ def test_every_fast_kernel_is_chosen(odd_case):
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs a host C compiler (gcc)")
 def test_host_fast_and_portable_match_reference(odd_case):
     graph, q, ref, tmp = odd_case
-    fast = _host_run(_write(graph, tmp / "host_fast"), q)
+    fast = host_run(_write(graph, tmp / "host_fast"), q)
     assert np.array_equal(fast, ref), "host, fast kernels (portable emulation): " + _mismatch(fast, ref)
-    portable = _host_run(_write(graph, tmp / "host_portable", fast=False), q)
+    portable = host_run(_write(graph, tmp / "host_portable", fast=False), q)
     assert np.array_equal(portable, ref), "host, portable ek_kernels.c: " + _mismatch(portable, ref)
 
 
@@ -238,7 +228,7 @@ def test_requant_fast_path_exact(tmp_path):
     slow = int(((frac < 2.0 ** -15) | (np.abs(acc) >= 1 << 24)).sum())
     assert slow >= 300, f"only {slow} of {acc.size} accumulators reach the slow path (want >= 300)"
     if shutil.which("gcc") is not None:
-        host = _host_run(_write(graph, tmp_path / "host"), q)
+        host = host_run(_write(graph, tmp_path / "host"), q)
         assert np.array_equal(host, ref), "requant, host: " + _mismatch(host, ref)
     require_mcu_tools()
     from edgekiln.codegen.mcu import run_on_qemu

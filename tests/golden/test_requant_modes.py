@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 from fractions import Fraction
 from pathlib import Path
 
@@ -41,8 +40,8 @@ from edgekiln.codegen.requant_fixed import (
     tflm_multiplier,
     tflm_requant_table,
 )
-from edgekiln.codegen.verify import HOST_CFLAGS
 from edgekiln.errors import EdgekilnError
+from tests.c_host import host_run
 from tests.mcu_tools import require_mcu_tools
 
 SEED = 21
@@ -179,15 +178,6 @@ def _requant_graph() -> IntGraph:
     return IntGraph(tensors, ops, "x", outputs[0], "x", (1, 1), (1, 1500), extra_outputs=outputs[1:])
 
 
-def _host_run(lib: Path, q: np.ndarray) -> np.ndarray:
-    exe = lib / "k_host"
-    subprocess.run(["gcc", *HOST_CFLAGS, "-pedantic", "-o", str(exe), str(lib / "k.c"), str(lib / "ek_kernels.c"),
-                    str(lib / "main.c")], check=True, capture_output=True, text=True)
-    q.astype(np.int8).tofile(lib / "in.bin")
-    subprocess.run([str(exe), str(lib / "in.bin"), str(lib / "out.bin")], check=True, capture_output=True)
-    return np.fromfile(lib / "out.bin", np.int8).reshape(len(q), -1)
-
-
 def _mismatch(what: str, got: np.ndarray, want: np.ndarray) -> str:
     bad = np.flatnonzero(got.reshape(-1) != want.reshape(-1))
     return f"{what}: {bad.size}/{want.size} int8 outputs differ (threshold 0, seed {SEED}); first {bad[:5].tolist()}"
@@ -203,7 +193,7 @@ def test_fixed_point_c_kernels_host_and_cortex_m4(tmp_path):
         write_library(graph, plan_memory(graph, fast_kernels=fast), lib, "k")
         assert "#define EK_REQUANT_FIXED_POINT 1" in (lib / "ek_kernels.h").read_text()
         if shutil.which("gcc") is not None:
-            got = _host_run(lib, q)
+            got = host_run(lib, q)
             assert np.array_equal(got, ref), _mismatch(f"host, fast kernels {fast}", got, ref)
     require_mcu_tools()
     from edgekiln.codegen.mcu import run_on_qemu
@@ -279,7 +269,7 @@ def test_fused_conv_global_mean_on_host(anchors, tmp_path):
         q = quantize_inputs(graph, z["x"][:4]).reshape(4, -1)
     ref = np.stack([run_graph(graph, qi).reshape(-1) for qi in q])
     write_library(graph, plan_memory(graph), tmp_path / "lib", "k")
-    got = _host_run(tmp_path / "lib", q)
+    got = host_run(tmp_path / "lib", q)
     assert np.array_equal(got, ref), _mismatch("fused conv + global mean, host", got, ref)
 
 

@@ -112,15 +112,12 @@ def measure_candidate(model_path: Path, profile: Any, work_dir: Path, *, eval_pa
     ``arena_bytes``, ``stack_bytes``, ``io_bytes``, ``outputs_match``; or ``skipped`` (no
     emulated CPU, tools missing) or ``error`` (the library could not be written or run) with why."""
     from edgekiln.codegen.export import export_c
-    from edgekiln.codegen.mcu import CPUS, run_on_qemu, tools_missing
+    from edgekiln.codegen.mcu import run_on_qemu
     from edgekiln.codegen.reference import run_graph
 
-    cpu = emulated_cpu(profile)
+    cpu, why = _emulator(profile)
     if cpu is None:
-        return {"skipped": f"no emulated CPU for profile {profile.name} (measure-mcu has {', '.join(CPUS)})"}
-    missing = tools_missing()
-    if missing:
-        return {"skipped": missing}
+        return {"skipped": why}
     lib = Path(work_dir) / LIBRARY_DIR
     shutil.rmtree(lib, ignore_errors=True)
     try:
@@ -145,6 +142,17 @@ def measure_candidate(model_path: Path, profile: Any, work_dir: Path, *, eval_pa
         "io_bytes": int(res.graph.input_bytes + res.graph.output_bytes),
         "outputs_match": bool(run.mismatched == 0 and np.array_equal(run.outputs, expected)), "inputs": source,
     }
+
+
+def _emulator(profile: Any) -> tuple[str | None, str]:
+    """The emulated CPU that runs ``profile``'s C library (``cortex-m4``/``cortex-m7``), or None and why not."""
+    from edgekiln.codegen.mcu import CPUS, tools_missing
+
+    cpu = emulated_cpu(profile)
+    if cpu is None:
+        return None, f"no emulated CPU for profile {profile.name} (measure-mcu has {', '.join(CPUS)})"
+    missing = tools_missing()
+    return (None, missing) if missing else (cpu, "")
 
 
 def measured_violation(record: dict[str, Any]) -> str | None:
@@ -205,16 +213,12 @@ def _verify(lib: Path, eval_path: str | Path | None) -> dict[str, Any]:
 
 
 def _measure(lib: Path, profile: Any, eval_path: str | Path | None, folder: Path) -> dict[str, Any]:
-    from edgekiln.codegen.mcu import CPUS, tools_missing
     from edgekiln.codegen.mcu.measure import measure_mcu, render_markdown
     from edgekiln.models.run_folder import RunFolder
 
-    cpu = emulated_cpu(profile)
+    cpu, why = _emulator(profile)
     if cpu is None:
-        return {"skipped": f"no emulated CPU for profile {profile.name} (measure-mcu has {', '.join(CPUS)})"}
-    missing = tools_missing()
-    if missing:
-        return {"skipped": missing}
+        return {"skipped": why}
     try:
         rep = measure_mcu(lib, cpu=cpu, opt=OPT, data=eval_path, limit=DEPLOY_MEASURE_INPUTS)
     except EdgekilnError as exc:
