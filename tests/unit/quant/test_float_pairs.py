@@ -14,6 +14,14 @@ from edgekiln.passes.quantize import QuantizeConfig, quantize_model
 from edgekiln.quant.float_pairs import drop_activation_pairs, integer_session, keep_weighted_inputs
 
 
+def _save(path, nodes, inits, out_shape):
+    """The graph x (1x3x10x10) -> ``nodes`` -> y (``out_shape``), saved at ``path``."""
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 10, 10])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
 def _conv_prelu(path):
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "w1"),
@@ -22,10 +30,7 @@ def _conv_prelu(path):
     nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
              helper.make_node("PRelu", ["c1", "slope"], ["a1"], name="prelu1"),
              helper.make_node("Conv", ["a1", "w2"], ["y"], name="conv2")]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 10, 10])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 10, 10])], inits)
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
+    return _save(path, nodes, inits, [1, 4, 10, 10])
 
 
 def test_dropped_pairs_come_back_exactly(tmp_path):
@@ -61,10 +66,7 @@ def _conv_pool_conv(path):
              helper.make_node("MaxPool", ["r1"], ["p1"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]),
              helper.make_node("Conv", ["p1", "w2"], ["c2"], name="conv2"),
              helper.make_node("Sigmoid", ["c2"], ["y"], name="gate")]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 10, 10])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5, 5])], inits)
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
+    return _save(path, nodes, inits, [1, 4, 5, 5])
 
 
 def test_inputs_form_quantizes_only_what_convs_read_and_comes_back_exactly(tmp_path):

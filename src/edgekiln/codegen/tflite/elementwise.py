@@ -159,7 +159,12 @@ def mul(low: Lowering, op: Any) -> None:
         low.op("MUL", [_real_values(low, prefix + "/a", part, band, ta, unit_a), real_b], [prod], opts)
         low.op("QUANTIZE", [prod], [out])
 
-    if op.attrs["b_channels"] == 0:  # equal shapes: b is not split with a
+    _banded(low, op, a, dst, body)
+
+
+def _banded(low: Lowering, op: Any, a: Any, dst: int, body: Any) -> None:
+    """``body`` over ``a`` in bands of rows (``low.in_bands``), or once when ``b`` has ``a``'s shape (not split)."""
+    if op.attrs["b_channels"] == 0:
         body(low.act(a.name), dst, a.shape)
     else:
         low.in_bands(low.act(a.name), dst, a.shape, op.name, body)
@@ -185,10 +190,7 @@ def add_lut(low: Lowering, op: Any) -> None:
                options("AddOptions", fusedActivationFunction=act))
         low.op("QUANTIZE", [total], [out])
 
-    if op.attrs["b_channels"] == 0:  # equal shapes: b is not split with a
-        body(low.act(a.name), dst, a.shape)
-    else:
-        low.in_bands(low.act(a.name), dst, a.shape, op.name, body)
+    _banded(low, op, a, dst, body)
 
 
 def mean_lut(low: Lowering, op: Any) -> None:
