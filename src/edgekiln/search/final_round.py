@@ -49,11 +49,13 @@ def retime(cands: Sequence[Candidate], *, runs: int, warmup: int, host_is_target
     used trial times taken minutes apart."""
     from edgekiln.execution.feeds import random_feeds, specs_from_session
     from edgekiln.execution.runtimes import REAL, available_runtimes, load_session, skip_reason
+    from edgekiln.execution.specs import TensorSpec
     from edgekiln.execution.timing import latency_stats, time_round_robin
     from edgekiln.search.litert_form import evaluation_file, timing_call
 
     unavailable = available_runtimes()
-    shapes = {i["name"]: tuple(i["shape"]) for i in (payload.get("artifact") or {}).get("inputs", [])} or None
+    inputs = [TensorSpec.from_dict(i) for i in (payload.get("artifact") or {}).get("inputs", [])]
+    shapes = {i.name: i.shape for i in inputs} or None
     calls: dict[tuple[int, str], Callable[[], Any]] = {}
     skipped: dict[int, list[dict[str, Any]]] = {c.number: [] for c in cands}
     files: dict[tuple[int, str], str] = {}
@@ -65,7 +67,7 @@ def retime(cands: Sequence[Candidate], *, runs: int, warmup: int, host_is_target
             if reason is None:
                 try:
                     if path.suffix == ".tflite":
-                        calls[(c.number, name)] = timing_call(path, Path(c.artifact or ""), shapes)
+                        calls[(c.number, name)] = timing_call(path, inputs)
                         files[(c.number, name)] = str(path)
                         continue
                     session = load_session(path, name, threads=1, input_shapes=shapes)

@@ -12,57 +12,51 @@ deployed to LiteRT is measured on that file (:func:`evaluation_file`), and
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from edgekiln.execution.specs import TensorSpec
 
 LITERT = "litert"
 #: the model kinds LiteRT competes for: int8 QDQ ONNX (the .tflite writer's input)
 KINDS = ("onnx-qdq",)
 
 
-def tflite_form(model_path: Path, kind: str | None, work_dir: Path,
-                input_shapes: dict[str, tuple[int, ...]] | None) -> dict[str, Any] | None:
-    """``{"path": model.tflite}`` written under ``work_dir/litert`` and checked against the ONNX model,
-    ``{"error": why}``, or None when LiteRT does not compete for this kind of model or is not installed."""
+def tflite_form(model_path: Path, kind: str | None, work_dir: Path, inputs: Sequence[TensorSpec]) -> dict[str, Any] | None:
+    """``{"path": model.tflite}`` written under ``work_dir/litert`` and checked against the ONNX model on
+    random ``inputs`` (the intake's resolved specs), ``{"error": why}``, or None when LiteRT does not
+    compete for this kind of model or is not installed."""
     from edgekiln.codegen.tflite.candidate import litert_candidate
-    from edgekiln.execution.feeds import random_feeds, specs_from_session
-    from edgekiln.execution.runtimes import available_runtimes, load_session
+    from edgekiln.execution.feeds import random_feeds
+    from edgekiln.execution.runtimes import available_runtimes
 
     if kind not in KINDS or available_runtimes().get(LITERT):
         return None
-    try:
-        ref = load_session(model_path, "onnxruntime", threads=1, input_shapes=input_shapes)
-        feed = random_feeds(specs_from_session(ref, input_shapes))
-    except Exception as exc:  # noqa: BLE001 - the ONNX runtimes' own rows report why the model does not run
-        return {"error": str(exc).splitlines()[0][:200]}
-    return litert_candidate(model_path, work_dir / LITERT, feed, input_shapes)
+    return litert_candidate(model_path, work_dir / LITERT, random_feeds(inputs), {i.name: i.shape for i in inputs})
 
 
-def timing_call(tflite: str | Path, onnx_model: Path,
-                input_shapes: dict[str, tuple[int, ...]] | None) -> Callable[[], Any]:
+def timing_call(tflite: str | Path, inputs: Sequence[TensorSpec]) -> Callable[[], Any]:
     """One inference of ``tflite`` on LiteRT (1 thread) with its input in its own int8 NHWC form,
-    converted once beforehand from the ONNX model's float inputs, as ``edgekiln quantize`` times it."""
-    from edgekiln.execution.feeds import random_feeds, specs_from_session
+    converted once beforehand from random float ``inputs``, as ``edgekiln quantize`` times it."""
+    from edgekiln.execution.feeds import random_feeds
     from edgekiln.execution.runtimes import load_session
 
-    ref = load_session(onnx_model, "onnxruntime", threads=1, input_shapes=input_shapes)
     sess = load_session(tflite, LITERT, threads=1)
-    feed = dict(zip(sess.input_names, random_feeds(specs_from_session(ref, input_shapes)).values(), strict=True))
+    feed = dict(zip(sess.input_names, random_feeds(inputs).values(), strict=True))
     native = sess.native_feeds(feed) if hasattr(sess, "native_feeds") else feed
     sess.run(native)
     return lambda: sess.run(native)
 
 
-def timed_row(form: dict[str, Any], onnx_model: Path, *, runs: int, warmup: int,
-              input_shapes: dict[str, tuple[int, ...]] | None) -> dict[str, Any]:
+def timed_row(form: dict[str, Any], inputs: Sequence[TensorSpec], *, runs: int, warmup: int) -> dict[str, Any]:
     """The candidate's LiteRT row: p50/p90 of the ``.tflite`` (``file``), or why it has none."""
     from edgekiln.execution.timing import latency_stats, time_round_robin
 
     if "path" not in form:
         return {"runtime": LITERT, "skipped": f"no .tflite: {form.get('error', '?')}"}
     try:
-        call = timing_call(form["path"], onnx_model, input_shapes)
+        call = timing_call(form["path"], inputs)
         stats = latency_stats(time_round_robin({LITERT: call}, rounds=runs, warmup=warmup)[LITERT])
     except Exception as exc:  # noqa: BLE001 - a runtime refusing a model only drops its row
         return {"runtime": LITERT, "skipped": f"{type(exc).__name__}: {exc}"[:200]}

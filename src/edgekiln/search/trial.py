@@ -216,13 +216,14 @@ def measure(cand: Candidate, model_path: Path, kind: str, payload: dict[str, Any
         # each: MiniLM's static int8 runs 2.7x slower on onnxruntime than on OpenVINO, and
         # onnxruntime's time alone would have ruled out the fastest deployable model.
         cand.runtimes = runtime_latencies(model_path, runs=runs, warmup=warmup, input_shapes=shapes)
+        from edgekiln.execution.specs import TensorSpec
         from edgekiln.search.litert_form import tflite_form, timed_row, with_litert
 
         # NOTE: an int8 model also competes as edgekiln's own .tflite on LiteRT, as in `edgekiln quantize`
-        form = tflite_form(model_path, kind, Path(payload["work_dir"]), shapes)
+        inputs = [TensorSpec.from_dict(i) for i in payload["artifact"]["inputs"]]
+        form = tflite_form(model_path, kind, Path(payload["work_dir"]), inputs)
         if form is not None:
-            cand.runtimes = with_litert(cand.runtimes, timed_row(form, model_path, runs=runs, warmup=warmup,
-                                                                 input_shapes=shapes))
+            cand.runtimes = with_litert(cand.runtimes, timed_row(form, inputs, runs=runs, warmup=warmup))
         timed = [r for r in cand.runtimes if "p50_ms" in r]
         if not timed:
             raise EdgekilnError("no installed runtime runs this model: " + "; ".join(

@@ -8,20 +8,21 @@ import pytest
 
 from edgekiln.codegen.testmodels import small_cnn_qdq
 from edgekiln.execution.runtimes import available_runtimes
+from edgekiln.execution.specs import TensorSpec
 from edgekiln.models.metrics import evaluate_detailed
 from edgekiln.search.litert_form import evaluation_file, tflite_form, timed_row, with_litert
 from edgekiln.search.trial import Candidate, keep_artifact
 
 pytestmark = pytest.mark.skipif(available_runtimes().get("litert") is not None, reason="LiteRT not installed")
-SHAPES = {"input": (1, 1, 28, 28)}
+INPUTS = [TensorSpec("input", (1, 1, 28, 28))]
 
 
 def test_an_int8_trial_gets_a_litert_row_with_its_tflite(tmp_path):
     qdq = small_cnn_qdq(tmp_path / "q.onnx")
-    assert tflite_form(qdq, "onnx", tmp_path, SHAPES) is None          # a float model: LiteRT does not compete
-    form = tflite_form(qdq, "onnx-qdq", tmp_path / "trial", SHAPES)
+    assert tflite_form(qdq, "onnx", tmp_path, INPUTS) is None          # a float model: LiteRT does not compete
+    form = tflite_form(qdq, "onnx-qdq", tmp_path / "trial", INPUTS)
     assert form and "path" in form, form
-    row = timed_row(form, qdq, runs=5, warmup=1, input_shapes=SHAPES)
+    row = timed_row(form, INPUTS, runs=5, warmup=1)
     assert row["runtime"] == "litert" and row["p50_ms"] > 0 and row["file"].endswith("model.tflite"), row
     rows = with_litert([{"runtime": "onnxruntime", "p50_ms": 1e9, "p90_ms": 1e9},
                         {"runtime": "litert", "skipped": "does not run .onnx files"}], row)
