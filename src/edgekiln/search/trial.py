@@ -367,16 +367,12 @@ def c_backend_footprint(model_path: Path, kind: str, profile: Any,
     """For microcontroller targets and int8 models: the C backend's real numbers
     (:class:`edgekiln.codegen.export.McuFootprint`: static arena + int8 I/O buffers, flash =
     constant arrays + parameter structs + code estimate). None when the model cannot be compiled
-    to C; the analysis estimate is used then."""
-    if getattr(profile, "kind", None) != "mcu" or kind != "onnx-qdq":
+    to C (:func:`edgekiln.search.mcu.c_backend_check` says why); the analysis estimate is used then."""
+    if getattr(profile, "kind", None) != "mcu":
         return None
-    from edgekiln.codegen.export import mcu_footprint
+    from edgekiln.search.mcu import c_backend_check
 
-    try:
-        # the graph `export --to c` builds (conv+pool fused); dynamic dims from the intake's shapes
-        return mcu_footprint(Path(model_path), input_shapes=input_shapes)
-    except EdgekilnError:
-        return None
+    return c_backend_check(Path(model_path), kind, input_shapes=input_shapes)[0]
 
 
 def memory_plan_bytes(model_path: Path, kind: str, profile: Any,
