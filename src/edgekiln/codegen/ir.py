@@ -66,6 +66,11 @@ class Op:
     #: float32 per-channel weight scales of conv/fc ops: export-time metadata for the TFLite
     #: writer, never emitted to C and not counted in :attr:`const_bytes`.
     weight_scale: np.ndarray | None = None
+    #: a float island's float op for runtimes that run it in float32 between DEQUANTIZE and QUANTIZE
+    #: (LiteRT's XNNPACK runs PRELU/LOGISTIC/... in float, not the GATHER of a table): ``(ONNX op
+    #: type, its constant operand per channel or None, its float attributes)``; export-time metadata
+    #: for the TFLite writer, never emitted to C.
+    float_form: tuple[str, np.ndarray | None, dict[str, float]] | None = None
 
     @property
     def const_bytes(self) -> int:

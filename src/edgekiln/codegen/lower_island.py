@@ -216,6 +216,33 @@ def island_table(ctx: LowerContext, nodes: list[Any], x: QTensor, out: str, y: Q
     return np.ascontiguousarray(res.reshape(256, channels).T.astype(np.int8 if y is not None else np.float32))
 
 
+#: one-op islands a float32 runtime can run as the op itself: ONNX op -> its float attributes (defaults).
+FLOAT_FORM_OPS = {"PRelu": {}, "Sigmoid": {}, "Tanh": {}, "HardSwish": {}, "LeakyRelu": {"alpha": 0.01}}
+
+
+def float_form(ctx: LowerContext, nodes: list[Any], channels: int) -> tuple[str, np.ndarray | None, dict[str, float]] | None:
+    """The island as one float op (see :attr:`~edgekiln.codegen.ir.Op.float_form`), or None when it
+    is a chain or its constant operand does not reduce to one value per channel (channels last)."""
+    if [n.op_type for n in nodes] == ["Sigmoid", "Mul"] and \
+            sorted(nodes[1].input) == sorted([nodes[0].input[0], nodes[0].output[0]]):
+        return "SiLU", None, {}   # x * sigmoid(x), EfficientNet's and YOLOv8's activation
+    if len(nodes) != 1 or nodes[0].op_type not in FLOAT_FORM_OPS:
+        return None
+    node = nodes[0]
+    attrs = {a.name: float(a.f) for a in node.attribute if a.name in FLOAT_FORM_OPS[node.op_type]}
+    if node.op_type != "PRelu":
+        return node.op_type, None, {**FLOAT_FORM_OPS[node.op_type], **attrs}
+    if not _is_const(ctx, node.input[1]):
+        return None
+    slope = np.asarray(_const_value(ctx, node.input[1]), np.float32)
+    if slope.size == 1:
+        return "PRelu", slope.reshape(1), {}
+    # NOTE: ONNX's per-channel slope is (C,) for 2-D tensors and (C, 1, 1) for NCHW: one value per channel either way
+    if slope.size != channels or sum(d > 1 for d in slope.shape) != 1:
+        return None
+    return "PRelu", slope.reshape(channels), {}
+
+
 def _output_qparams(values: np.ndarray) -> tuple[float, int]:
     """int8 (scale, zero point) for a float graph output that had none: its exact range over every
     int8 input, zero included (a Sigmoid's [0, 1] gets scale 1/255, zero point -128)."""
@@ -255,13 +282,14 @@ def lower_island(ctx: LowerContext, node: Any) -> bool:
     ctx.graph.tensors[name] = y
     table = island_table(ctx, nodes, x, out, y, channels if per_channel else 1, rank if per_channel else 2)
     op_name = (nodes[-1].name or out)
+    form = float_form(ctx, nodes, channels)
     if per_channel and not (table == table[:1]).all():
         ctx.graph.ops.append(Op("lut_channel", op_name, [x.name], y.name,
                                 attrs=dict(size=x.size, channels=channels), arrays=dict(table=table.reshape(-1)),
-                                macs=x.size))
+                                macs=x.size, float_form=form))
     else:
         ctx.graph.ops.append(Op("lut", op_name, [x.name], y.name, attrs=dict(size=x.size),
-                                arrays=dict(table=table[0].copy()), macs=x.size))
+                                arrays=dict(table=table[0].copy()), macs=x.size, float_form=form))
     for n in nodes:
         ctx.folded.add(n.name or n.output[0])
     if quantized != out:

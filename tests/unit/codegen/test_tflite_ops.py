@@ -271,3 +271,28 @@ def test_a_clamp_that_is_not_relu_or_relu6_becomes_maximum_and_minimum(tmp_path)
     for rt, got in _run_both(path, xq).items():
         n_diff = int(np.sum(got.reshape(ref.shape) != ref))
         assert n_diff == 0, f"clamped requantize in {rt}: {n_diff} of {ref.size} outputs differ (need 0), seed {SEED}"
+
+
+def test_float_islands_for_litert_are_its_float_ops_and_agree_with_the_exact_tables(tmp_path):
+    """LiteRT's XNNPACK does not run GATHER: for CPU runtimes a float island with a float form is
+    written as DEQUANTIZE -> op -> QUANTIZE (one delegated partition; MTCNN R-Net 0.166 -> 0.063 ms
+    here, FP32 0.132). Same float32 arithmetic as the table, so each island op alone gives the
+    table's output on all 256 inputs, up to 1 LSB where LiteRT's sigmoid approximation lands on a
+    rounding boundary."""
+    g = load_qdq(tm.quantize_qdq(tm.shuffle_island_float(seed=SEED), tmp_path / "islands.onnx",
+                                 extra_ops=tm.SHUFFLE_EXTRA, float_ops=tm.SPEED_FLOAT, seed=SEED))
+    islands = [op for op in g.ops if op.kind in ("lut", "lut_channel") and op.float_form is not None]
+    assert sorted(op.float_form[0] for op in islands) == ["PRelu", "SiLU"], [op.float_form for op in islands]
+    whole = schema.op_names(schema.read_model(to_tflite_bytes(g, float_islands=True)))
+    assert {"PRELU", "LOGISTIC"} <= set(whole) and "PRELU" not in schema.op_names(schema.read_model(to_tflite_bytes(g)))
+    for op in islands:
+        x, y = g.tensors[op.inputs[0]], g.tensors[op.output]
+        one = _one_op({x.name: x, y.name: y}, op)
+        every = np.resize(np.arange(-128, 128, dtype=np.int8), int(np.prod(x.shape))).reshape(1, *x.shape[1:])
+        xq = np.stack([every, np.roll(every, 7)])
+        exact = run_litert_int8(write_tflite(one, tmp_path / f"{op.name}_table.tflite"), xq)[0].astype(int)
+        fast = run_litert_int8(write_tflite(one, tmp_path / f"{op.name}_float.tflite", float_islands=True), xq)[0]
+        diff = np.abs(fast.astype(int) - exact)
+        share = float(np.mean(diff == 0))
+        assert diff.max() <= 1 and share >= 0.99, \
+            f"{op.float_form[0]} island {op.name}: max {diff.max()} LSB (<= 1), identical {share:.4f} (>= 0.99), seed {SEED}"

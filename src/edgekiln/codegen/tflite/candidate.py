@@ -33,7 +33,7 @@ def litert_candidate(qdq_path: str | Path, out_dir: str | Path, feed: Mapping[st
         return {"error": reason}
     try:
         graph = load_qdq(Path(qdq_path), dict(input_shapes) if input_shapes else None)
-        path = write_tflite(graph, Path(out_dir) / "model.tflite")
+        path = write_tflite(graph, Path(out_dir) / "model.tflite", float_islands=True)
         lite = load_session(path, "litert", threads=1)
         if len(lite.input_names) != len(feed):
             return {"error": f"the .tflite has {len(lite.input_names)} inputs, the model {len(feed)}"}

@@ -108,8 +108,9 @@ def _padding(name: str, a: dict[str, int], in_hw: tuple[int, int], k: tuple[int,
 class Lowering:
     """Walks the IR schedule once, adding TFLite tensors and ops."""
 
-    def __init__(self, graph: Any) -> None:
+    def __init__(self, graph: Any, *, float_islands: bool = False) -> None:
         self.ir = graph
+        self.float_islands = float_islands
         self.g = TFLiteGraph("edgekiln")
         self.ids: dict[str, int] = {}
         self._clamps: list[tuple[int, Any]] = []
@@ -436,15 +437,18 @@ class Lowering:
 _MODULE_KINDS = {kind: fn for kind, (fn, _) in (elementwise.KINDS | movement.KINDS | spatial.KINDS).items()}
 
 
-def to_tflite_bytes(graph: Any, *, description: str = "edgekiln int8", inputs: list[str] | None = None) -> bytes:
+def to_tflite_bytes(graph: Any, *, description: str = "edgekiln int8", inputs: list[str] | None = None,
+                    float_islands: bool = False) -> bytes:
     """Lower an :class:`~edgekiln.codegen.ir.IntGraph` to ``.tflite`` bytes.
 
     ``inputs`` (default: the graph's inputs, in ONNX order) names the IR tensors that become
     ``.tflite`` inputs, e.g. both operands when one two-input op is checked alone. Raises
     :class:`EdgekilnError` naming the op kind and node for anything outside
-    :data:`SUPPORTED_KINDS` or a configuration TFLite cannot express.
+    :data:`SUPPORTED_KINDS` or a configuration TFLite cannot express. ``float_islands``: write the
+    float islands that have a float form (``Op.float_form``) as DEQUANTIZE, the float op, QUANTIZE,
+    for CPU runtimes (LiteRT); the default, exact tables, is what TFLite Micro runs bit for bit.
     """
-    low = Lowering(graph)
+    low = Lowering(graph, float_islands=float_islands)
     whole = inputs is None
     inputs = inputs or list(graph.inputs)
     for name in inputs:
@@ -467,6 +471,7 @@ def to_tflite_bytes(graph: Any, *, description: str = "edgekiln int8", inputs: l
                           description=description)
 
 
-def write_tflite(graph: Any, path: str | Path) -> Path:
-    """Write ``graph`` (an IntGraph) as an int8 ``.tflite`` file atomically; returns the path."""
-    return atomic_write_bytes(path, to_tflite_bytes(graph))
+def write_tflite(graph: Any, path: str | Path, *, float_islands: bool = False) -> Path:
+    """Write ``graph`` (an IntGraph) as an int8 ``.tflite`` file atomically; returns the path
+    (``float_islands``: see :func:`to_tflite_bytes`)."""
+    return atomic_write_bytes(path, to_tflite_bytes(graph, float_islands=float_islands))
