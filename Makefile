@@ -29,7 +29,7 @@ demo: install
 	$(BIN)/python -m edgekiln.demo
 
 test: install
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider --durations=15
 
 bench: install system-deps
 	$(BIN)/python -m benchmarks.suite
