@@ -138,8 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     command = "make bench" if not args.only else f"python -m benchmarks.suite --only {' '.join(chosen)}"
     md_path = root / "BENCHMARKS.md"
-    text = md_path.read_text() if md_path.is_file() else ""
-    text = re.sub(r"^# edgekiln benchmarks.*?(?=<!-- case:|\Z)", "", text, flags=re.S)
     from edgekiln.fileio import atomic_write_json, atomic_write_text
 
     for name in chosen:
@@ -152,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(results_dir / f"{name}.json", res.raw)
         body = f"## {res.title}\n\n{res.markdown.strip()}\n\n*Case `{name}`, {seconds:.0f} s" + \
                (", quick mode" if args.quick else "") + f", {res.raw['date']}.*"
+        # NOTE: read again at each write: another suite run (another case) may have written its section meanwhile
+        text = md_path.read_text() if md_path.is_file() else ""
+        text = re.sub(r"^# edgekiln benchmarks.*?(?=<!-- case:|\Z)", "", text, flags=re.S)
         text = replace_section(text, name, body)
         atomic_write_text(md_path, header(info, command) + text.lstrip())
         print(res.markdown, flush=True)
