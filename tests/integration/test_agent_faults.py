@@ -37,7 +37,7 @@ ADMIN = "admin-token-for-fault-tests-0123456789"
 CHUNK = 4096
 # What one update of the 20,480-byte test bundle passes through, in order (5 chunks of 4 KiB).
 POINTS = (
-    "state:pending", "metadata-refreshed",
+    "director-refreshed", "state:pending", "metadata-refreshed",
     "chunk:1", "chunk:2", "chunk:3", "chunk:4", "chunk:5", "download-verified", "partial-removed",
     "state:installing", "slot-created",
     "written:expected.npz", "fsynced:expected.npz", "written:manifest.json", "fsynced:manifest.json",

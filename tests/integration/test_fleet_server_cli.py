@@ -1,4 +1,5 @@
-"""`edgekiln serve` as a real uvicorn process, driven by the operator CLI; kill -9 mid-publish."""
+"""`edgekiln serve` as a real uvicorn process over https (a test CA), driven by the operator CLI; kill -9
+mid-publish."""
 
 from __future__ import annotations
 
@@ -6,15 +7,15 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import httpx
 import pytest
-
-from edgekiln.fleet.load import wait_until_healthy
 
 ADMIN = "integration-admin-token-0123456789"
 EXE = [sys.executable, "-m", "edgekiln.cli"]
@@ -33,22 +34,47 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _cli(*args: str, token: str = ADMIN, server: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = _env(EDGEKILN_ADMIN_TOKEN=token, **({"EDGEKILN_SERVER": server} if server else {}))
+def _cli(*args: str, token: str = ADMIN, server: str | None = None, ca: Path | None = None,
+         ) -> subprocess.CompletedProcess[str]:
+    env = _env(EDGEKILN_ADMIN_TOKEN=token, **({"EDGEKILN_SERVER": server} if server else {}),
+               **({"EDGEKILN_CA": str(ca)} if ca else {}))
     return subprocess.run([*EXE, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[str], ca: Path, timeout_s: float = 60.0) -> None:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1, verify=ctx).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"server did not start: {(proc.stderr.read() if proc.stderr else '')[-300:]}")
+        time.sleep(0.2)
 
 
 @pytest.fixture
 def served(tmp_path):
+    """The server on https://127.0.0.1:PORT; yields (url, folder, ca)."""
+    from edgekiln.fleet.keys import init_keys
+    from edgekiln.fleet.tls_testing import make_test_ca
+    from edgekiln.fleet.tuf_repo import TufExpiry
+
     port = _free_port()
     folder = tmp_path / "srv"
+    ca, cert, key = make_test_ca(tmp_path / "tls")
+    init_keys(folder / "keys", tmp_path / "offline" / "root.pem", expiry=TufExpiry())
     proc = subprocess.Popen([*EXE, "serve", "--db", f"sqlite:///{folder / 'fleet.db'}", "--store", str(folder / "blobs"),
-                             "--keys", str(folder / "keys"), "--port", str(port)],
+                             "--keys", str(folder / "keys"), "--port", str(port), "--tls-cert", str(cert),
+                             "--tls-key", str(key)],
                             env=_env(EDGEKILN_ADMIN_TOKEN=ADMIN), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    url = f"http://127.0.0.1:{port}"
-    wait_until_healthy(url, proc)
-    yield url, folder
+    url = f"https://127.0.0.1:{port}"
+    _wait_healthy(url, proc, ca)
+    yield url, folder, ca
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=20)
@@ -59,38 +85,52 @@ def served(tmp_path):
 def test_operator_cli_drives_a_real_server(served, tmp_path):
     from edgekiln.fleet.sample import sample_bundle
 
-    url, folder = served
+    url, folder, ca = served
+    ctx = ssl.create_default_context(cafile=str(ca))
     assert (folder / "keys" / "root.json").is_file()
-    added = _cli("devices", "add", "cam-1", "--group", "lab", "--server", url)
+    added = _cli("devices", "add", "cam-1", "--group", "lab", "--server", url, "--ca", str(ca))
     assert added.returncode == 0, added.stderr
     token = added.stdout.strip().splitlines()[-1]
     assert token.startswith("ekd_")
     bundle = sample_bundle(tmp_path / "bundle", version=1)
-    pub = _cli("publish", str(bundle), "--server", url, "--channel", "stable")
+    pub = _cli("publish", str(bundle), "--server", url, "--channel", "stable", ca=ca)
     assert pub.returncode == 0 and "published digits v1 on stable" in pub.stdout, pub.stdout + pub.stderr
-    again = _cli("publish", str(bundle), "--server", url)
+    again = _cli("publish", str(bundle), "--server", url, ca=ca)
     assert again.returncode != 0 and "409" in again.stderr and len(again.stderr.strip().splitlines()) == 1
-    start = _cli("rollout", "start", "digits", "1", "--group", "lab", "--percent", "100", "--json", server=url)
+    start = _cli("rollout", "start", "digits", "1", "--group", "lab", "--percent", "100", "--json", server=url, ca=ca)
     assert start.returncode == 0, start.stderr
     rid = json.loads(start.stdout)["id"]
-    r = httpx.get(f"{url}/v1/device/assignment", headers={"Authorization": f"Bearer {token}"})
+    r = httpx.get(f"{url}/v1/device/assignment", headers={"Authorization": f"Bearer {token}"}, verify=ctx)
     assert r.json()["version"] == 1
     part = httpx.get(f"{url}/tuf/targets/digits/1/bundle.tar",
-                     headers={"Authorization": f"Bearer {token}", "Range": "bytes=100-"})
+                     headers={"Authorization": f"Bearer {token}", "Range": "bytes=100-"}, verify=ctx)
     assert part.status_code == 206 and part.headers["content-range"].startswith("bytes 100-")
     for cmd in (["rollout", "pause", str(rid)], ["rollout", "resume", str(rid)], ["rollout", "status", str(rid)],
                 ["rollout", "status"], ["devices", "list"]):
-        out = _cli(*cmd, server=url)
+        out = _cli(*cmd, server=url, ca=ca)
         assert out.returncode == 0, (cmd, out.stderr)
-    status = json.loads(_cli("rollout", "status", str(rid), "--json", server=url).stdout)
+    status = json.loads(_cli("rollout", "status", str(rid), "--json", server=url, ca=ca).stdout)
     assert status["state"] == "running" and status["devices"][0]["selected"] is True
-    assert "cam-1" in _cli("devices", "list", server=url).stdout
+    assert "cam-1" in _cli("devices", "list", server=url, ca=ca).stdout
+    # the device side over the same https: an in-process agent trusting the test CA installs v1
+    from edgekiln.fleet.agent import Agent, AgentConfig
+
+    agent = Agent(AgentConfig(server=url, token=token, state_dir=tmp_path / "device",
+                              root=folder / "keys" / "root.json", ca=ca, latency_runs=1))
+    try:
+        assert agent.run_once()["outcome"] == "installed"
+        assert agent.store.active().version == 1
+    finally:
+        agent.close()
 
 
-def test_bad_token_and_unreachable_server_are_one_line_errors(served):
-    url, _ = served
-    bad = _cli("devices", "list", "--server", url, token="wrong-token-wrong-token")
+def test_bad_token_untrusted_and_unreachable_servers_are_one_line_errors(served):
+    url, _, ca = served
+    bad = _cli("devices", "list", "--server", url, token="wrong-token-wrong-token", ca=ca)
     assert bad.returncode != 0 and "401" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    untrusted = _cli("devices", "list", "--server", url)  # no --ca: the test CA is not in the system store
+    assert untrusted.returncode == 4 and "TLS certificate of 127.0.0.1 not trusted" in untrusted.stderr, \
+        untrusted.stderr
     gone = _cli("devices", "list", "--server", f"http://127.0.0.1:{_free_port()}")
     assert gone.returncode == 4 and "cannot reach the update server" in gone.stderr, gone.stderr
     assert len(gone.stderr.strip().splitlines()) == 1, gone.stderr
@@ -110,10 +150,10 @@ KILLER = textwrap.dedent("""
     def fault(at):
         if at == step:
             os.kill(os.getpid(), 9)   # kill -9 at this step: no cleanup, no rollback handler runs
-    app = create_app(ServerConfig.local(folder, admin_token="k" * 32), fault=fault)
+    app = create_app(ServerConfig.local(folder, admin_token=sys.argv[4]), fault=fault)
     c = TestClient(app)
     c.post("/v1/models/digits/versions/1", content=open(tar, "rb").read(),
-           headers={"Authorization": "Bearer " + "k" * 32})
+           headers={"Authorization": "Bearer " + sys.argv[4]})
     sys.exit(3)
 """)
 
@@ -128,11 +168,14 @@ def test_kill_9_mid_publish_leaves_nothing_visible_and_a_retry_succeeds(tmp_path
 
     tar = tar_bundle(sample_bundle(tmp_path / "b", version=1), tmp_path / "b.tar")
     folder = tmp_path / "srv"
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(folder), step, str(tar)], env=_env(), timeout=120,
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(folder), step, str(tar), ADMIN], env=_env(), timeout=120,
                           capture_output=True, text=True)
     assert proc.returncode == -9, (step, proc.returncode, proc.stderr[-500:])
-    c = TestClient(create_app(ServerConfig.local(folder, admin_token="k" * 32)))
-    h = {"Authorization": "Bearer " + "k" * 32}
+    left = [p.name for p in (folder / "spool").iterdir()]
+    assert len(left) == 1 and left[0].startswith("upload-"), left  # the killed upload's folder
+    c = TestClient(create_app(ServerConfig.local(folder, admin_token=ADMIN)))
+    assert list((folder / "spool").iterdir()) == [], "a dead server's upload folder must be removed at start"
+    h = {"Authorization": "Bearer " + ADMIN}
     assert c.get("/v1/models", headers=h).json() == []
     targets = json.loads(c.get("/tuf/metadata/targets.json", headers=h).content)["signed"]
     assert targets["targets"] == {} and targets["version"] == 1, targets

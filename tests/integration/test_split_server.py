@@ -1,5 +1,6 @@
 """The device keeps answering when the real tail server (uvicorn on loopback) is down, slow,
-failing or answering garbage; and takes the split path when the server is healthy."""
+failing or answering garbage; and takes the split path (over https, with its token) when the
+server is healthy."""
 
 from __future__ import annotations
 
@@ -25,11 +26,13 @@ def _free_port() -> int:
 class _Served:
     """uvicorn serving ``app`` on a loopback port in a thread, stopped on exit."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, **tls) -> None:
         import uvicorn
 
         self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.scheme = "https" if tls else "http"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    **tls))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> str:
@@ -38,7 +41,7 @@ class _Served:
         while not self.server.started:
             assert time.monotonic() < deadline, "uvicorn did not start within 20 s"
             time.sleep(0.02)
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
@@ -85,12 +88,21 @@ def _local(client, x):
     return client.full.run(None, {"input": x})[0]
 
 
-def test_healthy_server_takes_the_split_path_and_matches_the_device(parts):
+def test_healthy_server_takes_the_split_path_and_matches_the_device(parts, tmp_path):
+    from edgekiln.fleet.tls_testing import make_test_ca
+    from edgekiln.runtime.split_server import token_hash
+
     full, head, tail, _ = parts
-    with _Served(create_app(tail)) as url:
-        client = SplitClient(head, full, url, timeout_s=5.0)
-        res = client(_x())
-    assert res.path == "split", res.reason
+    ca, cert, key = make_test_ca(tmp_path)
+    token = "split-device-token-0123456789"
+    app = create_app(tail, token_hashes=frozenset({token_hash(token)}))
+    with _Served(app, ssl_certfile=str(cert), ssl_keyfile=str(key)) as url:
+        client, anonymous = (SplitClient(head, full, url, timeout_s=5.0, token=t, ca=ca) for t in (token, None))
+        res, refused = client(_x()), anonymous(_x())
+        client.client.close()
+        anonymous.client.close()
+    assert url.startswith("https://") and res.path == "split", res.reason
+    assert refused.path == "local" and refused.reason == "server answered 401", refused.reason
     scale = float(np.abs(_local(client, _x())).max())
     err = float(np.abs(res.output - _local(client, _x())).max())
     assert err <= 1e-6 * scale, f"split output differs from on-device by {err} (output scale {scale})"
@@ -107,7 +119,7 @@ def test_server_down_falls_back_to_the_device(parts):
 
 def test_slow_server_times_out_and_the_device_answers_in_time(parts):
     full, head, tail, _ = parts
-    with _Served(_slow(create_app(tail), 2.0)) as url:
+    with _Served(_slow(create_app(tail, token_hashes=None), 2.0)) as url:
         client = SplitClient(head, full, url, timeout_s=0.3)
         res = client(_x(2))
     assert res.path == "local" and "Timeout" in res.reason, res.reason
@@ -125,7 +137,7 @@ def test_garbage_answers_fall_back(parts, body, reason):
     full, head, tail, _ = parts
     if body is None:
         body = pack({"logits": np.zeros((1, 3), np.float32)})   # right name, wrong shape
-    with _Served(_garbage(create_app(tail), body)) as url:
+    with _Served(_garbage(create_app(tail, token_hashes=None), body)) as url:
         client = SplitClient(head, full, url, timeout_s=5.0)
         res = client(_x(3))
     assert res.path == "local" and reason in res.reason, res.reason
@@ -134,7 +146,7 @@ def test_garbage_answers_fall_back(parts, body, reason):
 
 def test_server_serving_the_wrong_tail_is_refused_and_the_device_answers(parts):
     full, head, _, wrong_tail = parts
-    with _Served(create_app(wrong_tail)) as url:
+    with _Served(create_app(wrong_tail, token_hashes=None)) as url:
         client = SplitClient(head, full, url, timeout_s=5.0)
         res = client(_x(4))
     assert res.path == "local" and res.reason == "server answered 400", res.reason

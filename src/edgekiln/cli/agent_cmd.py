@@ -1,6 +1,7 @@
 """`edgekiln agent`: the device side of over-the-air updates (see docs/fleet-protocol.md).
 
     edgekiln agent --server URL --token T --state DIR --root root.json --once
+    edgekiln agent --server https://fleet:8443 --ca ca.pem --token T --state DIR --root root.json --once
     edgekiln agent --server URL --token T --state DIR --interval 60
     edgekiln agent --state DIR --status --json
 
@@ -29,11 +30,18 @@ def register(app: typer.Typer) -> None:
 
 def agent_command(
     state: Path = typer.Option(..., "--state", help="The device's state folder (A/B slots, downloads, TUF metadata)."),
-    server: str = typer.Option(None, "--server", help="Update server URL, e.g. http://10.0.0.2:8080."),
+    server: str = typer.Option(None, "--server", help="Update server URL, e.g. https://10.0.0.2:8443 (plain "
+                               "http:// only to this machine, unless --insecure-http)."),
     token: str = typer.Option(None, "--token", envvar="EDGEKILN_DEVICE_TOKEN",
                               help="Device token from `edgekiln devices add` (or EDGEKILN_DEVICE_TOKEN)."),
     root: Path = typer.Option(None, "--root", help="Trusted TUF root.json (enrolment: the server's KEYS/root.json). "
                               "Needed on the first run; later runs use the root stored in the state folder."),
+    director_root: Path = typer.Option(None, "--director-root", help="Trusted director root (the server's "
+                                       "KEYS/director-root.json); default: director-root.json next to --root."),
+    ca: Path = typer.Option(None, "--ca", envvar="EDGEKILN_CA", help="CA certificate (PEM) the server's TLS "
+                            "certificate must chain to (or EDGEKILN_CA); default: the system's trust store."),
+    insecure_http: bool = typer.Option(False, "--insecure-http", help="Allow plain http:// to a server that is not "
+                                       "this machine: the device token travels in clear."),
     once: bool = typer.Option(False, "--once", help="One check-and-update cycle, then exit."),
     interval: float = typer.Option(60.0, "--interval", help="Seconds between checks when running as a daemon."),
     status: bool = typer.Option(False, "--status", help="Print the agent's state (active version, pending update) "
@@ -53,7 +61,10 @@ def agent_command(
     from edgekiln.fleet.agent_crash import checkpoint_from_env
     from edgekiln.fleet.fetcher import ServerUnreachable
 
-    config = AgentConfig(server=server, token=token, state_dir=state, root=root, chunk_size=chunk_size)
+    if ca is not None and not ca.is_file():
+        raise EdgekilnError(f"agent: --ca {ca}: file not found")
+    config = AgentConfig(server=server, token=token, state_dir=state, root=root, director_root=director_root,
+                         ca=ca, insecure_http=insecure_http, chunk_size=chunk_size)
     agent = Agent(config, checkpoint=checkpoint_from_env(), log=lambda line: typer.echo(line, err=True))
     try:
         if not once:

@@ -35,6 +35,7 @@ COMMAND_MODULES = (
     "edgekiln.cli.measure_mcu_cmd",
     "edgekiln.cli.agent_cmd",
     "edgekiln.cli.fleet_cmd",
+    "edgekiln.cli.keys_cmd",
     "edgekiln.cli.federate_cmd",
 )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -48,6 +49,10 @@ def federate_command(
     model_name: str = typer.Option(None, "--model-name", help="Model name on the update server (default: the "
                                                               "example's name)."),
     channel: str = typer.Option("stable", "--channel", help="Channel to publish to."),
+    ca: str = typer.Option(None, "--ca", envvar="EDGEKILN_CA",
+                           help="With --publish: the CA certificate (PEM) of the server's TLS certificate."),
+    insecure_http: bool = typer.Option(False, "--insecure-http", help="With --publish: allow plain http:// to "
+                                                                      "another host (the token travels in clear)."),
     rollout_group: str = typer.Option(None, "--rollout-group", help="Also roll the new version out to this "
                                                                     "device group."),
     seed: int = typer.Option(0, "--seed", help="Seeds the split, the partition, the initialization and clients."),
@@ -96,11 +101,14 @@ def federate_command(
         typer.echo(f"centralized training on the same data: accuracy {r['centralized']['accuracy']:.4f}")
     typer.echo(f"wrote {out}/: {', '.join(r['files'])}")
     if recipe:
-        _close_loop(out, recipe, publish, token, model_name or example, channel, rollout_group, quiet)
+        from edgekiln.runtime.transport_security import TlsOptions
+
+        _close_loop(out, recipe, publish, token, model_name or example, channel, rollout_group, quiet,
+                    TlsOptions(ca=ca or None, insecure_http=insecure_http))
 
 
 def _close_loop(out: Path, recipe: Path, server: str | None, token: str | None, model_name: str, channel: str,
-                rollout_group: str | None, quiet: bool) -> None:
+                rollout_group: str | None, quiet: bool, tls: Any) -> None:
     from edgekiln.federated.loop import close_loop, optimize_only
 
     if server is None:
@@ -108,7 +116,7 @@ def _close_loop(out: Path, recipe: Path, server: str | None, token: str | None, 
         typer.echo(f"optimized: {res['selected']} (metric {res['metric']:.4f}); wrote {out / 'loop'}/")
         return
     res = close_loop(out, recipe, out / "loop", server=server, token=str(token), model_name=model_name,
-                     channel=channel, rollout_group=rollout_group, quiet=quiet)
+                     channel=channel, rollout_group=rollout_group, quiet=quiet, tls=tls)
     pub = res["published"]
     typer.echo(f"optimized: {res['selected']} (metric {res['metric']:.4f}); published {pub['model']} "
                f"v{pub['version']} to {channel} ({pub['length']:,} B)"

@@ -77,17 +77,57 @@ def serve_command(
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8090, "--port"),
     threads: int = typer.Option(1, "--threads"),
+    token_file: Path = typer.Option(None, "--token-file", help="File of accepted device tokens, one per line "
+                                    "(else EDGEKILN_SPLIT_TOKEN)."),
+    no_auth: bool = typer.Option(False, "--no-auth", help="Accept requests without a token (loopback --host only)."),
+    tls_cert: Path = typer.Option(None, "--tls-cert", help="TLS certificate chain (PEM); serve https."),
+    tls_key: Path = typer.Option(None, "--tls-key", help="TLS private key (PEM, mode 0600)."),
+    insecure_http: bool = typer.Option(False, "--insecure-http",
+                                       help="Allow plain http on a --host other than loopback (tokens in clear)."),
 ) -> None:
     """Serve the tail of a split model over HTTP (POST /v1/tail with an npz body)."""
+    from edgekiln.runtime.transport_security import is_loopback_host, server_tls_kwargs
+
     if not tail.is_file():
         raise EdgekilnError(f"{tail}: file not found")
+    tls = server_tls_kwargs(tls_cert, tls_key)
+    if not tls and not is_loopback_host(host) and not insecure_http:
+        raise EdgekilnError(f"refusing to serve plain http on {host}: tokens would travel in clear; give "
+                            "--tls-cert FILE --tls-key FILE, or pass --insecure-http")
+    tokens = _split_tokens(token_file)
+    if no_auth:
+        if tokens:
+            raise EdgekilnError("give --no-auth or tokens (--token-file, EDGEKILN_SPLIT_TOKEN), not both")
+        if not is_loopback_host(host):
+            raise EdgekilnError(f"--no-auth is allowed only on a loopback --host, not {host}")
+    elif not tokens:
+        raise EdgekilnError("no split tokens: pass --token-file FILE or set EDGEKILN_SPLIT_TOKEN "
+                            "(or --no-auth on a loopback --host)")
     try:
         import uvicorn
 
-        from edgekiln.runtime.split_server import create_app
+        from edgekiln.runtime.split_server import create_app, token_hash
     except ImportError:
         raise EdgekilnError("split serve needs fastapi and uvicorn: pip install 'edgekiln[serve]'") from None
-    uvicorn.run(create_app(tail, threads=threads), host=host, port=port, log_level="warning")
+    hashes = None if no_auth else frozenset(token_hash(t) for t in tokens)
+    uvicorn.run(create_app(tail, threads=threads, token_hashes=hashes), host=host, port=port, log_level="warning",
+                **tls)
+
+
+def _split_tokens(token_file: Path | None) -> list[str]:
+    import os
+
+    if token_file is not None:
+        if not token_file.is_file():
+            raise EdgekilnError(f"{token_file}: token file not found")
+        text = token_file.read_text()
+    else:
+        text = os.environ.get("EDGEKILN_SPLIT_TOKEN", "")
+    tokens = [line.strip() for line in text.splitlines() if line.strip()]
+    short = [t for t in tokens if len(t) < 16]
+    if short:
+        raise EdgekilnError(f"split token of {len(short[0])} characters refused: use at least 16")
+    return tokens
 
 
 def _profile_factor(name: str | None) -> float:

@@ -19,9 +19,11 @@ from edgekiln.errors import EdgekilnError
 
 def close_loop(run_dir: str | Path, recipe: str | Path, out_dir: str | Path, *, server: str, token: str,
                model_name: str, version: int | None = None, channel: str = "stable",
-               rollout_group: str | None = None, quiet: bool = True, transport: Any = None) -> dict[str, Any]:
+               rollout_group: str | None = None, quiet: bool = True, transport: Any = None,
+               tls: Any = None) -> dict[str, Any]:
     """Optimize the federated model with ``recipe``, bundle the selected model, publish it; with
     ``rollout_group``, also start a rollout of the new version to that device group (all at once).
+    ``tls`` (a :class:`~edgekiln.runtime.transport_security.TlsOptions`) for an https server's CA.
 
     Writes ``out_dir/optimize`` (optimize's run folder), ``out_dir/bundle`` and
     ``out_dir/loop.json``; returns loop.json's data.
@@ -33,13 +35,13 @@ def close_loop(run_dir: str | Path, recipe: str | Path, out_dir: str | Path, *, 
     run_dir, out = Path(run_dir), Path(out_dir)
     if version is None:
         # NOTE: asked before optimizing, so a bad URL or token fails in seconds, not after the search.
-        held = [int(m["version"]) for m in list_models(server, token, transport=transport) if m["model"] == model_name]
+        held = [int(m["version"]) for m in list_models(server, token, transport=transport, tls=tls) if m["model"] == model_name]
         version = max(held, default=0) + 1
     found = optimize_only(run_dir, recipe, out, quiet=quiet)
     manifest = build_bundle([out / "optimize"], out / "bundle", name=model_name, version=str(version))
     record = publish(out / "bundle", server, token, channel, model=model_name, version=version,
-                     transport=transport)
-    rollout = (rollout_start(server, token, model_name, version, rollout_group, transport=transport)
+                     transport=transport, tls=tls)
+    rollout = (rollout_start(server, token, model_name, version, rollout_group, transport=transport, tls=tls)
                if rollout_group else None)
     data = {**found, "bundle": str(out / "bundle"),
             "variants": [v.name for v in manifest.variants], "published": record,

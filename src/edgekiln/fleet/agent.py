@@ -3,9 +3,13 @@
 One cycle (:meth:`Agent.run_once`), in the order of ``docs/fleet-protocol.md``:
 
 1. repair what a crash left (:meth:`SlotStore.recover`) and send queued reports;
-2. ask for the assignment; refuse a version that is not newer than the active one;
-3. refresh TUF metadata (``tuf.ngclient.Updater`` from the enrolled root) and look the target
-   up: its signed ``custom`` must name the assigned model and version;
+2. refresh this device's director metadata (a second TUF repository, ``/director/metadata/``,
+   from the enrolled director root): its one target ``assignment`` is the signed instruction, bound
+   to this device's token; refuse a version that is not newer than the active one or not above the
+   highest version this device has run of that model (``high_water``). The unsigned
+   ``/v1/device/assignment`` is never asked;
+3. refresh the image repository's TUF metadata (``tuf.ngclient.Updater`` from the enrolled root)
+   and look the target up: its signed length, sha256, model and version must equal the director's;
 4. download it (resumable, :class:`TokenFetcher`), verified against the signed length + SHA-256;
 5. unpack into the inactive slot, fsync, seal, health-check it (sample inputs vs the manifest's
    expected outputs, plus latency stats from the runtime monitor);
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import random
 import re
 import time
@@ -34,20 +39,23 @@ from typing import Any
 from urllib.parse import quote
 
 from edgekiln.errors import EdgekilnError
+from edgekiln.fleet import agent_metadata as md
+from edgekiln.fleet.agent_metadata import MetadataRefused
 from edgekiln.fleet.fetcher import DEFAULT_CHUNK, DeviceApi, ServerUnreachable, TokenFetcher, make_client
-from edgekiln.fleet.slots import SlotStore, health_check_slot, now_iso
+from edgekiln.fleet.slots import NoSpace, SlotStore, health_check_slot, now_iso
 
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 CHECK_WRITE_EVERY_S = 900.0
 MAX_CHECK_ATTEMPTS = 3   # health checks interrupted by the agent's death before a bundle is rejected
-
-
 @dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     server: str                       # base URL of the update server
     token: str                        # the device token from `edgekiln devices add`
     state_dir: Path                   # the device's state folder (slots, downloads, TUF metadata)
     root: Path | None = None          # trusted root.json given at enrolment (later runs use the stored one)
+    director_root: Path | None = None  # trusted director root (default: director-root.json next to `root`)
+    ca: Path | None = None            # CA certificate (PEM) the server's TLS certificate must chain to
+    insecure_http: bool = False       # allow plain http:// to a non-loopback server (tokens in clear)
     chunk_size: int = DEFAULT_CHUNK   # download chunk size in bytes
     timeout_s: float = 30.0           # per HTTP request
     latency_runs: int = 20            # inferences on the sample inputs for the reported latency stats
@@ -67,13 +75,16 @@ class Agent:
         self.config = config
         self.checkpoint = checkpoint or (lambda name: None)
         self.store = SlotStore(Path(config.state_dir), checkpoint=self.checkpoint)
-        self.client = make_client(config.server, config.token, timeout_s=config.timeout_s, transport=transport)
+        self.client = make_client(config.server, config.token, timeout_s=config.timeout_s, transport=transport,
+                                  ca=config.ca, insecure_http=config.insecure_http)
+        self.device_id = hashlib.sha256(config.token.encode("utf-8")).hexdigest()[:32]
         self.api = DeviceApi(self.client)
         self.now = now
         self.log = log or (lambda line: None)
         self._recovered = False
         self.fetcher = TokenFetcher(self.client, self.store.download_dir, chunk_size=config.chunk_size,
                                     checkpoint=self.checkpoint)
+        self.named_fetcher = md.NamedFetcher(self.fetcher)   # what both TUF updaters fetch through
 
     def close(self) -> None:
         self.client.close()
@@ -94,37 +105,77 @@ class Agent:
         if not self._recovered:
             for note in self.store.recover():
                 self.log(f"recovered: {note}")
+            self._seed_high_water()
             self._recovered = True
         self._flush_outbox()
-        assignment = self.api.assignment()
         state = self.store.read_state()
-        if not assignment:
+        try:
+            director = self._director_target()
+        except MetadataRefused as exc:
+            return self._director_failed(state, str(exc))
+        if director is None:
             self._note_check(state)
             return {"outcome": "idle", "model": state.get("model"), "version": state.get("active_version")}
-        model, version, target_path = _parse_assignment(assignment)
+        custom = director.custom if isinstance(director.custom, dict) else {}
+        if custom.get("device_id") != self.device_id:
+            return self._director_failed(state, "metadata refused: director metadata is for another device "
+                                                f"({str(custom.get('device'))[:64]!r})")
+        model, version, target_path = _parse_assignment(custom)
         key = f"{model}/{version}"
         active = self.store.active()
         # NOTE: versions are ordered within a model; an assignment of another model (the device
-        # was moved to a different model) is installed whatever its number.
+        # was moved to a different model) is installed if it is above that model's high-water mark.
         if active and active.model == model and version <= active.version:
             self._note_check(state)
             if version == active.version:
                 return {"outcome": "up-to-date", "model": model, "version": version}
             return self._refuse(state, model, version,
                                 f"version {version} is not newer than the active version {active.version}")
+        high = (state.get("high_water") or {}).get(model)
+        if isinstance(high, int) and version <= high:
+            self._note_check(state)
+            return self._refuse(state, model, version,
+                                f"refused: {model} v{version} is {'below' if version < high else 'not above'} the "
+                                f"highest version this device has run (v{high}); roll back by publishing a new, "
+                                "higher version")
         if key in (state.get("rejected") or {}):
             self._note_check(state)
             return {"outcome": "refused", "model": model, "version": version, "error": state["rejected"][key]}
         previous = state.get("pending") or {}
         same = previous.get("target_path") == target_path
         state["pending"] = {"model": model, "version": version, "target_path": target_path,
-                            "rollout_id": assignment.get("rollout_id"), "stage": "downloading",
+                            "rollout_id": custom.get("rollout_id"), "stage": "downloading",
                             "since": previous.get("since") if same else now_iso(),
                             "check_attempts": int(previous.get("check_attempts") or 0) if same else 0}
         state["last_check"] = now_iso()
         self.store.write_state(state)
         self.checkpoint("state:pending")
-        return self._update(model, version, target_path)
+        return self._update(model, version, target_path, director)
+
+    def _seed_high_water(self) -> None:
+        """The active slot's version is the floor of its model (for state folders from before
+        ``high_water`` existed, and for a crash between the switch and the state write)."""
+        active = self.store.active()
+        if active is None:
+            return
+        state = self.store.read_state()
+        high = dict(state.get("high_water") or {})
+        if not isinstance(high.get(active.model), int) or high[active.model] < active.version:
+            high[active.model] = active.version
+            state["high_water"] = high
+            self.store.write_state(state)
+
+    def _director_failed(self, state: dict[str, Any], error: str) -> dict[str, Any]:
+        """Director metadata refused: nothing is installed; reported once per distinct error."""
+        self._note_check(state)
+        if state.get("last_error") != error:
+            self.log(f"update refused: {error}")
+            state = self.store.read_state()
+            state["last_error"] = error
+            state["outbox"] = [*state.get("outbox", []), {"status": "failed", "error": error[:1000]}]
+            self.store.write_state(state)
+            self._flush_outbox(quiet=True)
+        return {"outcome": "failed", "model": None, "version": None, "error": error}
 
     def _note_check(self, state: dict[str, Any]) -> None:
         """Record the time of the last check, but write state.json for it at most every
@@ -138,14 +189,20 @@ class Agent:
             state["last_check"] = now_iso()
             self.store.write_state(state)
 
-    def _update(self, model: str, version: int, target_path: str) -> dict[str, Any]:
+    def _update(self, model: str, version: int, target_path: str, director: Any) -> dict[str, Any]:
         from tuf.api import exceptions as tuf_errors
 
         try:
-            updater, info = self._verified_target(model, version, target_path)
+            updater, info = self._verified_target(model, version, target_path, director)
+            self.store.check_space(self.store.space_needed(target_path, info.length, info.custom))
             tar = self._download(updater, info, target_path)
         except ServerUnreachable:
             raise
+        except MetadataRefused as exc:
+            return self._fail(model, version, str(exc))
+        except NoSpace as exc:
+            self._final_tar(target_path).unlink(missing_ok=True)   # tuf's copy of the .part may have been cut
+            return self._no_space(model, version, exc)
         except tuf_errors.DownloadHTTPError as exc:
             if exc.status_code >= 500:
                 return self._retry(model, version, f"update server error while fetching: {exc}")
@@ -158,74 +215,86 @@ class Agent:
         except tuf_errors.LengthOrHashMismatchError as exc:
             self.fetcher.discard(target_path)
             return self._fail(model, version, f"bundle refused (does not match the signed hash/length): {exc}")
-        except tuf_errors.ExpiredMetadataError as exc:
-            return self._fail(model, version, f"metadata refused as expired (freeze attack?): {exc}")
-        except tuf_errors.BadVersionNumberError as exc:
-            return self._fail(model, version, f"metadata refused as older than already seen (rollback attack?): {exc}")
-        except tuf_errors.UnsignedMetadataError as exc:
-            return self._fail(model, version, f"metadata refused: not signed by the trusted keys: {exc}")
-        except tuf_errors.RepositoryError as exc:
-            return self._fail(model, version, f"metadata refused: {type(exc).__name__}: {exc}")
-        return self._install(model, version, target_path, tar, info.hashes["sha256"])
+        try:
+            return self._install(model, version, target_path, tar, info.hashes["sha256"])
+        except NoSpace as exc:
+            return self._no_space(model, version, exc)
 
-    def _updater(self) -> Any:
+    def _updater(self, *, director: bool = False) -> Any:
         from tuf.ngclient import Updater, UpdaterConfig
 
         self.store.ensure_layout()
         base = str(self.client.base_url).rstrip("/")
-        updater = Updater(metadata_dir=str(self.store.tuf_dir), metadata_base_url=f"{base}/tuf/metadata/",
-                          target_dir=str(self.store.download_dir), target_base_url=f"{base}/tuf/targets/",
-                          fetcher=self.fetcher, config=UpdaterConfig(prefix_targets_with_hash=False),
-                          bootstrap=self._trusted_root())
+        if director:
+            folder = self.store.root / "director"
+            folder.mkdir(parents=True, exist_ok=True)
+            updater = Updater(metadata_dir=str(folder), metadata_base_url=f"{base}/director/metadata/",
+                              fetcher=self.named_fetcher,
+                              config=UpdaterConfig(prefix_targets_with_hash=False, **md.DIRECTOR_LIMITS),
+                              bootstrap=self._trusted_director_root(folder))
+        else:
+            updater = Updater(metadata_dir=str(self.store.tuf_dir), metadata_base_url=f"{base}/tuf/metadata/",
+                              target_dir=str(self.store.download_dir), target_base_url=f"{base}/tuf/targets/",
+                              fetcher=self.named_fetcher, config=UpdaterConfig(prefix_targets_with_hash=False),
+                              bootstrap=self._trusted_root())
         if self.now is not None:
             # NOTE: python-tuf takes "now" once, when the trusted set is created, and checks every
             # expiry against it; tests of the freeze attack move it forward here.
             updater._trusted_set.reference_time = self.now()
         return updater
 
+    def _director_target(self) -> Any:
+        """Refresh the director metadata; its ``assignment`` target (a ``TargetFile``) or None."""
+        self._trusted_root()   # NOTE: an unenrolled device hears about --root first, before any request
+        updater = self._updater(director=True)
+        md.refresh(updater, self.named_fetcher, self.client.base_url)
+        self.checkpoint("director-refreshed")
+        return updater.get_targetinfo(md.ASSIGNMENT)
+
+    def _trusted_director_root(self, folder: Path) -> bytes:
+        given = self.config.director_root
+        if given is None and self.config.root is not None:
+            given = Path(self.config.root).with_name("director-root.json")
+        if given is not None and Path(given).is_file():
+            return Path(given).read_bytes()
+        found = md.stored_root(folder)
+        if found is not None:
+            return found
+        if self.config.director_root is not None:
+            raise EdgekilnError(f"{self.config.director_root}: trusted director root file not found")
+        raise EdgekilnError(f"{self.store.root}: not enrolled with the director: give --director-root FILE "
+                            "(the server's KEYS/director-root.json)")
+
     def _trusted_root(self) -> bytes:
         if self.config.root is not None:
             if not Path(self.config.root).is_file():
                 raise EdgekilnError(f"{self.config.root}: trusted root file not found")
             return Path(self.config.root).read_bytes()
-        stored = self.store.tuf_dir / "root.json"
-        if stored.is_file():
-            return stored.read_bytes()
-        # NOTE: python-tuf re-creates the root.json symlink by unlink + symlink; a crash in between
-        # leaves only root_history/, whose newest file is the newest root this device trusted.
-        history = sorted((self.store.tuf_dir / "root_history").glob("*.root.json"),
-                         key=lambda p: int(p.name.split(".")[0]))
-        if history:
-            return history[-1].read_bytes()
+        found = md.stored_root(self.store.tuf_dir)
+        if found is not None:
+            return found
         raise EdgekilnError(f"{self.store.root}: device not enrolled: give the server's trusted root with --root FILE")
 
-    def _verified_target(self, model: str, version: int, target_path: str) -> tuple[Any, Any]:
-        """Refresh the metadata and return ``(updater, TargetFile)`` for the assigned target."""
-        from tuf.api import exceptions as tuf_errors
-
+    def _verified_target(self, model: str, version: int, target_path: str, director: Any) -> tuple[Any, Any]:
+        """Refresh the image metadata and return ``(updater, TargetFile)`` for the assigned target,
+        which must be what the director's signed ``assignment`` says."""
         updater = self._updater()
-        try:
-            updater.refresh()
-        except tuf_errors.DownloadError as exc:
-            if isinstance(exc, tuf_errors.DownloadHTTPError) and exc.status_code < 500:
-                raise
-            raise ServerUnreachable(f"update server {self.client.base_url} unreachable while fetching metadata "
-                                    f"({exc})") from None
+        md.refresh(updater, self.named_fetcher, self.client.base_url)
         self.checkpoint("metadata-refreshed")
         info = updater.get_targetinfo(target_path)
         if info is None:
-            raise tuf_errors.RepositoryError(f"target {target_path} is not in the signed targets metadata")
+            raise MetadataRefused(f"metadata refused: target {target_path} is not in the signed targets metadata")
         custom = info.custom if isinstance(info.custom, dict) else {}
-        if custom.get("model") != model or custom.get("version") != version:
-            raise tuf_errors.RepositoryError(
-                f"signed metadata says {target_path} is {custom.get('model')} v{custom.get('version')}, "
-                f"the assignment said {model} v{version}")
-        if "sha256" not in info.hashes:
-            raise tuf_errors.RepositoryError(f"target {target_path} has no sha256 in the signed metadata")
+        for what, image, signed in (("length", info.length, director.length),
+                                    ("sha256", info.hashes.get("sha256"), director.hashes.get("sha256")),
+                                    ("model", custom.get("model"), model), ("version", custom.get("version"), version)):
+            if image is None or image != signed:
+                raise MetadataRefused(f"metadata refused: image and director metadata disagree about the {what} of "
+                                      f"{target_path} ({str(image)[:70]} vs {str(signed)[:70]})")
         return updater, info
 
     def _download(self, updater: Any, info: Any, target_path: str) -> Path:
-        final = self.store.download_dir / (quote(target_path, safe="") + ".tar")
+        final = self._final_tar(target_path)
         keep = {final.name, self.fetcher.partial_path(target_path).name}
         for stale in self.store.download_dir.iterdir():
             if stale.name not in keep:
@@ -236,6 +305,9 @@ class Agent:
         self.fetcher.discard(target_path)
         self.checkpoint("partial-removed")
         return final
+
+    def _final_tar(self, target_path: str) -> Path:
+        return self.store.download_dir / (quote(target_path, safe="") + ".tar")
 
     def _install(self, model: str, version: int, target_path: str, tar: Path, sha256: str) -> dict[str, Any]:
         state = self.store.read_state()
@@ -249,6 +321,8 @@ class Agent:
         # make a good version fail its health check (and be rejected for good).
         try:
             self.store.unpack(tar, slot)
+        except NoSpace:
+            raise   # NOTE: not the bundle's fault: retried later, never rejected
         except EdgekilnError as exc:
             self.store.clear_slot(slot)
             return self._rollback(model, version, tar, f"bundle does not unpack: {exc}")
@@ -275,6 +349,9 @@ class Agent:
         report = {"model": model, "version": version, "status": "installed",
                   **({"latency_ms": latency} if latency else {})}
         state.update(model=model, active_version=version, active_slot=slot, pending=None, last_error=None)
+        high = dict(state.get("high_water") or {})
+        high[model] = max(version, int(high.get(model) or 0))
+        state["high_water"] = high
         state["history"] = [*state.get("history", []),
                             {"time": now_iso(), "model": model, "version": version, "status": "installed",
                              "max_abs_error": health.get("max_abs_error"), "latency_ms": latency}]
@@ -319,6 +396,13 @@ class Agent:
         self.checkpoint(f"state:{status}")
         self._flush_outbox(quiet=True)
         return {"outcome": status, "model": model, "version": version, "error": error}
+
+    def _no_space(self, model: str, version: int, exc: NoSpace) -> dict[str, Any]:
+        """Not rejected: retried every cycle until space is freed, reported once per (model, version, free)."""
+        error = str(exc)   # "no space left on the device (need N bytes, M free): where"
+        if self.store.read_state().get("last_error") == error:
+            return self._retry(model, version, error)   # reported already (same model, version and free bytes)
+        return self._fail(model, version, error)
 
     def _retry(self, model: str, version: int, error: str) -> dict[str, Any]:
         state = self.store.read_state()
@@ -367,6 +451,11 @@ class Agent:
             except EdgekilnError as exc:
                 # NOTE: a refused token or a malformed answer; a daemon keeps running and retries.
                 self.log(f"error: {exc}; keeping the active model")
+                wait = interval_s
+            except OSError as exc:
+                # NOTE: a full disk or a failing flash while writing state: one line, keep serving
+                # the active model, try again next cycle.
+                self.log(f"error: {type(exc).__name__}: {exc}; keeping the active model")
                 wait = interval_s
             sleep(wait * random.uniform(0.9, 1.1))
 

@@ -38,15 +38,20 @@ def free_port() -> int:
 
 
 class LoopbackServer:
-    """Serve an ASGI ``app`` with uvicorn on a free 127.0.0.1 port in a background thread."""
+    """Serve an ASGI ``app`` with uvicorn on a free 127.0.0.1 port in a background thread; over
+    https when given a certificate and key (``edgekiln.fleet.tls_testing.make_test_ca``)."""
 
-    def __init__(self, app: Any, *, port: int | None = None) -> None:
+    def __init__(self, app: Any, *, port: int | None = None, ssl_certfile: str | Path | None = None,
+                 ssl_keyfile: str | Path | None = None) -> None:
         import uvicorn
 
+        if (ssl_certfile is None) != (ssl_keyfile is None):
+            raise ValueError("LoopbackServer: give ssl_certfile and ssl_keyfile together")
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if ssl_certfile else 'http'}://127.0.0.1:{self.port}"
+        tls = {"ssl_certfile": str(ssl_certfile), "ssl_keyfile": str(ssl_keyfile)} if ssl_certfile else {}
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False,
-                                lifespan="off")
+                                lifespan="off", **tls)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
 
@@ -68,46 +73,60 @@ class FleetHarness:
     """One update server (the real app: on loopback, or in-process through ``transport``) and what
     tests do with it as the operator."""
 
-    def __init__(self, url: str, server_dir: str | Path, admin_token: str, *, transport: Any = None) -> None:
+    def __init__(self, url: str, server_dir: str | Path, admin_token: str, *, transport: Any = None,
+                 ca: str | Path | None = None) -> None:
         self.url, self.server_dir, self.admin_token = url, Path(server_dir), admin_token
-        self.transport = transport
+        self.transport, self.ca = transport, ca
 
     @property
     def root_file(self) -> Path:
         """The trusted root a device is enrolled with (the server writes it to KEYS/root.json)."""
         return self.server_dir / "keys" / "root.json"
 
+    @property
+    def director_root_file(self) -> Path:
+        """The trusted director root (KEYS/director-root.json); the agent finds it next to ``root_file``."""
+        return self.server_dir / "keys" / "director-root.json"
+
+    def _tls(self) -> Any:
+        from edgekiln.runtime.transport_security import TlsOptions
+
+        return None if self.ca is None else TlsOptions(ca=str(self.ca))
+
     def device(self, name: str, group: str) -> str:
         from edgekiln.fleet.client import add_device
 
-        return str(add_device(self.url, self.admin_token, name, group, transport=self.transport)["token"])
+        return str(add_device(self.url, self.admin_token, name, group, transport=self.transport,
+                              tls=self._tls())["token"])
 
     def publish(self, tar: Path, model: str, version: int, channel: str = "stable") -> dict[str, Any]:
         from edgekiln.fleet.client import publish
 
         return publish(tar, self.url, self.admin_token, channel, model=model, version=version,
-                       transport=self.transport)
+                       transport=self.transport, tls=self._tls())
 
     def rollout(self, model: str, version: int, group: str, **kw: Any) -> dict[str, Any]:
         from edgekiln.fleet.client import rollout_start
 
-        return rollout_start(self.url, self.admin_token, model, version, group, transport=self.transport, **kw)
+        return rollout_start(self.url, self.admin_token, model, version, group, transport=self.transport,
+                             tls=self._tls(), **kw)
 
     def rollout_status(self, rollout_id: int) -> dict[str, Any]:
         from edgekiln.fleet.client import rollout_status
 
-        result = rollout_status(self.url, self.admin_token, rollout_id, transport=self.transport)
+        result = rollout_status(self.url, self.admin_token, rollout_id, transport=self.transport, tls=self._tls())
         assert isinstance(result, dict)
         return result
 
     def devices(self) -> dict[str, dict[str, Any]]:
         from edgekiln.fleet.client import list_devices
 
-        return {d["name"]: d for d in list_devices(self.url, self.admin_token, transport=self.transport)}
+        return {d["name"]: d for d in list_devices(self.url, self.admin_token, transport=self.transport,
+                                                   tls=self._tls())}
 
     def agent(self, state: str | Path, token: str, *, chunk_size: int = 4096, **kw: Any) -> Any:
         from edgekiln.fleet.agent import Agent, AgentConfig
 
         config = AgentConfig(server=self.url, token=token, state_dir=Path(state), root=self.root_file,
-                             chunk_size=chunk_size, latency_runs=5)
+                             chunk_size=chunk_size, latency_runs=5, ca=None if self.ca is None else Path(self.ca))
         return Agent(config, **{"transport": self.transport, **kw})

@@ -10,12 +10,36 @@ from __future__ import annotations
 import hmac
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from edgekiln.errors import EdgekilnError
 from edgekiln.fleet.registry import FleetError, token_hash
 
 TOKEN_CACHE_S = 30.0
+ADMIN_TOKEN_REFUSED = ("admin token refused: use at least 16 characters with at least 8 different ones "
+                       "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+
+
+def check_admin_token(token: str | None) -> str:
+    """Refuse a weak admin token before anything is created; return it unchanged.
+
+    At least 16 characters, at least 8 distinct ones, and no character more than a quarter of
+    the token (``"ab" * 8`` and ``"a" * 32`` are refused).
+
+    >>> check_admin_token("correct-horse-battery-9")
+    'correct-horse-battery-9'
+    >>> check_admin_token("a" * 32)
+    Traceback (most recent call last):
+    ...
+    edgekiln.errors.EdgekilnError: admin token refused: ...
+    """
+    text = token or ""
+    counts = Counter(text)
+    if len(text) < 16 or len(counts) < 8 or max(counts.values()) * 4 > len(text):
+        raise EdgekilnError(ADMIN_TOKEN_REFUSED, exit_code=2)
+    return text
 
 
 @dataclass(frozen=True)
@@ -26,8 +50,8 @@ class Principal:
 
 class Authenticator:
     def __init__(self, registry: Any, admin_token: str | None) -> None:
-        if admin_token is not None and len(admin_token) < 16:
-            raise FleetError("the admin token must be at least 16 characters long", 400)
+        if admin_token is not None:
+            check_admin_token(admin_token)
         self.registry = registry
         self._admin_hash = token_hash(admin_token) if admin_token else None
         # NOTE: hash -> (device, when cached). Bounded in time so that a token revoked through another

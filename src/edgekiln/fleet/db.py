@@ -46,6 +46,9 @@ CREATE TABLE IF NOT EXISTS rollouts (
 CREATE TABLE IF NOT EXISTS rollout_devices (
     rollout_id INTEGER NOT NULL, device TEXT NOT NULL, wave INTEGER NOT NULL, status TEXT,
     error TEXT, updated DOUBLE PRECISION, PRIMARY KEY (rollout_id, device));
+CREATE TABLE IF NOT EXISTS director_metadata (
+    device TEXT NOT NULL, role TEXT NOT NULL, version INTEGER NOT NULL, data {blob} NOT NULL,
+    PRIMARY KEY (device, role, version));
 CREATE INDEX IF NOT EXISTS rollouts_by_group ON rollouts (group_name, id);
 CREATE INDEX IF NOT EXISTS devices_by_group ON devices (group_name);
 """

@@ -12,8 +12,10 @@ file against the length and SHA-256 of the signed targets metadata before the ag
 from __future__ import annotations
 
 import os
+import ssl
+import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote, unquote
@@ -23,21 +25,41 @@ from tuf.api import exceptions as tuf_errors
 from tuf.ngclient import FetcherInterface
 
 from edgekiln.errors import EdgekilnError, ServerUnreachable
+from edgekiln.fleet.slots import NO_SPACE_ERRNOS, NoSpace
+from edgekiln.runtime.transport_security import check_server_url, client_ssl_context
 
 DEFAULT_CHUNK = 1 << 16
 FSYNC_EVERY = 1 << 20   # NOTE: durability of a .part only saves re-downloading; TUF checks correctness
 
 
-def make_client(server: str, token: str, *, timeout_s: float = 30.0, transport: Any = None) -> httpx.Client:
-    return httpx.Client(base_url=server.rstrip("/"), timeout=timeout_s, transport=transport,
-                        headers={"Authorization": f"Bearer {token}", "User-Agent": "edgekiln-agent"})
+def make_client(server: str, token: str, *, timeout_s: float = 30.0, transport: Any = None,
+                ca: str | Path | None = None, insecure_http: bool = False) -> httpx.Client:
+    """The device's httpx client: the token on every request, TLS verified against ``ca`` (a PEM
+    file; None: the default trust store). Plain ``http://`` is refused unless the server is this
+    machine or ``insecure_http`` is given; an injected ``transport`` (tests, in-process server)
+    never touches the network, so its URL is not checked.
+
+    >>> make_client("http://10.0.0.2:8080", "tok")
+    Traceback (most recent call last):
+    edgekiln.errors.EdgekilnError: refusing plain http:// to 10.0.0.2: tokens would travel in clear; use https:// with --ca FILE, or pass --insecure-http
+    """
+    verify: Any = True
+    if transport is None:
+        check_server_url(server, insecure_http=insecure_http)
+        verify = client_ssl_context(ca) if ca is not None else True
+    # NOTE: identity encoding only (see ``_body``): our server never compresses.
+    return httpx.Client(base_url=server.rstrip("/"), timeout=timeout_s, transport=transport, verify=verify,
+                        headers={"Authorization": f"Bearer {token}", "User-Agent": "edgekiln-agent",
+                                 "Accept-Encoding": "identity"})
 
 
 class TokenFetcher(FetcherInterface):
     """``FetcherInterface`` over an httpx client that carries the device token.
 
-    Metadata is fetched whole. Targets (URLs under ``/tuf/targets/``) are resumable: see the
-    module docstring. ``checkpoint("chunk:N")`` is called after every chunk is on disk.
+    Metadata is streamed and dropped one byte past python-tuf's ``max_length`` (an endless answer
+    costs at most one chunk more). Targets (URLs under ``/tuf/targets/``) are resumable: see the
+    module docstring. ``checkpoint("chunk:N")`` is called after every chunk is on disk. A full
+    disk raises :class:`~edgekiln.fleet.slots.NoSpace` with the ``.part`` deleted.
     """
 
     def __init__(self, client: httpx.Client, download_dir: str | Path, *, chunk_size: int = DEFAULT_CHUNK,
@@ -51,24 +73,49 @@ class TokenFetcher(FetcherInterface):
 
     # --- what tuf.ngclient calls --------------------------------------------------------------
     def _fetch(self, url: str) -> Iterator[bytes]:
+        """Stream the body in chunks, so the caller's byte limit stops an endless answer early.
+
+        Run it under :func:`contextlib.closing` (as :meth:`download_file` does): closing the
+        generator closes the response and hangs up on the server.
+        """
         try:
-            resp = self.client.get(url)
-        except httpx.TransportError as exc:
-            raise tuf_errors.DownloadError(f"{url}: {type(exc).__name__}: {exc}") from exc
-        _raise_for_status(resp, url)
-        return iter([resp.content])
+            with self.client.stream("GET", url) as resp:
+                _raise_for_status(resp, url)
+                yield from _body(resp, url, self.chunk_size)
+        except httpx.HTTPError as exc:
+            raise tuf_errors.DownloadError(f"{url}: {_transport_problem(exc, url)}") from exc
 
     @contextmanager
     def download_file(self, url: str, max_length: int) -> Iterator[IO[bytes]]:
         target = _target_path(url)
         if target is None:
-            with super().download_file(url, max_length) as fh:
+            with tempfile.TemporaryFile() as fh:
+                self._download_small(url, max_length, fh)
                 yield fh
             return
         part = self.partial_path(target)
         self._download_resumable(url, target, part, max_length)
-        with open(part, "rb") as fh:
-            yield fh
+        try:
+            with open(part, "rb") as fh:
+                yield fh
+        except OSError as exc:
+            # NOTE: python-tuf copies the verified .part to its destination inside this block.
+            if exc.errno not in NO_SPACE_ERRNOS:
+                raise
+            part.unlink(missing_ok=True)
+            raise NoSpace(self.download_dir, needed=max_length) from None
+
+    def _download_small(self, url: str, max_length: int, out: IO[bytes]) -> None:
+        """Metadata: at most ``max_length`` bytes into ``out``; one byte more and we hang up."""
+        received = 0
+        with closing(self._fetch(url)) as chunks:
+            for chunk in chunks:
+                received += len(chunk)
+                if received > max_length:
+                    raise tuf_errors.DownloadLengthMismatchError(
+                        f"{url}: larger than the {max_length}-byte limit; stopped after {received} bytes")
+                out.write(chunk)
+        out.seek(0)
 
     # --- resumable download -------------------------------------------------------------------
     def partial_path(self, target_path: str) -> Path:
@@ -94,21 +141,34 @@ class TokenFetcher(FetcherInterface):
                 _raise_for_status(resp, url)
                 start = _start_offset(resp, have, url)
                 self._append(resp, part, start, max_length, url)
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:
             raise tuf_errors.DownloadError(f"{url}: download cut after {_size(part)} of {max_length} bytes "
-                                           f"({type(exc).__name__}); it resumes on the next attempt") from exc
+                                           f"({_transport_problem(exc, url)}); it resumes on the next attempt") from exc
         got = _size(part)
         if got < max_length:
             raise tuf_errors.DownloadError(f"{url}: the server sent {got} of {max_length} bytes; "
                                            "the download resumes on the next attempt")
 
     def _append(self, resp: httpx.Response, part: Path, start: int, max_length: int, url: str) -> None:
+        try:
+            self._write_chunks(resp, part, start, max_length, url)
+        except OSError as exc:
+            if exc.errno not in NO_SPACE_ERRNOS:
+                raise
+            # NOTE: a .part that filled the disk is worth nothing (the next try re-checks the
+            # space first); keeping it would leave the device with no room for state.json.
+            got = _size(part)
+            part.unlink(missing_ok=True)
+            raise NoSpace(self.download_dir, needed=max_length - start, note=f"after {got} of {max_length} bytes "
+                          "of the download; the partial file was deleted") from None
+
+    def _write_chunks(self, resp: httpx.Response, part: Path, start: int, max_length: int, url: str) -> None:
         mode = "r+b" if start and part.exists() else "wb"
         written, since_sync, chunk_no = start, 0, 0
         with open(part, mode) as out:
             out.seek(start)
             out.truncate()
-            for chunk in resp.iter_bytes(self.chunk_size):
+            for chunk in _body(resp, url, self.chunk_size):
                 if written + len(chunk) > max_length:
                     out.close()
                     part.unlink(missing_ok=True)
@@ -151,9 +211,31 @@ def _start_offset(resp: httpx.Response, have: int, url: str) -> int:
     return 0  # the server ignored Range (200): start over
 
 
+def _body(resp: httpx.Response, url: str, chunk_size: int) -> Iterator[bytes]:
+    """The body in chunks. A compressed answer (we asked for identity) is refused before reading:
+    decompressing could expand one chunk far past the byte limits counted here."""
+    encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise tuf_errors.DownloadError(f"{url}: the server sent a '{encoding[:40]}'-encoded answer; "
+                                       "only identity was asked for")
+    return resp.iter_bytes(chunk_size)
+
+
 def _raise_for_status(resp: httpx.Response, url: str) -> None:
     if resp.status_code >= 400:
         raise tuf_errors.DownloadHTTPError(f"{url}: HTTP {resp.status_code}", resp.status_code)
+
+
+def _transport_problem(exc: httpx.HTTPError, url: str) -> str:
+    """One line for a network failure; an untrusted TLS certificate says what to do about it."""
+    cause: BaseException | None = exc
+    for _ in range(8):   # httpx -> httpcore -> ssl; bounded in case a chain loops
+        if cause is None:
+            break
+        if isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(cause):
+            return f"TLS certificate of {httpx.URL(url).host} not trusted (give --ca FILE)"
+        cause = cause.__cause__ or cause.__context__
+    return f"{type(exc).__name__}: {str(exc)[:120]}"
 
 
 def _size(path: Path) -> int:
@@ -171,7 +253,7 @@ class DeviceApi:
             resp = self.client.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise ServerUnreachable(f"update server {self.client.base_url} unreachable "
-                                    f"({type(exc).__name__}: {str(exc)[:120]})") from None
+                                    f"({_transport_problem(exc, str(self.client.base_url))})") from None
         if resp.status_code in (401, 403):
             raise EdgekilnError(f"update server refused the device token on {path} (HTTP {resp.status_code})")
         if resp.status_code >= 500:

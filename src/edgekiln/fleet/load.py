@@ -1,10 +1,11 @@
 """Load test of the update server: many simulated agents polling a real uvicorn server.
 
-Each simulated agent does what a real one does on every poll: ``GET /v1/device/assignment``
-and ``GET /tuf/metadata/timestamp.json`` (the cheap "anything new?" check of TUF), then sleeps
-its interval. All agents run in one asyncio process with one shared httpx connection pool; the
-server runs in its own process, as in production. Any non-2xx answer or exception counts as an
-error.
+Each simulated agent does what a real one does on every poll when nothing is new: the
+director root probe ``GET /director/metadata/2.root.json`` (404 while the director root is v1)
+and ``GET /director/metadata/timestamp.json`` (TUF's cheap "anything new?" check; the first one
+makes the server sign the device's assignment), then sleeps its interval. All agents run in one asyncio process with one shared httpx connection pool; the
+server runs in its own process, as in production. Any other answer than 200 (404 for the root
+probe) or an exception counts as an error.
 
     stats = asyncio.run(poll(url, tokens, duration_s=5, interval_s=2))
 """
@@ -61,7 +62,8 @@ async def poll(url: str, tokens: list[str], *, duration_s: float, interval_s: fl
 
     stats = LoadStats(agents=len(tokens), duration_s=duration_s)
     rng = random.Random(seed)
-    paths = {"assignment": "/v1/device/assignment", "timestamp": "/tuf/metadata/timestamp.json"}
+    paths = {"root_probe": "/director/metadata/2.root.json", "timestamp": "/director/metadata/timestamp.json"}
+    expected = {"root_probe": 404, "timestamp": 200}
     for name in paths:
         stats.latencies_ms[name] = []
     # NOTE: one client (one keep-alive connection) per agent, as each device has its own; a single shared
@@ -82,7 +84,7 @@ async def poll(url: str, tokens: list[str], *, duration_s: float, interval_s: fl
                     t0 = time.perf_counter()
                     try:
                         r = await client.get(path)
-                        ok = r.status_code == 200
+                        ok = r.status_code == expected[name]
                         detail = f"{path}: HTTP {r.status_code}"
                     except httpx.HTTPError as exc:
                         ok, detail = False, f"{path}: {type(exc).__name__}"
@@ -111,14 +113,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wait_until_healthy(url: str, proc: subprocess.Popen[str], timeout_s: float = 60.0) -> None:
-    """Poll ``URL/healthz`` until the server started as ``proc`` answers; raise if it exits or times out."""
+def wait_until_healthy(url: str, proc: subprocess.Popen[str], timeout_s: float = 60.0, *,
+                       ca: str | Path | None = None) -> None:
+    """Poll ``URL/healthz`` until the server started as ``proc`` answers; raise if it exits or times out.
+    ``ca``: the CA file an https server's certificate chains to."""
     import httpx
 
+    from edgekiln.runtime.transport_security import client_ssl_context
+
+    verify: Any = client_ssl_context(ca) if ca is not None else True
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/healthz", timeout=1, verify=verify).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -132,6 +139,11 @@ def wait_until_healthy(url: str, proc: subprocess.Popen[str], timeout_s: float =
 def served(folder: Path, db_url: str, admin_token: str) -> Iterator[tuple[str, int]]:
     """Run ``edgekiln serve`` in a subprocess on a loopback port; yield its URL and pid."""
 
+    from edgekiln.fleet import keys
+    from edgekiln.fleet.tuf_repo import TufExpiry
+
+    if not keys.is_initialized(folder / "keys"):   # NOTE: the root key stays outside KEYS, as in production
+        keys.init_keys(folder / "keys", folder / "offline-root.pem", expiry=TufExpiry())
     port = free_port()
     env = {**os.environ, "EDGEKILN_ADMIN_TOKEN": admin_token, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "edgekiln.cli", "serve", "--db", db_url,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import re
 import secrets
 import tarfile
@@ -23,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from edgekiln.errors import EdgekilnError
+from edgekiln.fleet.bundle_tar import MAX_UNPACKED_BYTES, BundleRefused, check_members, unpacked_size
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 ORPHAN_AGE_S = 86400.0
@@ -70,21 +72,20 @@ class Published:
         return dict(self.__dict__)
 
 
-def validate_bundle_tar(path: Path) -> str:
-    """Check that ``path`` is an uncompressed tar of a valid bundle; return the manifest's name."""
+def validate_bundle_tar(path: Path, *, max_unpacked_bytes: int = MAX_UNPACKED_BYTES) -> tuple[str, int]:
+    """Check that ``path`` is an uncompressed tar of a valid bundle whose members are safe to extract
+    (:func:`~edgekiln.fleet.bundle_tar.check_members`, the agent's own check); return the manifest's
+    name and the bytes its files take unpacked."""
     from edgekiln.runtime.manifest import MANIFEST_NAME, Manifest
 
     try:
         with tarfile.open(path, mode="r:") as tar:
-            members: dict[str, tarfile.TarInfo] = {}
-            for m in tar.getmembers():
-                name = PurePosixPath(m.name)
-                if name.is_absolute() or ".." in name.parts:
-                    raise FleetError(f"bundle member '{m.name}' escapes the bundle", 422)
-                if not (m.isfile() or m.isdir()):
-                    raise FleetError(f"bundle member '{m.name}' is a link or device file; only files are allowed", 422)
-                if m.isfile():
-                    members[str(PurePosixPath(*[p for p in name.parts if p != "."]))] = m
+            try:
+                checked = check_members(tar, max_bytes=max_unpacked_bytes)
+            except BundleRefused as exc:
+                raise FleetError(str(exc), 422) from None
+            members = {str(rel): m for m, rel in checked if m.isfile()}
+            unpacked = unpacked_size(tar)
             if MANIFEST_NAME not in members:
                 raise FleetError(f"upload is not a bundle: no {MANIFEST_NAME} at the top of the tar", 422)
             try:
@@ -110,14 +111,23 @@ def validate_bundle_tar(path: Path) -> str:
                         raise FleetError(f"invalid bundle: {file} does not match its SHA-256 in the manifest", 422)
     except tarfile.TarError as exc:
         raise FleetError(f"upload is not an uncompressed tar ({exc})", 422) from None
-    return manifest.name
+    return manifest.name, unpacked
+
+
+def _latency(p50: Any, p95: Any) -> dict[str, float] | None:
+    """Stored latencies as ``{p50, p95}``; None when either is missing or not a finite number (rows
+    written before reports were checked may hold NaN, which JSON cannot carry)."""
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (p50, p95))
+    return {"p50": float(p50), "p95": float(p95)} if ok else None
 
 
 class Registry:
     """Versions, groups and devices over a :mod:`~edgekiln.fleet.db` database and a blob store."""
 
-    def __init__(self, db: Any, store: Any, tuf: Any, clock: Callable[[], float]) -> None:
+    def __init__(self, db: Any, store: Any, tuf: Any, clock: Callable[[], float], *,
+                 max_unpacked_bytes: int = MAX_UNPACKED_BYTES) -> None:
         self.db, self.store, self.tuf, self.clock = db, store, tuf, clock
+        self.max_unpacked_bytes = max_unpacked_bytes
 
     # -- versions ------------------------------------------------------------------------------
     def exists(self, model: str, version: int) -> bool:
@@ -132,7 +142,7 @@ class Registry:
         fault = fault or (lambda step: None)
         if self.exists(model, version):
             raise FleetError(f"{model} version {version} is already published; versions are immutable", 409)
-        manifest_name = validate_bundle_tar(spooled)
+        manifest_name, unpacked = validate_bundle_tar(spooled, max_unpacked_bytes=self.max_unpacked_bytes)
         fault("validated")
         blob_key = f"blobs/{sha256[:2]}/{sha256}"
         self.store.put(blob_key, spooled)
@@ -145,8 +155,8 @@ class Registry:
                        "manifest_name, published) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (model, version, channel, path, sha256, length, blob_key, manifest_name, self.clock()))
             fault("registered")
-            self.tuf.add_target(tx, path, length, sha256, {"model": model, "version": version, "channel": channel},
-                                fault)
+            custom = {"model": model, "version": version, "channel": channel, "unpacked_bytes": unpacked}
+            self.tuf.add_target(tx, path, length, sha256, custom, fault)
         return Published(model, version, channel, path, sha256, length)
 
     def collect_garbage(self, min_age_s: float = ORPHAN_AGE_S) -> list[str]:
@@ -205,8 +215,7 @@ class Registry:
                              "latency_p50, latency_p95 FROM devices ORDER BY name")
         return [{"name": r["name"], "group": r["group_name"], "model": r["model"],
                  "active_version": r["active_version"], "status": r["status"], "last_seen": r["last_seen"],
-                 "last_error": r["last_error"],
-                 "latency_ms": None if r["latency_p50"] is None else {"p50": r["latency_p50"], "p95": r["latency_p95"]}}
+                 "last_error": r["last_error"], "latency_ms": _latency(r["latency_p50"], r["latency_p95"])}
                 for r in rows]
 
     def device(self, name: str) -> dict[str, Any] | None:

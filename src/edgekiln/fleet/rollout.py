@@ -27,6 +27,36 @@ REPORT_STATUSES = ("installed", "failed", "rolled_back", "checking")
 FAILED = ("failed", "rolled_back")
 
 
+REPORT_KEYS = ("status", "model", "version", "error", "latency_ms")
+MAX_LATENCY_MS = 1e7
+
+
+def check_report(body: dict[str, Any]) -> tuple[str, str | None, int | None, str | None, dict[str, float]]:
+    """A device report as ``(status, model, version, error, latency)``, or a 422 naming the bad field.
+
+    ``latency_ms`` is absent, null, or exactly ``{p50, p95}`` with finite numbers in [0, 1e7]."""
+    unknown = sorted(set(body) - set(REPORT_KEYS))
+    if unknown:
+        raise FleetError(f"report field '{str(unknown[0])[:40]}' is unknown (use {', '.join(REPORT_KEYS)})", 422)
+    status = body.get("status")
+    if status not in REPORT_STATUSES:
+        raise FleetError(f"report status {str(status)[:40]!r} is not one of {', '.join(REPORT_STATUSES)}", 422)
+    model = check_name(body["model"], "model") if body.get("model") is not None else None
+    version = check_version(body["version"]) if body.get("version") is not None else None
+    error = body.get("error")
+    if error is not None and not isinstance(error, str):
+        raise FleetError("report error must be a string", 422)
+    latency = body.get("latency_ms")
+    if latency is None:
+        return status, model, version, None if error is None else error[:2000], {}
+    if not isinstance(latency, dict) or set(latency) != {"p50", "p95"} or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and 0 <= v <= MAX_LATENCY_MS for v in latency.values()):
+        raise FleetError(f"report latency_ms must be {{p50: number, p95: number}}, each in [0, {MAX_LATENCY_MS:g}]",
+                         422)
+    return status, model, version, None if error is None else error[:2000], {k: float(v) for k, v in latency.items()}
+
+
 @dataclass(frozen=True, kw_only=True)
 class RolloutSpec:
     """What ``POST /v1/rollouts`` asks for."""
@@ -192,19 +222,7 @@ class Rollouts:
                 self._evaluate(tx, r)
 
     def report(self, device: str, group: str, body: dict[str, Any]) -> None:
-        status = body.get("status")
-        if status not in REPORT_STATUSES:
-            raise FleetError(f"report status {status!r} is not one of {', '.join(REPORT_STATUSES)}", 422)
-        model = check_name(body.get("model"), "model") if body.get("model") is not None else None
-        version = check_version(body.get("version")) if body.get("version") is not None else None
-        error = body.get("error")
-        if error is not None and not isinstance(error, str):
-            raise FleetError("report error must be a string", 422)
-        error = None if error is None else error[:2000]
-        latency = body.get("latency_ms") or {}
-        if not isinstance(latency, dict) or any(not isinstance(v, (int, float)) or isinstance(v, bool)
-                                                for v in latency.values()):
-            raise FleetError("report latency_ms must be {p50: number, p95: number}", 422)
+        status, model, version, error, latency = check_report(body)
         now = self.clock()
         with self.db.transaction(write_lock=True) as tx:
             sets, params = ["last_seen = ?", "status = ?"], [now, status]
@@ -216,7 +234,7 @@ class Rollouts:
                 params.append(error or status)
             if latency:
                 sets += ["latency_p50 = ?", "latency_p95 = ?"]
-                params += [latency.get("p50"), latency.get("p95")]
+                params += [latency["p50"], latency["p95"]]
             tx.execute(f"UPDATE devices SET {', '.join(sets)} WHERE name = ?", (*params, device))
             if model is None or version is None or status == "checking":
                 return

@@ -6,36 +6,48 @@ run the real app in-process:
 
     >>> import tempfile, httpx
     >>> from fastapi.testclient import TestClient
-    >>> app = create_app(ServerConfig.local(tempfile.mkdtemp(), admin_token="a" * 32))
+    >>> token = "doctest-admin-token-0123456789"
+    >>> app = create_app(ServerConfig.local(tempfile.mkdtemp(), admin_token=token))
     >>> with TestClient(app) as c:
     ...     c.post("/v1/devices", json={"name": "cam-1", "group": "lab"},
-    ...            headers={"Authorization": "Bearer " + "a" * 32}).status_code
+    ...            headers={"Authorization": "Bearer " + token}).status_code
     201
 """
 
+import errno
 import hashlib
+import math
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from edgekiln.errors import EdgekilnError
-from edgekiln.fleet.auth import Authenticator, Principal
+from edgekiln.fleet.auth import Authenticator, Principal, check_admin_token
+from edgekiln.fleet.bundle_tar import MAX_UNPACKED_BYTES
+from edgekiln.fleet.director import make_director
 from edgekiln.fleet.registry import FleetError, Registry, check_name, check_version
 from edgekiln.fleet.rollout import Rollouts, RolloutSpec
 from edgekiln.fleet.tuf_repo import TufExpiry, TufRepository
+from edgekiln.runtime.http_limits import BodyLimit
 
 UPLOAD_PATH = re.compile(r"^/v1/models/[^/]+/versions/[^/]+$")
 TARGET_PATH = re.compile(r"^(?P<model>[a-z0-9][a-z0-9._-]{0,63})/(?P<version>[1-9][0-9]{0,9})/bundle\.tar$")
+VERSION_TEXT = re.compile(r"[1-9][0-9]{0,9}")
+MAX_JSON_DEPTH = 32
+SPOOL_ENTRY = re.compile(r"^upload-(?P<pid>[0-9]{1,9})-")
 RANGE = re.compile(r"^bytes=(?P<start>[0-9]{1,15})?-(?P<end>[0-9]{1,15})?$")
 LAST_SEEN_EVERY_S = 5.0
 DEVICE_INFO_TTL_S = 5.0
@@ -53,11 +65,19 @@ class ServerConfig:
     expiry: TufExpiry = field(default_factory=TufExpiry)
     max_bundle_bytes: int = 512 * 1024 * 1024    # uploads above this are refused (413)
     max_json_bytes: int = 64 * 1024              # any other request body above this is refused (413)
+    max_unpacked_bytes: int = MAX_UNPACKED_BYTES  # a bundle whose files unpack to more is refused (422)
+    spool_dir: str = ""                          # uploads in flight, one upload-<pid>-<random>/ folder each
+                                                 # ("": a spool/ folder beside keys_dir)
+
+    @property
+    def spool(self) -> Path:
+        return Path(self.spool_dir) if self.spool_dir else Path(self.keys_dir).parent / "spool"
 
     @classmethod
     def local(cls, folder: str | Path, *, admin_token: str, **kw: Any) -> "ServerConfig":
         """Everything (SQLite file, blobs, keys) inside one folder."""
         folder = Path(folder)
+        kw.setdefault("spool_dir", str(folder / "spool"))
         return cls(db_url=f"sqlite:///{folder / 'fleet.db'}", store_url=str(folder / "blobs"),
                    keys_dir=str(folder / "keys"), admin_token=admin_token, **kw)
 
@@ -70,6 +90,7 @@ class FleetServer:
         from edgekiln.fleet.db import open_database
         from edgekiln.fleet.store import open_store
 
+        check_admin_token(config.admin_token)  # first: a weak token leaves no database and no keys behind
         self.config = config
         self.clock = clock or time.time
         self.fault = fault or (lambda step: None)
@@ -77,9 +98,12 @@ class FleetServer:
         self.store = store if store is not None else open_store(config.store_url, endpoint_url=config.s3_endpoint)
         self.tuf = TufRepository(self.db, config.keys_dir, expiry=config.expiry, clock=self.clock)
         self.tuf.initialize()
-        self.registry = Registry(self.db, self.store, self.tuf, self.clock)
+        self.registry = Registry(self.db, self.store, self.tuf, self.clock,
+                                 max_unpacked_bytes=config.max_unpacked_bytes)
         self.rollouts = Rollouts(self.db, self.clock)
+        self.director = make_director(self)
         self.registry.collect_garbage()
+        clean_spool(config.spool)
         self.auth = Authenticator(self.registry, config.admin_token)
         self._seen: dict[str, float] = {}
         self._info: dict[str, tuple[float, dict[str, Any]]] = {}
@@ -119,7 +143,7 @@ def create_app(config: ServerConfig, *, clock: Callable[[], float] | None = None
     fleet = FleetServer(config, clock=clock, db=db, store=store, fault=fault)
     app = FastAPI(title="edgekiln update server", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.fleet = fleet
-    app.add_middleware(BodyLimit, upload_limit=config.max_bundle_bytes, json_limit=config.max_json_bytes)
+    app.add_middleware(BodyLimit, limit=config.max_json_bytes, per_path=[(UPLOAD_PATH, config.max_bundle_bytes)])
 
     @app.exception_handler(FleetError)
     async def _fleet_error(request: Request, exc: FleetError) -> JSONResponse:
@@ -159,17 +183,10 @@ def create_app(config: ServerConfig, *, clock: Callable[[], float] | None = None
     Device = Annotated[str, Depends(device)]
 
     async def json_body(request: Request) -> dict[str, Any]:
-        import json
-
-        try:
-            body = json.loads(await request.body() or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise FleetError("request body is not valid JSON", 400) from None
-        if not isinstance(body, dict):
-            raise FleetError("request body must be a JSON object", 422)
-        return body
+        return parse_json_object(await request.body())
 
     Body = Annotated[dict[str, Any], Depends(json_body)]
+    RolloutId = Annotated[int, PathParam(ge=1, le=2**31 - 1)]
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:  # the only unauthenticated endpoint: says nothing but "up"
@@ -187,6 +204,7 @@ def create_app(config: ServerConfig, *, clock: Callable[[], float] | None = None
     def remove_device(name: str, _: Admin) -> dict[str, Any]:
         fleet.registry.remove_device(name)
         fleet.auth.forget(name)
+        fleet.director.forget(name)
         fleet._info.pop(name, None)
         return {}
 
@@ -209,10 +227,10 @@ def create_app(config: ServerConfig, *, clock: Callable[[], float] | None = None
                       channel: str = "stable") -> dict[str, Any]:
         check_name(model, "model")
         check_name(channel, "channel")
-        number = check_version(int(version)) if version.isdigit() and len(version) < 11 else check_version(version)
+        number = parse_version(version)
         if await run_in_threadpool(fleet.registry.exists, model, number):
             raise FleetError(f"{model} version {number} is already published; versions are immutable", 409)
-        with tempfile.TemporaryDirectory(prefix="edgekiln-upload-") as tmp:
+        with store_full_is_507(), upload_folder(config.spool) as tmp:
             spooled, digest, length = Path(tmp) / "bundle.tar", hashlib.sha256(), 0
             with open(spooled, "wb") as fh:
                 async for chunk in request.stream():
@@ -250,15 +268,15 @@ def create_app(config: ServerConfig, *, clock: Callable[[], float] | None = None
         return fleet.rollouts.list()
 
     @app.get("/v1/rollouts/{rid}")
-    def rollout_status(rid: int, _: Admin) -> dict[str, Any]:
+    def rollout_status(rid: RolloutId, _: Admin) -> dict[str, Any]:
         return fleet.rollouts.status(rid)
 
     @app.post("/v1/rollouts/{rid}/pause")
-    def pause(rid: int, _: Admin) -> dict[str, Any]:
+    def pause(rid: RolloutId, _: Admin) -> dict[str, Any]:
         return fleet.rollouts.set_paused(rid, True)
 
     @app.post("/v1/rollouts/{rid}/resume")
-    def resume(rid: int, _: Admin) -> dict[str, Any]:
+    def resume(rid: RolloutId, _: Admin) -> dict[str, Any]:
         return fleet.rollouts.set_paused(rid, False)
 
     # -- device --------------------------------------------------------------------------------
@@ -287,6 +305,14 @@ def create_app(config: ServerConfig, *, clock: Callable[[], float] | None = None
         data = await call(fleet.tuf.get_file, filename)
         if data is None:
             raise FleetError(f"no metadata file '{filename}'", 404)
+        return Response(data, media_type="application/json", headers={"Cache-Control": "no-store"})
+
+    @app.get("/director/metadata/{filename}")
+    async def director_metadata(filename: str, name: Device) -> Response:
+        info = await call(fleet.device_info, name)
+        data = await run_in_threadpool(fleet.director.get_file, name, info["group_name"], filename)
+        if data is None:
+            raise FleetError(f"no director metadata file '{filename}'", 404)
         return Response(data, media_type="application/json", headers={"Cache-Control": "no-store"})
 
     @app.get("/tuf/targets/{path:path}")
@@ -323,51 +349,123 @@ def create_app(config: ServerConfig, *, clock: Callable[[], float] | None = None
     return app
 
 
-class _TooLarge(Exception):
-    pass
+def parse_version(text: str) -> int:
+    """A version from a URL: ASCII digits without a leading zero, below 2**31 (``int()`` would take
+    ``٥`` as 5 and fail on ``²``)."""
+    if not VERSION_TEXT.fullmatch(text):
+        raise FleetError(f"version '{text[:20]}' must be an integer >= 1 written in ASCII digits, "
+                         "without leading zeros", 422)
+    return check_version(int(text))
 
 
-class BodyLimit:
-    """ASGI middleware refusing request bodies above a size (413), declared or streamed."""
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, or a one-line 400/422: nesting deeper than
+    ``MAX_JSON_DEPTH`` (the stdlib parser recurses), integers over 20 digits, NaN and infinities
+    are refused before or while parsing."""
+    import json
 
-    def __init__(self, app: Any, *, upload_limit: int, json_limit: int) -> None:
-        self.app, self.upload_limit, self.json_limit = app, upload_limit, json_limit
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise FleetError(f"request body nests deeper than {MAX_JSON_DEPTH} levels", 400)
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.upload_limit if UPLOAD_PATH.match(scope.get("path", "")) else self.json_limit
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            await _send_413(send, limit)
-            return
-        seen, started = 0, False
+    def bounded_int(text: str) -> int:
+        if len(text.lstrip("-")) > 20:
+            raise ValueError(f"integer with {len(text)} digits")
+        return int(text)
 
-        async def limited_receive() -> Any:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _TooLarge
-            return message
+    def finite_float(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"number {text[:30]} is out of range")
+        return value
 
-        async def tracking_send(message: Any) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
+    def no_constant(text: str) -> Any:
+        raise ValueError(f"{text} is not JSON")
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await _send_413(send, limit)
+    try:
+        body = json.loads(raw or b"{}", parse_int=bounded_int, parse_float=finite_float, parse_constant=no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise FleetError("request body is not valid JSON", 400) from None
+    except (ValueError, RecursionError) as exc:
+        raise FleetError(f"request body refused: {str(exc)[:100]}", 400) from None
+    if not isinstance(body, dict):
+        raise FleetError("request body must be a JSON object", 422)
+    return body
 
 
-async def _send_413(send: Any, limit: int) -> None:
-    body = b'{"detail": "request body larger than the limit of %d bytes"}' % limit
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+def json_depth(raw: bytes) -> int:
+    """The deepest ``[``/``{`` nesting outside strings, in one linear pass (64 KiB of
+    brackets takes about 7 ms; bodies with few brackets skip it)."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return 0
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:    # backslash
+                escaped = True
+            elif byte == 0x22:    # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
+
+
+_UPLOADS_HERE: set[str] = set()   # this process's upload folders in flight
+
+
+@contextmanager
+def upload_folder(spool: Path) -> Iterator[Path]:
+    """A fresh ``SPOOL/upload-<pid>-<random>/`` for one upload, removed afterwards. A server killed
+    mid-upload leaves it behind; :func:`clean_spool` removes it at the next start."""
+    spool.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"upload-{os.getpid()}-", dir=spool))
+    _UPLOADS_HERE.add(folder.name)
+    try:
+        yield folder
+    finally:
+        _UPLOADS_HERE.discard(folder.name)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def clean_spool(spool: Path) -> list[str]:
+    """Remove upload folders whose server process is gone; keep those of live processes (several
+    servers on one host may share a spool). Returns the removed names."""
+    removed = []
+    for entry in spool.glob("upload-*") if spool.is_dir() else ():
+        m = SPOOL_ENTRY.match(entry.name)
+        pid = int(m["pid"]) if m else 0
+        if pid <= 0:
+            continue  # not a name upload_folder makes: not ours to remove
+        if pid == os.getpid():
+            alive = entry.name in _UPLOADS_HERE
+        else:
+            try:
+                os.kill(pid, 0)   # signal 0: only asks whether the process exists
+                alive = True
+            except ProcessLookupError:
+                alive = False
+            except PermissionError:   # a process of another user: alive
+                alive = True
+        if not alive:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
+
+
+@contextmanager
+def store_full_is_507() -> Iterator[None]:
+    """A full disk or quota while spooling or storing an upload is the server's problem, said so (507)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise FleetError(f"the server's bundle store is full ({errno.errorcode[exc.errno]}): free space or "
+                         "raise the quota", 507) from None

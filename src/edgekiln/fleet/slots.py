@@ -8,12 +8,17 @@ STATE/slots/a|b.json   the slot's seal: written (atomically) only after every fi
 STATE/active           symlink -> slots/a or slots/b, switched by rename() of a new symlink
 STATE/download/        partial and verified downloads
 STATE/tuf/             trusted TUF metadata
+STATE/.reserve         256 KiB held back (posix_fallocate) so state.json can be written on a full disk
 ```
 
 The commit point of an install is the ``rename()`` of the new ``active`` symlink: before it the
 old slot is active, after it the new one, never anything in between. Every other step is
 repeatable, so :meth:`SlotStore.recover` only has to throw away what a crash left half done and
 make ``state.json`` agree with the symlink (the symlink is the truth).
+
+A full disk is :class:`NoSpace`, never a crash: :meth:`SlotStore.check_space` refuses an update
+before downloading it; a download or unpack that hits ENOSPC anyway deletes what it wrote; and
+``write_state`` gives up ``STATE/.reserve`` to record the failure, re-creating it later.
 
 Imports only the standard library and ``edgekiln.runtime`` (numpy + onnxruntime): this runs on
 the device.
@@ -26,11 +31,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
 import os
 import shutil
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -38,13 +44,17 @@ from urllib.parse import quote
 
 from edgekiln.errors import EdgekilnError
 from edgekiln.fileio import atomic_write_json
+from edgekiln.fleet.bundle_tar import MAX_BUNDLE_FILES, check_members
 
 SLOT_NAMES = ("a", "b")
 ACTIVE_LINK = "active"
 TEMP_LINK_PREFIX = ".active.new."
 STATE_FILE = "state.json"
-MAX_BUNDLE_FILES = 256
 HISTORY_KEEP = 50
+RESERVE_FILE = ".reserve"
+RESERVE_BYTES = 256 << 10
+SPACE_MARGIN = 1 << 20          # state.json, TUF metadata, file-system block rounding
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 Checkpoint = Callable[[str], None]
 
@@ -64,6 +74,26 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class NoSpace(EdgekilnError):
+    """The device's disk is too full for an update. ``needed`` and ``free`` are bytes; ``free`` is
+    measured on the state folder's file system when the error is made. Not the bundle's fault:
+    the agent retries it later and does not reject the version."""
+
+    def __init__(self, where: str | Path, *, needed: int, free: int | None = None, note: str = "") -> None:
+        self.needed = int(needed)
+        self.free = free_bytes(where) if free is None else int(free)
+        super().__init__(f"no space left on the device (need {self.needed} bytes, {self.free} free)"
+                         + (f": {note}" if note else ""))
+
+
+def free_bytes(path: str | Path) -> int:
+    """Bytes an unprivileged process may still write on ``path``'s file system (0 if unknown)."""
+    try:
+        return int(shutil.disk_usage(path).free)
+    except OSError:
+        return 0
 
 
 @dataclass(frozen=True)
@@ -98,6 +128,54 @@ class SlotStore:
     def ensure_layout(self) -> None:
         for d in (self.root, self.slots_dir, self.download_dir, self.tuf_dir):
             d.mkdir(parents=True, exist_ok=True)
+        self._ensure_reserve()
+
+    # --- free space ---------------------------------------------------------------------------
+    def space_needed(self, target_path: str, length: int, custom: Mapping[str, Any] | None = None) -> int:
+        """Bytes the update to ``target_path`` (signed ``length``; ``custom["unpacked_bytes"]``,
+        else the length) still needs at its peak, plus :data:`SPACE_MARGIN`.
+
+        Downloading grows the ``.part`` to ``length``, then python-tuf copies it to the final
+        ``.tar``; unpacking frees the ``.part`` and the inactive slot and writes the bundle out.
+        Bytes already on disk (a resumed ``.part``, a complete ``.tar``) are not needed again.
+        """
+        quoted = quote(target_path, safe="")
+        have = min(_size(self.download_dir / (quoted + ".part")), length)
+        final = _size(self.download_dir / (quoted + ".tar"))
+        raw = (custom or {}).get("unpacked_bytes")
+        unpacked = raw if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0 else length
+        inactive = _tree_bytes(self.slot_path(self.inactive_name()))
+        if final == length:     # verified earlier: only the unpack is left, and the .part goes
+            return max(0, unpacked - inactive - have) + SPACE_MARGIN
+        download = (length - have) + (length - min(final, length))
+        after_unpack = download - length + unpacked - inactive
+        return max(download, after_unpack) + SPACE_MARGIN
+
+    def check_space(self, needed: int) -> None:
+        """Raise :class:`NoSpace` unless ``needed`` bytes are free on the state folder's file system."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        free = free_bytes(self.root)
+        if free < needed:
+            raise NoSpace(self.root, needed=needed, free=free, note="the update was not downloaded")
+
+    def _ensure_reserve(self) -> bool:
+        """Hold :data:`RESERVE_BYTES` in ``STATE/.reserve``; False when the disk has no room for it."""
+        path = self.root / RESERVE_FILE
+        try:
+            if path.stat().st_size >= RESERVE_BYTES:
+                return True
+        except FileNotFoundError:
+            pass
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE_BYTES)
+            finally:
+                os.close(fd)
+        except OSError:
+            path.unlink(missing_ok=True)   # a partial reserve would only hide free space
+            return False
+        return True
 
     def slot_path(self, name: str) -> Path:
         if name not in SLOT_NAMES:
@@ -169,9 +247,25 @@ class SlotStore:
         return state
 
     def write_state(self, state: dict[str, Any]) -> None:
+        """Write ``state.json`` atomically. On a full disk the reserve is given up for it (so a
+        failure can always be recorded) and taken back by a later write once there is room."""
         state["history"] = list(state.get("history") or [])[-HISTORY_KEEP:]
-        atomic_write_json(self.root / STATE_FILE, state)
+        path = self.root / STATE_FILE
+        try:
+            atomic_write_json(path, state)
+        except OSError as exc:
+            reserve = self.root / RESERVE_FILE
+            if exc.errno not in NO_SPACE_ERRNOS or not reserve.exists():
+                raise
+            reserve.unlink()
+            try:
+                atomic_write_json(path, state)
+            except OSError as again:
+                if again.errno not in NO_SPACE_ERRNOS:
+                    raise
+                raise NoSpace(self.root, needed=RESERVE_BYTES, note="state.json could not be written") from None
         fsync_dir(self.root)
+        self._ensure_reserve()
 
     # --- recovery -----------------------------------------------------------------------------
     def recover(self) -> list[str]:
@@ -266,29 +360,39 @@ class SlotStore:
     def unpack(self, tar_path: str | Path, name: str, *, max_bytes: int = 2 << 30) -> Path:
         """Unpack a bundle ``.tar`` into slot ``name`` (cleared first), fsyncing every file and folder.
 
-        Only regular files and folders with plain relative paths are accepted: absolute paths,
-        ``..``, links of any kind and device files are refused (a bundle needs none of them).
+        Every member is checked before anything is written (:func:`~edgekiln.fleet.bundle_tar.check_members`):
+        only regular files and folders with plain relative paths; absolute paths, ``..``, links,
+        device files and sparse files are refused. A full disk clears the slot and raises :class:`NoSpace`.
         """
         self.clear_slot(name)
         dest = self.slot_path(name)
-        dest.mkdir(parents=True)
-        fsync_dir(self.slots_dir)
-        self.checkpoint("slot-created")
         try:
             tar = tarfile.open(tar_path, mode="r:")  # noqa: SIM115 - closed by the `with` below
         except (tarfile.TarError, OSError) as exc:
             raise EdgekilnError(f"{tar_path}: not a readable .tar ({exc})") from None
+        members: list[tuple[tarfile.TarInfo, PurePosixPath]] = []
         with tar:
             try:
-                self._extract(tar, dest, max_bytes)
+                members = check_members(tar, max_bytes=max_bytes, max_files=MAX_BUNDLE_FILES)
+                dest.mkdir(parents=True)
+                fsync_dir(self.slots_dir)
+                self.checkpoint("slot-created")
+                self._extract(tar, dest, members)
+                fsync_dir(self.slots_dir)
             except tarfile.TarError as exc:
                 raise EdgekilnError(f"{tar_path}: damaged .tar ({exc})") from None
-        fsync_dir(self.slots_dir)
+            except OSError as exc:
+                if exc.errno not in NO_SPACE_ERRNOS:
+                    raise
+                self.clear_slot(name)
+                needed = sum(m.size for m, _ in members if m.isfile())
+                raise NoSpace(self.root, needed=needed, note=f"while unpacking into slot {name}; the slot was "
+                              "cleared") from None
         self.checkpoint("slot-fsynced")
         return dest
 
-    def _extract(self, tar: tarfile.TarFile, dest: Path, max_bytes: int) -> None:
-        members = _checked_members(tar, max_bytes)
+    def _extract(self, tar: tarfile.TarFile, dest: Path,
+                 members: list[tuple[tarfile.TarInfo, PurePosixPath]]) -> None:
         dirs = {dest}
         for member, rel in members:
             target = dest.joinpath(*rel.parts)
@@ -380,32 +484,25 @@ def _latency(path: Path, runs: int) -> dict[str, float] | None:
         return None
 
 
-def _checked_members(tar: tarfile.TarFile, max_bytes: int) -> list[tuple[tarfile.TarInfo, PurePosixPath]]:
-    members, total, seen = [], 0, set()
-    for member in tar.getmembers():
-        raw = member.name
-        pure = PurePosixPath(raw)
-        parts = [p for p in pure.parts if p not in ("", ".")]
-        if pure.is_absolute() or raw.startswith("/") or ".." in pure.parts or "\\" in raw:
-            raise EdgekilnError(f"bundle member '{raw}' is not a plain relative path; refused")
-        if not (member.isfile() or member.isdir()):
-            kind = "link" if (member.issym() or member.islnk()) else "special file"
-            raise EdgekilnError(f"bundle member '{raw}' is a {kind}; bundles may hold only files and folders")
-        if not parts:
-            continue  # the archive's "." entry
-        rel = PurePosixPath(*parts)
-        if str(rel) in seen:
-            raise EdgekilnError(f"bundle member '{raw}' appears twice; refused")
-        seen.add(str(rel))
-        total += member.size
-        if total > max_bytes or len(members) >= MAX_BUNDLE_FILES:
-            raise EdgekilnError(f"bundle is larger than {max_bytes} bytes or {MAX_BUNDLE_FILES} files; refused")
-        members.append((member, rel))
-    return members
-
-
 def _remove(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink(missing_ok=True)
     elif path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _tree_bytes(path: Path) -> int:
+    """Disk blocks the files under ``path`` take (what deleting them frees)."""
+    total = 0
+    for sub in path.rglob("*") if path.is_dir() else ():
+        with contextlib.suppress(OSError):
+            st = sub.lstat()
+            total += st.st_blocks * 512 if sub.is_file() and not sub.is_symlink() else 0
+    return total

@@ -2,8 +2,12 @@
 
 Signed metadata lives in the database (table ``tuf_metadata``), so that one transaction makes a
 published version visible in the registry *and* in the metadata at once; a crash before the
-commit leaves the previous metadata in force. Private keys live in the key folder (one PKCS#8
-PEM per role, created at first start, mode 0600); the newest root is also written to
+commit leaves the previous metadata in force. Keys live in the key folder (see
+:mod:`edgekiln.fleet.keys`): the online targets, snapshot and timestamp keys, and every root
+version as a file signed offline, which the server checks and imports at start and whenever
+the folder changes (a rotation), re-signing the roles the new root hands to new keys. Only in
+dev mode (``KEYS/root.pem``, made by ``dev_init`` for an empty folder) does the server sign a
+new root itself when the old one nears its expiry. The newest root is also written to
 ``KEYS/root.json``, the file a device is enrolled with.
 
     >>> import tempfile
@@ -16,6 +20,7 @@ PEM per role, created at first start, mode 0600); the newest root is also writte
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
 import re
 import time
@@ -27,7 +32,10 @@ from typing import Any
 from edgekiln.errors import EdgekilnError
 from edgekiln.fileio import atomic_write_bytes
 
+log = logging.getLogger(__name__)
+
 ROLES = ("root", "targets", "snapshot", "timestamp")
+ONLINE_ROLES = ("targets", "snapshot", "timestamp")
 _FILE = re.compile(r"^(?:(?P<version>[1-9][0-9]{0,9})\.)?(?P<role>root|targets|snapshot|timestamp)\.json$")
 
 
@@ -44,27 +52,6 @@ class TufExpiry:
         return float(getattr(self, f"{role}_days"))
 
 
-def _load_or_create_signer(path: Path) -> Any:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from securesystemslib.signer import CryptoSigner
-
-    if path.is_file():
-        try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        except ValueError as exc:
-            raise EdgekilnError(f"{path}: not a PEM private key ({exc})") from None
-        if not isinstance(key, Ed25519PrivateKey):
-            raise EdgekilnError(f"{path}: not an Ed25519 key")
-    else:
-        key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-        atomic_write_bytes(path, pem)
-        os.chmod(path, 0o600)
-    return CryptoSigner(key)
-
-
 class TufRepository:
     """Create, extend and serve the signed metadata; ``fault(step)`` lets tests crash between steps."""
 
@@ -74,10 +61,16 @@ class TufRepository:
         self.keys_dir = Path(keys_dir)
         self.expiry = expiry or TufExpiry()
         self.clock = clock
+        from edgekiln.fleet import keys
+
         self.keys_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.keys_dir, 0o700)
-        self.signers = {role: _load_or_create_signer(self.keys_dir / f"{role}.pem") for role in ROLES}
+        if not keys.is_initialized(self.keys_dir) or keys.is_dev(self.keys_dir):
+            keys.dev_init(self.keys_dir, self.expiry, now=self.clock())
+        self.root_signer = keys.load_online_signer(self.keys_dir / "root.pem") if keys.is_dev(self.keys_dir) else None
+        self.signers: dict[str, Any] = {}
         self._refresh_due = 0.0  # NOTE: clock time before which no role can be stale; saves parsing per poll
+        self._keys_stamp: tuple[int, int] | None = None  # NOTE: mtimes of KEYS and KEYS/roots at the last import
 
     # -- reading -------------------------------------------------------------------------------
     def versions(self, tx: Any = None) -> dict[str, int]:
@@ -127,28 +120,99 @@ class TufRepository:
                    (role, md.signed.version, md.to_bytes()))
 
     def initialize(self) -> None:
-        """Create version 1 of every role when the database has none; check the keys otherwise."""
-        from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
+        """Import the roots from the key folder, then create version 1 of the other roles when the
+        database has none; refuses keys that are not the ones the newest root names."""
+        from tuf.api.metadata import Metadata, Snapshot, Targets, Timestamp
 
+        from edgekiln.fleet import keys
+
+        self.import_roots(force=True)
         with self.db.transaction(write_lock=True) as tx:
             root = self._latest(tx, "root")
             if root is None:
-                root = Metadata(Root(expires=self._expires("root"), consistent_snapshot=False))
-                for role in ROLES:
-                    root.signed.add_key(self.signers[role].public_key, role)
-                self._store(tx, root, "root")
+                raise EdgekilnError(f"{self.keys_dir}: no roots/1.root.json; {keys.INIT_HINT}")
+            if self._latest(tx, "targets") is None:
                 self._store(tx, Metadata(Targets(expires=self._expires("targets"))), "targets")
                 self._store(tx, Metadata(Snapshot(expires=self._expires("snapshot"))), "snapshot")
                 self._store(tx, Metadata(Timestamp(expires=self._expires("timestamp"))), "timestamp")
-            else:
-                for role in ROLES:
-                    keyid = self.signers[role].public_key.keyid
-                    if keyid not in root.signed.roles[role].keyids:
-                        raise EdgekilnError(f"{self.keys_dir / (role + '.pem')}: key {keyid[:12]}... is not the "
-                                            f"{role} key of the repository's root v{root.signed.version}; "
-                                            "use the key folder this database was created with")
         self.refresh()
         self.write_root_file()
+
+    def _keys_changed(self) -> bool:
+        return self._stamp() != self._keys_stamp
+
+    def _stamp(self) -> tuple[int, int]:
+        roots = self.keys_dir / "roots"
+        return (self.keys_dir.stat().st_mtime_ns, roots.stat().st_mtime_ns if roots.is_dir() else 0)
+
+    def _load_signers(self, root: Any) -> dict[str, Any]:
+        from edgekiln.fleet import keys
+
+        version = root.signed.version
+        if self.root_signer is not None and self.root_signer.public_key.keyid not in root.signed.roles["root"].keyids:
+            raise EdgekilnError(f"{self.keys_dir / 'root.pem'}: key {self.root_signer.public_key.keyid[:12]}... is "
+                                f"not the root key of the repository's root v{version}; use the key folder this "
+                                "database was created with")
+        return {role: keys.signer_for(self.keys_dir, role, root.signed.roles[role].keyids, version)
+                for role in ONLINE_ROLES}
+
+    def import_roots(self, *, force: bool = False) -> bool:
+        """Import ``KEYS/roots/N.root.json`` above the database's root, each checked against the one
+        before it; then re-sign every role the new root no longer accepts. Returns whether any came in."""
+        from edgekiln.fleet import keys
+
+        stamp = self._stamp()
+        if not force and stamp == self._keys_stamp:
+            return False
+        self._keys_stamp = stamp
+        with self.db.transaction() as tx:
+            current = self._latest(tx, "root")
+        pending = keys.pending_roots(self.keys_dir, "image", current.signed.version if current is not None else 0)
+        if current is None and not pending and (self.keys_dir / "root.json").is_file():
+            pending = [(self.keys_dir / "root.json").read_bytes()]   # a key folder from before roots/
+        if not pending:
+            if current is not None and (force or not self.signers):
+                self.signers = self._load_signers(current)
+            return False
+        chain = keys.verify_roots(current.to_bytes() if current is not None else None, pending)
+        self.signers = self._load_signers(chain[-1])
+        with self.db.transaction(write_lock=True) as tx:
+            for md, data in zip(chain, pending, strict=True):
+                # NOTE: several server processes may import the same root; the first one wins
+                tx.execute("INSERT INTO tuf_metadata (role, version, data) VALUES (?, ?, ?) "
+                           "ON CONFLICT (role, version) DO NOTHING", ("root", md.signed.version, data))
+            self._resign_for(tx, chain[-1])
+        log.info("imported root v%d from %s", chain[-1].signed.version, self.keys_dir / "roots")
+        self._refresh_due = 0.0
+        self.write_root_file()
+        return True
+
+    def _resign_for(self, tx: Any, root: Any) -> None:
+        """Inside the caller's transaction: a new version of each role ``root`` does not accept, and of
+        the roles that list it (snapshot lists targets, timestamp lists snapshot)."""
+        from tuf.api.exceptions import UnsignedMetadataError
+
+        latest = {role: self._latest(tx, role) for role in ONLINE_ROLES}
+        if latest["targets"] is None:
+            return  # initialize() creates them, signed with the new keys
+
+        def accepted(role: str) -> bool:
+            try:
+                root.verify_delegate(role, latest[role])
+            except UnsignedMetadataError:
+                return False
+            return True
+
+        refused = {role for role in ONLINE_ROLES if not accepted(role)}
+        targets = latest["targets"]
+        if "targets" in refused:
+            targets.signed.version += 1
+            targets.signed.expires = self._expires("targets")
+            self._store(tx, targets, "targets")
+        if refused & {"targets", "snapshot"}:
+            self._bump_snapshot(tx, targets.signed.version)
+        if refused:
+            self._bump_timestamp(tx)
 
     def write_root_file(self) -> Path:
         data = self.get_file("root.json")
@@ -194,34 +258,45 @@ class TufRepository:
         self._store(tx, ts, "timestamp")
 
     def refresh_due(self) -> bool:
-        return self.clock() >= self._refresh_due
+        return self.clock() >= self._refresh_due or self._keys_changed()
 
     def refresh(self) -> bool:
-        """Re-sign roles that passed half of their validity, so a quiet server never serves expired
-        metadata; returns whether anything was re-signed."""
+        """Import new roots (a key rotation), and re-sign roles that passed half of their validity, so
+        a quiet server never serves expired metadata; returns whether anything was re-signed."""
+        try:
+            imported = self.import_roots()
+        except EdgekilnError as exc:  # NOTE: a bad root file must not take the running server down
+            log.error("%s", exc)
+            imported = False
         if self.clock() < self._refresh_due:
-            return False
+            return imported
         now = _dt.datetime.fromtimestamp(self.clock(), _dt.UTC)
 
         def stale(md: Any, role: str) -> bool:
             return md.signed.expires - now < _dt.timedelta(days=self.expiry.days(role) / 2)
 
+        from edgekiln.fleet import keys
+
+        # dev mode: the root key is online, so the roots are renewed here
+        if self.root_signer is not None and keys.renew_stale_roots(self.keys_dir, self.root_signer,
+                                                                   expiry=self.expiry, now=self.clock()):
+            imported = self.import_roots(force=True) or imported
         with self.db.transaction() as tx:
             current = {role: self._latest(tx, role) for role in ROLES}
+        if self.root_signer is None:
+            # NOTE: without the root key, an old root is the operator's to renew: say so, twice a day at most
+            root = current.pop("root")
+            if root is not None and root.signed.expires - now < _dt.timedelta(days=keys.ROOT_WARN_DAYS):
+                log.warning("root v%d expires %s: run `edgekiln keys renew-root --keys %s --root-key FILE`",
+                            root.signed.version, root.signed.expires, self.keys_dir)
         if not any(md is not None and stale(md, role) for role, md in current.items()):
             self._refresh_due = min((md.signed.expires.timestamp() - self.expiry.days(role) * 43200
                                      for role, md in current.items() if md is not None), default=0.0)
-            return False
+            return imported
         with self.db.transaction(write_lock=True) as tx:
-            current = {role: self._latest(tx, role) for role in ROLES}  # again, under the lock
+            current = {role: self._latest(tx, role) for role in ONLINE_ROLES}  # again, under the lock
             if not any(stale(md, role) for role, md in current.items()):
-                return False
-            root = current["root"]
-            root_bumped = stale(root, "root")
-            if root_bumped:
-                root.signed.version += 1
-                root.signed.expires = self._expires("root")
-                self._store(tx, root, "root")
+                return imported
             targets = current["targets"]
             bump_targets = stale(targets, "targets")
             if bump_targets:
@@ -231,7 +306,5 @@ class TufRepository:
             if bump_targets or stale(current["snapshot"], "snapshot"):
                 self._bump_snapshot(tx, targets.signed.version)
             self._bump_timestamp(tx)
-        if root_bumped:
-            self.write_root_file()
         return True
 

@@ -47,9 +47,61 @@ def pack(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def unpack(data: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files}
+MAX_NPZ_BYTES = 64 * 1024 * 1024
+MAX_NPZ_MEMBERS = 16
+NUMERIC_KINDS = "biufc"
+
+
+class NpzRefused(ValueError):
+    """An npz body whose declared sizes or types are not what an array of its bytes can be."""
+
+
+def unpack(data: bytes, *, max_bytes: int = MAX_NPZ_BYTES, max_members: int = MAX_NPZ_MEMBERS,
+           ) -> dict[str, np.ndarray]:
+    """The arrays of an npz body, each checked before any of them is read: at most ``max_members``
+    uncompressed numeric ``.npy`` members, whose declared shape times item size plus header is
+    exactly the member's size, and whose sizes fit in ``data`` and ``max_bytes``. ``np.load``
+    alone would allocate a declared ``(10**9,)`` array before finding 16 bytes of data.
+
+    >>> unpack(pack({"x": np.arange(3, dtype=np.int8)}))["x"].tolist()
+    [0, 1, 2]
+    """
+    import math
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    if len(data) > max_bytes:
+        raise NpzRefused(f"body of {len(data)} bytes is over the {max_bytes}-byte limit")
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        infos = zf.infolist()
+        if len(infos) > max_members:
+            raise NpzRefused(f"npz holds {len(infos)} members, more than {max_members}")
+        total = 0
+        for info in infos:
+            total += info.file_size
+            if total > min(len(data), max_bytes):
+                raise NpzRefused(f"npz member '{info.filename[:60]}' declared size {info.file_size} bytes is "
+                                 f"more than the {len(data)}-byte body holds")
+            if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+                raise NpzRefused(f"npz member '{info.filename[:60]}' is compressed; send np.savez output")
+            if not info.filename.endswith(".npy"):
+                raise NpzRefused(f"npz member '{info.filename[:60]}' is not an .npy array")
+            with zf.open(info) as fh:
+                version = npy.read_magic(fh)
+                read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                shape, _, dtype = read_header(fh, max_header_size=10000)
+                header = fh.tell()
+            if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.hasobject:
+                raise NpzRefused(f"npz member '{info.filename[:60]}' has dtype {str(dtype)[:40]}, not a number type")
+            if math.prod(shape) * dtype.itemsize + header != info.file_size:
+                raise NpzRefused(f"npz member '{info.filename[:60]}' declared size {shape} x {dtype.itemsize} bytes "
+                                 f"does not match its {info.file_size - header} bytes of data")
+        out = {}
+        for info in infos:
+            with zf.open(info) as fh:
+                out[info.filename[:-4]] = npy.read_array(fh, allow_pickle=False)
+        return out
 
 
 def session(path: str | Path, threads: int = 1) -> Any:
@@ -87,16 +139,26 @@ class SplitResult:
 
 
 class SplitClient:
-    """The device side. ``transport`` lets tests run against the app in-process (httpx)."""
+    """The device side. ``token`` is sent as a bearer token; ``ca`` is the CA file the server's TLS
+    certificate chains to (None: the system's); plain ``http://`` is refused off this machine
+    unless ``insecure_http``. ``transport`` lets tests run against the app in-process (httpx; the
+    URL check is then skipped)."""
 
     def __init__(self, head_path: str | Path, full_path: str | Path, url: str, *, timeout_s: float = 0.5,
-                 transport: Any = None, threads: int = 1) -> None:
+                 transport: Any = None, threads: int = 1, token: str | None = None, ca: str | Path | None = None,
+                 insecure_http: bool = False) -> None:
         import httpx
 
+        from edgekiln.runtime.transport_security import check_server_url, client_ssl_context
+
+        if transport is None:
+            check_server_url(url, insecure_http=insecure_http)
         self.head = session(head_path, threads)
         self.full = session(full_path, threads)
         self.out_spec = [(o.name, o.shape) for o in self.full.get_outputs()]
-        self.client = httpx.Client(base_url=url, timeout=timeout_s, transport=transport)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.client = httpx.Client(base_url=url, timeout=timeout_s, transport=transport, headers=headers,
+                                   verify=client_ssl_context(ca) if ca else True)
         self.paths = {"split": 0, "local": 0}
 
     def __call__(self, x: np.ndarray) -> SplitResult:

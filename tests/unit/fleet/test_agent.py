@@ -112,13 +112,22 @@ def test_a_report_that_cannot_be_sent_is_queued_and_sent_next_time(fleet, tmp_pa
     assert fleet.devices()["m-queue"]["status"] == "installed"
 
 
-def test_daemon_backs_off_while_the_server_is_unreachable(tmp_path):
+@pytest.fixture
+def enrolled_root(tmp_path):
+    """Trusted roots (image and director) of a key folder no server answers for."""
+    from edgekiln.fleet.keys import dev_init
+    from edgekiln.fleet.tuf_repo import TufExpiry
+
+    return dev_init(tmp_path / "keys", TufExpiry())
+
+
+def test_daemon_backs_off_while_the_server_is_unreachable(tmp_path, enrolled_root):
     def refuse(request):
         raise httpx.ConnectError("connection refused")
 
     lines: list[str] = []
     waits: list[float] = []
-    agent = Agent(AgentConfig(server="http://nowhere", token="t", state_dir=tmp_path / "s"),
+    agent = Agent(AgentConfig(server="http://nowhere", token="t", state_dir=tmp_path / "s", root=enrolled_root),
                   transport=httpx.MockTransport(refuse), log=lines.append)
     agent.serve(2.0, max_backoff_s=10.0, cycles=5, sleep=waits.append)
     expected = [2, 4, 8, 10, 10]
@@ -128,11 +137,11 @@ def test_daemon_backs_off_while_the_server_is_unreachable(tmp_path):
         agent.run_once()
 
 
-def test_cli_once_with_an_unreachable_server_prints_one_line_and_exits_4(tmp_path, capsys):
+def test_cli_once_with_an_unreachable_server_prints_one_line_and_exits_4(tmp_path, capsys, enrolled_root):
     port = free_port()   # nothing listens there
     with pytest.raises(SystemExit) as done:
         main(["agent", "--server", f"http://127.0.0.1:{port}", "--token", "t", "--state", str(tmp_path / "s"),
-              "--once"])
+              "--root", str(enrolled_root), "--once"])
     err = capsys.readouterr().err.strip()
     assert done.value.code == 4, err
     assert len(err.splitlines()) == 1 and "unreachable" in err and "active model is unchanged" in err
@@ -171,3 +180,97 @@ def test_a_bundle_whose_health_check_keeps_killing_the_agent_is_given_up(fleet, 
     active = agent.store.active()
     assert active.version == 1 and health_check_slot(active.path, latency_runs=1)["ok"]
     assert fleet.devices()["m-crashy"]["status"] == "rolled_back"
+
+
+class CountReports(httpx.BaseTransport):
+    """Delegates to the app and keeps the bodies of the reports sent."""
+
+    def __init__(self, inner):
+        self.inner, self.reports = inner, []
+
+    def handle_request(self, request):
+        if request.url.path == "/v1/device/report":
+            self.reports.append(json.loads(request.content))
+        return self.inner.handle_request(request)
+
+
+def test_a_full_disk_is_retried_reported_once_and_never_stops_the_daemon(fleet, tmp_path, monkeypatch):
+    """The in-process twin of tests/integration/test_agent_disk_full.py (a real tmpfs there)."""
+    import errno
+
+    token, _ = _device_with_v1(fleet, tmp_path, "m-full")
+    fleet.publish(fleet.tars[2], "m-full", 2)
+    fleet.rollout("m-full", 2, "g-m-full", failure_threshold=1.0)
+    counting = CountReports(fleet.transport)
+
+    def disk_full_at_chunk_2(name):
+        if name == "chunk:2":
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    # NOTE: a fixed free-space reading: on a real full disk it stays put; on this one it moves every cycle
+    monkeypatch.setattr("edgekiln.fleet.slots.free_bytes", lambda path: 10**9)
+    agent = fleet.agent(tmp_path / "state", token, transport=counting, checkpoint=disk_full_at_chunk_2)
+    first, second = agent.run_once(), agent.run_once()
+    assert first["outcome"] == "failed", first
+    assert first["error"].startswith("no space left on the device (need 20480 bytes, 1000000000 free)"), first
+    assert (second["outcome"], second["error"]) == ("retry", first["error"]), second
+    failed = [r for r in counting.reports if r["status"] == "failed"]
+    assert len(failed) == 1, failed   # same model, version and free bytes: reported once
+    monkeypatch.undo()
+    assert "m-full/2" not in (agent.store.read_state().get("rejected") or {}), "a full disk must not reject v2"
+    assert not agent.fetcher.partial_path("m-full/2/bundle.tar").exists(), "the .part that filled the disk is kept"
+    assert agent.store.active().version == 1
+    # a plain OSError from below (state.json on a dying disk) costs the daemon one log line, not its life
+    agent = fleet.agent(tmp_path / "state", token)
+    real_write, calls = agent.store.write_state, []
+
+    def write_state_fails_once(state):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_write(state)
+
+    monkeypatch.setattr(agent.store, "write_state", write_state_fails_once)
+    lines: list[str] = []
+    agent.log = lines.append
+    agent.serve(0.01, cycles=2, sleep=lambda s: None)
+    assert lines[0] == "error: OSError: [Errno 5] Input/output error; keeping the active model", lines
+    assert agent.store.active().version == 2, lines
+
+
+def test_cli_refuses_plain_http_to_another_machine_unless_told(tmp_path, capsys, enrolled_root):
+    with pytest.raises(SystemExit) as done:
+        main(["agent", "--server", "http://10.0.0.2:8080", "--token", "t", "--state", str(tmp_path / "s"),
+              "--root", str(enrolled_root), "--once"])
+    err = capsys.readouterr().err.strip()
+    assert done.value.code == 2, err
+    assert len(err.splitlines()) == 1 and "refusing plain http:// to 10.0.0.2" in err and "--insecure-http" in err
+    agent = Agent(AgentConfig(server="http://10.0.0.2:8080", token="t", state_dir=tmp_path / "s", insecure_http=True))
+    assert str(agent.client.base_url) == "http://10.0.0.2:8080"   # allowed; nothing was sent yet
+    agent.close()
+
+
+def test_a_revoked_device_is_told_in_one_line_and_keeps_its_model(fleet, tmp_path):
+    from edgekiln.fleet.client import remove_device
+
+    token, agent = _device_with_v1(fleet, tmp_path, "m-revoked")
+    remove_device(fleet.url, fleet.admin_token, "m-revoked", transport=fleet.transport)
+    with pytest.raises(EdgekilnError, match=r"refused the device token \(.*director/metadata/.*HTTP 401\)"):
+        agent.run_once()
+    assert agent.store.read_state()["outbox"] == [], "nothing to report with a revoked token"
+    assert agent.store.active().version == 1
+
+
+def test_a_device_enrolled_before_the_director_is_told_how_to_enrol(fleet, tmp_path):
+    import shutil
+
+    token, agent = _device_with_v1(fleet, tmp_path, "m-old-enrol")
+    shutil.rmtree(agent.store.root / "director")   # what a state folder from before the director holds
+    old = Agent(AgentConfig(server=fleet.url, token=token, state_dir=agent.store.root), transport=fleet.transport)
+    with pytest.raises(EdgekilnError, match="not enrolled with the director: give --director-root FILE") as err:
+        old.run_once()
+    assert err.value.exit_code == 2
+    assert old.store.active().version == 1
+    given = Agent(AgentConfig(server=fleet.url, token=token, state_dir=agent.store.root,
+                              director_root=fleet.director_root_file), transport=fleet.transport)
+    assert given.run_once()["outcome"] == "up-to-date"

@@ -58,9 +58,11 @@ def test_a_device_reads_only_its_own_assignment(server, tmp_path):
     assert server.client.get("/v1/device/assignment", headers=a).json() == {}
     # there is no way to name another device: extra parameters are ignored, the token decides
     assert server.client.get("/v1/device/assignment", params={"device": "cam-b"}, headers=a).json() == {}
-    # a device's report changes only its own record
-    server.client.post("/v1/device/report", json={"model": "digits", "version": 1, "status": "failed",
-                                                 "error": "boom", "device": "cam-b"}, headers=a)
+    # a device's report changes only its own record; naming another device is an unknown key (422)
+    report = {"model": "digits", "version": 1, "status": "failed", "error": "boom"}
+    r = server.client.post("/v1/device/report", json={**report, "device": "cam-b"}, headers=a)
+    assert r.status_code == 422 and "device" in r.text, (r.status_code, r.text)
+    assert server.client.post("/v1/device/report", json=report, headers=a).status_code == 200
     rows = {d["name"]: d for d in server.client.get("/v1/devices", headers=server.admin()).json()}
     assert rows["cam-a"]["last_error"] == "boom" and rows["cam-b"]["last_error"] is None
 
@@ -123,3 +125,34 @@ def test_a_revoked_device_token_stops_working_at_once(server):
     again = server.add_device("cam-1")
     assert again != dev and server.client.get("/v1/device/assignment", headers=dev).status_code == 401
     assert server.client.get("/v1/device/assignment", headers=again).status_code == 200
+
+
+@pytest.mark.parametrize("token", ["a" * 16, "ab" * 8, "abcdefgh" + "a" * 24, "Short-tok3n!", "", None])
+def test_weak_admin_tokens_are_refused(token):
+    from edgekiln.errors import EdgekilnError
+    from edgekiln.fleet.auth import check_admin_token
+
+    with pytest.raises(EdgekilnError, match="admin token refused: use at least 16 characters") as err:
+        check_admin_token(token)
+    assert err.value.exit_code == 2
+
+
+def test_strong_admin_tokens_pass():
+    import secrets
+
+    from edgekiln.fleet.auth import check_admin_token
+
+    for token in (ADMIN, "abcdefghijklmnop", secrets.token_urlsafe(32), secrets.token_hex(16)):
+        assert check_admin_token(token) == token
+
+
+def test_serve_with_a_weak_token_exits_2_before_creating_anything(tmp_path, monkeypatch, capsys):
+    from edgekiln.cli.app import main
+
+    monkeypatch.setenv("EDGEKILN_ADMIN_TOKEN", "k" * 32)
+    with pytest.raises(SystemExit) as done:
+        main(["serve", "--db", f"sqlite:///{tmp_path / 'fleet.db'}", "--keys", str(tmp_path / "keys"),
+              "--store", str(tmp_path / "blobs")])
+    err = capsys.readouterr().err.strip()
+    assert done.value.code == 2 and len(err.splitlines()) == 1 and "admin token refused" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing may be created before the token is checked"

@@ -172,3 +172,40 @@ def test_devices_already_running_the_version_count_as_installed(fleet):
     assert _status(fleet, first["id"])["state"] == "done"
     again = _start(fleet, version=2, waves=[50, 100])   # e.g. re-run after a config change
     assert again["state"] == "done" and all(d["status"] == "installed" for d in again["devices"]), again
+
+
+LATENCY_CASES = [
+    (b'{"p50": 1.5}', 422, "latency_ms must be {p50: number, p95: number}"),
+    (b'{"p50": 1.5, "p95": "x"}', 422, "latency_ms must be"),
+    (b'{"p50": -1, "p95": 2}', 422, "latency_ms must be"),
+    (b'{"p50": 1, "p95": 1e8}', 422, "latency_ms must be"),
+    (b'{"p50": 1, "p95": 1e999}', 400, "out of range"),       # refused by the JSON parser already
+    (b'{"p50": NaN, "p95": 2}', 400, "NaN is not JSON"),
+]
+
+
+def test_reports_with_odd_latencies_or_unknown_fields_are_refused_and_stored_nan_is_harmless(fleet):
+    h = _devices(fleet, 2)["cam-00"]
+    for raw, status, reason in LATENCY_CASES:
+        body = b'{"model": "digits", "version": 1, "status": "installed", "latency_ms": ' + raw + b"}"
+        r = fleet.client.post("/v1/device/report", content=body, headers=h)
+        assert r.status_code == status and reason in r.json()["detail"], (raw, r.status_code, r.text)
+    r = fleet.client.post("/v1/device/report", json={"status": "checking", "rogue": 1}, headers=h)
+    assert r.status_code == 422 and "'rogue' is unknown" in r.json()["detail"], r.text
+    _report(fleet, h, "installed", version=1, latency_ms={"p50": 1.25, "p95": 2.5})
+    fleet.app.state.fleet.db.execute("UPDATE devices SET latency_p50 = ?, latency_p95 = ? WHERE name = 'cam-01'",
+                                     (math.nan, 3.0))  # a row written before reports were checked
+    r = fleet.client.get("/v1/devices", headers=fleet.admin())
+    assert r.status_code == 200, r.text
+    assert {d["name"]: d["latency_ms"] for d in r.json()} == {"cam-00": {"p50": 1.25, "p95": 2.5}, "cam-01": None}
+
+
+def test_devices_list_rows_print_nothing_for_odd_values():
+    from edgekiln.cli.fleet_cmd import _device_row
+
+    odd = {"name": "cam", "group": "lab", "model": None, "active_version": None, "status": None,
+           "last_seen": float("inf"), "last_error": None, "latency_ms": {"p50": "fast", "p95": float("nan")}}
+    assert _device_row(odd) == ["cam", "lab", "", "", "", "", "", "", ""]
+    assert _device_row({"name": "x", "latency_ms": [1, 2], "last_seen": 1e30})[5:] == ["", "", "", ""]
+    good = {**odd, "last_seen": 0.0, "latency_ms": {"p50": 1.234, "p95": 5}}
+    assert _device_row(good)[5:] == ["1970-01-01 00:00:00", "", "1.23", "5.00"]

@@ -58,7 +58,7 @@ def test_uploads_that_are_not_valid_bundles_are_refused_with_the_reason(server, 
     cases = {
         "not an uncompressed tar": b"\x1f\x8b" + b"gzip?" * 50,
         "no manifest.json": _tar({k: v for k, v in good.items() if k != "manifest.json"}),
-        "escapes the bundle": _tar({**good, "../evil": b"x"}),
+        "is not a plain relative path": _tar({**good, "../evil": b"x"}),
         "does not match its SHA-256": _tar({**good, model_file: good[model_file] + b"\0"}),
         "is not in the tar": _tar({k: v for k, v in good.items() if k != model_file}),
         "not valid JSON": _tar({**good, "manifest.json": b"{nope"}),
@@ -165,3 +165,123 @@ def test_blobs_left_by_a_crashed_publish_are_collected_once_old(tmp_path):
 
     assert blobs() == [hashlib.sha256(bundle_tar(tmp_path, 2, seed=1)).hexdigest()]
     assert later.client.get("/tuf/targets/digits/2/bundle.tar", headers=later.admin()).status_code == 200
+
+
+def _sparse(name: str, realsize: int, data: bytes = b"x" * 4096) -> tuple[tarfile.TarInfo, bytes]:
+    """A PAX sparse 1.0 member: a one-entry map, then ``data``; it declares ``realsize`` bytes."""
+    sparse_map = b"1\n0\n%d\n" % len(data)
+    payload = sparse_map + b"\0" * (-len(sparse_map) % 512) + data
+    info = tarfile.TarInfo("GNUSparseFile.0/" + name)
+    info.size = len(payload)
+    info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": name,
+                        "GNU.sparse.realsize": str(realsize)}
+    return info, payload
+
+
+def _with(good: dict[str, bytes], *extra: tuple[tarfile.TarInfo, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in good.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for info, data in extra:
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _file(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, data
+
+
+def _fifo(name: str) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.FIFOTYPE
+    return info, b""
+
+
+MEMBER_CASES = {
+    "duplicate": (lambda good: [_file("manifest.json", good["manifest.json"])], "appears twice"),
+    "backslash": (lambda good: [_file("sub\\evil.bin", b"x")], "is not a plain relative path"),
+    "300 files": (lambda good: [_file(f"f{i}.bin", b"x") for i in range(300)], "more than 256 files"),
+    "sparse": (lambda good: [_sparse("pad.bin", 101_000_000)], "'pad.bin' is a sparse file"),
+    "fifo": (lambda good: [_fifo("pipe")], "'pipe' is a special file"),
+    "over 1 MiB": (lambda good: [_file("big.bin", b"\0" * (1024 * 1024 + 1))], "unpacks to more than 1048576 bytes"),
+}
+
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory):
+    """A server refusing bundles that unpack to more than 1 MiB."""
+    return start_server(tmp_path_factory.mktemp("small") / "srv", max_unpacked_bytes=1024 * 1024)
+
+
+@pytest.mark.parametrize("case", MEMBER_CASES)
+def test_bundle_members_unsafe_to_extract_are_refused_at_publish(small_server, tmp_path, case):
+    good = _members(bundle_tar(tmp_path, 1))
+    extra, reason = MEMBER_CASES[case]
+    body = _with(good, *extra(good))
+    if case == "sparse":  # the attack: a small upload that would extract to 101 MB
+        with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+            declared = max(m.size for m in tar.getmembers())
+        assert len(body) < 64 * 1024 and declared == 101_000_000, (len(body), declared)
+    r = small_server.publish(body)
+    assert r.status_code == 422 and reason in r.json()["detail"], (case, r.status_code, r.text)
+    assert [m for m in small_server.client.get("/v1/models", headers=small_server.admin()).json()
+            if m["model"] == "digits"] == []
+
+
+def test_the_unpacked_size_is_signed_into_the_target(small_server, tmp_path):
+    data = bundle_tar(tmp_path, 1)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        expected = sum(m.size for m in tar.getmembers() if m.isfile())
+    assert small_server.publish(data, model="sized").status_code == 201
+    targets = json.loads(small_server.client.get("/tuf/metadata/targets.json", headers=small_server.admin()).content)
+    custom = targets["signed"]["targets"]["sized/1/bundle.tar"]["custom"]
+    assert custom["unpacked_bytes"] == expected > 0, (custom, expected)
+
+
+@pytest.mark.parametrize("version", ["²", "٥", "05", "2147483648"])
+def test_versions_are_ascii_digits_without_leading_zeros(small_server, tmp_path, version):
+    r = small_server.client.post(f"/v1/models/digits/versions/{version}", content=bundle_tar(tmp_path, 1),
+                                 headers=small_server.admin())
+    assert r.status_code == 422 and "must be an integer >= 1" in r.json()["detail"], (version, r.status_code, r.text)
+    assert [m for m in small_server.client.get("/v1/models", headers=small_server.admin()).json()
+            if m["model"] == "digits"] == []
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "reason"), [
+    ("GET", f"/v1/rollouts/{10**20}", None, 422, "less than or equal"),
+    ("POST", f"/v1/rollouts/{10**20}/pause", None, 422, "less than or equal"),
+    ("POST", "/v1/devices", b"[" * 5000 + b"]" * 5000, 400, "nests deeper than 32 levels"),
+    ("POST", "/v1/devices", b'{"name": ' + b"9" * 5000 + b"}", 400, "integer with 5000 digits"),
+    ("POST", "/v1/devices", b'{"name": 1e999}', 400, "out of range"),
+    ("POST", "/v1/devices", b'{"name": NaN}', 400, "NaN is not JSON"),
+])
+def test_odd_inputs_are_one_line_client_errors(small_server, method, path, body, status, reason):
+    r = small_server.client.request(method, path, content=body, headers=small_server.admin())
+    detail = json.dumps(r.json()["detail"])
+    assert r.status_code == status and reason in detail and "\n" not in detail, (path, r.status_code, r.text[:300])
+
+
+def test_a_full_bundle_store_is_507(tmp_path):
+    import errno
+
+    from fleet_server_helpers import ADMIN, Clock
+
+    from edgekiln.fleet.server import ServerConfig, create_app
+    from edgekiln.fleet.store import LocalStore
+
+    class FullStore(LocalStore):
+        def put(self, key, src):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    app = create_app(ServerConfig.local(tmp_path / "srv", admin_token=ADMIN), clock=Clock(),
+                     store=FullStore(tmp_path / "srv" / "blobs"))
+    c = TestClient(app)
+    r = c.post("/v1/models/digits/versions/1", content=bundle_tar(tmp_path, 1),
+               headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 507 and "bundle store is full (ENOSPC)" in r.json()["detail"], (r.status_code, r.text)
+    assert c.get("/v1/models", headers={"Authorization": f"Bearer {ADMIN}"}).json() == []

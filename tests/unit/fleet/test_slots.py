@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -13,7 +14,7 @@ import pytest
 from edgekiln.errors import EdgekilnError
 from edgekiln.fleet import slots as slots_mod
 from edgekiln.fleet.agent_testing import bundle_tar
-from edgekiln.fleet.slots import SlotStore, health_check_slot
+from edgekiln.fleet.slots import NoSpace, SlotStore, health_check_slot
 from edgekiln.runtime.engine import Runtime
 
 
@@ -45,6 +46,15 @@ def _file(tar, name, data=b"x"):
     tar.addfile(info, io.BytesIO(data))
 
 
+def _sparse(tar):
+    """10 KiB of tar that declares a 101,000,000-byte file of holes (PAX ``GNU.sparse`` 0.1)."""
+    info = tarfile.TarInfo("models/holes.bin")
+    info.size = 10
+    info.pax_headers = {"GNU.sparse.size": "101000000", "GNU.sparse.map": "0,5,100999995,5",
+                        "GNU.sparse.name": "models/holes.bin"}
+    tar.addfile(info, io.BytesIO(b"x" * 10))
+
+
 def _link(tar, name, target, kind=tarfile.SYMTYPE):
     info = tarfile.TarInfo(name)
     info.type, info.linkname = kind, target
@@ -58,6 +68,7 @@ def _link(tar, name, target, kind=tarfile.SYMTYPE):
     (lambda t: _link(t, "models", "/etc"), "is a link"),
     (lambda t: _link(t, "inside", "manifest.json", tarfile.LNKTYPE), "is a link"),
     (lambda t: (_file(t, "a"), _file(t, "./a")), "appears twice"),
+    (_sparse, "'models/holes.bin' is a sparse file"),
 ])
 def test_unpack_refuses_unsafe_members_and_leaves_nothing_active(tmp_path, add, message):
     store = SlotStore(tmp_path / "state")
@@ -66,6 +77,8 @@ def test_unpack_refuses_unsafe_members_and_leaves_nothing_active(tmp_path, add, 
         store.unpack(_tar_with(tmp_path, add), "a")
     assert not (tmp_path / "evil").exists() and not (tmp_path.parent / "evil").exists()
     assert store.sealed("a") is None and store.active() is None
+    written = sum(p.stat().st_size for p in store.slots_dir.rglob("*") if p.is_file())
+    assert written == 0, f"{written} bytes were extracted from a refused bundle"
 
 
 def test_unpack_fsyncs_every_file_and_folder_before_the_seal(tmp_path, tars, monkeypatch):
@@ -172,3 +185,79 @@ def test_recover_removes_temporary_files_of_interrupted_atomic_writes(tmp_path):
     assert len([n for n in notes if n.startswith("removed leftover")]) == 3, notes
     assert not list(store.tuf_dir.iterdir())
     assert not list(store.root.glob(".state.json.*")) and not list(store.slots_dir.glob(".*"))
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_space_needed_counts_download_copy_and_unpack_minus_what_is_on_disk(tmp_path, tars):
+    store = SlotStore(tmp_path / "state")
+    store.recover()
+    margin, target = slots_mod.SPACE_MARGIN, "digits/2/bundle.tar"
+    # nothing on disk: the .part grows to 10,000, tuf copies it (10,000), then 30,000 are unpacked
+    # after the .part is gone: peak max(20,000, 10,000 + 30,000)
+    assert store.space_needed(target, 10_000, {"unpacked_bytes": 30_000}) == 40_000 + margin
+    assert store.space_needed(target, 10_000, {}) == 20_000 + margin, "no unpacked_bytes: the length stands in"
+    (store.download_dir / "digits%2F2%2Fbundle.tar.part").write_bytes(b"x" * 4_000)
+    assert store.space_needed(target, 10_000, {"unpacked_bytes": 30_000}) == 36_000 + margin
+    (store.download_dir / "digits%2F2%2Fbundle.tar.tar").write_bytes(b"x" * 10_000)   # the agent's verified copy
+    assert store.space_needed(target, 10_000, {"unpacked_bytes": 30_000}) == 26_000 + margin
+    _install(store, tars["good"], 1)
+    store.unpack(tars["v2"], "b")          # the inactive slot's blocks are freed by the next unpack
+    freed = sum(p.stat().st_blocks * 512 for p in store.slot_path("b").rglob("*") if p.is_file())
+    assert store.space_needed(target, 10_000, {"unpacked_bytes": 30_000}) == max(0, 26_000 - freed) + margin
+
+
+def test_check_space_refuses_more_than_the_free_bytes_and_says_how_much(tmp_path):
+    store = SlotStore(tmp_path / "state")
+    store.recover()
+    store.check_space(1 << 20)
+    with pytest.raises(NoSpace, match=r"need 1125899906842624 bytes, \d+ free") as err:
+        store.check_space(1 << 50)
+    assert err.value.needed == 1 << 50 and 0 <= err.value.free < 1 << 50, (err.value.needed, err.value.free)
+
+
+def test_state_json_is_written_on_a_full_disk_by_giving_up_the_reserve(tmp_path, monkeypatch):
+    store = SlotStore(tmp_path / "state")
+    store.recover()
+    reserve = store.root / slots_mod.RESERVE_FILE
+    assert reserve.stat().st_blocks * 512 >= slots_mod.RESERVE_BYTES, "the reserve must be allocated, not sparse"
+    real, calls = slots_mod.atomic_write_json, []
+
+    def full_once(path, obj):
+        calls.append(reserve.exists())
+        if len(calls) == 1:
+            _enospc()
+        return real(path, obj)
+
+    monkeypatch.setattr(slots_mod, "atomic_write_json", full_once)
+    store.write_state({**store.read_state(), "last_error": "no space"})
+    assert calls == [True, False], "the second write must come after the reserve was deleted"
+    assert store.read_state()["last_error"] == "no space"
+    assert reserve.stat().st_size == slots_mod.RESERVE_BYTES, "the reserve is taken back once there is room"
+    monkeypatch.setattr(slots_mod, "atomic_write_json", _enospc)
+    with pytest.raises(NoSpace, match="state.json could not be written"):
+        store.write_state(store.read_state())
+    with pytest.raises(OSError, match="No space"):      # no reserve left to give: the error stands
+        store.write_state(store.read_state())
+
+
+def test_a_full_disk_while_unpacking_clears_the_slot_and_keeps_the_active_one(tmp_path, tars, monkeypatch):
+    store = SlotStore(tmp_path / "state")
+    store.recover()
+    _install(store, tars["good"], 1)
+    real = slots_mod.shutil.copyfileobj
+
+    def half_then_full(src, out, length=0):
+        out.write(src.read(100))
+        out.flush()
+        _enospc()
+
+    monkeypatch.setattr(slots_mod.shutil, "copyfileobj", half_then_full)
+    with pytest.raises(NoSpace, match="while unpacking into slot b; the slot was cleared") as err:
+        store.unpack(tars["v2"], "b")
+    monkeypatch.setattr(slots_mod.shutil, "copyfileobj", real)
+    assert err.value.needed > 0
+    assert not store.slot_path("b").exists() and store.sealed("b") is None
+    assert store.active().version == 1 and health_check_slot(store.active().path, latency_runs=1)["ok"]

@@ -71,7 +71,10 @@ def test_ngclient_verifies_a_published_bundle_and_each_publish_bumps_every_role(
     updater.refresh()
     info = updater.get_targetinfo("digits/1/bundle.tar")
     assert info is not None
-    assert info.custom == {"model": "digits", "version": 1, "channel": "stable"}
+    custom = dict(info.custom)
+    unpacked = custom.pop("unpacked_bytes")
+    assert custom == {"model": "digits", "version": 1, "channel": "stable"}
+    assert isinstance(unpacked, int) and unpacked > 0, unpacked
     path = updater.download_target(info)
     assert Path(path).read_bytes() == bundle_tar(tmp_path, 1)
 
@@ -84,12 +87,13 @@ def test_restart_keeps_the_root_and_a_foreign_key_folder_is_refused(tmp_path):
     from edgekiln.fleet.server import ServerConfig, create_app
 
     cfg = ServerConfig(db_url=f"sqlite:///{tmp_path / 'srv' / 'fleet.db'}", store_url=str(tmp_path / "blobs"),
-                       keys_dir=str(tmp_path / "other-keys"), admin_token="x" * 32)
+                       keys_dir=str(tmp_path / "other-keys"), admin_token="x-strong-admin-token-0123456789")
     with pytest.raises(EdgekilnError, match="is not the root key"):
         create_app(cfg)
 
 
-def test_metadata_is_re_signed_before_it_expires_and_root_rotates_to_a_new_version(server, tmp_path):
+def test_metadata_is_re_signed_before_it_expires_and_in_dev_mode_root_rotates_to_a_new_version(server, tmp_path):
+    assert (server.folder / "keys" / "root.pem").is_file(), "ServerConfig.local on an empty folder: dev mode"
     dev = server.add_device("cam-1")
     ts1 = json.loads(server.client.get("/tuf/metadata/timestamp.json", headers=dev).content)["signed"]
     server.clock.now += 0.6 * DAY   # past half of the 1-day timestamp validity
@@ -98,7 +102,8 @@ def test_metadata_is_re_signed_before_it_expires_and_root_rotates_to_a_new_versi
 
     updater = _updater(server, dev, tmp_path, (server.folder / "keys" / "root.json").read_bytes())
     updater.refresh()
-    server.clock.now += 200 * DAY   # past half of the root's 365 days: root v2, signed by the same root key
+    server.clock.now += 200 * DAY   # past half of the root's 365 days: root v2, signed by the online root key
+    # (without KEYS/root.pem the server never signs a root: test_keys.py)
     assert server.client.get("/tuf/metadata/timestamp.json", headers=dev).status_code == 200
     assert server.client.get("/tuf/metadata/2.root.json", headers=dev).status_code == 200
     assert json.loads((server.folder / "keys" / "root.json").read_bytes())["signed"]["version"] == 2
@@ -136,3 +141,25 @@ def test_serve_expiry_option_is_parsed_and_checked():
     for bad in ("time=1", "timestamp=soon", "root=0"):
         with pytest.raises(EdgekilnError, match="--expiry"):
             parse_expiry(bad)
+
+
+def test_a_key_folder_from_before_roots_keeps_working(tmp_path):
+    """An older server made root.pem, the role keys and root.json only (no roots/, no director key)."""
+    import shutil
+    import sqlite3
+
+    first = start_server(tmp_path / "srv")
+    keys = first.folder / "keys"
+    root = (keys / "root.json").read_bytes()
+    shutil.rmtree(keys / "roots")
+    for name in ("director.pem", "director-root.json"):
+        (keys / name).unlink()
+    with sqlite3.connect(first.folder / "fleet.db") as db:   # an older database: no director table rows
+        db.execute("DELETE FROM director_metadata")
+    again = start_server(tmp_path / "srv")   # same database: its root v1 stays, the director's is added
+    assert again.client.get("/tuf/metadata/1.root.json", headers=again.admin()).content == root
+    assert (keys / "director-root.json").is_file() and (keys / "root.json").read_bytes() == root
+    shutil.rmtree(keys / "roots")
+    (tmp_path / "srv" / "fleet.db").unlink()
+    fresh = start_server(tmp_path / "srv")   # a new database trusts the folder's root.json
+    assert fresh.client.get("/tuf/metadata/1.root.json", headers=fresh.admin()).content == root
