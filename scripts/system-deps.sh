@@ -10,6 +10,8 @@ command -v qemu-system-arm >/dev/null 2>&1 || need+=(qemu-system-arm)
 command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
 # PostgreSQL server binaries: the fleet server's PostgreSQL tests start a throwaway cluster with them
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+# Eclipse Mosquitto: the MQTT broker the push-notice and telemetry tests start on loopback
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != "0" ] || ! command -v apt-get >/dev/null 2>&1; then
   echo "system-deps: skipping ${need[*]} (needs root and apt-get)"
