@@ -188,3 +188,55 @@ def test_over_tls_a_network_tap_sees_no_token_and_a_fake_server_is_not_trusted(f
         _assert_good_model_active(agent, "mitm", 5)
         for a in (agent, fake):
             a.close()
+
+
+def _fresh_agent(fleet, name, group):
+    fleet.tokens[name] = fleet.device(f"dev-{name.lower()}", group)
+    return Agent(AgentConfig(server=fleet.proxy.url, token=fleet.tokens[name], latency_runs=2,
+                             state_dir=fleet.folder / f"state-{name}", root=fleet.root_file))
+
+
+def test_an_older_validly_signed_image_targets_with_a_newer_snapshot_is_refused(fleet):
+    """Mix and match: every file is validly signed, but the image targets.json is from before the
+    last publish; the snapshot pins the targets version, so the device refuses and installs nothing."""
+    agent = _fresh_agent(fleet, "M", "group-m")
+    headers = {"Authorization": f"Bearer {fleet.tokens['M']}"}
+    old = httpx.get(f"{fleet.url}/tuf/metadata/targets.json", headers=headers).content
+    fleet.publish(bundle_tar(fleet.folder / "bundles", name="other", version=7, seed=7), "other", 7)
+    fleet.rollout("mitm", 5, "group-m")
+    fleet.proxy.rewrite = lambda path, status, h, body: (status, h, old if path == "/tuf/metadata/targets.json"
+                                                         else body)
+    result = agent.run_once()
+    assert result["outcome"] == "failed" and "Expected targets v" in result["error"], result
+    assert agent.store.active() is None
+    fleet.proxy.rewrite = None
+    fleet.rollout("mitm", 5, "group-m")   # the failure report halted the first rollout (threshold 0.2)
+    assert agent.run_once()["outcome"] == "installed"
+    _assert_good_model_active(agent, "mitm", 5)
+    agent.close()
+
+
+def test_a_director_target_the_image_repository_does_not_sign_is_refused(fleet, monkeypatch):
+    """A compromised director key (simulated: the server's director signs a wrong hash for one
+    device): the image repository, signed with other keys, disagrees, and nothing is installed."""
+    agent = _fresh_agent(fleet, "D", "group-d")
+    director = fleet.app.state.fleet.director
+    honest = director.wanted
+
+    def forged(device, group):
+        want = honest(device, group)
+        if device == "dev-d" and want is not None:
+            want = {**want, "sha256": "0" * 64}
+        return want
+
+    monkeypatch.setattr(director, "wanted", forged)
+    fleet.rollout("mitm", 5, "group-d")
+    result = agent.run_once()
+    assert result["outcome"] == "failed", result
+    assert "image and director metadata disagree about the sha256" in result["error"], result
+    assert agent.store.active() is None
+    monkeypatch.setattr(director, "wanted", honest)
+    fleet.rollout("mitm", 5, "group-d")   # the failure report halted the first rollout (threshold 0.2)
+    assert agent.run_once()["outcome"] == "installed"
+    _assert_good_model_active(agent, "mitm", 5)
+    agent.close()
