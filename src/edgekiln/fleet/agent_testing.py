@@ -39,10 +39,11 @@ def free_port() -> int:
 
 class LoopbackServer:
     """Serve an ASGI ``app`` with uvicorn on a free 127.0.0.1 port in a background thread; over
-    https when given a certificate and key (``edgekiln.fleet.tls_testing.make_test_ca``)."""
+    https when given a certificate and key (``edgekiln.fleet.tls_testing.make_test_ca``).
+    WebSockets (the device notice route) use uvicorn's sans-io implementation, as ``serve`` does."""
 
     def __init__(self, app: Any, *, port: int | None = None, ssl_certfile: str | Path | None = None,
-                 ssl_keyfile: str | Path | None = None) -> None:
+                 ssl_keyfile: str | Path | None = None, ws_ping_interval: float | None = None) -> None:
         import uvicorn
 
         if (ssl_certfile is None) != (ssl_keyfile is None):
@@ -51,7 +52,8 @@ class LoopbackServer:
         self.url = f"{'https' if ssl_certfile else 'http'}://127.0.0.1:{self.port}"
         tls = {"ssl_certfile": str(ssl_certfile), "ssl_keyfile": str(ssl_keyfile)} if ssl_certfile else {}
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False,
-                                lifespan="off", **tls)
+                                lifespan="off", ws="websockets-sansio", ws_ping_interval=ws_ping_interval,
+                                ws_ping_timeout=20.0, **tls)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
 
@@ -130,3 +132,48 @@ class FleetHarness:
         config = AgentConfig(server=self.url, token=token, state_dir=Path(state), root=self.root_file,
                              chunk_size=chunk_size, latency_runs=5, ca=None if self.ca is None else Path(self.ca))
         return Agent(config, **{"transport": self.transport, **kw})
+
+
+def push_demo(folder: str | Path, *, timeout_s: float = 30.0) -> dict[str, Any]:
+    """``make demo``'s push step: a loopback server with no broker, one agent daemon on its
+    WebSocket (polling only every hour), a rollout; returns how long the install took to start
+    and finish after the rollout. Raises ``RuntimeError`` when it does not happen in ``timeout_s``."""
+    from edgekiln.fleet import agent_loop
+    from edgekiln.fleet.push import Wakeup
+    from edgekiln.fleet.server import ServerConfig, create_app
+    from edgekiln.fleet.slots import SlotStore
+
+    folder, admin = Path(folder), "demo-admin-token-0123456789abcdef"
+    marks: dict[str, float] = {}
+    with LoopbackServer(create_app(ServerConfig.local(folder / "server", admin_token=admin))) as url:
+        fleet = FleetHarness(url, folder / "server", admin)
+        token = fleet.device("demo-cam", "demo")
+        fleet.publish(bundle_tar(folder / "bundles", name="digits", version=1), "digits", 1)
+        agent = fleet.agent(folder / "device", token,
+                            checkpoint=lambda name: marks.setdefault(name, time.monotonic()))
+        wake, channels = Wakeup(), []   # type: ignore[var-annotated]
+        thread = threading.Thread(target=agent_loop.serve, args=(agent,), daemon=True, kwargs={
+            "interval_s": 3600.0, "push": "websocket", "push_poll_s": 3600.0, "push_jitter_s": 0.0,
+            "telemetry": False, "wake": wake, "on_channel": channels.append})
+        thread.start()
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not (channels and channels[0] is not None and channels[0].connected
+                       and "director-refreshed" in marks):
+                if time.monotonic() > deadline or not thread.is_alive():
+                    raise RuntimeError("push demo: the agent did not connect to the server's WebSocket")
+                time.sleep(0.01)
+            fleet.rollout("digits", 1, "demo")
+            t0 = time.monotonic()
+            while SlotStore(folder / "device").active() is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"push demo: the rollout was not installed within {timeout_s:g} s")
+                time.sleep(0.01)
+            done = time.monotonic()
+        finally:
+            wake.stop()
+            if channels and channels[0] is not None:
+                channels[0].close()
+            thread.join(timeout=10)
+            agent.close()
+    return {"channel": "websocket", "start_s": marks.get("state:pending", done) - t0, "installed_s": done - t0}

@@ -6,6 +6,10 @@ A sparse (PAX ``GNU.sparse.*``) member is refused: a 10 KiB tar can declare 100 
 extraction would write out in full. ``unpacked_size`` is signed into the target's ``custom`` so
 a device can check its free space before downloading.
 
+:func:`write_reproducible` writes a bundle folder as the tar that is published: sorted names, zero
+mtimes and owners, mode 0644, PAX format. The same files always give the same bytes, which is
+what lets a device rebuild the tar of its active slot as the base of a delta update.
+
     >>> import io, tarfile
     >>> buf = io.BytesIO()
     >>> with tarfile.open(fileobj=buf, mode="w") as t:
@@ -19,7 +23,7 @@ a device can check its free space before downloading.
 from __future__ import annotations
 
 import tarfile
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from edgekiln.errors import EdgekilnError
 
@@ -67,3 +71,24 @@ def check_members(tar: tarfile.TarFile, *, max_bytes: int = MAX_UNPACKED_BYTES,
 def unpacked_size(tar: tarfile.TarFile) -> int:
     """Bytes the regular files take once extracted (call after :func:`check_members`)."""
     return sum(m.size for m in tar.getmembers() if m.isfile())
+
+
+def write_reproducible(folder: str | Path, out: str | Path) -> Path:
+    """Write the bundle folder's files as an uncompressed POSIX tar, byte-for-byte reproducible
+    (sorted names, zero mtimes and owners, mode 0644, no folder entries), so the same files always
+    have the same SHA-256; refuses a folder without ``manifest.json`` and symlinks."""
+    root, out = Path(folder), Path(out)
+    if not (root / "manifest.json").is_file():
+        raise EdgekilnError(f"{root}: not a bundle folder (no manifest.json)")
+    # NOTE: Path order (part by part), as edgekiln has always written bundles: devices rebuild
+    # tars published by earlier versions, so the order must never change.
+    files = sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in files:
+            if path.is_symlink():
+                raise EdgekilnError(f"{path}: bundles may not hold symlinks")
+            info = tar.gettarinfo(str(path), arcname=path.relative_to(root).as_posix())
+            info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = 0, 0, 0, "", "", 0o644
+            with open(path, "rb") as fh:
+                tar.addfile(info, fh)
+    return out

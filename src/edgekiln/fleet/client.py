@@ -23,41 +23,36 @@ from edgekiln.errors import EdgekilnError, ServerUnreachable
 from edgekiln.runtime.transport_security import TlsOptions, check_server_url
 
 TIMEOUT_S = 60.0
+#: a publish waits for the server to store, sign and make deltas from the previous versions (bsdiff:
+#: up to 30 s per publish by the server's own budget, seconds of hashing for large bundles)
+PUBLISH_TIMEOUT_S = 300.0
 
 
 def tar_bundle(bundle_dir: str | Path, out: str | Path) -> Path:
     """Write the bundle folder's contents as an uncompressed POSIX tar, byte-for-byte reproducible
-    (sorted names, zero mtimes and owners) so the same bundle always has the same SHA-256."""
-    root, out = Path(bundle_dir), Path(out)
-    if not (root / "manifest.json").is_file():
-        raise EdgekilnError(f"{root}: not a bundle folder (no manifest.json)")
-    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            if path.is_symlink():
-                raise EdgekilnError(f"{path}: bundles may not hold symlinks")
-            info = tar.gettarinfo(str(path), arcname=path.relative_to(root).as_posix())
-            info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = 0, 0, 0, "", "", 0o644
-            with open(path, "rb") as fh:
-                tar.addfile(info, fh)
-    return out
+    (:func:`~edgekiln.fleet.bundle_tar.write_reproducible`: devices rebuild it for deltas)."""
+    from edgekiln.fleet.bundle_tar import write_reproducible
+
+    return write_reproducible(bundle_dir, out)
 
 
-def _client(server: str, token: str, transport: Any = None, tls: TlsOptions | None = None) -> Any:
+def _client(server: str, token: str, transport: Any = None, tls: TlsOptions | None = None,
+            timeout_s: float = TIMEOUT_S) -> Any:
     import httpx
 
     tls = tls or TlsOptions()
     if transport is None:
         check_server_url(server, insecure_http=tls.insecure_http)
     return httpx.Client(base_url=server.rstrip("/"), headers={"Authorization": f"Bearer {token}"},
-                        transport=transport, timeout=TIMEOUT_S, verify=tls.verify())
+                        transport=transport, timeout=timeout_s, verify=tls.verify())
 
 
 def _request(server: str, token: str, method: str, path: str, transport: Any = None, *,
-             tls: TlsOptions | None = None, **kw: Any) -> Any:
+             tls: TlsOptions | None = None, timeout_s: float = TIMEOUT_S, **kw: Any) -> Any:
     import httpx
 
     try:
-        with _client(server, token, transport, tls) as c:
+        with _client(server, token, transport, tls, timeout_s) as c:
             resp = c.request(method, path, **kw)
     except httpx.TransportError as exc:
         if "CERTIFICATE_VERIFY_FAILED" in str(exc):
@@ -100,7 +95,7 @@ def publish(bundle: str | Path, server: str, token: str, channel: str = "stable"
                 version = int(manifest.version)
         with open(tar_path, "rb") as fh:
             return _request(server, token, "POST", f"/v1/models/{model}/versions/{version}", transport, tls=tls,
-                            params={"channel": channel}, content=fh,
+                            timeout_s=PUBLISH_TIMEOUT_S, params={"channel": channel}, content=fh,
                             headers={"Content-Type": "application/octet-stream",
                                      "Content-Length": str(tar_path.stat().st_size)})
 
@@ -166,3 +161,15 @@ def rollout_status(server: str, token: str, rollout_id: int | None = None, *,
     """One rollout with its devices, or (without an id) the list of rollouts."""
     path = "/v1/rollouts" if rollout_id is None else f"/v1/rollouts/{int(rollout_id)}"
     return _request(server, token, "GET", path, transport, tls=tls)
+
+
+def device_telemetry(server: str, token: str, name: str, *, limit: int = 20, transport: Any = None,
+                     tls: TlsOptions | None = None) -> list[dict[str, Any]]:
+    """A device's newest telemetry items (at most ``limit``, newest first)."""
+    return _request(server, token, "GET", f"/v1/devices/{name}/telemetry?limit={int(limit)}", transport, tls=tls)
+
+
+def telemetry_stats(server: str, token: str, *, transport: Any = None,
+                    tls: TlsOptions | None = None) -> dict[str, Any]:
+    """The server process's telemetry counters: ``{"received": n, "dropped": {reason: n}}``."""
+    return _request(server, token, "GET", "/v1/telemetry/stats", transport, tls=tls)

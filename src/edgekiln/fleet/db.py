@@ -49,7 +49,17 @@ CREATE TABLE IF NOT EXISTS rollout_devices (
 CREATE TABLE IF NOT EXISTS director_metadata (
     device TEXT NOT NULL, role TEXT NOT NULL, version INTEGER NOT NULL, data {blob} NOT NULL,
     PRIMARY KEY (device, role, version));
+CREATE TABLE IF NOT EXISTS device_notices (
+    device TEXT PRIMARY KEY, device_id TEXT NOT NULL, rev TEXT NOT NULL, seq BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS device_mqtt (device TEXT PRIMARY KEY, device_id TEXT NOT NULL UNIQUE, pw_line TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS device_telemetry (
+    device TEXT PRIMARY KEY, received DOUBLE PRECISION NOT NULL, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS telemetry_history (
+    id {id}, device TEXT NOT NULL, received DOUBLE PRECISION NOT NULL, data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS rollouts_by_group ON rollouts (group_name, id);
+CREATE INDEX IF NOT EXISTS notices_by_seq ON device_notices (seq);
+CREATE INDEX IF NOT EXISTS telemetry_by_device ON telemetry_history (device, id);
+CREATE INDEX IF NOT EXISTS rollout_devices_by_device ON rollout_devices (device);
 CREATE INDEX IF NOT EXISTS devices_by_group ON devices (group_name);
 """
 

@@ -243,7 +243,7 @@ def _size(path: Path) -> int:
 
 
 class DeviceApi:
-    """The JSON endpoints a device uses: assignment and report. Errors become one-line messages."""
+    """The JSON endpoints a device uses: assignment, report, settings and telemetry. Errors become one-line messages."""
 
     def __init__(self, client: httpx.Client) -> None:
         self.client = client
@@ -273,3 +273,19 @@ class DeviceApi:
 
     def report(self, body: dict[str, Any]) -> None:
         self._call("POST", "/v1/device/report", json=body)
+
+    def settings(self) -> dict[str, Any]:
+        """``GET /v1/device/settings``: ``{"mqtt": url|null, "websocket": path|null, "push_poll_s",
+        "telemetry_every_s"}``; ``{}`` from a server that predates push (404)."""
+        try:
+            data = self._call("GET", "/v1/device/settings")
+        except EdgekilnError as exc:
+            if "(HTTP 404" in str(exc):
+                return {}
+            raise
+        if not isinstance(data, dict):
+            raise EdgekilnError("update server: settings is not a JSON object")
+        return data
+
+    def telemetry(self, batch: list[dict[str, Any]]) -> None:
+        self._call("POST", "/v1/device/telemetry", json={"batch": batch})

@@ -27,7 +27,8 @@ REPORT_STATUSES = ("installed", "failed", "rolled_back", "checking")
 FAILED = ("failed", "rolled_back")
 
 
-REPORT_KEYS = ("status", "model", "version", "error", "latency_ms")
+REPORT_KEYS = ("status", "model", "version", "error", "latency_ms", "transfer")
+TRANSFER_KINDS = ("delta", "full")
 MAX_LATENCY_MS = 1e7
 
 
@@ -46,6 +47,7 @@ def check_report(body: dict[str, Any]) -> tuple[str, str | None, int | None, str
     error = body.get("error")
     if error is not None and not isinstance(error, str):
         raise FleetError("report error must be a string", 422)
+    check_transfer(body.get("transfer"))
     latency = body.get("latency_ms")
     if latency is None:
         return status, model, version, None if error is None else error[:2000], {}
@@ -55,6 +57,19 @@ def check_report(body: dict[str, Any]) -> tuple[str, str | None, int | None, str
         raise FleetError(f"report latency_ms must be {{p50: number, p95: number}}, each in [0, {MAX_LATENCY_MS:g}]",
                          422)
     return status, model, version, None if error is None else error[:2000], {k: float(v) for k, v in latency.items()}
+
+
+def check_transfer(transfer: Any) -> None:
+    """A report's ``transfer``: absent, null, or ``{kind: delta|full, bytes: int >= 0, fallback: str|null}``."""
+    if transfer is None:
+        return
+    if not isinstance(transfer, dict) or set(transfer) != {"kind", "bytes", "fallback"} \
+            or transfer["kind"] not in TRANSFER_KINDS or isinstance(transfer["bytes"], bool) \
+            or not isinstance(transfer["bytes"], int) or not 0 <= transfer["bytes"] < 2**63 \
+            or not (transfer["fallback"] is None or isinstance(transfer["fallback"], str)
+                    and len(transfer["fallback"]) <= 200):
+        raise FleetError("report transfer must be {kind: delta|full, bytes: integer >= 0, "
+                         "fallback: string (at most 200 characters) or null}", 422)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -201,11 +216,21 @@ class Rollouts:
         rows = self.db.query(
             "SELECT r.id, r.model, r.version, r.state, rd.status FROM rollouts r JOIN rollout_devices rd "
             "ON rd.rollout_id = r.id WHERE rd.device = ? AND r.group_name = ? ORDER BY r.id DESC", (device, group))
+        return _pick(rows)
+
+    def assignments(self, tx: Any = None) -> dict[str, dict[str, Any]]:
+        """Every device's :meth:`assignment` (``{}`` when none) in one query, by the same rule."""
+        sql = ("SELECT d.name AS device, r.id, r.model, r.version, r.state, rd.status FROM devices d "
+               "LEFT JOIN rollout_devices rd ON rd.device = d.name "
+               "LEFT JOIN rollouts r ON r.id = rd.rollout_id AND r.group_name = d.group_name "
+               "ORDER BY d.name, r.id DESC")
+        rows = (tx or self.db).query(sql)
+        by_device: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
-            if row["state"] in ("running", "paused", "done") or row["status"] == "installed":
-                return {"model": row["model"], "version": int(row["version"]),
-                        "target_path": target_path(row["model"], int(row["version"])), "rollout_id": int(row["id"])}
-        return {}
+            by_device.setdefault(row["device"], [])
+            if row["id"] is not None:
+                by_device[row["device"]].append(row)
+        return {device: _pick(picked) for device, picked in by_device.items()}
 
     def was_assigned(self, device: str, model: str, version: int) -> bool:
         return bool(self.db.query(
@@ -244,3 +269,13 @@ class Rollouts:
                 tx.execute("UPDATE rollout_devices SET status = ?, error = ?, updated = ? "
                            "WHERE rollout_id = ? AND device = ?", (status, error, now, row["id"], device))
                 self._evaluate(tx, self._row(tx, row["id"]))
+
+
+def _pick(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The assignment among a device's rollouts (newest first): the newest that is running, paused
+    or done, or that the device installed before it was halted or cancelled."""
+    for row in rows:
+        if row["state"] in ("running", "paused", "done") or row["status"] == "installed":
+            return {"model": row["model"], "version": int(row["version"]),
+                    "target_path": target_path(row["model"], int(row["version"])), "rollout_id": int(row["id"])}
+    return {}

@@ -16,7 +16,6 @@ run the real app in-process:
 
 import errno
 import hashlib
-import math
 import os
 import re
 import shutil
@@ -35,18 +34,23 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from edgekiln.errors import EdgekilnError
+from edgekiln.fleet import mqtt_bridge, notices, telemetry
 from edgekiln.fleet.auth import Authenticator, Principal, check_admin_token
 from edgekiln.fleet.bundle_tar import MAX_UNPACKED_BYTES
 from edgekiln.fleet.director import make_director
+from edgekiln.fleet.json_limits import MAX_JSON_DEPTH, json_depth, parse_json_object  # noqa: F401
+from edgekiln.fleet.mqtt_bridge import start_mqtt
+from edgekiln.fleet.notices import NoticeHub
 from edgekiln.fleet.registry import FleetError, Registry, check_name, check_version
 from edgekiln.fleet.rollout import Rollouts, RolloutSpec
+from edgekiln.fleet.telemetry import TelemetryStore, telemetry_view
 from edgekiln.fleet.tuf_repo import TufExpiry, TufRepository
 from edgekiln.runtime.http_limits import BodyLimit
 
 UPLOAD_PATH = re.compile(r"^/v1/models/[^/]+/versions/[^/]+$")
-TARGET_PATH = re.compile(r"^(?P<model>[a-z0-9][a-z0-9._-]{0,63})/(?P<version>[1-9][0-9]{0,9})/bundle\.tar$")
+TARGET_PATH = re.compile(r"^(?P<model>[a-z0-9][a-z0-9._-]{0,63})/(?P<version>[1-9][0-9]{0,9})/"
+                         r"(?:bundle\.tar|delta-from-[1-9][0-9]{0,9}\.bsdiff4)$")
 VERSION_TEXT = re.compile(r"[1-9][0-9]{0,9}")
-MAX_JSON_DEPTH = 32
 SPOOL_ENTRY = re.compile(r"^upload-(?P<pid>[0-9]{1,9})-")
 RANGE = re.compile(r"^bytes=(?P<start>[0-9]{1,15})?-(?P<end>[0-9]{1,15})?$")
 LAST_SEEN_EVERY_S = 5.0
@@ -68,6 +72,14 @@ class ServerConfig:
     max_unpacked_bytes: int = MAX_UNPACKED_BYTES  # a bundle whose files unpack to more is refused (422)
     spool_dir: str = ""                          # uploads in flight, one upload-<pid>-<random>/ folder each
                                                  # ("": a spool/ folder beside keys_dir)
+    mqtt_url: str | None = None                  # mqtt[s]://host:port of the broker the server publishes to
+    mqtt_advertise: str | None = None            # the broker URL devices are told (default: mqtt_url)
+    mqtt_ca: str | None = None                   # CA of the broker's TLS certificate (default: the system's)
+    mqtt_password: str | None = field(default=None, repr=False)  # the edgekiln-server user's password
+    mqtt_broker_dir: str | None = None           # rewrite passwd/acl here and SIGHUP the broker on device changes
+    push_poll_s: float = 900.0                   # devices' safety poll while a push channel is up
+    telemetry_every_s: float = 300.0             # devices' telemetry period
+    notice_sweep_s: float = 2.0                  # notices changed by other server processes show within this
 
     @property
     def spool(self) -> Path:
@@ -105,9 +117,18 @@ class FleetServer:
         self.registry.collect_garbage()
         clean_spool(config.spool)
         self.auth = Authenticator(self.registry, config.admin_token)
+        self.hub = NoticeHub(self.db, self.rollouts, self.clock, sweep_s=config.notice_sweep_s)
+        self.telemetry = TelemetryStore(self.db, self.clock)
+        self.mqtt = start_mqtt(self)
         self._seen: dict[str, float] = {}
         self._info: dict[str, tuple[float, dict[str, Any]]] = {}
         self._seen_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Stop the MQTT bridge and the notice worker (tests; a served process just exits)."""
+        if self.mqtt is not None:
+            self.mqtt.stop()
+        self.hub.stop()
 
     def touch_due(self, device: str) -> bool:
         """Whether ``last_seen`` should be written now: at most every few seconds per device, so a
@@ -189,8 +210,8 @@ def create_app(config: ServerConfig, *, clock: Callable[[], float] | None = None
     RolloutId = Annotated[int, PathParam(ge=1, le=2**31 - 1)]
 
     @app.get("/healthz")
-    def healthz() -> dict[str, Any]:  # the only unauthenticated endpoint: says nothing but "up"
-        return {"ok": True}
+    def healthz() -> dict[str, Any]:  # the only unauthenticated endpoint: says nothing but "up" (and MQTT's state)
+        return {"ok": True, "mqtt": None if fleet.mqtt is None else fleet.mqtt.status}
 
     # -- admin ---------------------------------------------------------------------------------
     @app.post("/v1/devices", status_code=201)
@@ -198,6 +219,7 @@ def create_app(config: ServerConfig, *, clock: Callable[[], float] | None = None
         name, group = body.get("name"), body.get("group")
         token = fleet.registry.add_device(name, group)  # type: ignore[arg-type]
         fleet.rollouts.device_joined(group)  # type: ignore[arg-type]
+        mqtt_bridge.device_added(fleet, name, token)  # type: ignore[arg-type]
         return {"name": name, "group": group, "token": token}
 
     @app.delete("/v1/devices/{name}")
@@ -206,16 +228,19 @@ def create_app(config: ServerConfig, *, clock: Callable[[], float] | None = None
         fleet.auth.forget(name)
         fleet.director.forget(name)
         fleet._info.pop(name, None)
+        mqtt_bridge.device_removed(fleet, name)
         return {}
 
     @app.get("/v1/devices")
     def list_devices(_: Admin) -> list[dict[str, Any]]:
-        return fleet.registry.devices()
+        latest, now = fleet.telemetry.latest(), fleet.clock()
+        return [{**d, "telemetry": telemetry_view(latest.get(d["name"]), now)} for d in fleet.registry.devices()]
 
     @app.post("/v1/groups", status_code=201)
     def set_group(body: Body, _: Admin) -> dict[str, Any]:
         out = fleet.registry.set_group(body.get("name"), body.get("channel", "stable"))  # type: ignore[arg-type]
         fleet._info.clear()
+        fleet.hub.poke()
         return out
 
     @app.get("/v1/groups")
@@ -261,7 +286,9 @@ def create_app(config: ServerConfig, *, clock: Callable[[], float] | None = None
         spec = RolloutSpec(model=body.get("model"), version=body.get("version"), group=body.get("group"),  # type: ignore[arg-type]
                            waves=tuple(waves), success_threshold=body.get("success_threshold", 1.0),
                            failure_threshold=body.get("failure_threshold", 0.2))
-        return fleet.rollouts.start(spec)
+        out = fleet.rollouts.start(spec)
+        fleet.hub.poke()
+        return out
 
     @app.get("/v1/rollouts")
     def list_rollouts(_: Admin) -> list[dict[str, Any]]:
@@ -273,11 +300,15 @@ def create_app(config: ServerConfig, *, clock: Callable[[], float] | None = None
 
     @app.post("/v1/rollouts/{rid}/pause")
     def pause(rid: RolloutId, _: Admin) -> dict[str, Any]:
-        return fleet.rollouts.set_paused(rid, True)
+        out = fleet.rollouts.set_paused(rid, True)
+        fleet.hub.poke()
+        return out
 
     @app.post("/v1/rollouts/{rid}/resume")
     def resume(rid: RolloutId, _: Admin) -> dict[str, Any]:
-        return fleet.rollouts.set_paused(rid, False)
+        out = fleet.rollouts.set_paused(rid, False)
+        fleet.hub.poke()
+        return out
 
     # -- device --------------------------------------------------------------------------------
     @app.get("/v1/device/assignment")
@@ -291,9 +322,13 @@ def create_app(config: ServerConfig, *, clock: Callable[[], float] | None = None
     def report(body: Body, name: Device) -> dict[str, Any]:
         info = fleet.device_info(name)
         fleet.rollouts.report(name, info["group_name"], body)
+        fleet.hub.poke()   # a report can start the next wave or halt the rollout
         with fleet._seen_lock:
             fleet._seen[name] = fleet.clock()
         return {}
+
+    notices.add_routes(app, fleet, device=device)
+    telemetry.add_routes(app, fleet, admin=admin, device=device)
 
     # -- TUF -----------------------------------------------------------------------------------
     @app.get("/tuf/metadata/{filename}")
@@ -356,65 +391,6 @@ def parse_version(text: str) -> int:
         raise FleetError(f"version '{text[:20]}' must be an integer >= 1 written in ASCII digits, "
                          "without leading zeros", 422)
     return check_version(int(text))
-
-
-def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """A request body as a JSON object, or a one-line 400/422: nesting deeper than
-    ``MAX_JSON_DEPTH`` (the stdlib parser recurses), integers over 20 digits, NaN and infinities
-    are refused before or while parsing."""
-    import json
-
-    if json_depth(raw) > MAX_JSON_DEPTH:
-        raise FleetError(f"request body nests deeper than {MAX_JSON_DEPTH} levels", 400)
-
-    def bounded_int(text: str) -> int:
-        if len(text.lstrip("-")) > 20:
-            raise ValueError(f"integer with {len(text)} digits")
-        return int(text)
-
-    def finite_float(text: str) -> float:
-        value = float(text)
-        if not math.isfinite(value):
-            raise ValueError(f"number {text[:30]} is out of range")
-        return value
-
-    def no_constant(text: str) -> Any:
-        raise ValueError(f"{text} is not JSON")
-
-    try:
-        body = json.loads(raw or b"{}", parse_int=bounded_int, parse_float=finite_float, parse_constant=no_constant)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise FleetError("request body is not valid JSON", 400) from None
-    except (ValueError, RecursionError) as exc:
-        raise FleetError(f"request body refused: {str(exc)[:100]}", 400) from None
-    if not isinstance(body, dict):
-        raise FleetError("request body must be a JSON object", 422)
-    return body
-
-
-def json_depth(raw: bytes) -> int:
-    """The deepest ``[``/``{`` nesting outside strings, in one linear pass (64 KiB of
-    brackets takes about 7 ms; bodies with few brackets skip it)."""
-    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
-        return 0
-    depth = deepest = 0
-    in_string = escaped = False
-    for byte in raw:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:    # backslash
-                escaped = True
-            elif byte == 0x22:    # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):  # [ {
-            depth += 1
-            deepest = max(deepest, depth)
-        elif byte in (0x5D, 0x7D):  # ] }
-            depth -= 1
-    return deepest
 
 
 _UPLOADS_HERE: set[str] = set()   # this process's upload folders in flight

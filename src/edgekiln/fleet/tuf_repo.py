@@ -223,11 +223,20 @@ class TufRepository:
                    fault: Callable[[str], None] | None = None) -> int:
         """Inside the caller's transaction: a new targets version listing ``path``, then snapshot and
         timestamp; returns the new targets version."""
+        return self.add_targets(tx, [(path, length, sha256, custom)], fault)
+
+    def add_targets(self, tx: Any, entries: list[tuple[str, int, str, dict[str, Any]]],
+                    fault: Callable[[str], None] | None = None) -> int:
+        """Inside the caller's transaction: one new targets version listing every ``(path, length,
+        sha256, custom)`` of ``entries`` (a bundle and its deltas, in one signing pass), then snapshot
+        and timestamp; returns the new targets version."""
         from tuf.api.metadata import TargetFile
 
         fault = fault or (lambda step: None)
         targets = self._latest(tx, "targets")
-        targets.signed.targets[path] = TargetFile(length, {"sha256": sha256}, path, unrecognized_fields={"custom": custom})
+        for path, length, sha256, custom in entries:
+            targets.signed.targets[path] = TargetFile(length, {"sha256": sha256}, path,
+                                                      unrecognized_fields={"custom": custom})
         targets.signed.version += 1
         targets.signed.expires = self._expires("targets")
         self._store(tx, targets, "targets")

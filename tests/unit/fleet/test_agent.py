@@ -274,3 +274,46 @@ def test_a_device_enrolled_before_the_director_is_told_how_to_enrol(fleet, tmp_p
     given = Agent(AgentConfig(server=fleet.url, token=token, state_dir=agent.store.root,
                               director_root=fleet.director_root_file), transport=fleet.transport)
     assert given.run_once()["outcome"] == "up-to-date"
+
+
+def test_the_install_report_says_how_the_bundle_came(fleet, tmp_path):
+    token = fleet.device("m-transfer", "g-m-transfer")
+    fleet.publish(fleet.tars[1], "m-transfer", 1)
+    fleet.rollout("m-transfer", 1, "g-m-transfer")
+    counting = CountReports(fleet.transport)
+    agent = fleet.agent(tmp_path / "state", token, transport=counting)
+    assert agent.run_once()["outcome"] == "installed"
+    installed = [r for r in counting.reports if r["status"] == "installed"]
+    size = fleet.tars[1].stat().st_size
+    assert installed[0]["transfer"] == {"kind": "full", "bytes": size, "fallback": None}, installed
+    assert fleet.devices()["m-transfer"]["active_version"] == 1   # the server took the report
+
+
+def test_settings_and_telemetry_over_http(fleet, tmp_path):
+    token, agent = _device_with_v1(fleet, tmp_path, "m-tele")
+    settings = agent.api.settings()
+    assert settings["websocket"] == "/v1/device/notices" and settings["mqtt"] is None, settings
+    assert settings["push_poll_s"] > 0 and settings["telemetry_every_s"] > 0, settings
+    from edgekiln.fleet.device_telemetry import collect
+
+    item = collect(agent)
+    assert (item["model"], item["ver"], item["health"]) == ("m-tele", 1, "ok"), item
+    assert item["p95"] is not None and item["disk_free"] > 0, item   # from the install's health check
+    agent.api.telemetry([item])
+    seen = fleet.devices()["m-tele"]["telemetry"]
+    assert (seen["ver"], seen["health"], seen["p95"]) == (1, "ok", item["p95"]), seen
+    with pytest.raises(EdgekilnError, match="HTTP 422"):
+        agent.api.telemetry([{**item, "colour": "red"}])
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--push", "carrier-pigeon"], "--push must be one of auto, mqtt, websocket, off"),
+    (["--mqtt", "mqtt://10.0.0.2:1883"], "refusing plain mqtt:// to 10.0.0.2"),
+    (["--push-poll-interval", "0"], "--push-poll-interval must be > 0"),
+])
+def test_cli_push_options_are_checked_in_one_line(tmp_path, capsys, enrolled_root, args, message):
+    with pytest.raises(SystemExit) as done:
+        main(["agent", "--server", "https://fleet.example:8443", "--token", "t", "--state", str(tmp_path / "s"),
+              "--root", str(enrolled_root), *args])
+    err = capsys.readouterr().err.strip()
+    assert done.value.code == 2 and len(err.splitlines()) == 1 and message in err, err

@@ -44,7 +44,7 @@ def test_publish_records_hash_and_length_and_versions_are_immutable(server, tmp_
     import hashlib
 
     assert r.json() == {"model": "digits", "version": 1, "channel": "stable", "target_path": "digits/1/bundle.tar",
-                        "sha256": hashlib.sha256(data).hexdigest(), "length": len(data)}
+                        "sha256": hashlib.sha256(data).hexdigest(), "length": len(data), "deltas": []}
     again = server.publish(bundle_tar(tmp_path, 1, seed=5))
     assert again.status_code == 409 and "immutable" in again.json()["detail"]
     listed = server.client.get("/v1/models", headers=server.admin()).json()
@@ -285,3 +285,36 @@ def test_a_full_bundle_store_is_507(tmp_path):
                headers={"Authorization": f"Bearer {ADMIN}"})
     assert r.status_code == 507 and "bundle store is full (ENOSPC)" in r.json()["detail"], (r.status_code, r.text)
     assert c.get("/v1/models", headers={"Authorization": f"Bearer {ADMIN}"}).json() == []
+
+
+def test_delta_blobs_are_not_collected_as_orphans(tmp_path):
+    from edgekiln.fleet.bundle_tar import write_reproducible
+    from edgekiln.fleet.sample import sample_mlp_bundle
+
+    server = start_server(tmp_path / "srv")
+    for v, change in ((1, 0.0), (2, 0.1)):
+        tar = write_reproducible(sample_mlp_bundle(tmp_path / f"v{v}", version=v, change=change), tmp_path / f"v{v}.tar")
+        r = server.publish(tar.read_bytes(), model="mlp", version=v)
+        assert r.status_code == 201, r.text
+    assert len(r.json()["deltas"]) == 1, r.json()
+    fleet = server.app.state.fleet
+    assert fleet.registry.collect_garbage(min_age_s=0.0) == []
+    path = "mlp/2/delta-from-1.bsdiff4"
+    got = server.client.get(f"/tuf/targets/{path}", headers=server.admin())
+    assert got.status_code == 200 and len(got.content) == r.json()["deltas"][0]["length"], got.status_code
+
+
+def test_deltas_are_made_from_the_previous_version_and_the_versions_most_devices_run(tmp_path):
+    server = start_server(tmp_path / "srv")
+    fleet = server.app.state.fleet
+    for v in (1, 2, 3, 5):
+        fleet.db.execute("INSERT INTO versions (model, version, channel, target_path, sha256, length, blob_key, "
+                         "manifest_name, published) VALUES ('m', ?, 'stable', ?, 'x', 1, 'k', 'm', 0)",
+                         (v, f"m/{v}/bundle.tar"))
+    running = {"a": 1, "b": 1, "c": 2, "d": 1, "e": 3, "f": 2}
+    for name, v in running.items():
+        server.add_device(name)
+        fleet.db.execute("UPDATE devices SET model = 'm', active_version = ? WHERE name = ?", (v, name))
+    assert fleet.registry.delta_bases("m", 4) == [3, 1, 2]    # previous, then by devices running it
+    assert fleet.registry.delta_bases("m", 2) == [1]          # never from a version above the new one
+    assert fleet.registry.delta_bases("other", 1) == []

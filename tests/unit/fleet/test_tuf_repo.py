@@ -163,3 +163,32 @@ def test_a_key_folder_from_before_roots_keeps_working(tmp_path):
     (tmp_path / "srv" / "fleet.db").unlink()
     fresh = start_server(tmp_path / "srv")   # a new database trusts the folder's root.json
     assert fresh.client.get("/tuf/metadata/1.root.json", headers=fresh.admin()).content == root
+
+
+def test_a_delta_is_signed_with_its_bundle_in_one_pass_and_verifies(server, tmp_path):
+    import bsdiff4
+
+    from edgekiln.fleet import delta
+    from edgekiln.fleet.bundle_tar import write_reproducible
+    from edgekiln.fleet.sample import sample_mlp_bundle
+
+    tars = [write_reproducible(sample_mlp_bundle(tmp_path / f"v{v}", version=v, change=c), tmp_path / f"v{v}.tar")
+            for v, c in ((1, 0.0), (2, 0.1))]
+    dev = server.add_device("cam-d")
+    assert server.publish(tars[0].read_bytes(), model="mlp").status_code == 201
+    version = lambda: json.loads(server.client.get("/tuf/metadata/targets.json", headers=dev).content)["signed"]["version"]  # noqa: E731
+    before = version()
+    r = server.publish(tars[1].read_bytes(), model="mlp", version=2)
+    assert r.status_code == 201, r.text
+    assert [(d["base_version"], d["ratio"] <= 0.3) for d in r.json()["deltas"]] == [(1, True)], r.json()
+    assert version() == before + 1, "the bundle and its delta must be signed in one targets version"
+
+    updater = _updater(server, dev, tmp_path, (server.folder / "keys" / "root.json").read_bytes())
+    updater.refresh()
+    full = updater.get_targetinfo("mlp/2/bundle.tar")
+    info = updater.get_targetinfo(delta.delta_path("mlp", 2, 1))
+    assert info is not None and full is not None
+    base_sha = updater.get_targetinfo("mlp/1/bundle.tar").hashes["sha256"]
+    assert info.custom == delta.delta_custom("mlp", 2, 1, base_sha, full.hashes["sha256"], full.length)
+    patch = Path(updater.download_target(info)).read_bytes()
+    assert bsdiff4.patch(tars[0].read_bytes(), patch) == tars[1].read_bytes()
