@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 ORPHAN_AGE_S = 86400.0
 MAX_DELTA_BASES = 3   # the previous version and the two versions most devices run
-DELTA_BUDGET_S = 30.0  # no further base is diffed once a publish spent this long diffing (client timeout: 60 s)
+DELTA_BUDGET_S = 30.0  # no further base is diffed once a publish spent this long diffing (the publish client waits up to 300 s: client.PUBLISH_TIMEOUT_S)
 # NOTE: kept here until db.SCHEMA takes it (one CREATE ... IF NOT EXISTS at start, both engines)
 DELTAS_TABLE = ("CREATE TABLE IF NOT EXISTS deltas (model TEXT NOT NULL, version INTEGER NOT NULL, "
                 "base_version INTEGER NOT NULL, target_path TEXT NOT NULL UNIQUE, sha256 TEXT NOT NULL, "
