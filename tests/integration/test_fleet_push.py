@@ -221,6 +221,10 @@ def test_acl_device_cannot_read_or_write_other_topics(fleet, broker, tls):
     info = a.publish(telemetry_topic(ub), b'{"batch":[{"t":1}]}', qos=1)
     _pump(a, 3, lambda: info.mid in seen_a["puback"])
     assert seen_a["puback"][info.mid].value == 0x87, f"A's publish to B's telemetry: {seen_a['puback'][info.mid]}"
+    for topic in (notice_topic(ub), notice_topic(ua)):   # notices come from the server only, even one's own
+        info = a.publish(topic, b'{"v":1,"rev":"0000000000000000","seq":1}', qos=1, retain=True)
+        _pump(a, 3, lambda info=info: info.mid in seen_a["puback"])
+        assert seen_a["puback"][info.mid].value == 0x87, f"A's publish to {topic}: {seen_a['puback'][info.mid]}"
     a.disconnect()
     b.disconnect()
     bad, seen_bad = _mqtt_client(broker, ca, ua, "not-the-password")
