@@ -100,7 +100,9 @@ class CountingRelay:
                 with suppress(ConnectionError, OSError, RuntimeError):
                     dst.close()
 
-        await asyncio.gather(pump(reader, up_w, True), pump(up_r, writer, False))
+        # NOTE: stop() ends the loop with connections open; a cancelled handler would be logged as an error
+        with suppress(asyncio.CancelledError):
+            await asyncio.gather(pump(reader, up_w, True), pump(up_r, writer, False))
 
 
 @dataclass
@@ -247,6 +249,7 @@ class PushFleet:
         self.channels: list[Any] = []
         self.errors = 0
         self.notices = 0
+        self.fallback_cycles = 0
 
     def start(self) -> PushFleet:
         from edgekiln.fleet.mosquitto import mqtt_credentials
@@ -288,6 +291,24 @@ class PushFleet:
             await a.cycle()
         except Exception:  # noqa: BLE001 - counted, as a real agent logs it and carries on
             self.errors += 1
+
+    async def fallback_poll(self, *, interval_s: float, until: Callable[[], bool], seed: int = 0) -> None:
+        """While ``until()`` is false: every agent whose channel is down runs a cycle every
+        ``interval_s`` (+-10%), as the daemon loop polls when push is unavailable."""
+        rng = random.Random(seed)
+
+        async def run(a: SimAgent, ch: Any) -> None:
+            await asyncio.sleep(rng.random() * interval_s)
+            while not until():
+                if not ch.connected and not a.busy:
+                    self.fallback_cycles += 1
+                    try:
+                        await a.cycle()
+                    except Exception:  # noqa: BLE001 - counted, as a real agent logs it and carries on
+                        self.errors += 1
+                await asyncio.sleep(interval_s * rng.uniform(0.9, 1.1))
+
+        await asyncio.gather(*(run(a, ch) for a, ch in zip(self.agents, self.channels, strict=True)))
 
     def close(self) -> None:
         for ch in self.channels:
