@@ -131,12 +131,49 @@ def fits(model: PathLike, target: str, *, precision: str | None = None, max_late
                           measured_instructions=_measured_instructions(model, profile) if c_fp else None,
                           measured_latency_ms=measured, max_latency_ms=max_latency_ms,
                           max_ram_bytes=nbytes(max_ram), max_flash_bytes=nbytes(max_flash))
+    if c_fp is None:
+        from edgekiln.targets.place_io import fit_with_placement
+
+        report = fit_with_placement(report, profile, art.path, art.input_shapes, prec)
     report = replace(report, ram_source="C backend memory plan (arena incl. I/O)" if c_fp else
                      f"analysis (peak activations + I/O; {info.activation_precision})",
                      flash_source="C backend (arrays + params + code estimate)" if c_fp else "analysis (weights only)")
     if out is not None:
         RunFolder(out).write(command="fits", model=art, measurements=report.to_dict(), markdown=report.render_markdown())
     return report
+
+
+def place(model: PathLike, target: str, *, objective: str = "latency", precision: str | None = None,
+          input_shapes: Shapes = None, out: PathLike | None = None, measure: bool = True) -> Any:
+    """Place each contiguous segment of MODEL on the compute unit of ``target`` that runs it best
+    (``edgekiln place``); a :class:`~edgekiln.targets.placement.Placement`. With ``out``: the
+    segment files, placement.json and report.json/md (see docs/report-schema.md). On ``host``
+    the runtimes are measured end to end (``measure``); elsewhere the times are estimates.
+
+    >>> import tempfile
+    >>> from edgekiln.testing.tiny import tiny_conv_onnx
+    >>> p = place(tiny_conv_onnx(tempfile.mkdtemp() + "/m.onnx"), "coral-edgetpu")   # a float model
+    >>> [s.unit for s in p.segments], [f.reason for f in p.fallback]
+    (['cpu'], ["runs none of the model's 3 nodes (first: Conv is fp32 (tpu runs int8 only))"])
+    """
+    from edgekiln.models.run_folder import RunFolder
+    from edgekiln.targets.place_io import place_model, render_markdown
+    from edgekiln.targets.profiles import load_profile
+
+    profile = load_profile(target)
+    art = load(model, input_shapes=input_shapes, work_dir=RunFolder(out).work_dir / "model" if out else None)
+    placement, report = place_model(art, profile, objective=objective, precision=precision, out=out,
+                                    measure=measure, to_tflite=_tflite_block)
+    if out is not None:
+        RunFolder(out).write(command="place", model=art, measurements=report, markdown=render_markdown(report))
+    return placement
+
+
+def _tflite_block(qdq_path: Path, work: Path, feed: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> Any:
+    """A block of an int8 QDQ model as ``.tflite`` (codegen sits above targets, so it is passed in)."""
+    from edgekiln.codegen.tflite.candidate import litert_candidate
+
+    return litert_candidate(qdq_path, work, feed, shapes)
 
 
 def bench(model: PathLike | ModelArtifact, *, runtimes: Sequence[str] = ("onnxruntime",), input_shapes: Shapes = None,

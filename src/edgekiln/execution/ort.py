@@ -43,9 +43,11 @@ _LEVELS = {True: "ORT_ENABLE_ALL", False: "ORT_DISABLE_ALL", "all": "ORT_ENABLE_
 
 def ort_session(model: ModelLike, *, threads: int = 1, optimize: bool | str = True, log_level: int = 3,
                 profile_prefix: str | None = None, save_optimized: str | Path | None = None,
-                config: Mapping[str, str] | None = None) -> Any:
-    """An ``onnxruntime.InferenceSession`` on the CPU with ``threads`` intra-op threads, one
-    inter-op thread and sequential execution.
+                config: Mapping[str, str] | None = None,
+                providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
+    """An ``onnxruntime.InferenceSession`` with ``threads`` intra-op threads, one inter-op thread
+    and sequential execution, on the CPU unless ``providers`` names others (in order of
+    preference, as :func:`edgekiln.execution.runtimes.device_providers` gives them).
 
     ``optimize`` is True (all graph optimizations, onnxruntime's default), False (none: every
     tensor keeps its name) or one of ``"basic"``, ``"extended"``, ``"all"``. ``profile_prefix``
@@ -78,13 +80,13 @@ def ort_session(model: ModelLike, *, threads: int = 1, optimize: bool | str = Tr
         model = lower_for_ort(model, copy=True).SerializeToString()
     source = str(model) if isinstance(model, Path) else model
     try:
-        return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, so, providers=list(providers))
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind types
         if not (_IR_ERROR.search(str(exc)) or _OPSET_ERROR.search(str(exc))):
             raise
         name = source if isinstance(source, str) else "model"
         proto = lower_for_ort(_load(source), copy=False, name=name)
-        return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(proto.SerializeToString(), so, providers=list(providers))
 
 
 @functools.cache

@@ -4,6 +4,12 @@ Each run folder contributes one variant: its model (:meth:`edgekiln.models.run_f
 the metric and measured latency its report gives, and its provenance. The
 bundle also carries a few sample inputs and the default variant's outputs on them, which the
 update agent's health check compares against after installing.
+
+A run folder of ``edgekiln place`` (it holds ``placement.json``) also brings its segment files:
+they are copied to ``placement/VARIANT/`` and the manifest's top-level ``placements`` names
+them, so the runtime runs that variant as its chain. The variant's whole file is kept (older
+runtimes run it), and the samples' expected outputs come from it, so the health check compares
+the chain against the whole model.
 """
 
 from __future__ import annotations
@@ -12,13 +18,15 @@ import datetime as _dt
 import json
 import shutil
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
 from edgekiln.errors import EdgekilnError
 from edgekiln.runtime.manifest import MANIFEST_NAME, Manifest, TensorSpec, Variant, load_manifest, sha256_of
+
+PLACEMENT_FILE = "placement.json"   # what `edgekiln place --out RUN` writes (targets/place_io.FILE)
 
 
 def build_bundle(run_dirs: list[str | Path], out: str | Path, *, name: str = "model", version: str = "1",
@@ -34,16 +42,19 @@ def build_bundle(run_dirs: list[str | Path], out: str | Path, *, name: str = "mo
     try:
         variants, sample_src = [], None
         used: set[str] = set()
+        placements: dict[str, str] = {}
         for run in run_dirs:
             variant, data = _variant_from_run(Path(run), staging, used)
             variants.append(variant)
             sample_src = sample_src or data
+            if (Path(run) / PLACEMENT_FILE).is_file():
+                placements[variant.name] = _copy_placement(Path(run), staging, variant)
         default = default or variants[0].name
         inputs, outputs, sample_in, sample_out = _io_and_samples(staging, variants, default, sample_src, samples)
         manifest = Manifest(name=name, version=str(version),
                             created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                             inputs=inputs, outputs=outputs, variants=tuple(variants), default_variant=default,
-                            sample_inputs=sample_in, sample_outputs=sample_out)
+                            sample_inputs=sample_in, sample_outputs=sample_out, placements=placements)
         Manifest.from_dict(manifest.to_dict())  # the same validation a device applies
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
         load_manifest(staging)
@@ -76,6 +87,34 @@ def _variant_from_run(run: Path, staging: Path, used: set[str]) -> tuple[Variant
                       metric_name=report.get("metric_name") or ("accuracy" if "accuracy" in report else None),
                       latency_ms=latency, macs=_macs(report), provenance=provenance)
     return variant, art.data.get("eval")
+
+
+def _copy_placement(run: Path, staging: Path, variant: Variant) -> str:
+    """Copy ``run/placement.json`` and its segment files to ``placement/VARIANT/``; return the
+    json's bundle path. Refuses a placement of another model, or segment files that changed."""
+    from edgekiln.runtime.manifest import safe_member
+
+    src = run / PLACEMENT_FILE
+    try:
+        data = json.loads(src.read_text())
+        segments = [(str(s["file"]), str(s["sha256"])) for s in data["segments"]]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise EdgekilnError(f"{src}: not a placement ({type(exc).__name__}: {exc})") from None
+    model_sha = data.get("model_sha256")
+    if model_sha and model_sha != variant.sha256:
+        raise EdgekilnError(f"{src}: placed a model with SHA-256 {str(model_sha)[:12]}..., but the run folder's "
+                            f"model is {variant.sha256[:12]}...")
+    dest = PurePosixPath("placement") / variant.name
+    for rel, digest in segments:
+        file = safe_member(run, rel)
+        if not file.is_file() or sha256_of(file) != digest:
+            raise EdgekilnError(f"{src}: segment file {rel} is missing or does not match its SHA-256")
+        target = safe_member(staging, str(dest / rel))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(file, target)
+    (staging / Path(*dest.parts)).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, staging / Path(*dest.parts) / PLACEMENT_FILE)
+    return str(dest / PLACEMENT_FILE)
 
 
 def _macs(report: dict[str, Any]) -> int | None:
@@ -128,14 +167,14 @@ def health_check(bundle: str | Path, *, variant: str | None = None) -> dict[str,
 
     rt = Runtime(bundle, warmup=0)
     m = rt.manifest
-    name = variant or m.default_variant
+    name = variant or m.default_variant   # NOTE: a placed variant is checked as its chain
     if not m.sample_inputs or not m.sample_outputs:
         rt.session(name)
         return {"ok": True, "variant": name, "checked": 0, "max_abs_error": None}
     with np.load(Path(bundle) / m.sample_inputs) as si, np.load(Path(bundle) / m.sample_outputs) as so:
         feeds = {k: si[k] for k in si.files}
         expected = so[so.files[0]]
-    got = rt.session(name).run(None, feeds)[0]
+    got = rt.session(name).run(feeds)[0]
     if got.shape != expected.shape:
         return {"ok": False, "variant": name, "checked": len(expected),
                 "error": f"output shape {list(got.shape)} != expected {list(expected.shape)}"}

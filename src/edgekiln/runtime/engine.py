@@ -1,6 +1,12 @@
 """`Runtime(bundle).infer(x)`: on-device inference from a bundle, numpy + onnxruntime only.
 
->>> rt = Runtime("bundle/")                                        # doctest: +SKIP
+Each variant is opened through the execution layer's ``Session`` protocol: its whole file in
+onnxruntime on ``device`` (``cpu``, ``auto`` or a provider, see
+:func:`~edgekiln.execution.runtimes.device_providers`), or, when the manifest's top-level
+``placements`` names the variant, the chain of segment files its ``placement.json`` describes
+(:func:`~edgekiln.execution.chain.load_chain`).
+
+>>> rt = Runtime("bundle/", device="auto")                         # doctest: +SKIP
 >>> y = rt.infer(x)                                                # doctest: +SKIP
 >>> rt.stats()["variants"]["int8"]["p95_ms"]                       # doctest: +SKIP
 """
@@ -9,15 +15,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgekiln.errors import EdgekilnError
-from edgekiln.execution.specs import numpy_dtype
 from edgekiln.runtime.manifest import Manifest, load_manifest, safe_member
 from edgekiln.runtime.monitor import Monitor
 from edgekiln.runtime.policies import DeviceState, FixedPolicy, Policy, order_by_accuracy
+
+if TYPE_CHECKING:
+    from edgekiln.execution.runtimes import Session
 
 
 class Runtime:
@@ -25,13 +33,21 @@ class Runtime:
 
     ``threads`` sets onnxruntime's intra-op threads (inter-op is 1). ``warmup`` runs each variant
     that many times on zeros when it is first loaded, so the first request is not an outlier.
+    ``device`` picks onnxruntime's execution providers (``providers``, best first); ``"cpu"``,
+    the default, is the CPU only. With ``placements`` (default) a variant the manifest places
+    runs as its chain of segments; ``placement(variant)`` names the file, or None.
     """
 
     def __init__(self, bundle: str | Path, *, threads: int = 1, warmup: int = 3, policy: Policy | None = None,
-                 window: int = 100) -> None:
+                 window: int = 100, device: str = "cpu", placements: bool = True) -> None:
+        from edgekiln.execution.runtimes import device_providers
+
         self.root = Path(bundle)
         self.manifest: Manifest = load_manifest(self.root)
         self.threads, self.warmup = threads, warmup
+        self.device = device
+        self.providers = device_providers(device)
+        self.use_placements = placements
         metrics = {v.name: v.metric for v in self.manifest.variants}
         lat = {v.name: _first(v.latency_ms) for v in self.manifest.variants}
         self.order = order_by_accuracy(metrics, lat)
@@ -40,22 +56,34 @@ class Runtime:
         self.monitor = Monitor(window=window)
         self.current = self.manifest.default_variant
         self.requests = 0
-        self._sessions: dict[str, Any] = {}
+        self._sessions: dict[str, Session] = {}
         self.slowdown_ms = 0.0   # NOTE: test hook simulating a loaded device (added to measured latency)
 
-    def session(self, variant: str) -> Any:
+    def placement(self, variant: str) -> str | None:
+        """The placement.json (bundle-relative) the variant runs as, or None (its whole file)."""
+        return self.manifest.placements.get(variant) if self.use_placements else None
+
+    def session(self, variant: str) -> Session:
+        """The variant's session (loaded and warmed up on first use), with the ``Session`` protocol."""
         if variant not in self._sessions:
-            from edgekiln.execution.ort import error_line, ort_session
+            from edgekiln.execution.chain import load_chain
+            from edgekiln.execution.ort import error_line
+            from edgekiln.execution.runtimes import load_session
 
             v = self.manifest.variant(variant)
+            placed = self.placement(variant)
             try:
-                sess = ort_session(Path(safe_member(self.root, v.file)), threads=self.threads)
+                sess: Session = (load_chain(safe_member(self.root, placed), threads=self.threads) if placed else
+                                 load_session(safe_member(self.root, v.file), "onnxruntime", threads=self.threads,
+                                              providers=self.providers))
             except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
-                raise EdgekilnError(f"variant '{variant}' ({v.file}) does not load: {error_line(exc)}") from None
+                where = placed or v.file
+                raise EdgekilnError(f"variant '{variant}' ({where}) does not load: {error_line(exc)}") from None
             self._sessions[variant] = sess
-            feeds = {i.name: np.zeros(_static(i.shape), numpy_dtype(i.type)) for i in sess.get_inputs()}
+            feeds = {n: np.zeros(_static(s), d) for n, s, d in zip(sess.input_names, sess.input_shapes,
+                                                                    sess.input_dtypes, strict=True)}
             for _ in range(self.warmup):
-                sess.run(None, feeds)
+                sess.run(feeds)
         return self._sessions[variant]
 
     def infer(self, x: np.ndarray | dict[str, np.ndarray], *, battery_level: float | None = None,
@@ -71,7 +99,7 @@ class Runtime:
         feeds = self._feeds(sess, x)
         start = time.perf_counter()
         try:
-            out = sess.run(None, feeds)[0]
+            out = sess.run(feeds)[0]
         except Exception as exc:  # noqa: BLE001
             self.monitor.record(chosen, 0.0, error=True)
             raise EdgekilnError(f"inference failed on variant '{chosen}': {str(exc).splitlines()[0]}") from None
@@ -86,22 +114,20 @@ class Runtime:
         return {"bundle": self.manifest.name, "version": self.manifest.version, "current": self.current,
                 "requests": self.requests, "order": list(self.order), "variants": self.monitor.to_dict()}
 
-    def _feeds(self, sess: Any, x: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        inputs = sess.get_inputs()
-        feeds = dict(x) if isinstance(x, dict) else {inputs[0].name: x}
-        for i in inputs:
-            if i.name not in feeds:
-                raise EdgekilnError(f"missing input '{i.name}'")
-            arr = np.asarray(feeds[i.name])
-            want = numpy_dtype(i.type)
+    def _feeds(self, sess: Session, x: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = dict(x) if isinstance(x, dict) else {sess.input_names[0]: x}
+        for name, shape, want in zip(sess.input_names, sess.input_shapes, sess.input_dtypes, strict=True):
+            if name not in feeds:
+                raise EdgekilnError(f"missing input '{name}'")
+            arr = np.asarray(feeds[name])
             if arr.dtype != want:
                 arr = arr.astype(want)
-            expected = [d if isinstance(d, int) else None for d in i.shape]
+            expected = [d if isinstance(d, int) else None for d in shape]
             if len(arr.shape) != len(expected) or any(e is not None and e != a for e, a in zip(expected, arr.shape,
                                                                                                strict=False)):
-                raise EdgekilnError(f"input '{i.name}' has shape {list(arr.shape)}, the model expects "
+                raise EdgekilnError(f"input '{name}' has shape {list(arr.shape)}, the model expects "
                                     f"{['?' if e is None else e for e in expected]}")
-            feeds[i.name] = arr
+            feeds[name] = arr
         return feeds
 
 

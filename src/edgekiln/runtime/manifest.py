@@ -5,6 +5,11 @@ names. Runtime, OTA updates and C export all read the same manifest. Validation 
 bundle with the reason: unknown version, missing field, a file that is absent or whose SHA-256
 does not match, a path that escapes the bundle.
 
+An optional top-level ``placements`` maps a variant to a ``placement.json`` in the bundle (its
+segments, one per compute unit, from ``edgekiln place``). It is top-level on purpose: readers
+before it ignore top-level keys they do not know and run the variant's whole file, while an
+unknown key inside a variant would make them refuse the manifest.
+
 Imports only the standard library and numpy: this runs on the device.
 """
 
@@ -60,6 +65,7 @@ class Manifest:
     sample_outputs: str | None = None    # npz: expected outputs of the default variant
     health_tolerance: float = 1e-3       # max abs difference allowed in the health check
     schema_version: int = MANIFEST_VERSION
+    placements: dict[str, str] = field(default_factory=dict)   # variant -> placement.json in the bundle
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -69,7 +75,10 @@ class Manifest:
                             + ", ".join(v.name for v in self.variants))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not data["placements"]:
+            del data["placements"]   # NOTE: manifests without placements stay byte-for-byte as before
+        return data
 
     @staticmethod
     def from_dict(data: dict[str, Any], where: str = "manifest") -> Manifest:
@@ -84,8 +93,12 @@ class Manifest:
                      for key in ("inputs", "outputs")}
             fields = {k: data[k] for k in ("name", "version", "created", "default_variant")}
             optional = {k: data[k] for k in ("sample_inputs", "sample_outputs", "health_tolerance") if k in data}
+            placements = data.get("placements") or {}
+            if not isinstance(placements, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                           for k, v in placements.items()):
+                raise EdgekilnError(f"{where}: placements must map variant names to placement.json paths")
             manifest = Manifest(**fields, **optional, inputs=specs["inputs"], outputs=specs["outputs"],
-                                variants=variants)
+                                variants=variants, placements=dict(placements))
         except KeyError as exc:
             raise EdgekilnError(f"{where}: missing field {exc}") from None
         except TypeError as exc:
@@ -96,6 +109,10 @@ class Manifest:
         names = [v.name for v in manifest.variants]
         if len(set(names)) != len(names):
             raise EdgekilnError(f"{where}: duplicate variant names {names}")
+        unknown = sorted(set(manifest.placements) - set(names))
+        if unknown:
+            raise EdgekilnError(f"{where}: placements name variant(s) {', '.join(unknown)}; the variants are "
+                                + ", ".join(names))
         return manifest
 
 
@@ -128,7 +145,7 @@ def load_manifest(bundle_dir: str | Path, *, verify_files: bool = True) -> Manif
             if digest != v.sha256:
                 raise EdgekilnError(f"{root}: variant '{v.name}' file {v.file} does not match its SHA-256 "
                                     f"(manifest {v.sha256[:12]}..., file {digest[:12]}...)")
-        for extra in (manifest.sample_inputs, manifest.sample_outputs):
+        for extra in (manifest.sample_inputs, manifest.sample_outputs, *manifest.placements.values()):
             if extra and not safe_member(root, extra).is_file():
                 raise EdgekilnError(f"{root}: {extra} named in the manifest is missing")
     return manifest

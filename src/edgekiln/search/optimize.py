@@ -95,7 +95,7 @@ def optimize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet
     run_data = {k: Path(v) for k, v in (("calib", calib), ("eval", evals), ("train", data.get("train"))) if v}
     atomic_write_json(out / "recipe.json", recipe.to_dict())
 
-    spaces = recipe.passes or default_space(artifact, recipe, profile.precisions, target_kind=profile.kind)
+    spaces = recipe.passes or default_space(artifact, recipe, unit_precisions(profile), target_kind=profile.kind)
     base_payload = {
         "artifact": artifact.to_dict(), "calib": calib, "eval": evals, "metric": recipe.metric,
         "train": str(data["train"]) if "train" in data else None,
@@ -480,3 +480,19 @@ def _no_fit_message(candidates: list[Candidate], baseline: Candidate) -> str:
     return (f"no candidate meets every constraint; binding constraint: {binding} (violated by {counts[binding]} of "
             f"{len(measured)} measured candidates); closest: #{closest.number} {closest.label} — "
             + "; ".join(closest.violations))
+
+
+def unit_precisions(profile: Any) -> tuple[str, ...]:
+    """The precisions any compute unit of ``profile`` runs (its own list, then the units' extras):
+    a model quantized for an NPU unit is worth searching even when the CPU runs fp32 only.
+
+    >>> from edgekiln.targets.profiles import load_profile
+    >>> load_profile("coral-edgetpu").precisions, unit_precisions(load_profile("coral-edgetpu"))  # + its host CPU's
+    (('int8',), ('int8', 'fp16', 'fp32'))
+    """
+    from edgekiln.targets.compute_units import profile_units
+
+    seen = list(profile.precisions)
+    for unit in profile_units(profile):
+        seen += [p for p in unit.precisions if p not in seen]
+    return tuple(seen)

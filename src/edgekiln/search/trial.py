@@ -203,7 +203,7 @@ def measure(cand: Candidate, model_path: Path, kind: str, payload: dict[str, Any
                       peak_activation_bytes=c_fp.ram_bytes if c_fp else info.peak_activation_bytes,
                       io_bytes=0 if c_fp else info.io_bytes, macs=info.macs, precision=precision,
                       macs_by_kind=by_kind)
-    fit = _fit(cand, profile, fit_kwargs, limits)
+    fit = _fit(cand, profile, fit_kwargs, limits, placed=(model_path, shapes))
     memory_violations = [v for v in fit.exceeded if v.lower().startswith(("ram", "flash"))]
     if memory_violations and not payload.get("measure_all"):
         cand.state, cand.violations, cand.feasible = "pruned", memory_violations, False
@@ -241,12 +241,18 @@ def measure(cand: Candidate, model_path: Path, kind: str, payload: dict[str, Any
     cand.feasible = not cand.violations
 
 
-def _fit(cand: Candidate, profile: Any, fit_kwargs: dict[str, Any], limits: dict[str, Any]) -> Any:
-    """:func:`estimate_fit` with ``fit_kwargs``; its RAM, flash, latency and energy copied to ``cand``."""
+def _fit(cand: Candidate, profile: Any, fit_kwargs: dict[str, Any], limits: dict[str, Any],
+         placed: tuple[Path, dict[str, tuple[int, ...]]] | None = None) -> Any:
+    """:func:`estimate_fit` with ``fit_kwargs``; its RAM, flash, latency and energy copied to ``cand``.
+    With ``placed`` (model path, input shapes) on a profile of several compute units, latency and
+    energy are the placement's (:func:`~edgekiln.targets.place_io.fit_with_placement`)."""
     from edgekiln.targets.fit import estimate_fit
+    from edgekiln.targets.place_io import fit_with_placement
 
     fit = estimate_fit(profile, **fit_kwargs, max_ram_bytes=limits.get("max_ram_bytes"),
                        max_flash_bytes=limits.get("max_flash_bytes"))
+    if placed is not None:
+        fit = fit_with_placement(fit, profile, placed[0], placed[1], fit_kwargs["precision"])
     fd = fit.to_dict()
     cand.peak_ram_bytes = int(_value(fd, "ram"))
     cand.flash_bytes = int(_value(fd, "flash"))

@@ -9,9 +9,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgekiln.errors import EdgekilnError
+
+if TYPE_CHECKING:
+    from edgekiln.targets.compute_units import ComputeUnit
 
 BUILTIN_DIR = Path(__file__).parent / "profiles"
 KINDS = ("mcu", "linux", "accelerator", "host")
@@ -41,6 +44,8 @@ class DeviceProfile:
     energy_pj_per_byte: float | None = None
     measured: bool = False                      # host: latency is measured, not estimated
     source: str = ""
+    #: the compute units inside the device (targets/compute_units.py); empty: one implicit ``cpu`` unit
+    units: tuple[ComputeUnit, ...] = ()
     path: str = ""
 
 
@@ -97,6 +102,7 @@ def load_profile_file(path: str | Path) -> DeviceProfile:
 
 
 def _validate(data: dict[str, Any], path: Path) -> DeviceProfile:
+    from edgekiln.targets.compute_units import parse_units
     from edgekiln.targets.units import parse_bytes
 
     where = str(path)
@@ -134,6 +140,7 @@ def _validate(data: dict[str, Any], path: Path) -> DeviceProfile:
     out["peak_macs_per_s"] = {k: float(v) for k, v in peaks.items()}
     out["energy_pj_per_mac"] = {k: float(v) for k, v in (out.get("energy_pj_per_mac") or {}).items()}
     out["instructions_per_mac"] = _instructions_per_mac(out, where)
+    out["units"] = parse_units(out.get("units"), where, PRECISIONS)
     return DeviceProfile(**out, path=str(path))
 
 

@@ -8,6 +8,9 @@ runtime costs nothing.
 
 >>> sess = load_session("model.onnx", "openvino", input_shapes={"x": (1, 3, 32, 32)})   # doctest: +SKIP
 >>> outputs = sess.run({"x": x})                                                          # doctest: +SKIP
+
+:func:`device_providers` turns ``--device auto|cpu|<provider>`` into onnxruntime execution
+providers, best first, among those installed here.
 """
 
 from __future__ import annotations
@@ -29,6 +32,18 @@ RUNTIMES: dict[str, str] = {
 }
 REAL = ("onnxruntime", "openvino", "litert")   # what "all" means (null is for tests)
 InputShapes = Mapping[str, Sequence[int]]
+
+CPU_PROVIDER = "CPUExecutionProvider"
+#: ``--device`` names -> onnxruntime providers; ``auto`` tries the first five in this order, then the CPU.
+DEVICES: dict[str, str] = {
+    "tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "rocm": "ROCMExecutionProvider",
+    "coreml": "CoreMLExecutionProvider", "openvino": "OpenVINOExecutionProvider", "cpu": CPU_PROVIDER,
+    "dml": "DmlExecutionProvider", "qnn": "QNNExecutionProvider", "nnapi": "NnapiExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+}
+AUTO_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider",
+              "CoreMLExecutionProvider", "OpenVINOExecutionProvider", CPU_PROVIDER)
+NOT_DEVICES = ("AzureExecutionProvider",)   # a remote endpoint, not a unit of this machine
 
 
 class Session(Protocol):
@@ -65,13 +80,48 @@ def skip_reason(name: str, model_path: str | Path, unavailable: dict[str, str | 
     return reason
 
 
+def device_providers(device: str, available: Sequence[str] | None = None) -> list[str]:
+    """onnxruntime execution providers for ``device``, best first, ending with the CPU.
+
+    ``auto``: the first present of TensorRT, CUDA, ROCm, CoreML and OpenVINO, then the CPU;
+    ``cpu``: the CPU only; else a short name (``cuda``) or a provider name
+    (``CUDAExecutionProvider``), which must be present (``available``, default
+    ``onnxruntime.get_available_providers()``). Azure is never a device.
+
+    >>> device_providers("auto", ["AzureExecutionProvider", "CPUExecutionProvider"])
+    ['CPUExecutionProvider']
+    >>> device_providers("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    ['CUDAExecutionProvider', 'CPUExecutionProvider']
+    """
+    key = str(device).strip()
+    name = DEVICES.get(key.lower(), key)
+    if name == CPU_PROVIDER:
+        return [CPU_PROVIDER]
+    if available is None:
+        import onnxruntime
+
+        available = onnxruntime.get_available_providers()
+    present = [p for p in available if p not in NOT_DEVICES]
+    if key.lower() == "auto":
+        return [p for p in AUTO_ORDER if p in present and p != CPU_PROVIDER] + [CPU_PROVIDER]
+    if name not in present:
+        short = {v: k for k, v in DEVICES.items()}
+        listed = ", ".join(f"{short.get(p, p)} ({p})" for p in present) or "none"
+        raise EdgekilnError(f"device '{device}' is not present here; present: {listed}; or use --device auto")
+    return [name, CPU_PROVIDER]
+
+
 def load_session(model_path: str | Path, runtime: str = "onnxruntime", *, threads: int = 1,
-                 input_shapes: InputShapes | None = None) -> Session:
+                 input_shapes: InputShapes | None = None, providers: Sequence[str] | None = None) -> Session:
     """Load ``model_path`` in ``runtime`` with ``threads`` intra-op threads. ``input_shapes``
     fixes dynamic dimensions (OpenVINO compiles for them; the session reports them). A model
-    the runtime cannot load is one :class:`EdgekilnError` line with the runtime's reason."""
+    the runtime cannot load is one :class:`EdgekilnError` line with the runtime's reason.
+    ``providers`` (onnxruntime only, see :func:`device_providers`) default to the CPU."""
     from edgekiln.execution.ort import error_line
 
+    accel = providers is not None and list(providers) != [CPU_PROVIDER]
+    if accel and runtime != "onnxruntime":
+        raise EdgekilnError(f"execution providers {', '.join(providers or ())} apply to onnxruntime, not {runtime}")
     mod = _module(runtime)
     reason = mod.available()
     if reason:
@@ -83,7 +133,8 @@ def load_session(model_path: str | Path, runtime: str = "onnxruntime", *, thread
         raise EdgekilnError(f"{model_path}: file not found")
     shapes = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
     try:
-        session = mod.load(model_path, threads, shapes or None)
+        session = (mod.load(model_path, threads, shapes or None, providers=tuple(providers or ())) if accel
+                   else mod.load(model_path, threads, shapes or None))
     except EdgekilnError:
         raise
     except Exception as exc:  # noqa: BLE001 - each runtime raises its own exception types

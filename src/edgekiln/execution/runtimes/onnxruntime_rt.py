@@ -30,8 +30,9 @@ def available() -> str | None:
 
 class OrtSession:
     def __init__(self, model_path: str | Path, threads: int,
-                 input_shapes: Mapping[str, Sequence[int]] | None = None) -> None:
-        self.sess = ort_session(Path(model_path), threads=threads)
+                 input_shapes: Mapping[str, Sequence[int]] | None = None,
+                 providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
+        self.sess = ort_session(Path(model_path), threads=threads, providers=tuple(providers))
         self.options = self.sess.get_session_options()
         ins = self.sess.get_inputs()
         self.input_names = [i.name for i in ins]
@@ -45,5 +46,6 @@ class OrtSession:
 
 
 def load(model_path: str | Path, threads: int = 1,
-         input_shapes: Mapping[str, Sequence[int]] | None = None) -> OrtSession:
-    return OrtSession(model_path, threads, input_shapes)
+         input_shapes: Mapping[str, Sequence[int]] | None = None,
+         providers: Sequence[str] = ("CPUExecutionProvider",)) -> OrtSession:
+    return OrtSession(model_path, threads, input_shapes, providers)
