@@ -13,6 +13,7 @@ import asyncio
 import secrets
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,9 @@ async def _modes(tl: Any, admin: Any, work: Path, tokens: list[str], *, url: str
                     await asyncio.sleep(0.1)
                 await asyncio.sleep(1.0)                               # the retained notice (same rev: no cycle)
                 row["connected_at_rollout"] = fleet.connected
+                down = [ch for ch in fleet.channels if not ch.connected]
+                row["down_at_rollout"] = {"errors": dict(Counter(str(ch.error) for ch in down).most_common(3)),
+                                          "sessions_before": dict(Counter(ch.connects for ch in down))}
             _reset(*relays.values())
             installs_before = [len(a.installs) for a in agents]
             t0 = _rollout(admin, "bench", version, "bench")
@@ -299,6 +303,12 @@ def _markdown(raw: dict[str, Any], quick: bool, broker: bool) -> str:
         idle += (f"\n\nPolling with the connection kept open between polls (a server keep-alive longer than the "
                  f"poll interval): {polling['idle_bytes_h_kept']:,.0f} bytes and "
                  f"{polling['idle_requests_h_kept']:.1f} requests per device per hour.")
+    for r in rows:
+        down = r.get("down_at_rollout") or {}
+        if down.get("errors"):
+            idle += (f"\n\n{r['mode']}: {n - r['connected_at_rollout']} channel(s) down when the rollout started "
+                     f"(last errors: {'; '.join(f'{k} x{v}' for k, v in down['errors'].items())}); those agents "
+                     f"installed through their fallback polls ({r.get('fallback_cycles', 0)} cycles).")
     missing = "" if broker else " MQTT rows are missing: mosquitto was not found on this machine."
     return (f"{n} simulated agents in one process (asyncio httpx for the HTTP requests a real agent makes, the real "
             "`fleet/push.py` channel classes for MQTT and WebSocket) against `edgekiln`'s server under uvicorn in "

@@ -221,6 +221,7 @@ async def poll_loop(agents: list[SimAgent], *, duration_s: float, interval_s: fl
         nonlocal errors
         await asyncio.sleep(offset)
         while time.monotonic() < end and not (until and until()):
+            started = time.monotonic()
             if fresh_connections and a.make_client is not None and not a.busy:
                 await a.client.aclose()
                 a.client = a.make_client()
@@ -228,7 +229,10 @@ async def poll_loop(agents: list[SimAgent], *, duration_s: float, interval_s: fl
                 await a.cycle()
             except Exception:  # noqa: BLE001 - counted; a simulated agent keeps polling like a real one
                 errors += 1
-            await asyncio.sleep(interval_s * rng.uniform(0.9, 1.1))
+            # NOTE: start to start: a real cycle takes milliseconds of a 60 s interval; with the timers
+            # scaled down and this process loaded, sleeping a whole interval after each cycle would
+            # poll measurably less often than the agent it stands for
+            await asyncio.sleep(max(0.0, started + interval_s * rng.uniform(0.9, 1.1) - time.monotonic()))
 
     await asyncio.gather(*(run(a, rng.random() * interval_s) for a in agents))
     return errors
