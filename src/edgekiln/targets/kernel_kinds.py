@@ -64,6 +64,16 @@ def macs_by_kernel_kind(model: str | Path | Any, layers: Sequence[Any]) -> dict[
     import onnx
 
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+    if len(layers) > len(proto.graph.node):
+        # NOTE: an int8 form that left Q/DQ pairs out for a runtime's sake records them; the int8
+        # analysis (``analyze(precision="int8")``) counts the graph with them put back
+        from edgekiln.models.qdq_pairs import recorded_pairs, restore_qdq_pairs
+
+        if recorded_pairs(proto):
+            restored = onnx.ModelProto()
+            restored.CopyFrom(proto)
+            restore_qdq_pairs(restored)
+            proto = restored
     graph = proto.graph
     producers = {o: n for n in graph.node for o in n.output}
     shapes = {o: layer.output_shape for n, layer in zip(graph.node, layers, strict=True) for o in n.output[:1]}

@@ -114,3 +114,23 @@ def test_inputs_form_quantizes_only_what_convs_read_and_comes_back_exactly(tmp_p
     # deployed as int8 (C, TFLite), the float-left activations are int8 too: the analysis counts them so
     want, got = analyze(res.path, precision="int8").peak_activation_bytes, analyze(path, precision="int8").peak_activation_bytes
     assert got == want, f"int8 peak activations of the inputs form {got} B != the integer model's {want} B"
+
+
+def test_kernel_kinds_of_a_form_without_its_pairs_match_the_int8_analysis(tmp_path):
+    """`fits --target cortex-m7` on a quantize folder whose timed form left a pair out crashed
+    (zip of the file's nodes with the int8 analysis, which puts the pair back): the form is chosen by
+    timing, so the crash came and went with machine load."""
+    from edgekiln.models.analysis import analyze
+    from edgekiln.targets.kernel_kinds import macs_by_kernel_kind
+
+    src = _conv_prelu(tmp_path / "m.onnx")
+    x = np.random.default_rng(2).standard_normal((8, 3, 10, 10)).astype(np.float32)
+    atomic_save_npz(tmp_path / "c.npz", x=x)
+    res = quantize_model(src, QuantizeConfig(speed_rule="on", activations="int8"), tmp_path / "q", calib=tmp_path / "c.npz")
+    fused = onnx.load(str(res.path))
+    assert drop_activation_pairs(fused)
+    fused_path = tmp_path / "fused.onnx"
+    onnx.save(fused, str(fused_path))
+    want = macs_by_kernel_kind(res.path, analyze(res.path, precision="int8").layers)
+    got = macs_by_kernel_kind(fused_path, analyze(fused_path, precision="int8").layers)
+    assert got == want and want.get("conv"), (got, want)
