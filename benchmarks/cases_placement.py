@@ -130,15 +130,17 @@ def conv_transformer(size: int = 64, d: int = 128, layers: int = 2, heads: int =
     return model
 
 
-def _models(work: Path, quick: bool) -> list[tuple[str, Path, str]]:
-    """(name, path, note) of the benchmark's models; the YOLOv8n only when the corpus cache has it."""
+def _models(work: Path, quick: bool) -> list[tuple[str, Path, str, dict[str, tuple[int, ...]] | None]]:
+    """(name, path, note, input shapes) of the benchmark's models; the YOLOv8n only when the corpus cache
+    has it (exported with dynamic H, W: placed at the corpus entry's 320x320)."""
     import onnx
 
     from edgekiln.codegen.testmodels import quantize_qdq
 
     size = 64 if quick else 128
-    out = [(f"MobileNetV1 0.5x {size}² int8 QDQ", quantize_qdq(mobilenet_v1(size), work / "mbv1.onnx"),
-            "per-channel QDQ (onnxruntime quantize_static)")]
+    out: list[tuple[str, Path, str, dict[str, tuple[int, ...]] | None]] = [
+        (f"MobileNetV1 0.5x {size}² int8 QDQ", quantize_qdq(mobilenet_v1(size), work / "mbv1.onnx"),
+         "per-channel QDQ (onnxruntime quantize_static)", None)]
     try:
         from edgekiln.testing.corpus import CORPUS, _cached
 
@@ -146,11 +148,12 @@ def _models(work: Path, quick: bool) -> list[tuple[str, Path, str]]:
     except Exception:  # noqa: BLE001 - the corpus cache is optional here
         got = None
     if got is not None and not quick:
-        out.append(("YOLOv8n (nudenet 320n) fp32", got.path, "real weights, corpus cache"))
+        out.append(("YOLOv8n (nudenet 320n) fp32", got.path, "real weights, corpus cache",
+                    dict(CORPUS["yolov8n_nudenet"].input_shapes) or None))
     path = work / "convtx.onnx"
     size = 32 if quick else 64
     onnx.save(conv_transformer(size), str(path))
-    out.append((f"conv stem ({size}²) + 2-layer transformer fp32", path, f"d=128, {(size // 8) ** 2} tokens"))
+    out.append((f"conv stem ({size}²) + 2-layer transformer fp32", path, f"d=128, {(size // 8) ** 2} tokens", None))
     return out
 
 
@@ -170,7 +173,8 @@ def host_units() -> tuple[Any, ...]:
                  for r in HOST_RUNTIMES)
 
 
-def measure_model(name: str, path: Path, work: Path, settings: Any) -> dict[str, Any]:
+def measure_model(name: str, path: Path, work: Path, settings: Any,
+                  input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
     """The host measurement of one model plus the placements the planner makes on the NPU/GPU profiles."""
     from edgekiln.api import load
     from edgekiln.codegen.tflite.candidate import litert_candidate
@@ -180,7 +184,7 @@ def measure_model(name: str, path: Path, work: Path, settings: Any) -> dict[str,
     from edgekiln.targets.place_measure import measure_placement
     from edgekiln.targets.profiles import load_profile
 
-    art = load(path)
+    art = load(path, input_shapes=input_shapes)
     d = work / name.split()[0].lower()
     d.mkdir(parents=True, exist_ok=True)
     graph = place_graph(art.path, art.input_shapes, precision_of(art.kind))
@@ -222,10 +226,11 @@ def call_costs(work: Path, settings: Any) -> dict[str, dict[str, float]]:
     return out
 
 
-def run(models: list[tuple[str, Path, str]], work: Path, settings: Any) -> dict[str, Any]:
+def run(models: list[tuple[str, Path, str, dict[str, tuple[int, ...]] | None]], work: Path,
+        settings: Any) -> dict[str, Any]:
     load = os.getloadavg()
     t0 = time.monotonic()
-    rows = [measure_model(name, path, work, settings) | {"note": note} for name, path, note in models]
+    rows = [measure_model(name, path, work, settings, shapes) | {"note": note} for name, path, note, shapes in models]
     return {"models": rows, "call_costs": call_costs(work, settings), "load_before": load,
             "load_after": os.getloadavg(), "seconds": round(time.monotonic() - t0, 1),
             "settings": {"warmup": settings.warmup, "runs": settings.runs, "block_runs": settings.block_runs}}

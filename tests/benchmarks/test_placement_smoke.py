@@ -15,7 +15,7 @@ from edgekiln.targets.place_measure import Settings
 def test_placement_case_writes_its_tables_and_never_loses(tmp_path: Path) -> None:
     path = tmp_path / "convtx.onnx"
     onnx.save(conv_transformer(32), str(path))
-    raw = run([("hybrid", path, "smoke")], tmp_path, Settings(warmup=2, runs=5, block_runs=3))
+    raw = run([("hybrid", path, "smoke", None)], tmp_path, Settings(warmup=2, runs=5, block_runs=3))
     text = markdown(raw)
     for title in ("Table 1", "Table 2", "Table 3", "Placements on NPU/GPU profiles"):
         assert title in text, f"{title!r} missing from the case's markdown:\n{text}"
