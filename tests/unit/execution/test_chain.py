@@ -39,7 +39,6 @@ def toy(tmp_path_factory):
     g = helper.make_graph(nodes, "toy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 6])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 6])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
     onnx.save(m, d / "whole.onnx")
     ex = Extractor(onnx.shape_inference.infer_shapes(m))
     cuts = [(["x"], ["t1"]), (["t1"], ["t2"]), (["t1", "t2"], ["y"])]
@@ -103,7 +102,6 @@ def test_litert_segment_gets_nhwc_int8_inputs_and_gives_nchw_float_outputs(tmp_p
                            helper.make_node("Relu", ["c"], ["o"])], "mid",
                           [vi("a", TensorProto.FLOAT, [1, 3, 6, 4])], [vi("o", TensorProto.FLOAT, [1, 5, 6, 4])], [w])
     mid = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    mid.ir_version = 8
     qdq = quantize_qdq(mid, tmp_path / "mid_qdq.onnx", calib_n=8)
     export_tflite(qdq, tmp_path / "tfl", measure_arena=False)
 
@@ -111,7 +109,6 @@ def test_litert_segment_gets_nhwc_int8_inputs_and_gives_nchw_float_outputs(tmp_p
         m = helper.make_model(helper.make_graph([helper.make_node(op, [i], [o])], op,
                                                 [vi(i, TensorProto.FLOAT, shape)], [vi(o, TensorProto.FLOAT, shape)]),
                               opset_imports=[helper.make_opsetid("", 17)])
-        m.ir_version = 8
         onnx.save(m, tmp_path / f"{op}.onnx")
         return tmp_path / f"{op}.onnx"
 
