@@ -41,25 +41,11 @@ def _cli(*args: str, token: str = ADMIN, server: str | None = None, ca: Path | N
     return subprocess.run([*EXE, *args], capture_output=True, text=True, env=env, timeout=120)
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen[str], ca: Path, timeout_s: float = 60.0) -> None:
-    ctx = ssl.create_default_context(cafile=str(ca))
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1, verify=ctx).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"server did not start: {(proc.stderr.read() if proc.stderr else '')[-300:]}")
-        time.sleep(0.2)
-
-
 @pytest.fixture
 def served(tmp_path):
     """The server on https://127.0.0.1:PORT; yields (url, folder, ca)."""
     from edgekiln.fleet.keys import init_keys
+    from edgekiln.fleet.load import wait_until_healthy
     from edgekiln.fleet.tls_testing import make_test_ca
     from edgekiln.fleet.tuf_repo import TufExpiry
 
@@ -73,7 +59,7 @@ def served(tmp_path):
                             env=_env(EDGEKILN_ADMIN_TOKEN=ADMIN), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     url = f"https://127.0.0.1:{port}"
-    _wait_healthy(url, proc, ca)
+    wait_until_healthy(url, proc, ca=ca)
     yield url, folder, ca
     proc.send_signal(signal.SIGTERM)
     try:
