@@ -154,11 +154,7 @@ def served(folder: Path, db_url: str, admin_token: str) -> Iterator[tuple[str, i
         wait_until_healthy(url, proc)
         yield url, proc.pid
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
 
 
 def prepare_fleet(url: str, admin_token: str, agents: int, work: Path) -> list[str]:
@@ -197,3 +193,12 @@ def run_load(work: Path, db_url: str, *, agents: int, duration_s: float, interva
     out = stats.summary()
     return {**out, "interval_s": interval_s, "server_cpu_s": round(server_cpu, 2),
             "server_cpu_ms_per_request": round(1e3 * server_cpu / max(1, out["requests"]), 3)}
+
+
+def stop_server(proc: subprocess.Popen[str], timeout_s: float = 20.0) -> None:
+    """SIGTERM a server subprocess (uvicorn shuts down cleanly), SIGKILL it after ``timeout_s``."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()

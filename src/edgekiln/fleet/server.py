@@ -38,7 +38,7 @@ from edgekiln.fleet import mqtt_bridge, notices, telemetry
 from edgekiln.fleet.auth import Authenticator, Principal, check_admin_token
 from edgekiln.fleet.bundle_tar import MAX_UNPACKED_BYTES
 from edgekiln.fleet.director import make_director
-from edgekiln.fleet.json_limits import MAX_JSON_DEPTH, json_depth, parse_json_object  # noqa: F401
+from edgekiln.fleet.json_limits import parse_json_object
 from edgekiln.fleet.mqtt_bridge import start_mqtt
 from edgekiln.fleet.notices import NoticeHub
 from edgekiln.fleet.registry import FleetError, Registry, check_name, check_version

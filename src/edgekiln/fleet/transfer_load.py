@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import threading
@@ -332,7 +331,7 @@ def serve_subprocess(config: dict[str, Any], *, port: int, cert: str | None = No
                      ws_ping_s: float | None = 60.0, ca: str | Path | None = None) -> Iterator[subprocess.Popen[str]]:
     """The update server (``ServerConfig.local(**config)``) under uvicorn in a subprocess, with
     ``ws="websockets-sansio"`` and a server ping every ``ws_ping_s``."""
-    from edgekiln.fleet.load import wait_until_healthy
+    from edgekiln.fleet.load import stop_server, wait_until_healthy
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(serve_command(config, port=port, cert=cert, key=key, ws_ping_s=ws_ping_s), env=env,
@@ -341,11 +340,7 @@ def serve_subprocess(config: dict[str, Any], *, port: int, cert: str | None = No
         wait_until_healthy(f"{'https' if cert else 'http'}://127.0.0.1:{port}", proc, ca=ca)
         yield proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
 
 
 def _serve_main(spec: dict[str, Any]) -> None:
