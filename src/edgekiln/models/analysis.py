@@ -160,7 +160,7 @@ def analyze(model: Any, input_shapes: Mapping[str, Shape] | None = None, *,
     inputs = [i for i in graph.input if i.name not in inits]
     fixed = _fixed_input_shapes(inputs, input_shapes or {}, label)
     constants = _validate_order_and_constants(graph, inits, {i.name for i in inputs}, label)
-    shapes, types, source = _value_shapes(proto, fixed, label)
+    shapes, types, source = value_shapes(proto, fixed, label)
     for name, t in inits.items():
         shapes[name], types[name] = tuple(t.dims), t.data_type
     if precision is not None and precision not in _PRECISION_BYTES:
@@ -173,7 +173,7 @@ def analyze(model: Any, input_shapes: Mapping[str, Shape] | None = None, *,
 
     def stored_bytes(name: str) -> int:
         shape = shapes.get(name)
-        return _nbytes(types.get(name, onnx.TensorProto.FLOAT), math.prod(shape)) if shape is not None else 0
+        return tensor_nbytes(types.get(name, onnx.TensorProto.FLOAT), math.prod(shape)) if shape is not None else 0
 
     def nbytes(name: str) -> int:
         """Bytes of an activation as deployed; 0 for one that is another's alias."""
@@ -181,7 +181,7 @@ def analyze(model: Any, input_shapes: Mapping[str, Shape] | None = None, *,
         if root != name:
             return 0
         if name in qtypes:   # the root of a quantized group: its elements at the quantized dtype
-            return _nbytes(qtypes[name], math.prod(shapes[name])) if shapes.get(name) is not None else 0
+            return tensor_nbytes(qtypes[name], math.prod(shapes[name])) if shapes.get(name) is not None else 0
         if estimate is not None and types.get(name, onnx.TensorProto.FLOAT) in _FLOAT_TYPES and shapes.get(name):
             return estimate * math.prod(shapes[name])
         return stored_bytes(name)
@@ -236,12 +236,12 @@ def analyze(model: Any, input_shapes: Mapping[str, Shape] | None = None, *,
     live = compute_liveness({n: nbytes(n) for n in activations}, producers, consumers, len(graph.node),
                             outputs=[alias.get(o, o) for o in out_names if o not in constants and o not in inits])
 
-    weight_bytes = sum(_nbytes(t.data_type, math.prod(t.dims)) for t in inits.values())
-    weight_bytes += sum(_nbytes(t.data_type, math.prod(t.dims)) for t in body_initializers(graph))
+    weight_bytes = sum(tensor_nbytes(t.data_type, math.prod(t.dims)) for t in inits.values())
+    weight_bytes += sum(tensor_nbytes(t.data_type, math.prod(t.dims)) for t in body_initializers(graph))
     for node in graph.node:
         for attr in node.attribute:
             if node.op_type == "Constant" and attr.name == "value":
-                weight_bytes += _nbytes(attr.t.data_type, math.prod(attr.t.dims))
+                weight_bytes += tensor_nbytes(attr.t.data_type, math.prod(attr.t.dims))
     io_names = list(dict.fromkeys([*fixed, *out_names]))
     counts = Counter(node.op_type for node in graph.node)
     return ModelAnalysis(
@@ -399,7 +399,7 @@ def _implicit_inputs(node: Any) -> list[str]:
 
 # --- shapes --------------------------------------------------------------------------------
 
-def _value_shapes(proto: Any, fixed: Mapping[str, Shape], label: str) -> tuple[dict[str, Shape], dict[str, int], str]:
+def value_shapes(proto: Any, fixed: Mapping[str, Shape], label: str) -> tuple[dict[str, Shape], dict[str, int], str]:
     """Concrete shapes and element types of every value; the source is "onnx" or "onnxruntime"."""
     import onnx
 
@@ -465,7 +465,7 @@ def _shapes_from_onnxruntime(work: Any, fixed: Mapping[str, Shape], names: list[
     return shapes, types
 
 
-def _nbytes(elem_type: int, count: int) -> int:
+def tensor_nbytes(elem_type: int, count: int) -> int:
     import onnx
 
     tp = onnx.TensorProto

@@ -80,7 +80,7 @@ def place_graph(model: str | Path | Any, input_shapes: Mapping[str, Sequence[int
     ``precision`` is what the model runs at (None: int8 for a model with QuantizeLinear, else fp32); float
     tensors of a float model are sized at it (a QDQ model keeps its stored dtypes).
     """
-    from edgekiln.models.analysis import analyze
+    from edgekiln.models.analysis import analyze, tensor_nbytes, value_shapes
     from edgekiln.models.intake import load_onnx
 
     proto = load_onnx(model) if isinstance(model, (str, Path)) else model
@@ -88,7 +88,7 @@ def place_graph(model: str | Path | Any, input_shapes: Mapping[str, Sequence[int
     inits = {t.name: t for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in inits]
     info = analyze(proto, dict(input_shapes or {}))   # MACs per node; fixes the input shapes (batch -> 1)
-    shapes, types = _shapes(proto, info.inputs)
+    shapes, types, _ = value_shapes(proto, info.inputs, str(model) if isinstance(model, (str, Path)) else "model")
     quantized = any(n.op_type == _Q for n in graph.node)
     precision = precision or ("int8" if quantized else "fp32")
     nodes = list(graph.node)
@@ -102,12 +102,12 @@ def place_graph(model: str | Path | Any, input_shapes: Mapping[str, Sequence[int
             constant.update(o for o in nd.output if o)
     weight_of: dict[str, int] = {}              # constant tensor -> bytes of the initializers behind it
     for name, t in inits.items():
-        weight_of[name] = _nbytes(t.data_type, math.prod(t.dims))
+        weight_of[name] = tensor_nbytes(t.data_type, math.prod(t.dims))
     for k in sorted(const_nodes):
         nd = nodes[k]
         behind = sum(weight_of.get(x, 0) for x in nd.input if x)
         if nd.op_type == "Constant":
-            behind = sum(_nbytes(a.t.data_type, math.prod(a.t.dims)) for a in nd.attribute if a.name == "value")
+            behind = sum(tensor_nbytes(a.t.data_type, math.prod(a.t.dims)) for a in nd.attribute if a.name == "value")
         for o in nd.output:
             weight_of[o] = behind
 
@@ -175,7 +175,7 @@ def place_graph(model: str | Path | Any, input_shapes: Mapping[str, Sequence[int
         elem = types.get(t, 1)
         if not quantized and elem in (1, 10, 11, 16):
             return _PRECISION_BYTES.get(precision, 4) * math.prod(shape)
-        return _nbytes(elem, math.prod(shape))
+        return tensor_nbytes(elem, math.prod(shape))
 
     roots = sorted({groups.find(k) for k in live}, key=lambda g: min(groups.members[g]))
     group_of = {m: g for g in roots for m in groups.members[g]}
@@ -219,61 +219,6 @@ def _reads(node: Any) -> list[str]:
             out += [x for x in _reads(sub) if x not in defined]
             defined.update(sub.output)
     return list(dict.fromkeys(out))
-
-
-def _nbytes(elem_type: int, count: int) -> int:
-    """Bytes of ``count`` elements of an ONNX element type (4-bit types packed two to a byte)."""
-    from onnx import TensorProto, helper
-
-    if elem_type in (TensorProto.INT4, TensorProto.UINT4):
-        return (count + 1) // 2
-    try:
-        return count * helper.tensor_dtype_to_np_dtype(elem_type).itemsize
-    except (KeyError, TypeError, ValueError):
-        return count * 4
-
-
-def _shapes(proto: Any, fixed: Mapping[str, Sequence[int]]) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
-    """Every tensor's shape and element type: ONNX shape inference on the fixed inputs, else onnxruntime."""
-    import numpy as np
-    import onnx
-
-    from edgekiln.execution.ort import run_with_intermediates
-    from edgekiln.execution.specs import onnx_elem_dtype
-
-    work = onnx.ModelProto()
-    work.CopyFrom(proto)
-    for inp in work.graph.input:
-        if inp.name in fixed:
-            inp.type.tensor_type.shape.ClearField("dim")
-            for d in fixed[inp.name]:
-                inp.type.tensor_type.shape.dim.add().dim_value = int(d)
-    del work.graph.value_info[:]
-    shapes: dict[str, tuple[int, ...]] = {}
-    types: dict[str, int] = {}
-    try:
-        inferred = onnx.shape_inference.infer_shapes(work, strict_mode=False, data_prop=True).graph
-        infos = [*inferred.input, *inferred.value_info, *inferred.output]
-    except Exception:  # noqa: BLE001 - onnxruntime below
-        infos = list(work.graph.input)
-    for vi in infos:
-        tt = vi.type.tensor_type
-        types[vi.name] = tt.elem_type
-        if tt.HasField("shape") and tt.shape.dim and all(d.HasField("dim_value") for d in tt.shape.dim):
-            shapes[vi.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
-        elif tt.HasField("shape") and not tt.shape.dim:
-            shapes[vi.name] = ()
-    missing = [o for n in work.graph.node for o in n.output if o and o not in shapes]
-    if missing:
-        inits = {t.name for t in work.graph.initializer}
-        feeds = {i.name: np.zeros(fixed[i.name], dtype=onnx_elem_dtype(i.type.tensor_type.elem_type))
-                 for i in work.graph.input if i.name not in inits}
-        for name, value in run_with_intermediates(work, feeds, missing).items():
-            arr = np.asarray(value)
-            shapes[name] = tuple(int(d) for d in arr.shape)
-            if arr.dtype != object:
-                types[name] = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
-    return shapes, types
 
 
 def _topo(roots: list[int], group_of: Mapping[int, int], preds: list[set[int]]) -> list[int]:
