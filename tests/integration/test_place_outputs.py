@@ -223,3 +223,46 @@ def test_host_blocks_hand_over_int8_as_float_exactly(models: dict[str, Path], tm
     want = load_session(art.path, "onnxruntime").run(feeds)[0]
     got = chain.run(feeds)[0]
     assert np.array_equal(got, want), f"max|diff| {np.max(np.abs(got - want)):.3g} over {len(blocks)} blocks"
+
+
+def test_host_blocks_are_static_and_litert_reads_the_recorded_pairs(models: dict[str, Path], tmp_path: Path) -> None:
+    """A dynamic-batch int8 model in the form ``quantize`` writes for OpenVINO (activation Q/DQ pairs left
+    out and recorded): every block file gets static input shapes (OpenVINO compiles a dynamic input as a
+    dynamic model, several times slower), and LiteRT's blocks are written from the model with its pairs
+    put back, so its writer accepts them and the chain still equals the whole model."""
+    from edgekiln.api import _tflite_block, load
+    from edgekiln.execution.feeds import random_feeds
+    from edgekiln.execution.runtimes import available_runtimes, load_session
+    from edgekiln.models.qdq_pairs import recorded_pairs
+    from edgekiln.quant.float_pairs import keep_weighted_inputs
+    from edgekiln.targets.place_measure import _SegmentFiles, cut_blocks, float_handover
+
+    m = onnx.load(str(models["mobilenet_qdq"]))
+    batch = m.graph.input[0].type.tensor_type.shape.dim[0]
+    batch.Clear()
+    batch.dim_param = "N"
+    keep_weighted_inputs(m)
+    assert recorded_pairs(m), "keep_weighted_inputs recorded no pair: the test model has no float-pair form"
+    path = tmp_path / "pairs.onnx"
+    onnx.save(m, str(path))
+    shape = [1, *(d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim[1:])]
+    art = load(path, input_shapes=shape)
+    blocks, handover = float_handover(art.path, cut_blocks(art.path))
+    files = _SegmentFiles(art, tmp_path / "work", _tflite_block, handover)
+    feeds, _ = files.values(blocks)
+    for b in blocks:
+        seg = onnx.load(str(files.path(b.index, b.index + 1, "onnxruntime", blocks)))
+        dims = {i.name: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in i.type.tensor_type.shape.dim]
+                for i in seg.graph.input}
+        assert all(isinstance(d, int) and d > 0 for ds in dims.values() for d in ds), f"block {b.index} inputs {dims}"
+    if available_runtimes().get("litert"):
+        pytest.skip(f"litert: {available_runtimes()['litert']}")
+    lite = files.path(0, len(blocks), "litert", blocks)
+    assert lite is not None and lite.suffix == ".tflite", f"no LiteRT file for the whole float-pair model: {lite}"
+    split = len(blocks) // 2
+    chain = files.chain([(0, split, "onnxruntime"), (split, len(blocks), "litert")], blocks)
+    want = load_session(art.path, "onnxruntime").run(random_feeds(art.inputs, seed=0))[0]
+    got = chain.run(dict(feeds))[0]
+    scale = float(np.max(np.abs(want))) or 1.0
+    assert np.max(np.abs(got - want)) <= 0.05 * scale, (
+        f"onnxruntime + litert chain vs whole model: max|diff| {np.max(np.abs(got - want)):.3g} > 5% of {scale:.3g}")

@@ -318,21 +318,51 @@ def _with_float_handover(seg: Any, handover: Mapping[str, tuple[str, Any, Any]])
     return seg
 
 
+def _set_dims(value_info: Any, shape: Sequence[int]) -> None:
+    dims = value_info.type.tensor_type.shape
+    dims.ClearField("dim")
+    for d in shape:
+        dims.dim.add().dim_value = int(d)
+
+
+def _pinned(proto: Any, inputs: Sequence[Any]) -> Any:
+    """``proto`` with its inputs at the artifact's concrete shapes and stale inferred shapes dropped, so
+    shape inference makes every block's boundary static (OpenVINO compiles a dynamic input as a
+    dynamic model: several times slower)."""
+    fixed = {s.name: s.shape for s in inputs if all(isinstance(d, int) and d > 0 for d in s.shape)}
+    for vi in proto.graph.input:
+        if vi.name in fixed:
+            _set_dims(vi, fixed[vi.name])
+    del proto.graph.value_info[:]
+    return proto
+
+
 class _SegmentFiles:
     """Segment files (ONNX; ``.tflite`` for LiteRT) and sessions of block ranges, made once each."""
 
     def __init__(self, model: Any, work: Path, to_tflite: Callable[..., Any] | None,
                  handover: Mapping[str, tuple[str, Any, Any]] | None = None) -> None:
-        import onnx
-        from onnx.utils import Extractor
-
         self.model, self.work, self.to_tflite = model, work, to_tflite
         self.handover = dict(handover or {})      # float name -> (int8 name, scale, zero point)
-        self.extractor = Extractor(onnx.shape_inference.infer_shapes(onnx.load(str(model.path))))
+        self.extractors: dict[str, Any] = {}
         self.paths: dict[tuple[int, int, str], Path | None] = {}
         self.sessions: dict[tuple[int, int, str], Any] = {}
         self.feeds: dict[str, np.ndarray] = {}
         self.tensors: dict[str, np.ndarray] = {}
+
+    def _extractor(self, form: str) -> Any:
+        """Extractor over the model as stored ("onnx") or with its recorded Q/DQ pairs put back ("integer")."""
+        if form not in self.extractors:
+            import onnx
+            from onnx.utils import Extractor
+
+            from edgekiln.models.qdq_pairs import restore_qdq_pairs
+
+            proto = _pinned(onnx.load(str(self.model.path)), self.model.inputs)
+            if form == "integer":
+                restore_qdq_pairs(proto)
+            self.extractors[form] = Extractor(onnx.shape_inference.infer_shapes(proto, data_prop=True))
+        return self.extractors[form]
 
     def values(self, blocks: Sequence[Block]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Random model inputs (seed 0) and every block boundary's tensor computed from them."""
@@ -344,6 +374,8 @@ class _SegmentFiles:
             sess = self.session(b.index, b.index + 1, "onnxruntime", blocks)
             values.update(zip(sess.output_names, sess.run({t: values[t] for t in sess.input_names}), strict=True))
         self.tensors = values
+        self.paths.clear()          # rewritten with every block input's measured shape (static for OpenVINO)
+        self.sessions.clear()
         return self.feeds, values
 
     def path(self, a: int, b: int, runtime: str, blocks: Sequence[Block]) -> Path | None:
@@ -351,13 +383,19 @@ class _SegmentFiles:
         if key not in self.paths:
             from edgekiln.fileio import atomic_save_onnx
 
-            onnx_key = (a, b, "onnx")
+            # LiteRT's writer needs every Q/DQ pair: a form that left some out for OpenVINO recorded them
+            form = "integer" if runtime == "litert" else "onnx"
+            onnx_key = (a, b, form)
             if onnx_key not in self.paths:
                 orig = {f: q for f, (q, _, _) in self.handover.items()}
-                seg = self.extractor.extract_model([orig.get(t, t) for t in blocks[a].inputs],
-                                                   [orig.get(t, t) for t in blocks[b - 1].outputs])
-                self.paths[onnx_key] = atomic_save_onnx(self.work / f"blocks_{a}_{b}.onnx",
-                                                        _with_float_handover(seg, self.handover))
+                seg = self._extractor(form).extract_model([orig.get(t, t) for t in blocks[a].inputs],
+                                                          [orig.get(t, t) for t in blocks[b - 1].outputs])
+                seg = _with_float_handover(seg, self.handover)
+                for vi in seg.graph.input:          # a dynamic dim left by shape inference: the measured one
+                    if vi.name in self.tensors:
+                        _set_dims(vi, self.tensors[vi.name].shape)
+                suffix = "_integer" if form == "integer" else ""
+                self.paths[onnx_key] = atomic_save_onnx(self.work / f"blocks_{a}_{b}{suffix}.onnx", seg)
             src = self.paths[onnx_key]
             if runtime != "litert":
                 self.paths[key] = src
