@@ -26,14 +26,15 @@ __version__ = "0.1.0"
 _API = {
     "load": "edgekiln.api", "inspect": "edgekiln.api", "fits": "edgekiln.api", "bench": "edgekiln.api", "quantize": "edgekiln.api",
     "prune": "edgekiln.api", "distill": "edgekiln.api", "optimize": "edgekiln.api", "place": "edgekiln.api",
+    "learn": "edgekiln.api",
     "RunFolder": "edgekiln.models.run_folder", "ModelArtifact": "edgekiln.models.artifact",
     "EdgekilnError": "edgekiln.errors",
 }
 __all__ = ["EdgekilnError", "ModelArtifact", "RunFolder", "__version__", "bench", "distill", "fits", "inspect",
-           "load", "optimize", "place", "prune", "quantize"]
+           "learn", "load", "optimize", "place", "prune", "quantize"]
 
 if TYPE_CHECKING:
-    from edgekiln.api import bench, distill, fits, inspect, load, optimize, place, prune, quantize
+    from edgekiln.api import bench, distill, fits, inspect, learn, load, optimize, place, prune, quantize
     from edgekiln.errors import EdgekilnError
     from edgekiln.models.artifact import ModelArtifact
     from edgekiln.models.run_folder import RunFolder

@@ -514,5 +514,28 @@ def make_recipe(model: PathLike | None = None, *, recipe: PathLike | Mapping[str
     return Recipe.from_dict(fields)
 
 
+def learn(target: PathLike, data: PathLike | tuple[Any, Any], *, out: PathLike | None = None, learn: Any = None,
+          gate: Any = None, new_classes: Sequence[int] = (), replay_bytes: int | None = None) -> dict[str, Any]:
+    """Train the head of a bundle's model on new device samples in numpy, no torch (``edgekiln learn``).
+
+    ``target`` is a bundle folder (adapted into ``out``) or an agent state folder (adapted in place
+    through its A/B slots); ``data`` an ``.npz`` with ``x`` and ``y`` or an ``(x, y)`` pair; ``learn``
+    a :class:`~edgekiln.runtime.learner.LearnConfig`, ``gate`` a
+    :class:`~edgekiln.runtime.learner.GateConfig` (defaults when None). Returns the outcome:
+    ``accepted``, ``status`` (``adapted``/``rejected``), ``id``, ``reasons``, ``metrics``, ``adaptation``.
+
+    >>> learn("no-such-folder", ("x", "y"))
+    Traceback (most recent call last):
+    ...
+    edgekiln.errors.EdgekilnError: no-such-folder: neither a bundle folder (manifest.json) nor an agent state folder (state.json, slots/)
+    """
+    from edgekiln.fleet.adapt import learn_target, load_samples
+    from edgekiln.runtime.learner import GateConfig, LearnConfig
+
+    x, y = load_samples(data) if isinstance(data, str | Path) else data
+    return learn_target(target, x, y, out=out, learn=learn or LearnConfig(), gate=gate or GateConfig(),
+                        new_classes=new_classes, replay_bytes=replay_bytes)
+
+
 def _str(path: PathLike | None) -> str | None:
     return None if path is None else str(path)

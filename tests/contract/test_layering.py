@@ -352,7 +352,7 @@ def _torch_free_modules(imports: list[Import]) -> set[str]:
     keys = {"runtime/", "codegen/", "execution/"}
     modules = {module_name(p, SRC) for p in SRC.rglob("*.py")}
     guarded = {m for m in modules if package_key(m, SRC) in keys}
-    return guarded | reachable("edgekiln.fleet.agent", imports)
+    return guarded | reachable("edgekiln.fleet.agent", imports) | reachable("edgekiln.fleet.adapt", imports)
 
 
 def test_runtime_codegen_execution_and_the_fleet_agent_never_import_torch(imports):
@@ -367,7 +367,7 @@ def test_importing_runtime_codegen_execution_and_the_agent_loads_no_torch():
     """The static check above, confirmed by importing them: no dependency pulls torch in either."""
     modules = sorted(m for m in (module_name(p, SRC) for p in SRC.rglob("*.py"))
                      if package_key(m, SRC) in {"runtime/", "codegen/", "execution/"})
-    modules.append("edgekiln.fleet.agent")
+    modules += ["edgekiln.fleet.agent", "edgekiln.fleet.adapt"]
     code = ("import importlib, sys\n"
             f"for m in {modules!r}:\n"
             "    importlib.import_module(m)\n"

@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "edgekiln.cli.search_arch_cmd",
     "edgekiln.cli.optimize_cmd",
     "edgekiln.cli.runtime_cmd",
+    "edgekiln.cli.learn_cmd",
     "edgekiln.cli.split_cmd",
     "edgekiln.cli.export_cmd",
     "edgekiln.cli.verify_c_cmd",

@@ -307,7 +307,7 @@ def devices_list_command(server: str = SERVER, token: str = TOKEN, as_json: bool
         return
 
     _table("devices", ["device", "group", "model", "active version", "status", "last seen (UTC)", "last error",
-                       "p50 ms", "p95 ms", "variant", "health", "free", "seen"],
+                       "p50 ms", "p95 ms", "variant", "health", "free", "seen", "adapted"],
            [_device_row(d) for d in rows])
 
 
@@ -332,7 +332,7 @@ def devices_telemetry_command(name: str = typer.Argument(...),
         except (TypeError, ValueError, OverflowError, OSError):
             return ""
 
-    keys = ("model", "ver", "variant", "health", "p50", "p95", "disk_free", "pending")
+    keys = ("model", "ver", "variant", "health", "p50", "p95", "disk_free", "pending", "adapt")
     _table(f"telemetry of {name}", ["received (UTC)", *keys],
            [[when(i.get("received")), *("" if i.get(k) is None else str(i.get(k))[:30] for k in keys)]
             for i in items if isinstance(i, dict)])
@@ -380,11 +380,13 @@ def _device_row(d: dict[str, Any]) -> list[str]:
     if tele and (number(tele.get("p50")) or number(tele.get("p95"))):   # live telemetry beats the install report
         p50, p95 = tele.get("p50"), tele.get("p95")
     age = tele.get("age_s")
+    # NOTE: the live telemetry (the active seal), else the newest adaptation report; "-" = as published
+    adapted = tele.get("adapt") or d.get("adapted")
     return [str(d.get("name") or ""), str(d.get("group") or ""), str(d.get("model") or ""),
             str(d.get("active_version") or ""), str(d.get("status") or ""), when(d.get("last_seen")),
             str(d.get("last_error") or "")[:50], number(p50), number(p95),
             str(tele.get("variant") or "")[:30], str(tele.get("health") or "")[:10], size(tele.get("disk_free")),
-            f"{number(age, '.0f')} s ago" if number(age) else ""]
+            f"{number(age, '.0f')} s ago" if number(age) else "", str(adapted or "-")[:16]]
 
 
 def _tls(ca: str | None, insecure_http: bool) -> Any:

@@ -355,13 +355,18 @@ class Agent:
         latency = health.get("latency_ms")
         report = {"model": model, "version": version, "status": "installed",
                   **({"latency_ms": latency} if latency else {}), **self._transfer_report(info_length)}
-        state.update(model=model, active_version=version, active_slot=slot, pending=None, last_error=None)
+        # NOTE: a model adapted on the device (fleet.adapt) keeps its version number, so only a
+        # higher version gets here: the server's model supersedes the local adaptation.
+        superseded = (state.get("adaptation") or {}).get("id")
+        state.update(model=model, active_version=version, active_slot=slot, pending=None, last_error=None,
+                     adaptation=None)
         high = dict(state.get("high_water") or {})
         high[model] = max(version, int(high.get(model) or 0))
         state["high_water"] = high
         state["history"] = [*state.get("history", []),
                             {"time": now_iso(), "model": model, "version": version, "status": "installed",
-                             "max_abs_error": health.get("max_abs_error"), "latency_ms": latency}]
+                             "max_abs_error": health.get("max_abs_error"), "latency_ms": latency,
+                             **({"superseded_adaptation": superseded} if superseded else {})}]
         state["outbox"] = [*state.get("outbox", []), report]
         self.store.write_state(state)
         self.checkpoint("state:installed")
@@ -438,6 +443,12 @@ class Agent:
                 if quiet:
                     return
                 raise
+            except EdgekilnError as exc:
+                # NOTE: a server from before on-device learning refuses adaptation reports (422);
+                # they are information only, and resending one forever would block the queue.
+                if state["outbox"][0].get("status") not in ("adapted", "adapt_rejected") or "HTTP 422" not in str(exc):
+                    raise
+                self.log(f"adaptation report dropped: {exc}")
             state["outbox"] = state["outbox"][1:]
             self.store.write_state(state)
 

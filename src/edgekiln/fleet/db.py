@@ -56,7 +56,11 @@ CREATE TABLE IF NOT EXISTS device_telemetry (
     device TEXT PRIMARY KEY, received DOUBLE PRECISION NOT NULL, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS telemetry_history (
     id {id}, device TEXT NOT NULL, received DOUBLE PRECISION NOT NULL, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS device_adaptations (
+    seq {id}, device TEXT NOT NULL, received DOUBLE PRECISION NOT NULL, model TEXT NOT NULL,
+    version INTEGER NOT NULL, id TEXT NOT NULL, status TEXT NOT NULL, summary TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS rollouts_by_group ON rollouts (group_name, id);
+CREATE INDEX IF NOT EXISTS adaptations_by_device ON device_adaptations (device, seq);
 CREATE INDEX IF NOT EXISTS notices_by_seq ON device_notices (seq);
 CREATE INDEX IF NOT EXISTS telemetry_by_device ON telemetry_history (device, id);
 CREATE INDEX IF NOT EXISTS rollout_devices_by_device ON rollout_devices (device);

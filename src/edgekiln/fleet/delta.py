@@ -12,7 +12,8 @@ The agent (:func:`try_delta`) rebuilds the base tar from its active slot
 against the sha256 sealed at install, downloads the delta through TUF (length and hash checked),
 patches, and accepts the result only when its sha256 and length are those the director and the
 image metadata signed for the full bundle. Any failure (no bsdiff4 on armv7l, a slot edited, a
-corrupt delta, no room) returns None and the full bundle is downloaded as before.
+slot adapted on the device, a corrupt delta, no room) returns None and the full bundle is
+downloaded as before.
 
     >>> delta_path("digits", 3, 2)
     'digits/3/delta-from-2.bsdiff4'
@@ -198,14 +199,20 @@ def try_delta(updater: Any, info: Any, store: Any, fetcher: Any, final: Path, lo
     active = store.active()
     if active is None or active.model != model or not isinstance(version, int) or active.version >= version:
         return None
-    dpath = delta_path(str(model), version, active.version)
-    dinfo = updater.get_targetinfo(dpath)
-    if dinfo is None:
-        return None
 
     def skip(reason: str, detail: str) -> None:
         log(f"delta skipped: {reason} ({detail}); downloading the full bundle")
         note["fallback"] = reason
+
+    if getattr(active, "adaptation", None):
+        # NOTE: the slot's files were rewritten on the device (edgekiln learn): they can never
+        # rebuild the signed base, so not even the delta's metadata is fetched.
+        skip("adapted", "active slot was adapted on the device")
+        return None
+    dpath = delta_path(str(model), version, active.version)
+    dinfo = updater.get_targetinfo(dpath)
+    if dinfo is None:
+        return None
 
     try:
         import bsdiff4

@@ -3,7 +3,10 @@
 An item (docs/fleet-protocol.md; at most 16 per batch, 4 KiB)::
 
     {"t": unix_s, "model": str, "ver": int, "variant": str|null, "p50": ms, "p95": ms,
-     "health": "ok"|"degraded"|"failed", "disk_free": bytes, "pending": int|null}
+     "health": "ok"|"degraded"|"failed", "disk_free": bytes, "pending": int|null,
+     "adapt": str|null}
+
+``adapt`` is the id of the active slot's on-device adaptation (``edgekiln learn``), from its seal.
 
 ``variant``, ``p50`` and ``p95`` come from ``STATE/runtime-status.json`` when the application's
 runtime writes it (:mod:`edgekiln.runtime.status_file`) and it is at most 10 minutes old;
@@ -66,7 +69,13 @@ def collect(agent: Any, *, now: float | None = None) -> dict[str, Any] | None:
     pending = (state.get("pending") or {}).get("version")
     return {"t": int(now), "model": active.model, "ver": active.version, "variant": variant, "p50": p50,
             "p95": p95, "health": health, "disk_free": int(shutil.disk_usage(store.root).free),
-            "pending": pending if isinstance(pending, int) else None}
+            "pending": pending if isinstance(pending, int) else None,
+            "adapt": _adaptation_id(active)}
+
+
+def _adaptation_id(active: Any) -> str | None:
+    record = getattr(active, "adaptation", None)
+    return str(record["id"])[:16] if isinstance(record, dict) and record.get("id") else None
 
 
 class Telemetry:
@@ -95,7 +104,7 @@ class Telemetry:
         return max(0.0, min(self.last_at + self.every_s, self.checked_at + self.check_every_s) - now)
 
     def sample(self, *, force: bool = False) -> bool:
-        """Queue a sample when one is due, or at once when version, variant or health changed."""
+        """Queue a sample when one is due, or at once when version, variant, health or adaptation changed."""
         self.checked_at = self.clock()
         try:
             item = self.collect_fn(self.agent)
@@ -105,7 +114,7 @@ class Telemetry:
             if self._periodic_due():
                 self.last_at = self.clock()   # nothing to say now; next try one period later
             return False
-        key = (item["model"], item["ver"], item["variant"], item["health"])
+        key = (item["model"], item["ver"], item["variant"], item["health"], item.get("adapt"))
         if not force and key == self.last_key and not self._periodic_due():
             return False
         self.queue.append(item)

@@ -337,18 +337,26 @@ class Registry:
         return token
 
     def remove_device(self, name: str) -> None:
-        """Revoke a device: its token stops working; its rollout history is kept."""
+        """Revoke a device: its token stops working; its rollout history is kept, its adaptation
+        reports are deleted (a device added later under the name is not adapted)."""
         check_name(name, "device")
-        if not self.db.execute("DELETE FROM devices WHERE name = ?", (name,)):
-            raise FleetError(f"device '{name}' does not exist", 404)
+        with self.db.transaction(write_lock=True) as tx:
+            if not tx.execute("DELETE FROM devices WHERE name = ?", (name,)):
+                raise FleetError(f"device '{name}' does not exist", 404)
+            tx.execute("DELETE FROM device_adaptations WHERE device = ?", (name,))
 
     def devices(self) -> list[dict[str, Any]]:
-        rows = self.db.query("SELECT name, group_name, model, active_version, status, last_seen, last_error, "
-                             "latency_p50, latency_p95 FROM devices ORDER BY name")
+        """Every device; ``adapted`` is the id of the newest on-device adaptation it reported for the
+        version it runs (None when it runs the version as published)."""
+        rows = self.db.query(
+            "SELECT d.name, d.group_name, d.model, d.active_version, d.status, d.last_seen, d.last_error, "
+            "d.latency_p50, d.latency_p95, (SELECT a.id FROM device_adaptations a WHERE a.device = d.name AND "
+            "a.status = 'adapted' AND a.model = d.model AND a.version = d.active_version ORDER BY a.seq DESC "
+            "LIMIT 1) AS adapted FROM devices d ORDER BY d.name")
         return [{"name": r["name"], "group": r["group_name"], "model": r["model"],
                  "active_version": r["active_version"], "status": r["status"], "last_seen": r["last_seen"],
-                 "last_error": r["last_error"], "latency_ms": _latency(r["latency_p50"], r["latency_p95"])}
-                for r in rows]
+                 "last_error": r["last_error"], "latency_ms": _latency(r["latency_p50"], r["latency_p95"]),
+                 "adapted": r["adapted"]} for r in rows]
 
     def device(self, name: str) -> dict[str, Any] | None:
         rows = self.db.query("SELECT d.name, d.group_name, g.channel FROM devices d JOIN groups g "

@@ -23,13 +23,15 @@ from typing import Any
 from edgekiln.fleet.registry import FleetError, check_name, check_version, target_path
 
 STATES = ("running", "paused", "halted", "done", "cancelled")
-REPORT_STATUSES = ("installed", "failed", "rolled_back", "checking")
+ADAPT_STATUSES = ("adapted", "adapt_rejected")   # on-device learning (fleet.adapt): not rollout outcomes
+REPORT_STATUSES = ("installed", "failed", "rolled_back", "checking", *ADAPT_STATUSES)
 FAILED = ("failed", "rolled_back")
 
 
-REPORT_KEYS = ("status", "model", "version", "error", "latency_ms", "transfer")
+REPORT_KEYS = ("status", "model", "version", "error", "latency_ms", "transfer", "adaptation")
 TRANSFER_KINDS = ("delta", "full")
 MAX_LATENCY_MS = 1e7
+ADAPTATIONS_KEPT = 20        # per device, newest first
 
 
 def check_report(body: dict[str, Any]) -> tuple[str, str | None, int | None, str | None, dict[str, float]]:
@@ -48,6 +50,12 @@ def check_report(body: dict[str, Any]) -> tuple[str, str | None, int | None, str
     if error is not None and not isinstance(error, str):
         raise FleetError("report error must be a string", 422)
     check_transfer(body.get("transfer"))
+    if status in ADAPT_STATUSES:
+        if model is None or version is None:
+            raise FleetError(f"a {status} report needs model and version", 422)
+        check_adaptation(body.get("adaptation"))
+    elif body.get("adaptation") is not None:
+        raise FleetError(f"report field 'adaptation' belongs to {' and '.join(ADAPT_STATUSES)} reports only", 422)
     latency = body.get("latency_ms")
     if latency is None:
         return status, model, version, None if error is None else error[:2000], {}
@@ -70,6 +78,52 @@ def check_transfer(transfer: Any) -> None:
                     and len(transfer["fallback"]) <= 200):
         raise FleetError("report transfer must be {kind: delta|full, bytes: integer >= 0, "
                          "fallback: string (at most 200 characters) or null}", 422)
+
+
+def check_adaptation(record: Any) -> dict[str, Any]:
+    """An ``adapted``/``adapt_rejected`` report's ``adaptation`` (docs/fleet-protocol.md): at most
+    2 KB of JSON with the keys of :data:`~edgekiln.fleet.adapt.REPORT_KEYS`, typed, finite numbers.
+    It is information about the device, never a model: nothing is installed from it."""
+    from edgekiln.fleet.adapt import GATE_KEYS, MAX_REPORT_BYTES
+    from edgekiln.fleet.adapt import REPORT_KEYS as ADAPTATION_KEYS
+
+    def bad(what: str) -> FleetError:
+        return FleetError(f"report adaptation {what}", 422)
+
+    if not isinstance(record, dict):
+        raise bad("must be a JSON object")
+    if len(json.dumps(record, separators=(",", ":"))) > MAX_REPORT_BYTES:
+        raise bad("is larger than 2 KB")
+    unknown = sorted(set(record) - set(ADAPTATION_KEYS))
+    if unknown:
+        raise bad(f"field '{str(unknown[0])[:40]}' is unknown")
+    ident = record.get("id")
+    if not isinstance(ident, str) or len(ident) != 12 or any(c not in "0123456789abcdef" for c in ident):
+        raise bad("id must be 12 lowercase hex digits")
+    for key, value in record.items():
+        if not _adaptation_field_ok(key, value, GATE_KEYS):
+            raise bad(f"{key} {str(value)[:40]!r} has the wrong type or range")
+    return record
+
+
+def _adaptation_field_ok(key: str, value: Any, gate_keys: tuple[str, ...]) -> bool:
+    if key == "id":
+        return True   # checked above
+    if key == "scope":
+        return value in ("head", "last-block")
+    if key == "gate":
+        return isinstance(value, dict) and set(value) <= set(gate_keys) and all(
+            v is None or _finite(v, 1e12) for v in value.values())
+    if key == "reasons":
+        return isinstance(value, list) and len(value) <= 8 and all(isinstance(r, str) and len(r) <= 500 for r in value)
+    if key in ("base_sha256", "variant", "created"):
+        return isinstance(value, str) and len(value) <= 80 and value.isprintable()
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53
+
+
+def _finite(value: Any, limit: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and abs(value) <= limit
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -249,6 +303,9 @@ class Rollouts:
     def report(self, device: str, group: str, body: dict[str, Any]) -> None:
         status, model, version, error, latency = check_report(body)
         now = self.clock()
+        if status in ADAPT_STATUSES:
+            self._adaptation(device, status, str(model), int(version or 0), body["adaptation"], now)
+            return
         with self.db.transaction(write_lock=True) as tx:
             sets, params = ["last_seen = ?", "status = ?"], [now, status]
             if status == "installed" and model is not None and version is not None:
@@ -269,6 +326,19 @@ class Rollouts:
                 tx.execute("UPDATE rollout_devices SET status = ?, error = ?, updated = ? "
                            "WHERE rollout_id = ? AND device = ?", (status, error, now, row["id"], device))
                 self._evaluate(tx, self._row(tx, row["id"]))
+
+    def _adaptation(self, device: str, status: str, model: str, version: int, record: dict[str, Any],
+                    now: float) -> None:
+        """Keep the device's newest :data:`ADAPTATIONS_KEPT` adaptation reports. ``rollout_devices``
+        and the device's install status are not touched: an adaptation is not a rollout outcome."""
+        with self.db.transaction(write_lock=True) as tx:
+            tx.execute("UPDATE devices SET last_seen = ? WHERE name = ?", (now, device))
+            tx.execute("INSERT INTO device_adaptations (device, received, model, version, id, status, summary) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)", (device, now, model, version, record["id"], status,
+                                                        json.dumps(record, separators=(",", ":"))))
+            tx.execute("DELETE FROM device_adaptations WHERE device = ? AND seq NOT IN (SELECT seq FROM "
+                       "device_adaptations WHERE device = ? ORDER BY seq DESC LIMIT ?)",
+                       (device, device, ADAPTATIONS_KEPT))
 
 
 def _pick(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -4,7 +4,8 @@
 STATE/state.json       what the agent knows (active version, pending update, outbox of reports)
 STATE/slots/a|b/       an unpacked bundle each
 STATE/slots/a|b.json   the slot's seal: written (atomically) only after every file of the slot
-                       was written and fsynced; a slot folder without its seal is half-written
+                       was written and fsynced; a slot folder without its seal is half-written.
+                       A slot adapted on the device (``edgekiln learn``) has ``adaptation`` in it
 STATE/active           symlink -> slots/a or slots/b, switched by rename() of a new symlink
 STATE/download/        partial and verified downloads
 STATE/tuf/             trusted TUF metadata
@@ -106,6 +107,7 @@ class SlotInfo:
     version: int
     target_path: str
     sha256: str
+    adaptation: dict[str, Any] | None = None   # set when learned on the device (``fleet.adapt``)
 
 
 def empty_state() -> dict[str, Any]:
@@ -202,8 +204,10 @@ class SlotStore:
             return None
         try:
             data = json.loads(seal.read_text())
+            adaptation = data.get("adaptation")
             return SlotInfo(name=name, path=path, model=str(data["model"]), version=int(data["version"]),
-                            target_path=str(data["target_path"]), sha256=str(data["sha256"]))
+                            target_path=str(data["target_path"]), sha256=str(data["sha256"]),
+                            adaptation=adaptation if isinstance(adaptation, dict) else None)
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -273,8 +277,8 @@ class SlotStore:
 
         - a stale temporary symlink from an interrupted switch is removed;
         - an inactive slot without a seal (interrupted unpack) is deleted;
-        - ``state.json`` is made to agree with the ``active`` symlink; an update that reached the
-          switch before the crash is recorded as installed and its report is queued;
+        - ``state.json`` is made to agree with the ``active`` symlink; an update (or an on-device
+          adaptation) that reached the switch before the crash is recorded and its report is queued;
         - downloads other than the pending update's are deleted.
         """
         self.ensure_layout()
@@ -326,20 +330,37 @@ class SlotStore:
         info = self.active()
         notes: list[str] = []
         have = (info.model, info.version, info.name) if info else (None, None, None)
-        if (state.get("model"), state.get("active_version"), state.get("active_slot")) == have:
+        adapted = info.adaptation if info else None
+        if (state.get("model"), state.get("active_version"), state.get("active_slot")) == have \
+                and _adaptation_id(state.get("adaptation")) == _adaptation_id(adapted):
             return notes
         pending = state.get("pending") or {}
+        entry: dict[str, Any] = {}
         if info and pending.get("model") == info.model and pending.get("version") == info.version:
             # Crashed after the switch, before state.json and the report were written.
             state["pending"] = None
             state["last_error"] = None
             entry = {"model": info.model, "version": info.version, "status": "installed"}
-            state["history"] = [*state.get("history", []), {**entry, "time": now_iso(), "note": "after restart"}]
-            state["outbox"] = [*state.get("outbox", []), dict(entry)]
             notes.append(f"update to {info.model} v{info.version} had been switched before the crash: completed")
+        elif info and adapted and _adaptation_id(adapted) != _adaptation_id(state.get("adaptation")):
+            # NOTE: an adaptation (fleet.adapt) killed after its switch, before state.json: the seal
+            # holds its record, so the report the device owes the server is rebuilt from it.
+            from edgekiln.fleet.adapt import report_record
+
+            entry = {"model": info.model, "version": info.version, "status": "adapted",
+                     "adaptation": report_record(adapted)}
+            state["last_adaptation"] = {"id": _adaptation_id(adapted), "status": "adapted"}
+            notes.append(f"adaptation {_adaptation_id(adapted)} had been switched before the crash: completed")
         else:
             notes.append("state.json did not match the active slot: corrected")
-        state.update(model=have[0], active_version=have[1], active_slot=have[2])
+        if entry:
+            extra = {"superseded_adaptation": _adaptation_id(state["adaptation"])} \
+                if state.get("adaptation") and not adapted else {}
+            history = {k: v for k, v in entry.items() if k != "adaptation"}
+            state["history"] = [*state.get("history", []),
+                                {**history, "time": now_iso(), "note": "after restart", **extra}]
+            state["outbox"] = [*state.get("outbox", []), dict(entry)]
+        state.update(model=have[0], active_version=have[1], active_slot=have[2], adaptation=adapted)
         self.write_state(state)
         return notes
 
@@ -414,10 +435,13 @@ class SlotStore:
         for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
             fsync_dir(d)
 
-    def seal(self, name: str, *, model: str, version: int, target_path: str, sha256: str) -> SlotInfo:
-        """Mark slot ``name`` as completely written (not yet as healthy: the switch says that)."""
+    def seal(self, name: str, *, model: str, version: int, target_path: str, sha256: str,
+             adaptation: dict[str, Any] | None = None) -> SlotInfo:
+        """Mark slot ``name`` as completely written (not yet as healthy: the switch says that).
+        ``adaptation`` is the record of a slot learned on the device (``edgekiln.fleet.adapt``)."""
         atomic_write_json(self.seal_path(name), {"model": model, "version": version, "target_path": target_path,
-                                                 "sha256": sha256, "sealed": now_iso()})
+                                                 "sha256": sha256, "sealed": now_iso(),
+                                                 **({"adaptation": adaptation} if adaptation else {})})
         fsync_dir(self.slots_dir)
         self.checkpoint("slot-sealed")
         info = self.sealed(name)
@@ -482,6 +506,10 @@ def _latency(path: Path, runs: int) -> dict[str, float] | None:
         return {"p50": round(stats.p(50) or 0.0, 4), "p95": round(stats.p(95) or 0.0, 4)}
     except Exception:  # noqa: BLE001 - latency is informative; the health check already passed
         return None
+
+
+def _adaptation_id(record: Any) -> str | None:
+    return str(record.get("id")) if isinstance(record, dict) and record.get("id") else None
 
 
 def _remove(path: Path) -> None:

@@ -25,7 +25,7 @@ from edgekiln.fleet.json_limits import JsonRefused, loads_bounded
 MAX_BATCH_BYTES = 4096
 MAX_ITEMS = 16
 HEALTH = ("ok", "degraded", "failed")
-ITEM_KEYS = ("t", "model", "ver", "variant", "p50", "p95", "health", "disk_free", "pending")
+ITEM_KEYS = ("t", "model", "ver", "variant", "p50", "p95", "health", "disk_free", "pending", "adapt")
 REASONS = ("too_large", "not_json", "depth", "unknown_key", "bad_type", "non_finite", "too_many", "rate_limited")
 MAX_MS = 1e7
 
@@ -59,6 +59,7 @@ CHECKS: dict[str, Callable[[Any], bool]] = {
     "health": lambda v: v in HEALTH,
     "disk_free": lambda v: _int(v, 0, 2**63 - 1),
     "pending": lambda v: _int(v, 0, 2**31 - 1),
+    "adapt": lambda v: _str(v, 16),   # the id of the active slot's on-device adaptation (fleet.adapt)
 }
 
 
@@ -234,5 +235,5 @@ def telemetry_view(latest: dict[str, Any] | None, now: float) -> dict[str, Any] 
         return None
     return {"health": latest.get("health"), "variant": latest.get("variant"), "p50": latest.get("p50"),
             "p95": latest.get("p95"), "disk_free": latest.get("disk_free"), "model": latest.get("model"),
-            "ver": latest.get("ver"), "pending": latest.get("pending"),
+            "ver": latest.get("ver"), "pending": latest.get("pending"), "adapt": latest.get("adapt"),
             "age_s": round(max(0.0, now - float(latest["received"])), 1)}

@@ -10,6 +10,14 @@ they are copied to ``placement/VARIANT/`` and the manifest's top-level ``placeme
 them, so the runtime runs that variant as its chain. The variant's whole file is kept (older
 runtimes run it), and the samples' expected outputs come from it, so the health check compares
 the chain against the whole model.
+
+With ``learn_data`` (an npz with ``x`` and integer labels ``y``, e.g. the run's training data)
+every variant also gets what learning on the device needs (:mod:`edgekiln.runtime.adapt`):
+``learn/VARIANT/replay.npz``, a replay buffer of at most ``replay_bytes`` of that variant's
+features at the tail's cut (int8 rows for an int8 variant, exact), and
+``learn/VARIANT/holdout.npz``, ``holdout_per_class`` features per class from the eval data,
+which the gate checks forgetting on and nothing trains on. The manifest's top-level ``learn``
+names them.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import datetime as _dt
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -29,8 +38,20 @@ from edgekiln.runtime.manifest import MANIFEST_NAME, Manifest, TensorSpec, Varia
 PLACEMENT_FILE = "placement.json"   # what `edgekiln place --out RUN` writes (targets/place_io.FILE)
 
 
+@dataclass(frozen=True, kw_only=True)
+class LearnData:
+    """What ``--learn-data`` puts in a bundle: the labelled training npz the replay buffer is
+    sampled from, its size in bytes, the tail scope whose features it holds, and how many
+    held-out eval features per class the gate gets."""
+
+    data: Path
+    replay_bytes: int = 256 * 1024
+    scope: str = "head"
+    holdout_per_class: int = 25
+
+
 def build_bundle(run_dirs: list[str | Path], out: str | Path, *, name: str = "model", version: str = "1",
-                 default: str | None = None, samples: int = 4) -> Manifest:
+                 default: str | None = None, samples: int = 4, learn: LearnData | None = None) -> Manifest:
     """Write the bundle folder ``out`` atomically (built beside it, then renamed into place)."""
     if not run_dirs:
         raise EdgekilnError("bundle: give at least one run folder")
@@ -43,18 +64,22 @@ def build_bundle(run_dirs: list[str | Path], out: str | Path, *, name: str = "mo
         variants, sample_src = [], None
         used: set[str] = set()
         placements: dict[str, str] = {}
+        learn_files: dict[str, dict[str, Any]] = {}
         for run in run_dirs:
             variant, data = _variant_from_run(Path(run), staging, used)
             variants.append(variant)
             sample_src = sample_src or data
             if (Path(run) / PLACEMENT_FILE).is_file():
                 placements[variant.name] = _copy_placement(Path(run), staging, variant)
+            if learn is not None:
+                learn_files[variant.name] = _learn_files(staging, variant, learn, data)
         default = default or variants[0].name
         inputs, outputs, sample_in, sample_out = _io_and_samples(staging, variants, default, sample_src, samples)
         manifest = Manifest(name=name, version=str(version),
                             created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                             inputs=inputs, outputs=outputs, variants=tuple(variants), default_variant=default,
-                            sample_inputs=sample_in, sample_outputs=sample_out, placements=placements)
+                            sample_inputs=sample_in, sample_outputs=sample_out, placements=placements,
+                            learn=learn_files)
         Manifest.from_dict(manifest.to_dict())  # the same validation a device applies
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
         load_manifest(staging)
@@ -87,6 +112,50 @@ def _variant_from_run(run: Path, staging: Path, used: set[str]) -> tuple[Variant
                       metric_name=report.get("metric_name") or ("accuracy" if "accuracy" in report else None),
                       latency_ms=latency, macs=_macs(report), provenance=provenance)
     return variant, art.data.get("eval")
+
+
+def _learn_files(staging: Path, variant: Variant, learn: LearnData, eval_data: Path | None) -> dict[str, Any]:
+    """Write ``learn/VARIANT/replay.npz`` and ``holdout.npz`` (see the module doc); return the entry."""
+    from edgekiln.fileio import atomic_save_npz
+    from edgekiln.runtime.learner import HeadLearner, LearnConfig
+    from edgekiln.runtime.replay import ReplayBuffer
+
+    x, y = _labelled(learn.data)
+    learner = HeadLearner(staging / variant.file, LearnConfig(scope=learn.scope))
+    spec = learner.spec
+    int8 = spec.cut_q is not None and np.asarray(spec.cut_q.zero_point).dtype == np.int8
+    qparams = ((float(np.asarray(spec.cut_q.scale).reshape(-1)[0]), int(np.asarray(spec.cut_q.zero_point).reshape(-1)[0]))
+               if int8 and spec.cut_q is not None else None)
+    replay = ReplayBuffer(learn.replay_bytes, spec.feature_dim, storage="int8" if int8 else "float16",
+                          qparams=qparams, seed=0)
+    for start in range(0, len(y), 256):
+        replay.add(learner.features(x[start:start + 256])[0], y[start:start + 256])
+    hx, hy = np.zeros((0, spec.feature_dim), np.float32), np.zeros(0, np.int16)
+    if eval_data is not None:
+        ex, ey = _labelled(eval_data, required=False)
+        if ey is not None:
+            keep = np.concatenate([np.flatnonzero(ey == c)[:learn.holdout_per_class] for c in np.unique(ey)])
+            hx, hy = learner.features(ex[np.sort(keep)])[0], ey[np.sort(keep)].astype(np.int16)
+    rel = PurePosixPath("learn") / variant.name
+    replay.save(staging / Path(*rel.parts) / "replay.npz")
+    atomic_save_npz(staging / Path(*rel.parts) / "holdout.npz", x=hx, y=hy)
+    return {"cut": spec.cut, "scope": learn.scope, "replay": str(rel / "replay.npz"),
+            "holdout": str(rel / "holdout.npz"), "classes": spec.num_classes, "storage": replay.storage}
+
+
+def _labelled(path: Path, *, required: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """``x`` and integer ``y`` of an npz (``y`` None when absent and not ``required``)."""
+    from edgekiln.execution.feeds import load_npz
+
+    data = load_npz(path)
+    if "x" not in data:
+        raise EdgekilnError(f"{path}: has no array x (arrays: {', '.join(data) or 'none'})")
+    y = data.get("y")
+    if y is None or np.asarray(y).dtype.kind not in "iu" or len(y) != len(data["x"]):
+        if required:
+            raise EdgekilnError(f"{path}: needs integer class labels y, one per row of x")
+        return np.asarray(data["x"]), None
+    return np.asarray(data["x"], np.float32), np.asarray(y).reshape(-1).astype(np.int64)
 
 
 def _copy_placement(run: Path, staging: Path, variant: Variant) -> str:

@@ -9,11 +9,18 @@ onnxruntime on ``device`` (``cpu``, ``auto`` or a provider, see
 >>> rt = Runtime("bundle/", device="auto")                         # doctest: +SKIP
 >>> y = rt.infer(x)                                                # doctest: +SKIP
 >>> rt.stats()["variants"]["int8"]["p95_ms"]                       # doctest: +SKIP
+
+``learn(x, y)`` trains the current variant's head on streamed samples (numpy, no torch; see
+:mod:`edgekiln.runtime.learner`) while inference keeps using the deployed model; ``commit(out,
+gate=...)`` writes the adapted bundle to ``out`` if the gate accepts it
+(:func:`edgekiln.runtime.adapt.write_and_gate`). Activating it on a device goes through the
+agent's A/B slots (``edgekiln learn STATE``).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +33,8 @@ from edgekiln.runtime.policies import DeviceState, FixedPolicy, Policy, order_by
 
 if TYPE_CHECKING:
     from edgekiln.execution.runtimes import Session
+    from edgekiln.runtime.adapt import AdaptResult, Base
+    from edgekiln.runtime.learner import GateConfig, LearnConfig, StreamConfig
 
 
 class Runtime:
@@ -57,6 +66,7 @@ class Runtime:
         self.current = self.manifest.default_variant
         self.requests = 0
         self._sessions: dict[str, Session] = {}
+        self._learning: _Learning | None = None
         self.slowdown_ms = 0.0   # NOTE: test hook simulating a loaded device (added to measured latency)
 
     def placement(self, variant: str) -> str | None:
@@ -111,8 +121,41 @@ class Runtime:
         return out
 
     def stats(self) -> dict[str, Any]:
-        return {"bundle": self.manifest.name, "version": self.manifest.version, "current": self.current,
-                "requests": self.requests, "order": list(self.order), "variants": self.monitor.to_dict()}
+        out = {"bundle": self.manifest.name, "version": self.manifest.version, "current": self.current,
+               "requests": self.requests, "order": list(self.order), "variants": self.monitor.to_dict()}
+        if self._learning is not None:
+            lr = self._learning
+            out["learning"] = {"n_seen": lr.n_seen, "classes": lr.base.learner.classes,
+                               "last_step_ms": round(lr.base.learner.last_step["ms"], 4)}
+        return out
+
+    def learn(self, x: np.ndarray, y: np.ndarray, *, new_classes: int | Sequence[int] | None = None,
+              config: LearnConfig | None = None, stream: StreamConfig | None = None) -> dict[str, Any]:
+        """Train the default variant's head on samples ``(x, y)`` (a streaming step; the first call
+        sets up the learner with ``config``/``stream`` and the bundle's replay). Labels at or
+        above the model's classes are new classes; ``new_classes`` (a count, or the class
+        indices) caps how many (None: any).
+        Every ``round(1 / holdout_share)``-th sample of a class is held out for :meth:`commit`.
+        Returns ``{loss, n_seen, classes, ms, peak_bytes}``; inference is unchanged until commit.
+        """
+        from edgekiln.runtime.learner import GateConfig, LearnConfig
+
+        if self._learning is None:
+            self._learning = _Learning(self.root, config or LearnConfig(), stream, GateConfig(), self.threads)
+        count = new_classes if new_classes is None or isinstance(new_classes, int) else len(new_classes)
+        return self._learning.learn(x, y, count)
+
+    def commit(self, out: str | Path | None = None, *, gate: GateConfig) -> AdaptResult:
+        """Write the head trained by :meth:`learn` as an adapted bundle in ``out`` (default:
+        ``<bundle>.adapted``) and gate it on the held-out samples; a rejected one is deleted."""
+        from edgekiln.runtime.adapt import write_and_gate
+
+        if self._learning is None or not self._learning.n_seen:
+            raise EdgekilnError("commit: nothing learned yet (call learn first)")
+        lr = self._learning
+        held_x, held_y = lr.held()
+        target = Path(out) if out is not None else self.root.with_name(self.root.name + ".adapted")
+        return write_and_gate(lr.base, held_x, held_y, gate=gate, out=target, samples=lr.n_seen)
 
     def _feeds(self, sess: Session, x: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = dict(x) if isinstance(x, dict) else {sess.input_names[0]: x}
@@ -129,6 +172,49 @@ class Runtime:
                                     f"{['?' if e is None else e for e in expected]}")
             feeds[name] = arr
         return feeds
+
+
+class _Learning:
+    """The streaming learner of one runtime: the adapted bundle's base and the held-out samples."""
+
+    def __init__(self, root: Path, config: LearnConfig, stream: StreamConfig | None, gate: GateConfig,
+                 threads: int) -> None:
+        from edgekiln.runtime.adapt import open_base
+
+        self.base: Base = open_base(root, config, threads=threads, stream=stream)
+        self.every = max(2, round(1.0 / gate.holdout_share))
+        self.per_class: dict[int, int] = {}
+        self.held_x: list[np.ndarray] = []
+        self.held_y: list[int] = []
+        self.n_seen = 0
+
+    def learn(self, x: np.ndarray, y: np.ndarray, new_classes: int | None) -> dict[str, Any]:
+        learner = self.base.learner
+        y = np.asarray(y).reshape(-1)
+        limit = learner.old_classes + (new_classes if new_classes is not None else 1 << 15)
+        if y.dtype.kind not in "iu" or (len(y) and (y.min() < 0 or y.max() >= limit)):
+            raise EdgekilnError(f"learn: labels must be class indices below {limit}")
+        feats, _ = learner.features(np.asarray(x))
+        if len(feats) != len(y):
+            raise EdgekilnError(f"learn: {len(feats)} samples and {len(y)} labels")
+        train = np.ones(len(y), bool)
+        for i, c in enumerate(int(v) for v in y):
+            k = self.per_class.get(c, 0)
+            self.per_class[c] = k + 1
+            if k % self.every == self.every - 1:   # NOTE: every k-th sample of a class is the gate's
+                train[i] = False
+                self.held_x.append(feats[i])
+                self.held_y.append(c)
+        self.n_seen += len(y)
+        res = {"loss": None, "ms": 0.0, "peak_bytes": 0}
+        if train.any():
+            res = learner.partial_fit(None, y[train], feats=feats[train])
+        return {**res, "n_seen": self.n_seen, "classes": learner.classes}
+
+    def held(self) -> tuple[np.ndarray, np.ndarray]:
+        dim = self.base.learner.spec.feature_dim
+        return (np.stack(self.held_x) if self.held_x else np.zeros((0, dim), np.float32),
+                np.asarray(self.held_y, np.int64))
 
 
 def _first(latencies: dict[str, float]) -> float | None:

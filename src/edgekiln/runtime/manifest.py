@@ -10,6 +10,13 @@ segments, one per compute unit, from ``edgekiln place``). It is top-level on pur
 before it ignore top-level keys they do not know and run the variant's whole file, while an
 unknown key inside a variant would make them refuse the manifest.
 
+Two more optional top-level keys, for on-device learning (:mod:`edgekiln.runtime.adapt`), work
+the same way: ``learn`` maps a variant to its learning files (``{"cut", "scope", "replay",
+"holdout", "classes", "storage"}``: the feature tensor, the replay buffer and held-out features
+of the old classes, written by ``edgekiln bundle --learn-data``), and ``adaptation`` describes a
+bundle that learning on the device made (``{"version", "id", "n", "base_sha256", "variant",
+"scope", "classes_before", "classes_after", "samples", "replay_bytes", "created", "gate"}``).
+
 Imports only the standard library and numpy: this runs on the device.
 """
 
@@ -25,6 +32,7 @@ from edgekiln.errors import EdgekilnError
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+LEARN_FILES = ("cut", "replay", "holdout")   # the string fields every `learn` entry has
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,8 @@ class Manifest:
     health_tolerance: float = 1e-3       # max abs difference allowed in the health check
     schema_version: int = MANIFEST_VERSION
     placements: dict[str, str] = field(default_factory=dict)   # variant -> placement.json in the bundle
+    learn: dict[str, dict[str, Any]] = field(default_factory=dict)   # variant -> its learning files
+    adaptation: dict[str, Any] | None = None   # set in a bundle that on-device learning made
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -76,8 +86,9 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        if not data["placements"]:
-            del data["placements"]   # NOTE: manifests without placements stay byte-for-byte as before
+        for key in ("placements", "learn", "adaptation"):
+            if not data[key]:
+                del data[key]   # NOTE: manifests without them stay byte-for-byte as before
         return data
 
     @staticmethod
@@ -97,8 +108,16 @@ class Manifest:
             if not isinstance(placements, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
                                                            for k, v in placements.items()):
                 raise EdgekilnError(f"{where}: placements must map variant names to placement.json paths")
+            learn, adaptation = data.get("learn") or {}, data.get("adaptation") or None
+            if not isinstance(learn, dict) or not all(isinstance(k, str) and isinstance(v, dict)
+                                                      and all(isinstance(v.get(f), str) for f in LEARN_FILES)
+                                                      for k, v in learn.items()):
+                raise EdgekilnError(f"{where}: learn must map variant names to {{{', '.join(LEARN_FILES)}, ...}}")
+            if adaptation is not None and not (isinstance(adaptation, dict) and isinstance(adaptation.get("id"), str)):
+                raise EdgekilnError(f"{where}: adaptation must be an object with an id")
             manifest = Manifest(**fields, **optional, inputs=specs["inputs"], outputs=specs["outputs"],
-                                variants=variants, placements=dict(placements))
+                                variants=variants, placements=dict(placements), learn=dict(learn),
+                                adaptation=adaptation)
         except KeyError as exc:
             raise EdgekilnError(f"{where}: missing field {exc}") from None
         except TypeError as exc:
@@ -109,10 +128,11 @@ class Manifest:
         names = [v.name for v in manifest.variants]
         if len(set(names)) != len(names):
             raise EdgekilnError(f"{where}: duplicate variant names {names}")
-        unknown = sorted(set(manifest.placements) - set(names))
-        if unknown:
-            raise EdgekilnError(f"{where}: placements name variant(s) {', '.join(unknown)}; the variants are "
-                                + ", ".join(names))
+        for key, named in (("placements", manifest.placements), ("learn", manifest.learn)):
+            unknown = sorted(set(named) - set(names))
+            if unknown:
+                raise EdgekilnError(f"{where}: {key} name variant(s) {', '.join(unknown)}; the variants are "
+                                    + ", ".join(names))
         return manifest
 
 
@@ -145,7 +165,8 @@ def load_manifest(bundle_dir: str | Path, *, verify_files: bool = True) -> Manif
             if digest != v.sha256:
                 raise EdgekilnError(f"{root}: variant '{v.name}' file {v.file} does not match its SHA-256 "
                                     f"(manifest {v.sha256[:12]}..., file {digest[:12]}...)")
-        for extra in (manifest.sample_inputs, manifest.sample_outputs, *manifest.placements.values()):
+        learn_files = [e[k] for e in manifest.learn.values() for k in ("replay", "holdout")]
+        for extra in (manifest.sample_inputs, manifest.sample_outputs, *manifest.placements.values(), *learn_files):
             if extra and not safe_member(root, extra).is_file():
                 raise EdgekilnError(f"{root}: {extra} named in the manifest is missing")
     return manifest

@@ -64,3 +64,93 @@ def random_npz(path: str | Path, shape: tuple[int, ...], *, n: int = 32, num_cla
     x = rng.standard_normal((n, *shape[1:])).astype(np.float32)
     y = rng.integers(0, num_classes, size=n).astype(np.int64)
     return atomic_save_npz(path, x=x, y=y)
+
+
+def tiny_head_onnx(path: str | Path, *, classes: int = 8, dim: int = 16, hidden: int = 24, int8: bool = False,
+                   seed: int = 0) -> Path:
+    """A small classifier of :func:`edgekiln.testing.streams.class_clusters` with a trainable tail:
+    Conv(1->dim/4, 3x3, stride 2) -> Relu -> MaxPool(2) -> Flatten (``dim`` features) ->
+    Gemm(dim->hidden, transB=1) -> Relu -> Gemm(hidden->classes, transB=1) on a 1x8x8 input.
+
+    The conv and the hidden layer are seeded random; the last layer is fitted in closed form
+    (ridge regression on clusters of classes ``0..classes-1``), so the model classifies them
+    well. ``int8=True`` writes onnxruntime's static QDQ quantization of it (per channel, int8
+    weights and activations, calibrated on the same clusters).
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgekiln.fileio import atomic_save_onnx
+    from edgekiln.testing.streams import class_clusters
+
+    if dim % 4:
+        raise ValueError(f"dim must be a multiple of 4, not {dim}")
+    rng = np.random.default_rng(seed)
+    ch = dim // 4
+    wc = (rng.standard_normal((ch, 1, 3, 3)) * 0.6).astype(np.float32)
+    bc = (rng.standard_normal(ch) * 0.05).astype(np.float32)
+    w1 = (rng.standard_normal((hidden, dim)) * np.sqrt(2.0 / dim)).astype(np.float32)
+    b1 = (rng.standard_normal(hidden) * 0.05 + 0.1).astype(np.float32)
+    x, y = class_clusters(40, classes=tuple(range(classes)), seed=seed + 1000)
+    h = np.maximum(_tiny_features(x, wc, bc) @ w1.T + b1, 0.0)
+    target = np.full((len(y), classes), -1.0) + 5.0 * np.eye(classes)[y]
+    hb = np.concatenate([h, np.ones((len(h), 1))], axis=1).astype(np.float64)
+    sol = np.linalg.solve(hb.T @ hb + 1e-1 * np.eye(hidden + 1), hb.T @ target)
+    w2, b2 = sol[:-1].T.astype(np.float32), sol[-1].astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["input", "wc", "bc"], ["c1"], name="conv", kernel_shape=[3, 3], strides=[2, 2],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu_c"),
+        helper.make_node("MaxPool", ["r1"], ["p1"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["p1"], ["features"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["features", "w1", "b1"], ["g1"], name="fc1", transB=1),
+        helper.make_node("Relu", ["g1"], ["h1"], name="relu1"),
+        helper.make_node("Gemm", ["h1", "w2", "b2"], ["logits"], name="fc2", transB=1),
+    ]
+    inits = [numpy_helper.from_array(a, n) for a, n in ((wc, "wc"), (bc, "bc"), (w1, "w1"), (b1, "b1"),
+                                                       (w2, "w2"), (b2, "b2"))]
+    graph = helper.make_graph(nodes, "tiny_head",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgekiln.testing")
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    path = atomic_save_onnx(path, model)
+    if int8:
+        _ort_qdq(path, x)
+    return path
+
+
+def _tiny_features(x: np.ndarray, wc: np.ndarray, bc: np.ndarray) -> np.ndarray:
+    """numpy forward of tiny_head_onnx's backbone (conv stride 2, pad 1 -> relu -> 2x2 max pool)."""
+    n, ch = len(x), len(wc)
+    xp = np.pad(x[:, 0], ((0, 0), (1, 1), (1, 1)))
+    out = np.zeros((n, ch, 4, 4), np.float32)
+    for i in range(4):
+        for j in range(4):
+            patch = xp[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3].reshape(n, 9)
+            out[:, :, i, j] = patch @ wc.reshape(ch, 9).T + bc
+    out = np.maximum(out, 0.0)
+    return out.reshape(n, ch, 2, 2, 2, 2).max(axis=(3, 5)).reshape(n, -1)
+
+
+def _ort_qdq(path: Path, calib: np.ndarray) -> None:
+    """Quantize ``path`` in place with onnxruntime's static QDQ quantizer (per channel, int8)."""
+    import logging
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{"input": calib[i:i + 16]} for i in range(0, len(calib), 16)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.items, None)
+
+    logging.getLogger().setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix="edgekiln-tiny-", dir=Path(path).parent) as tmp:
+        dst = Path(tmp) / "q.onnx"
+        quantize_static(str(path), str(dst), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QInt8)
+        dst.replace(path)

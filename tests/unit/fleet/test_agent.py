@@ -317,3 +317,69 @@ def test_cli_push_options_are_checked_in_one_line(tmp_path, capsys, enrolled_roo
               "--root", str(enrolled_root), *args])
     err = capsys.readouterr().err.strip()
     assert done.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def _adapt_in_place(store, record):
+    """What ``fleet.adapt.adapt_state`` leaves after an accepted adaptation (the learning itself is
+    tested in tests/integration/test_learn_state.py): the active bundle copied into the other slot,
+    sealed with ``adaptation`` and switched to; state.json records it."""
+    import shutil
+
+    active = store.active()
+    slot = store.inactive_name()
+    shutil.copytree(active.path, store.slot_path(slot))
+    store.seal(slot, model=active.model, version=active.version, target_path=active.target_path,
+               sha256="0" * 64, adaptation=record)
+    store.switch(slot)
+    state = store.read_state()
+    state.update(active_slot=slot, adaptation=record)
+    store.write_state(state)
+    return slot
+
+
+def test_an_adaptation_is_kept_until_a_higher_version_supersedes_it(fleet, tmp_path):
+    token, agent = _device_with_v1(fleet, tmp_path, "m-adapted")
+    record = {"version": 1, "id": "0123456789ab", "scope": "head"}
+    slot = _adapt_in_place(agent.store, record)
+    counting = CountReports(fleet.transport)
+    agent = fleet.agent(tmp_path / "state", token, transport=counting)
+    assert agent.run_once()["outcome"] == "up-to-date"          # same version: the adaptation is kept
+    assert agent.store.active_name() == slot and agent.store.active().adaptation == record
+    assert agent.store.read_state()["adaptation"] == record
+    fleet.publish(fleet.tars[2], "m-adapted", 2)
+    fleet.rollout("m-adapted", 2, "g-m-adapted")
+    assert agent.run_once()["outcome"] == "installed"           # a higher version supersedes it
+    active = agent.store.active()
+    assert (active.version, active.adaptation, active.name != slot) == (2, None, True), active
+    state = agent.store.read_state()
+    assert state["adaptation"] is None and state["history"][-1]["superseded_adaptation"] == "0123456789ab", state
+    installed = [r for r in counting.reports if r["status"] == "installed"]
+    assert installed[-1]["transfer"]["fallback"] == "adapted", installed   # no delta from an adapted slot
+    assert health_check_slot(active.path, latency_runs=1)["ok"]
+
+
+class RefuseAdaptReports(httpx.BaseTransport):
+    """A server from before on-device learning: adaptation reports get 422."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def handle_request(self, request):
+        if request.url.path == "/v1/device/report" and json.loads(request.content)["status"] == "adapted":
+            return httpx.Response(422, json={"detail": "report status 'adapted' is not one of ..."})
+        return self.inner.handle_request(request)
+
+
+def test_an_adaptation_report_an_older_server_refuses_is_dropped_not_retried_forever(fleet, tmp_path):
+    token, agent = _device_with_v1(fleet, tmp_path, "m-old-server")
+    state = agent.store.read_state()
+    state["outbox"] = [{"status": "adapted", "model": "m-old-server", "version": 1,
+                        "adaptation": {"id": "0123456789ab"}},
+                       {"status": "failed", "model": "m-old-server", "version": 1, "error": "queued after it"}]
+    agent.store.write_state(state)
+    lines = []
+    agent = fleet.agent(tmp_path / "state", token, transport=RefuseAdaptReports(fleet.transport), log=lines.append)
+    assert agent.run_once()["outcome"] == "up-to-date"
+    assert agent.store.read_state()["outbox"] == [], "the queue must not stay blocked"
+    assert any("adaptation report dropped" in line and "HTTP 422" in line for line in lines), lines
+    assert fleet.devices()["m-old-server"]["last_error"] == "queued after it"   # the next report went through

@@ -180,7 +180,7 @@ def test_telemetry_from_the_runtime_status_file_or_the_last_health_check(tmp_pat
     item = collect(agent, now=1010.0)
     assert item is not None and (item["variant"], item["p50"], item["p95"], item["health"]) == \
         ("int8", 1.5, 4.25, "degraded"), item
-    assert set(item) == {"t", "model", "ver", "variant", "p50", "p95", "health", "disk_free", "pending"}
+    assert set(item) == {"t", "model", "ver", "variant", "p50", "p95", "health", "disk_free", "pending", "adapt"}
     assert len(json.dumps({"batch": [item] * MAX_ITEMS})) <= 4096
     assert read_status(tmp_path / "runtime-status.json", now=1000.0 + 601) is None   # stale: history again
     assert collect(agent, now=1000.0 + 601)["variant"] is None

@@ -215,11 +215,11 @@ def test_devices_list_rows_print_nothing_for_odd_values():
 
     odd = {"name": "cam", "group": "lab", "model": None, "active_version": None, "status": None,
            "last_seen": float("inf"), "last_error": None, "latency_ms": {"p50": "fast", "p95": float("nan")}}
-    assert _device_row(odd) == ["cam", "lab"] + [""] * 11
-    assert _device_row({"name": "x", "latency_ms": [1, 2], "last_seen": 1e30, "telemetry": [1]})[5:] == [""] * 8
+    assert _device_row(odd) == ["cam", "lab"] + [""] * 11 + ["-"]
+    assert _device_row({"name": "x", "latency_ms": [1, 2], "last_seen": 1e30, "telemetry": [1]})[5:] == [""] * 8 + ["-"]
     good = {**odd, "last_seen": 0.0, "latency_ms": {"p50": 1.234, "p95": 5}}
-    assert _device_row(good)[5:] == ["1970-01-01 00:00:00", "", "1.23", "5.00", "", "", "", ""]
+    assert _device_row(good)[5:] == ["1970-01-01 00:00:00", "", "1.23", "5.00", "", "", "", "", "-"]
     odd_tele = {"health": 3, "variant": None, "disk_free": -5, "age_s": float("nan"), "p50": "x", "p95": None}
-    assert _device_row({**good, "telemetry": odd_tele})[7:] == ["1.23", "5.00", "", "3", "", ""]
+    assert _device_row({**good, "telemetry": odd_tele})[7:] == ["1.23", "5.00", "", "3", "", "", "-"]
     live = {"health": "ok", "variant": "int8", "disk_free": 2_500_000_000, "age_s": 12.4, "p50": 0.5, "p95": 0.75}
-    assert _device_row({**good, "telemetry": live})[7:] == ["0.50", "0.75", "int8", "ok", "2.5 GB", "12 s ago"]
+    assert _device_row({**good, "telemetry": live})[7:] == ["0.50", "0.75", "int8", "ok", "2.5 GB", "12 s ago", "-"]
