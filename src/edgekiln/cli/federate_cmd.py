@@ -55,6 +55,17 @@ def federate_command(
                                                                       "another host (the token travels in clear)."),
     rollout_group: str = typer.Option(None, "--rollout-group", help="Also roll the new version out to this "
                                                                     "device group."),
+    scope: str = typer.Option("model", "--scope", help="What clients train and send: the whole 'model' (torch) "
+                                                       "or only the classifier 'head' of --bundle (numpy, no torch; "
+                                                       "needs --init, the deployed model's run folder)."),
+    bundle: Path = typer.Option(None, "--bundle", help="With --scope head: the deployed bundle whose default "
+                                                       "variant's head the devices train."),
+    new_classes: str = typer.Option("", "--new-classes", help="With --scope head: classes the head grows by, "
+                                                              "e.g. 8,9 (they must follow the model's classes)."),
+    head_tail: str = typer.Option("head", "--head-tail", help="With --scope head: train the last dense layer "
+                                                              "('head') or the last two ('last-block')."),
+    head_steps: int = typer.Option(100, "--head-steps", help="With --scope head: optimizer steps per round."),
+    head_lr: float = typer.Option(3e-3, "--head-lr", help="With --scope head: Adam learning rate of the head."),
     seed: int = typer.Option(0, "--seed", help="Seeds the split, the partition, the initialization and clients."),
     flower_app: Path = typer.Option(None, "--flower-app", help="Instead of simulating: write a Flower App folder "
                                                                "with these settings for `flwr run` against "
@@ -66,7 +77,7 @@ def federate_command(
     """Fine-tune a model with federated learning (Flower simulation) and write a run folder."""
     from edgekiln.errors import EdgekilnError
     from edgekiln.federated.run import federate
-    from edgekiln.federated.settings import FederatedSettings
+    from edgekiln.federated.settings import FederatedSettings, HeadSettings
 
     if cpus < 1:
         raise EdgekilnError(f"--cpus must be at least 1, got {cpus}")
@@ -82,8 +93,10 @@ def federate_command(
         example=example, clients=clients, rounds=rounds, partition=partition, strategy=strategy,
         proximal_mu=proximal_mu, local_epochs=local_epochs, optimizer=optimizer, lr=lr, lr_decay=lr_decay,
         batch_size=batch_size, fraction_train=fraction_train, compress=compress, granularity=granularity,
-        dp_clip=dp_clip, dp_noise=dp_noise, seed=seed, init=str(init) if init else None)
-    if flower_app:
+        dp_clip=dp_clip, dp_noise=dp_noise, seed=seed, init=str(init) if init else None, scope=scope,
+        head=HeadSettings(bundle=str(bundle) if bundle else None, new_classes=new_classes, tail=head_tail,
+                          steps=head_steps, lr=head_lr))
+    if flower_app and scope == "model":
         from edgekiln.federated.deployment import write_flower_app
 
         write_flower_app(flower_app, settings, out_dir=out)
@@ -91,20 +104,41 @@ def federate_command(
                    f"`flwr run {flower_app} <superlink-connection> --stream`; SuperNodes need "
                    f"--node-config 'partition-id=I num-partitions={clients}'")
         return
-    r = federate(settings, out, centralized=centralized, cpus=cpus, quiet=quiet, verbose=verbose)
-    t = r["traffic"]
-    typer.echo(f"federated {example}: accuracy {r['initial_accuracy']:.4f} -> {r['accuracy']:.4f} after "
-               f"{rounds} rounds with {clients} clients ({partition}, {strategy}); wall {r['wall_seconds']:.1f} s")
-    typer.echo(f"traffic: {t['bytes_down']:,} B down, {t['bytes_up']:,} B up"
-               + (f" ({t['uplink_ratio']:.2f}x less than float32 weights)" if compress != "none" else ""))
-    if "centralized" in r:
-        typer.echo(f"centralized training on the same data: accuracy {r['centralized']['accuracy']:.4f}")
-    typer.echo(f"wrote {out}/: {', '.join(r['files'])}")
+    if scope == "head":
+        _federate_heads(settings, out, cpus, quiet, verbose, flower_app, centralized)
+    else:
+        r = federate(settings, out, centralized=centralized, cpus=cpus, quiet=quiet, verbose=verbose)
+        t = r["traffic"]
+        typer.echo(f"federated {example}: accuracy {r['initial_accuracy']:.4f} -> {r['accuracy']:.4f} after "
+                   f"{rounds} rounds with {clients} clients ({partition}, {strategy}); wall {r['wall_seconds']:.1f} s")
+        typer.echo(f"traffic: {t['bytes_down']:,} B down, {t['bytes_up']:,} B up"
+                   + (f" ({t['uplink_ratio']:.2f}x less than float32 weights)" if compress != "none" else ""))
+        if "centralized" in r:
+            typer.echo(f"centralized training on the same data: accuracy {r['centralized']['accuracy']:.4f}")
+        typer.echo(f"wrote {out}/: {', '.join(r['files'])}")
     if recipe:
         from edgekiln.runtime.transport_security import TlsOptions
 
         _close_loop(out, recipe, publish, token, model_name or example, channel, rollout_group, quiet,
                     TlsOptions(ca=ca or None, insecure_http=insecure_http))
+
+
+def _federate_heads(settings: Any, out: Path, cpus: int, quiet: bool, verbose: bool, flower_app: Path | None,
+                    centralized: bool) -> None:
+    from edgekiln.errors import EdgekilnError
+    from edgekiln.federated.head_fedavg import federate_heads
+
+    if flower_app or centralized:
+        raise EdgekilnError("--scope head runs in simulation only, without --centralized (--flower-app and "
+                            "--centralized are for --scope model)")
+    if not settings.init:
+        raise EdgekilnError("--scope head needs --init: the run folder of the deployed model")
+    r = federate_heads(settings, out, cpus=cpus, quiet=quiet, verbose=verbose)
+    f, t = r["federated"], r["federated"]["traffic"]
+    typer.echo(f"federated heads of {settings.head.bundle}: accuracy {f['initial_accuracy']:.4f} -> "
+               f"{r['accuracy']:.4f} after {settings.rounds} rounds with {settings.clients} clients; "
+               f"wall {f['wall_seconds']:.1f} s")
+    typer.echo(f"traffic: {t['bytes_down']:,} B down, {t['bytes_up']:,} B up (head tensors only); wrote {out}/")
 
 
 def _close_loop(out: Path, recipe: Path, server: str | None, token: str | None, model_name: str, channel: str,

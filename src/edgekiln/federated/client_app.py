@@ -13,6 +13,10 @@ round's ``config``; it replies with the local weights and a ``metrics`` record w
    norm; a no-op otherwise. It runs inside the compression mod, so the update is clipped first
    and the clipped update is what gets quantized.
 
+``head_app`` is the same for ``--scope head``: the client trains only the classifier head of the
+deployed bundle, in numpy with onnxruntime features (no torch), and replies with the head
+tensors; the same two mods apply to them.
+
 The SuperNode's node config names the partition: ``partition-id`` and ``num-partitions``
 (set by the simulation engine, or ``flower-supernode --node-config``), optionally ``data-path``
 (an ``.npz`` with ``x`` and ``y``: a device's own data instead of a partition of the example).
@@ -28,6 +32,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 
 COMPRESSED_KEY = "int8-update"
 app = ClientApp()
+head_app = ClientApp()
 
 
 def _config(msg: Message) -> ConfigRecord:
@@ -105,4 +110,33 @@ def train(msg: Message, ctx: Context) -> Message:
     metrics = MetricRecord({"num-examples": len(y), "train-loss": loss, "local-update-norm": norm,
                             "partition-id": partition_id})
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@head_app.train(mods=[int8_update_mod, optional_clipping_mod])
+def train_head(msg: Message, ctx: Context) -> Message:
+    """One round of head training on this node's data (numpy, no torch); replies with the local head."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from edgekiln.federated.head_fedavg import bundle_model, head_local_train
+    from edgekiln.runtime.learner import LearnConfig
+    from edgekiln.runtime.replay import ReplayBuffer
+
+    x, y, partition_id, config = _local_data(msg, ctx)
+    tail = str(config["edgekiln-head-tail"])
+    model, replay_path = bundle_model(Path(str(config["edgekiln-head-bundle"])))
+    replay = ReplayBuffer.load(replay_path) if replay_path is not None else None
+    start = {k: v.numpy() for k, v in msg.content.array_records["arrays"].items()}
+    server_round = int(config.get("server-round", 0))
+    learn = LearnConfig(scope=tail, steps=int(config["edgekiln-head-steps"]),
+                        lr=float(config["edgekiln-head-lr"]), distill=float(config["edgekiln-head-distill"]),
+                        seed=int(config["edgekiln-seed"]) * 100_003 + server_round * 1009 + partition_id)
+    local, loss = head_local_train(model, start, x, y, learn, replay=replay)
+    norm = float(np.sqrt(sum(float(((local[k] - v) ** 2).sum()) for k, v in start.items())))
+    metrics = MetricRecord({"num-examples": len(y), "train-loss": loss, "local-update-norm": norm,
+                            "partition-id": partition_id})
+    content = RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(local[k])) for k in start}),
+                          "metrics": metrics})
     return Message(content=content, reply_to=msg)

@@ -9,7 +9,9 @@
   folder to the run config's ``out-dir``.
 
 After every round the server evaluates the global model on its held-out split (centralized
-evaluation: Flower's ``evaluate_fn``).
+evaluation: Flower's ``evaluate_fn``). With ``scope = "head"`` the global model is only the
+classifier head of the deployed bundle (:func:`run_server_head`): the same strategy chain
+averages the head arrays, and the evaluation writes them into the bundle's model (onnxruntime).
 """
 
 from __future__ import annotations
@@ -45,12 +47,19 @@ def client_config(settings: FederatedSettings) -> ConfigRecord:
     """The part of the settings every ClientApp needs, sent in each round's config."""
     keys = ("example", "partition", "clients", "seed", "local_epochs", "optimizer", "lr", "batch_size", "compress",
             "granularity")
-    return ConfigRecord({"edgekiln-" + k.replace("_", "-"): getattr(settings, k) for k in keys})
+    config = {"edgekiln-" + k.replace("_", "-"): getattr(settings, k) for k in keys}
+    if settings.scope == "head":
+        h = settings.head
+        config.update({"edgekiln-head-bundle": str(h.bundle), "edgekiln-head-tail": h.tail,
+                       "edgekiln-head-steps": h.steps, "edgekiln-head-lr": h.lr, "edgekiln-head-distill": h.distill})
+    return ConfigRecord(config)
 
 
 def run_server(grid: Grid, settings: FederatedSettings,
                on_round: Callable[[dict[str, Any]], None] | None = None) -> ServerResult:
     """Run ``settings.rounds`` rounds on ``grid``; return the history and the final global model."""
+    if settings.scope == "head":
+        return run_server_head(grid, settings, on_round)
     from edgekiln.federated.strategy import build_strategy
     from edgekiln.federated.task import accuracy_and_loss, build_model, server_data
 
@@ -85,6 +94,45 @@ def run_server(grid: Grid, settings: FederatedSettings,
     return result
 
 
+def run_server_head(grid: Grid, settings: FederatedSettings,
+                    on_round: Callable[[dict[str, Any]], None] | None = None) -> ServerResult:
+    """The head mode of :func:`run_server`: the global arrays are the bundle's head (grown by the new
+    classes); ``result.state_dict`` holds the final head as numpy arrays."""
+    from flwr.app import Array
+
+    from edgekiln.federated.head_fedavg import head_accuracy, head_start
+    from edgekiln.federated.strategy import build_strategy
+    from edgekiln.federated.task import server_data
+
+    random.seed(settings.seed)
+    np.random.seed(settings.seed)  # noqa: NPY002 - Flower's DP noise uses the legacy global generator
+    model, head = head_start(settings.head)
+    eval_x, eval_y = server_data(settings.example, settings.seed)
+    strategy = build_strategy(settings)
+    result = ServerResult(settings=settings)
+    start = time.perf_counter()
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        acc, loss = head_accuracy(model, {k: v.numpy() for k, v in arrays.items()}, eval_x, eval_y,
+                                  scope=settings.head.tail)
+        entry = {"round": server_round, "accuracy": acc, "loss": loss,
+                 "elapsed_s": round(time.perf_counter() - start, 3)}
+        entry.update({k: v for k, v in strategy.rounds.get(server_round, {}).items() if k != "round"})
+        result.history.append(entry)
+        if on_round is not None:
+            on_round(entry)
+        return MetricRecord({"accuracy": acc, "loss": loss})
+
+    initial = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in head.items()})
+    flower_result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=settings.rounds,
+                                   train_config=client_config(settings), evaluate_fn=evaluate)
+    result.seconds = round(time.perf_counter() - start, 3)
+    result.clients = strategy.clients
+    final = flower_result.arrays if len(flower_result.arrays) else initial
+    result.state_dict = {k: v.numpy() for k, v in final.items()}
+    return result
+
+
 def make_server_app(settings: FederatedSettings, sink: list[ServerResult | BaseException],
                     on_round: Callable[[dict[str, Any]], None] | None = None) -> ServerApp:
     """A ServerApp for the simulation runtime that appends its :class:`ServerResult` (or the
@@ -111,5 +159,9 @@ def main(grid: Grid, context: Context) -> None:
     settings = FederatedSettings.from_run_config(config)
     result = run_server(grid, settings)
     out = str(config.get(OUT_DIR_KEY) or "")
-    if out:
+    if out and settings.scope == "head":
+        from edgekiln.federated.head_fedavg import write_head_run
+
+        write_head_run(out, result, runtime="deployment", wall_seconds=result.seconds)
+    elif out:
         write_run_folder(out, result, runtime="deployment", wall_seconds=result.seconds)

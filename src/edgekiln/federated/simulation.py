@@ -32,12 +32,14 @@ def simulate(settings: FederatedSettings, *, cpus: int = 2, quiet: bool = False,
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from edgekiln.federated.client_app import app as client_app
+    from edgekiln.federated.client_app import app, head_app
     from edgekiln.federated.server_app import ServerResult, make_server_app
 
     # NOTE: Ray actors inherit this process's environment; one torch/OpenMP thread per client.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    if settings.init and not (Path(settings.init) / "model.pt").is_file() and not Path(settings.init).is_file():
+    client_app = head_app if settings.scope == "head" else app   # head: numpy head training, no torch
+    if settings.scope == "model" and settings.init and not (Path(settings.init) / "model.pt").is_file() \
+            and not Path(settings.init).is_file():
         raise EdgekilnError(f"--init {settings.init}: no model.pt to fine-tune from")
     sink: list[ServerResult | BaseException] = []
     columns = [TextColumn("[bold]federate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
