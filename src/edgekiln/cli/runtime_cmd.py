@@ -47,8 +47,14 @@ def bundle_command(
     typer.echo(f"bundle {manifest.name} v{manifest.version} -> {out} "
                f"({', '.join(f'{v.name}: {v.size_bytes / 1024:.1f} KB' for v in manifest.variants)})")
     for variant, entry in manifest.learn.items():
+        import numpy as np
+
+        with np.load(Path(out) / entry["holdout"]) as held:
+            n = int(held["y"].size)
+        note = "" if n else (" (no sample: the run folder has no labelled eval data; `learn` gates on the device's "
+                             "own held-out samples only and refuses new classes without old-class samples)")
         typer.echo(f"  learn {variant}: replay {entry['replay']} ({entry['storage']}, cut {entry['cut']}), "
-                   f"holdout {entry['holdout']}")
+                   f"holdout {entry['holdout']}: {n} samples{note}")
 
 
 def run_command(

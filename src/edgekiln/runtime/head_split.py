@@ -11,7 +11,9 @@ refused with the op and node named.
 :func:`read_params` gives the tail's weights as float32, dequantized, each weight as
 ``[out, in]`` (rows are output units, whatever the file's orientation). :func:`write_params`
 writes new values into a copy of the model (a grown last layer included) and re-quantizes
-them for an int8 model.
+them for an int8 model. Reading and writing the Q/DQ parameters, in the compacted form
+``edgekiln quantize`` writes too (computed bias scales, left-out zero points, initializers shared
+between layers and never changed in place), is :mod:`edgekiln.runtime.head_qdq`.
 
 >>> import onnx, tempfile
 >>> from edgekiln.testing.tiny import tiny_head_onnx
@@ -31,27 +33,10 @@ from typing import Any
 import numpy as np
 
 from edgekiln.errors import EdgekilnError
+from edgekiln.runtime.head_qdq import GraphIndex, InitWriter, QParams, attr, dequantize, label, qparams_of
 
 SCOPES = ("head", "last-block")
 _PASS_THROUGH = ("Softmax", "Identity")
-_INT_RANGES = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255)}
-
-
-@dataclass(frozen=True)
-class QParams:
-    """Quantization parameters of one tensor: ``scale`` and ``zero_point`` arrays (a scalar is
-    shape ``()``), ``axis`` for a per-channel tensor (None per tensor), and the names of the
-    initializers that hold them so a rewrite can replace them."""
-
-    scale: np.ndarray
-    zero_point: np.ndarray
-    axis: int | None = None
-    scale_name: str = ""
-    zero_point_name: str = ""
-
-    @property
-    def qrange(self) -> tuple[int, int]:
-        return _INT_RANGES.get(np.asarray(self.zero_point).dtype, (-128, 127))
 
 
 @dataclass(frozen=True)
@@ -92,97 +77,34 @@ class TailSpec:
         return self.layers[0].in_dim
 
 
-class _Graph:
-    """Producer/consumer lookups over one ONNX graph."""
-
-    def __init__(self, proto: Any) -> None:
-        from onnx import numpy_helper
-
-        self.graph = proto.graph
-        self.inits = {i.name: i for i in self.graph.initializer}
-        self.consts: dict[str, np.ndarray] = {}
-        for n in self.graph.node:
-            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-                self.consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-        self.producer = {o: n for n in self.graph.node for o in n.output if o}
-        self.consumers: dict[str, list[Any]] = {}
-        for n in self.graph.node:
-            for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
-
-    def array(self, name: str) -> np.ndarray | None:
-        from onnx import numpy_helper
-
-        if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
-        return self.consts.get(name)
-
-    def is_const(self, name: str) -> bool:
-        return name in self.inits or name in self.consts
-
-
-def _attr(node: Any, name: str, default: Any) -> Any:
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def _label(node: Any) -> str:
-    return node.name or f"{node.op_type}->{node.output[0]}"
-
-
-def _qparams(g: _Graph, node: Any, axis_default: int | None = 1) -> QParams:
-    """The scale/zero point of a Quantize/DequantizeLinear ``node``."""
-    scale = g.array(node.input[1])
-    zp_name = node.input[2] if len(node.input) > 2 and node.input[2] else ""
-    zp = g.array(zp_name) if zp_name else np.zeros((), np.uint8)
-    if scale is None or zp is None:
-        raise EdgekilnError(f"{_label(node)}: the scale or zero point is not a constant; learning needs constant QDQ")
-    axis = int(_attr(node, "axis", axis_default)) if scale.ndim == 1 and scale.size > 1 else None
-    return QParams(scale=scale.astype(np.float32), zero_point=zp, axis=axis, scale_name=node.input[1],
-                   zero_point_name=zp_name)
-
-
-def _const_tensor(g: _Graph, name: str, what: str, node: Any) -> tuple[str, np.ndarray, QParams | None]:
+def _const_tensor(g: GraphIndex, name: str, what: str, node: Any) -> tuple[str, np.ndarray, QParams | None]:
     """``(initializer name, float value, qparams)`` of a weight or bias input: an initializer,
     or a DequantizeLinear of one."""
     if g.is_const(name):
         return name, np.asarray(g.array(name), np.float32), None
     dq = g.producer.get(name)
     if dq is not None and dq.op_type == "DequantizeLinear" and g.is_const(dq.input[0]):
-        q = _qparams(g, dq)
+        q = qparams_of(g, dq)
         raw = np.asarray(g.array(dq.input[0]))
-        return dq.input[0], _dequantize(raw, q), q
-    raise EdgekilnError(f"the {what} of {_label(node)} is not a constant (nor a dequantized constant); "
+        return dq.input[0], dequantize(raw, q), q
+    raise EdgekilnError(f"the {what} of {label(node)} is not a constant (nor a dequantized constant); "
                         "learning supports Gemm/MatMul/Relu tails with constant weights")
 
 
-def _dequantize(q: np.ndarray, p: QParams) -> np.ndarray:
-    scale, zp = p.scale.astype(np.float32), p.zero_point.astype(np.float32)
-    if p.axis is not None and q.ndim > 1:
-        shape = [1] * q.ndim
-        shape[p.axis] = -1
-        scale, zp = scale.reshape(shape), zp.reshape(shape)
-    return ((q.astype(np.float32) - zp) * scale).astype(np.float32)
-
-
 def _refuse(model_name: str, after: str, node: Any) -> EdgekilnError:
-    return EdgekilnError(f"the tail of {model_name} after {after} has a {node.op_type} ({_label(node)}); "
+    return EdgekilnError(f"the tail of {model_name} after {after} has a {node.op_type} ({label(node)}); "
                          "learning supports Gemm/MatMul/Relu tails")
 
 
-def _dense_at(g: _Graph, node: Any) -> tuple[Dense, str, int, int] | None:
+def _dense_at(g: GraphIndex, node: Any) -> tuple[Dense, str, int, int] | None:
     """``(Dense without relu/out_q, input tensor, in_dim, out_dim)`` for a Gemm or a MatMul+Add
     whose output tensor ``node`` produces; None if ``node`` is not one."""
     if node.op_type == "Gemm":
-        if float(_attr(node, "alpha", 1.0)) != 1.0 or float(_attr(node, "beta", 1.0)) != 1.0 or _attr(node, "transA", 0):
-            raise EdgekilnError(f"{_label(node)}: Gemm with alpha/beta != 1 or transA is not supported for learning")
+        if float(attr(node, "alpha", 1.0)) != 1.0 or float(attr(node, "beta", 1.0)) != 1.0 or attr(node, "transA", 0):
+            raise EdgekilnError(f"{label(node)}: Gemm with alpha/beta != 1 or transA is not supported for learning")
         if len(node.input) < 3 or not node.input[2]:
-            raise EdgekilnError(f"{_label(node)}: a dense layer without a bias is not supported for learning")
-        trans = bool(_attr(node, "transB", 0))
+            raise EdgekilnError(f"{label(node)}: a dense layer without a bias is not supported for learning")
+        trans = bool(attr(node, "transB", 0))
         w_name, w, wq = _const_tensor(g, node.input[1], "weight", node)
         b_name, b, bq = _const_tensor(g, node.input[2], "bias", node)
         out_dim, in_dim = (w.shape if trans else w.shape[::-1])
@@ -200,7 +122,7 @@ def _dense_at(g: _Graph, node: Any) -> tuple[Dense, str, int, int] | None:
         w_name, w, wq = _const_tensor(g, mm.input[1], "weight", mm)
         b_name, b, bq = _const_tensor(g, bias_in, "bias", node)
         if w.ndim != 2 or b.size != w.shape[1]:
-            raise EdgekilnError(f"{_label(mm)}: MatMul weight {list(w.shape)} with bias {list(b.shape)} is not a "
+            raise EdgekilnError(f"{label(mm)}: MatMul weight {list(w.shape)} with bias {list(b.shape)} is not a "
                                 "dense layer")
         return (Dense(mm.name or mm.output[0], w_name, b_name, False, wq=wq, bq=bq, in_dim=int(w.shape[0]),
                       out_dim=int(w.shape[1])), mm.input[0], int(w.shape[0]), int(w.shape[1]))
@@ -214,7 +136,7 @@ def find_tail(proto: Any, *, scope: str = "head", head: str | None = None, model
     naming the op and node it cannot train through."""
     if scope not in SCOPES:
         raise EdgekilnError(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")
-    g = _Graph(proto)
+    g = GraphIndex(proto)
     if len(g.graph.output) != 1:
         raise EdgekilnError(f"{model_name} has {len(g.graph.output)} outputs; learning needs one classifier output")
     output = g.graph.output[0].name
@@ -236,7 +158,7 @@ def find_tail(proto: Any, *, scope: str = "head", head: str | None = None, model
             if q is None or q.op_type != "QuantizeLinear" or pending_q is not None:
                 raise _refuse(model_name, after, node)
             quantized = True
-            pending_q = _qparams(g, q)
+            pending_q = qparams_of(g, q)
             tensor = q.input[0]
             continue
         if op == "Relu" and not pending_relu:
@@ -268,7 +190,7 @@ def find_tail(proto: Any, *, scope: str = "head", head: str | None = None, model
     if dq is not None and dq.op_type == "DequantizeLinear":
         q = g.producer.get(dq.input[0])
         if q is not None and q.op_type == "QuantizeLinear":
-            cut_q = _qparams(g, q)
+            cut_q = qparams_of(g, q)
     return TailSpec(cut=tensor, layers=tuple(layers), output=output, num_classes=layers[-1].out_dim,
                     quantized=quantized or any(d.wq is not None for d in layers), cut_q=cut_q)
 
@@ -284,14 +206,14 @@ def read_params(proto: Any, spec: TailSpec) -> dict[str, np.ndarray]:
     >>> read_params(proto, spec)[spec.layers[-1].weight].shape
     (8, 24)
     """
-    g = _Graph(proto)
+    g = GraphIndex(proto)
     out: dict[str, np.ndarray] = {}
     for d in spec.layers:
         w = np.asarray(g.array(d.weight))
-        w = _dequantize(w, d.wq) if d.wq is not None else w.astype(np.float32)
+        w = dequantize(w, d.wq) if d.wq is not None else w.astype(np.float32)
         out[d.weight] = np.ascontiguousarray(w if d.transposed else w.T, dtype=np.float32)
         b = np.asarray(g.array(d.bias))
-        out[d.bias] = (_dequantize(b, d.bq) if d.bq is not None else b.astype(np.float32)).reshape(-1)
+        out[d.bias] = (dequantize(b, d.bq) if d.bq is not None else b.astype(np.float32)).reshape(-1)
     return out
 
 
@@ -319,7 +241,7 @@ def write_params(proto: Any, spec: TailSpec, params: dict[str, np.ndarray], *,
         raise EdgekilnError(f"write_params: no values for {', '.join(missing)}")
     out = onnx.ModelProto()
     out.CopyFrom(proto)
-    g = _Graph(out)
+    g = GraphIndex(out)
     values = [(np.asarray(params[d.weight], np.float32), np.asarray(params[d.bias], np.float32).reshape(-1))
               for d in spec.layers]
     for d, (w, b), nxt in zip(spec.layers, values, [*spec.layers[1:], None], strict=True):
@@ -329,14 +251,20 @@ def write_params(proto: Any, spec: TailSpec, params: dict[str, np.ndarray], *,
         if nxt is not None and w.shape[0] != d.out_dim:
             raise EdgekilnError(f"write_params: only the last layer may grow; {d.node} has {w.shape[0]} rows, "
                                 f"not {d.out_dim}")
+    # NOTE: a compacted int8 file shares equal initializers between layers: what the tail
+    # changes is written in place only where the tail alone reads it (InitWriter).
+    used_before = {x for n in g.graph.node for x in n.input}
+    w_ = InitWriter(g)
+    tail = _tail_nodes(g, spec.cut)
     if not spec.quantized:
         for d, (w, b) in zip(spec.layers, values, strict=True):
-            _set(g, d.weight, w if d.transposed else np.ascontiguousarray(w.T))
-            _set(g, d.bias, b.reshape(_shape(g, d.bias, b.size)))
+            _set(w_, tail, d.weight, w if d.transposed else np.ascontiguousarray(w.T))
+            _set(w_, tail, d.bias, b.reshape(_shape(g, d.bias, b.size)))
     else:
         if calib_features is None or not len(calib_features):
             raise EdgekilnError("write_params: an int8 tail needs calib_features to re-calibrate its activations")
-        _requantize(g, spec, values, np.asarray(calib_features, np.float32))
+        _requantize(w_, tail, spec, values, np.asarray(calib_features, np.float32))
+    w_.prune(used_before)
     grown = values[-1][0].shape[0]
     if grown != spec.num_classes:
         _grow_output(out, g, spec, grown)
@@ -377,15 +305,19 @@ def activation_qparams(lo: float, hi: float, qmin: int = -128, qmax: int = 127) 
     return scale, zp
 
 
-def _requantize(g: _Graph, spec: TailSpec, values: list[tuple[np.ndarray, np.ndarray]], calib: np.ndarray) -> None:
+def _requantize(w_: InitWriter, tail: list[Any], spec: TailSpec, values: list[tuple[np.ndarray, np.ndarray]],
+                calib: np.ndarray) -> None:
     from edgekiln.runtime.learner import forward
 
+    g = w_.g
     layers = [(w, b, d.relu_after) for d, (w, b) in zip(spec.layers, values, strict=True)]
     zs = forward(layers, calib)
     in_scale = None if spec.cut_q is None else np.float32(np.asarray(spec.cut_q.scale).reshape(-1)[0])
+    cut_dq = g.producer.get(spec.cut)
+    in_name = cut_dq.input[1] if cut_dq is not None and cut_dq.op_type == "DequantizeLinear" else ""
     for d, (w, b), z in zip(spec.layers, values, zs, strict=True):
         if d.wq is None:
-            _set(g, d.weight, w if d.transposed else np.ascontiguousarray(w.T))
+            _set(w_, tail, d.weight, w if d.transposed else np.ascontiguousarray(w.T))
         else:
             want_axis = 0 if d.transposed else 1
             if np.asarray(d.wq.zero_point).dtype != np.int8:
@@ -396,70 +328,63 @@ def _requantize(g: _Graph, spec: TailSpec, values: list[tuple[np.ndarray, np.nda
                 raise EdgekilnError(f"{d.node}: its weight is quantized along axis {d.wq.axis}, not per output "
                                     "channel; learning cannot re-quantize it")
             q, scale = quantize_weight(w, per_row)
-            _set(g, d.weight, q if d.transposed else np.ascontiguousarray(q.T))
-            _set(g, d.wq.scale_name, scale)
+            wdq = g.producer[d.wq.node_output]
+            w_.assign([(wdq, 0)], q if d.transposed else np.ascontiguousarray(q.T), d.weight)
+            w_scale = w_.assign([(wdq, 1)], scale, f"{d.node}_w_scale")
             if d.wq.zero_point_name:
-                _set(g, d.wq.zero_point_name, np.zeros(scale.shape, np.asarray(d.wq.zero_point).dtype))
+                w_.assign([(wdq, 2)], np.zeros(scale.shape, np.asarray(d.wq.zero_point).dtype), f"{d.node}_w_zp")
             if d.bq is not None:
                 if in_scale is None:
                     raise EdgekilnError(f"{d.node}: an int32 bias without a quantized input; cannot re-quantize")
                 bscale = (in_scale * (scale if per_row else np.full(b.size, scale))).astype(np.float32)
-                _set(g, d.bias, quantize_bias(b, bscale))
-                _set(g, d.bq.scale_name, bscale)
+                bdq = g.producer[d.bq.node_output]
+                w_.assign([(bdq, 0)], quantize_bias(b, bscale), d.bias)
+                w_.assign_bias_scale(bdq, bscale, in_name, w_scale, f"{d.node}_b_scale")
                 if d.bq.zero_point_name:
-                    _set(g, d.bq.zero_point_name, np.zeros(b.size, np.int32))
+                    w_.assign([(bdq, 2)], np.zeros(bscale.shape, np.int32), f"{d.node}_b_zp")
             elif d.bias in g.inits:
-                _set(g, d.bias, b)
+                _set(w_, tail, d.bias, b)
         if d.out_q is not None:
             qmin, qmax = d.out_q.qrange
             lo = 0.0 if d.relu_after else float(z.min(initial=0.0))
             scale_, zp = activation_qparams(lo, float(z.max(initial=0.0)), qmin, qmax)
-            _set_activation(g, d.out_q, scale_, zp)
+            qnode = g.producer[d.out_q.node_output]
+            nodes = [qnode, *(n for n in g.consumers.get(d.out_q.node_output, []) if n.op_type == "DequantizeLinear")]
+            in_name = w_.assign([(n, 1) for n in nodes], np.array(scale_, np.float32), f"{d.node}_out_scale")
+            w_.assign([(n, 2) for n in nodes], np.array(zp, np.asarray(d.out_q.zero_point).dtype),
+                      f"{d.node}_out_zp")
             in_scale = scale_
         else:
-            in_scale = None
+            in_scale, in_name = None, ""
 
 
-def _set_activation(g: _Graph, q: QParams, scale: np.float32, zp: int) -> None:
-    """Replace an activation's scale and zero point. They are written under new names when other
-    tensors share the initializers (onnxruntime shares one scale across a Relu/MaxPool chain)."""
-    users = [n for n in g.graph.node if q.scale_name in n.input[1:]]
-    producers = {n.output[0] for n in users if n.op_type == "QuantizeLinear"}
-    own = [n for n in users if n.op_type == "QuantizeLinear" or n.input[0] in producers]
-    zp_arr = np.array(zp, dtype=np.asarray(q.zero_point).dtype)
-    if len(own) == len(users) and q.zero_point_name:
-        _set(g, q.scale_name, np.array(scale, np.float32))
-        _set(g, q.zero_point_name, zp_arr)
-        return
-    from onnx import numpy_helper
-
-    s_name, z_name = f"{q.scale_name}_adapted", f"{q.zero_point_name or q.scale_name}_zp_adapted"
-    g.graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), s_name),
-                                numpy_helper.from_array(zp_arr, z_name)])
-    for n in own:
-        n.input[1] = s_name
-        if len(n.input) > 2:
-            n.input[2] = z_name
-        else:
-            n.input.append(z_name)
+def _tail_nodes(g: GraphIndex, cut: str) -> list[Any]:
+    """The nodes downstream of ``cut``: the ones whose inputs the tail may rewrite."""
+    seen: dict[int, Any] = {}
+    frontier = [cut]
+    while frontier:
+        for n in g.consumers.get(frontier.pop(), []):
+            if id(n) not in seen:
+                seen[id(n)] = n
+                frontier.extend(n.output)
+    return list(seen.values())
 
 
-def _set(g: _Graph, name: str, value: np.ndarray) -> None:
-    from onnx import numpy_helper
-
-    if name not in g.inits:
+def _set(w_: InitWriter, tail: list[Any], name: str, value: np.ndarray) -> None:
+    """Write ``value`` for the tail's uses of initializer ``name`` (a float weight or bias)."""
+    if name not in w_.g.inits:
         raise EdgekilnError(f"write_params: {name} is not an initializer of the model")
-    init = g.inits[name]
-    init.CopyFrom(numpy_helper.from_array(np.array(value, order="C"), name))   # NOTE: keeps 0-d scalars 0-d
+    pairs = [(n, i) for n in tail for i, x in enumerate(n.input) if x == name]
+    w_.assign(pairs, value, name)
 
 
-def _shape(g: _Graph, name: str, size: int) -> tuple[int, ...]:
+def _shape(g: GraphIndex, name: str, size: int) -> tuple[int, ...]:
     """The bias's stored shape with its length set to ``size`` (``[N]`` or ``[1, N]``)."""
     dims = tuple(g.inits[name].dims)
     return (1, size) if len(dims) == 2 else (size,)
 
 
-def _grow_output(out: Any, g: _Graph, spec: TailSpec, classes: int) -> None:
+def _grow_output(out: Any, g: GraphIndex, spec: TailSpec, classes: int) -> None:
     """The last layer now has ``classes`` outputs: set the graph output's static dim and drop
     stale shape annotations of the tensors after it."""
     after: set[str] = set()

@@ -216,3 +216,57 @@ def test_int8_rewrite_writes_the_formula_and_recalibrates(models):
         assert covered[0] <= lo + s / 2 and covered[1] >= hi - s / 2, (name, covered, lo, hi)
     assert int(inits["h1_zero_point"]) == -128   # the fused Relu keeps its zero point at qmin
     assert _run(out, x)["logits"].shape == (100, 10)
+
+
+def _backbone(proto, cut):
+    """The nodes ``cut`` depends on (everything upstream of the tail), as (op, inputs) and their
+    initializers' values: what a rewrite of the tail must leave as it was."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    seen, todo = {}, [cut]
+    while todo:
+        n = producer.get(todo.pop())
+        if n is not None and id(n) not in seen:
+            seen[id(n)] = n
+            todo.extend(n.input)
+    nodes = [(n.op_type, tuple(n.input)) for n in proto.graph.node if id(n) in seen]
+    return nodes, {x: inits[x] for _, ins in nodes for x in ins if x in inits}
+
+
+def test_compacted_int8_file_is_read_and_rewritten_without_touching_shared_initializers(tmp_path):
+    from edgekiln.quant.compact import compact_qdq
+
+    # hidden == classes: compaction shares fc1's and fc2's weight zero points, the Relu chain's
+    # zero point, and the cut's scale with fc2's bias-scale Mul (the forms `edgekiln quantize` writes)
+    path = tiny_head_onnx(tmp_path / "m.onnx", int8=True, hidden=8)
+    compact_qdq(path)
+    proto = onnx.load(str(path))
+    assert any(n.op_type == "Mul" for n in proto.graph.node)
+    x, _ = class_clusters(40, seed=1000)
+    for scope in ("head", "last-block"):
+        spec = find_tail(proto, scope=scope)
+        assert spec.quantized and spec.layers[-1].bq.zero_point.dtype == np.int32   # left out: 0 of int32
+        feats = _run(proto, x, [spec.cut])[spec.cut]
+        p = read_params(proto, spec)
+        same = write_params(proto, spec, p, calib_features=feats)
+        before, after = _run(proto, x)["logits"], _run(same, x)["logits"]
+        lsb, err = float(spec.layers[-1].out_q.scale), float(np.abs(before - after).max())
+        bound = lsb if scope == "head" else lsb + 0.5 * float(find_tail(same, scope=scope).layers[0].out_q.scale) \
+            * float(np.abs(p[spec.layers[-1].weight]).sum(axis=1).max())   # the hidden QDQ re-calibrated
+        assert err <= bound * 1.001, f"{scope}: max error {err:.5f} > {bound / lsb:.2f} LSB ({bound:.5f})"
+        w, b = spec.layers[-1].weight, spec.layers[-1].bias
+        grown = write_params(proto, spec, {**p, w: np.vstack([p[w], -p[w][:2]]), b: np.r_[p[b], 0.5, -0.5]},
+                             calib_features=feats)
+        onnx.checker.check_model(grown)
+        assert _run(grown, x)["logits"].shape == (len(x), 10)
+        again = find_tail(grown, scope=scope)
+        got = read_params(grown, again)[again.layers[-1].weight]
+        step = float(np.asarray(again.layers[-1].wq.scale).max())
+        assert np.abs(got[8:] + p[w][:2]).max() <= step / 2 * 1.001, (np.abs(got[8:] + p[w][:2]).max(), step / 2)
+        for out in (same, grown):   # the backbone reads the same tensors, with the same values
+            nodes, values = _backbone(proto, spec.cut)
+            nodes_after, values_after = _backbone(out, spec.cut)
+            assert nodes_after == nodes, scope
+            changed = [k for k, v in values.items()
+                       if v.dtype != values_after[k].dtype or not np.array_equal(v, values_after[k])]
+            assert not changed, f"{scope}: shared initializers changed in place: {changed}"
