@@ -28,8 +28,10 @@ system-deps:
 demo: install
 	$(BIN)/python -m edgekiln.demo
 
+# Two pytest-xdist workers, one test file per unit of work; tests that compare timings run alone
+# (tests/conftest.py).
 test: install
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider --durations=15
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider -n 2 --dist loadfile --durations=15
 
 bench: install system-deps
 	$(BIN)/python -m benchmarks.suite

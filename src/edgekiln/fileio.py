@@ -10,6 +10,8 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,32 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int |
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextmanager
+def build_lock(entry: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold an exclusive lock on ``<entry>.lock`` (``flock``) while a shared cache entry is built.
+
+    Two processes that need the same entry (pytest-xdist workers, two ``make test`` runs) take turns:
+    the second waits, then finds the entry the first one built. Check for the entry again inside the
+    lock, and build it to a temporary path renamed into place, so a crash never leaves a half entry.
+    The lock is released when the holder exits, even on ``kill -9``.
+
+    >>> import tempfile, pathlib
+    >>> with build_lock(pathlib.Path(tempfile.mkdtemp()) / "entry") as lock:
+    ...     lock.name
+    'entry.lock'
+    """
+    import fcntl
+
+    lock = Path(entry).with_name(Path(entry).name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield lock
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

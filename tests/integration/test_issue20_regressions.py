@@ -37,6 +37,7 @@ def test_batch1_torch_export_quantizes_with_eval(tmp_path, capsys):
     assert rep["metric_fp32"] == 1.0 and rep["metric"] is not None, (rep["metric_fp32"], rep["metric"])
 
 
+@pytest.mark.timed
 @pytest.mark.timeout(600)
 def test_int8_cnn_is_faster_than_fp32_on_the_best_runtime(tmp_path):
     """7 of 8 real CNNs came out of `quantize` slower than FP32 (MobileNetV3-small 1.9x slower than

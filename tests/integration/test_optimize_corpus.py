@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from edgekiln.testing.corpus import ensure
 
 MAX_DROP = 0.01
@@ -20,6 +22,7 @@ TIMEOUT_S = 20.0
 START_UP_S = 5.0
 
 
+@pytest.mark.timed
 def test_optimize_on_the_smallest_corpus_model_finishes_in_time_and_selects_faster_or_says_why(tmp_path):
     m = ensure("ds_cnn")   # 22.6k parameters, one fixed input; no labels in its data
     out = tmp_path / "opt"

@@ -16,6 +16,8 @@ from edgekiln.models.run_folder import RunFolder
 
 pytestmark = pytest.mark.slow
 
+# NOTE: the producer is the first parameter of every test: `make test` (pytest-xdist) runs each producer's tests
+# on one worker, which builds that folder once (tests/conftest.py, work_unit).
 PRODUCERS = ("example", "quantize", "optimize", "prune", "distill", "export", "federate")
 CONSUMERS = ("inspect", "fits", "bench", "quantize", "export")
 

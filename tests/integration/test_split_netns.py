@@ -38,6 +38,7 @@ def test_namespaces_are_removed_even_when_the_body_fails():
     assert link.device_ns not in listed and link.server_ns not in listed, listed
 
 
+@pytest.mark.timed
 def test_planner_choice_is_the_best_measured_cut_at_10_mbit(tmp_path):
     from benchmarks.cases_split import chain_cnn, measure_all_cuts
 

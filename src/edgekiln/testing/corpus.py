@@ -21,6 +21,7 @@ Command line: ``python -m edgekiln.testing.corpus build [NAME ... | --small | --
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from edgekiln.errors import EdgekilnError
+from edgekiln.fileio import build_lock
 from edgekiln.testing import corpus_data as cd
 from edgekiln.testing import corpus_torch as ct
 
@@ -189,13 +191,18 @@ def ensure(name: str) -> CorpusModel:
     if name not in CORPUS:
         raise EdgekilnError(f"no corpus model {name!r} (have: {', '.join(sorted(CORPUS))})")
     got = _cached(CORPUS[name])
-    if got is None:
-        proc = subprocess.run([sys.executable, "-m", "edgekiln.testing.corpus", "build", name],
-                              capture_output=True, text=True)
+    if got is not None:
+        return got
+    # NOTE: concurrent callers (pytest-xdist workers) take turns: the first builds, the others then read its entry.
+    with build_lock(corpus_dir(name)):
         got = _cached(CORPUS[name])
-        if proc.returncode or got is None:
-            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-            raise EdgekilnError(f"building corpus model {name} failed: {tail}")
+        if got is None:
+            proc = subprocess.run([sys.executable, "-m", "edgekiln.testing.corpus", "build", name],
+                                  capture_output=True, text=True)
+            got = _cached(CORPUS[name])
+            if proc.returncode or got is None:
+                tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+                raise EdgekilnError(f"building corpus model {name} failed: {tail}")
     return got
 
 
@@ -210,7 +217,7 @@ def build(name: str) -> CorpusModel:
     model, calib, held_out = entry.build()
     seconds = time.perf_counter() - t0
     d = corpus_dir(name)
-    tmp = d.with_name(d.name + ".building")
+    tmp = d.with_name(f"{d.name}.building-{os.getpid()}")  # two builders never share a temporary folder
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     onnx.save(model, tmp / "model.onnx")  # a plain default save, as users write files

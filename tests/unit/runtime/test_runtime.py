@@ -78,6 +78,7 @@ def test_runtime_infers_and_reports_stats(bundle):
         rt.infer(np.zeros((1, 1, 9, 9), np.float32))
 
 
+@pytest.mark.timed
 def test_latency_budget_policy_keeps_p95_within_budget_under_load(bundle):
     """A synthetic load adds 3 ms to the big variant; the budget is 2.5 ms."""
     x = np.zeros((1, 1, 8, 8), np.float32)

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from edgekiln.errors import EdgekilnError
-from edgekiln.fileio import atomic_write_bytes
+from edgekiln.fileio import atomic_write_bytes, build_lock
 
 
 @dataclass(frozen=True)
@@ -97,13 +97,15 @@ def build_plugin() -> Path:
     lib = plugin_cache_dir() / f"libekcount-{key}.so"
     if lib.is_file():
         return lib
-    lib.parent.mkdir(parents=True, exist_ok=True)
-    tmp = lib.with_name(f".{lib.name}.{os.getpid()}.tmp")  # concurrent builders do not share a file
-    run_tool(["gcc", "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC",
-              f"-I{package_file('ek_qemu_plugin_v1.h').parent}", "-o", str(tmp),
-              str(package_file("ek_count_plugin.c"))], "building the QEMU counting plugin with gcc")
-    atomic_write_bytes(lib, tmp.read_bytes())
-    tmp.unlink()
+    with build_lock(lib):  # concurrent callers (pytest-xdist workers) wait for one build, then reuse it
+        if lib.is_file():
+            return lib
+        tmp = lib.with_name(f".{lib.name}.{os.getpid()}.tmp")
+        run_tool(["gcc", "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC",
+                  f"-I{package_file('ek_qemu_plugin_v1.h').parent}", "-o", str(tmp),
+                  str(package_file("ek_count_plugin.c"))], "building the QEMU counting plugin with gcc")
+        atomic_write_bytes(lib, tmp.read_bytes())
+        tmp.unlink()
     return lib
 
 
