@@ -1,11 +1,10 @@
 """What the `edgekiln learn` tests share: one tiny bundle with learning data (built once per test
 process), device states made from it with the slot steps an install takes, the device samples,
-and the CLI run in-process with the `learn` command registered."""
+and the CLI run in-process."""
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -17,25 +16,14 @@ import numpy as np
 from edgekiln.fileio import atomic_save_npz, atomic_write_json
 from edgekiln.fleet.slots import SlotStore
 
-LEARN_MODULE = "edgekiln.cli.learn_cmd"
 MODEL, VERSION = "tiny", 1
-# Registers `learn` where the CLI does not list it yet (a no-op once cli/app.py lists it).
-REGISTER = (f"import importlib\n_app = importlib.import_module('edgekiln.cli.app')\n"
-            f"if {LEARN_MODULE!r} not in _app.COMMAND_MODULES:\n"
-            f"    _app.COMMAND_MODULES = (*_app.COMMAND_MODULES, {LEARN_MODULE!r})\n")
 _BUILT: dict[str, Path] = {}
-
-
-def register_learn() -> None:
-    exec(REGISTER, {})
 
 
 def run_learn(argv: Sequence[Any]) -> int:
     """``edgekiln ARGV...`` in-process; its exit code."""
     from cli_run import run_cli
 
-    register_learn()
-    assert LEARN_MODULE in importlib.import_module("edgekiln.cli.app").COMMAND_MODULES
     return run_cli(argv)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from fork_server import fork_server_script
 
 from edgekiln.fleet.agent import Agent, AgentConfig
 from edgekiln.fleet.agent_crash import CRASH_AT_ENV, LOG_ENV
@@ -122,41 +123,12 @@ def test_a_full_update_passes_through_every_checkpoint(kill_setup):
     assert len(set(POINTS)) >= 20
 
 
-# A warm process that forks one child per agent run: the child is a separate process running
-# `edgekiln agent --once` (the CLI's main), and is what the crash hook SIGKILLs. Forking after the
-# imports (no thread is started before the fork) makes each run cost ~0.1 s instead of a cold
-# interpreter start, which keeps the 28 kill tests fast on 2 cores.
-FORK_SERVER = r"""
-import json, os, signal, sys
+# One child per `edgekiln agent --once` run, forked from a warm process (tests/integration/fork_server.py),
+# which keeps the 28 kill tests fast on 2 cores.
+FORK_SERVER = fork_server_script("""
 import onnxruntime  # noqa: F401 - warm imports only: nothing here starts a thread
-import traceback
-from edgekiln.cli.app import main
 import edgekiln.cli.agent_cmd, edgekiln.fleet.agent, edgekiln.fleet.agent_crash, edgekiln.runtime.bundle  # noqa
-for line in sys.stdin:
-    req = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        code = 70
-        signal.alarm(60)   # a hung run dies (SIGALRM) instead of blocking the tests
-        try:
-            os.environ.update(req["env"])
-            out = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(out, 1)
-            os.dup2(out, 2)
-            main(req["argv"])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)   # never fall back into the parent's loop
-    _, status = os.waitpid(pid, 0)
-    rc = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-    print(json.dumps({"returncode": rc}), flush=True)
-"""
+""")
 
 
 @dataclass

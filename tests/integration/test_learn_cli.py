@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from learn_helpers import REGISTER, new_samples, run_learn, tiny_bundle
+from learn_helpers import new_samples, run_learn, tiny_bundle
 
 from edgekiln.cli.learn_cmd import parse_bytes
 from tests.unit.runtime.test_no_torch import BLOCKER
@@ -76,7 +76,7 @@ def test_learn_runs_where_torch_cannot_be_imported(data, tmp_path):
     (site / "sitecustomize.py").write_text(BLOCKER)
     src = Path(__file__).resolve().parents[2] / "src"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(src)]), "OMP_NUM_THREADS": "1"}
-    script = (REGISTER + "import sys\nfrom edgekiln.cli.app import main\ntry:\n    main(sys.argv[1:])\n"
+    script = ("import sys\nfrom edgekiln.cli.app import main\ntry:\n    main(sys.argv[1:])\n"
               "finally:\n    print('torch imported:', 'torch' in sys.modules, file=sys.stderr)\n")
     out = tmp_path / "adapted"
     proc = subprocess.run([sys.executable, "-c", script, "learn", str(tiny_bundle()), "--data", str(data / "new.npz"),

@@ -14,7 +14,8 @@ import subprocess
 import sys
 
 import pytest
-from learn_helpers import REGISTER, copy_state, device_state, new_samples, run_learn, tree_digest
+from fork_server import fork_server_script
+from learn_helpers import copy_state, device_state, new_samples, run_learn, tree_digest
 
 from edgekiln.fleet.adapt import adapt_state, load_samples
 from edgekiln.fleet.agent_crash import CRASH_AT_ENV, LOG_ENV
@@ -29,40 +30,15 @@ POINTS = ("learn:features", "slot-fsynced", "slot-sealed", "temp-symlink-created
 ARGS = ["--new-classes", "8,9", "--distill", "1", "--budget-old-drop", "0.3"]
 SWITCHED = ("symlink-renamed", "state:adapted")   # killed after the rename(): the adapted slot is active
 
-FORK_SERVER = REGISTER + r"""
-import json, os, signal, sys, traceback
+FORK_SERVER = fork_server_script("""
 import onnx, onnxruntime, onnxruntime.quantization  # noqa: F401 - warm imports only: nothing here starts a thread
 from onnx.utils import Extractor  # noqa: F401
-from edgekiln.cli.app import main, _register_all
+from edgekiln.cli.app import _register_all
 import edgekiln.cli.learn_cmd, edgekiln.fleet.adapt, edgekiln.runtime.adapt, edgekiln.runtime.learner  # noqa
 import edgekiln.runtime.head_split, edgekiln.runtime.bundle, edgekiln.execution.ort, edgekiln.fleet.bundle_tar  # noqa
 import edgekiln.fleet.agent_crash, edgekiln.runtime.engine, edgekiln.fleet.slots, tracemalloc, rich.console  # noqa
 _register_all()   # the CLI's command modules, imported once here instead of in every child
-for line in sys.stdin:
-    req = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        code = 70
-        signal.alarm(60)
-        try:
-            os.environ.update(req["env"])
-            out = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(out, 1)
-            os.dup2(out, 2)
-            main(req["argv"])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    rc = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-    print(json.dumps({"returncode": rc}), flush=True)
-"""
+""")
 
 
 @pytest.fixture(scope="module")
