@@ -9,6 +9,12 @@ SIGKILL it; forking after the imports (no thread is started before the fork) mak
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 _LOOP = r"""
 import json, os, signal, sys, traceback
 from edgekiln.cli.app import main
@@ -43,3 +49,32 @@ def fork_server_script(warm_imports: str) -> str:
     """The server's ``python -c`` source: ``warm_imports`` (modules every child needs, imported once;
     none may start a thread), then the fork loop."""
     return warm_imports.rstrip("\n") + "\n" + _LOOP
+
+
+class ForkServer:
+    """The fork server as a context manager: ``run(argv, env, log)`` runs ``edgekiln ARGV`` in a fresh
+    child and returns its exit code (``-9`` when it was SIGKILLed)."""
+
+    def __init__(self, warm_imports: str) -> None:
+        self.script = fork_server_script(warm_imports)
+        self.proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> ForkServer:
+        self.proc = subprocess.Popen([sys.executable, "-c", self.script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return self
+
+    def run(self, argv: list[str], env: dict[str, str], log: Path) -> int:
+        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"argv": argv, "env": env, "log": str(log)}) + "\n")
+        self.proc.stdin.flush()
+        return int(json.loads(self.proc.stdout.readline())["returncode"])
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

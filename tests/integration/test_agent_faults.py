@@ -7,7 +7,7 @@ The kill -9 cases run `edgekiln agent --once` in a separate process with the TES
 of ``edgekiln.fleet.agent_crash`` (``EDGEKILN_TEST_CRASH_AT=N``: the agent SIGKILLs itself at its
 N-th checkpoint), then restart the agent on the same state folder and check it completes. One
 cold `edgekiln agent` subprocess records the checkpoints of a full update; the killed runs are
-children forked from a warm process (see FORK_SERVER), so 28 of them take seconds, not a minute.
+children forked from a warm process (tests/integration/fork_server.py), so 28 of them take seconds, not a minute.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from fork_server import fork_server_script
+from fork_server import ForkServer
 
 from edgekiln.fleet.agent import Agent, AgentConfig
 from edgekiln.fleet.agent_crash import CRASH_AT_ENV, LOG_ENV
@@ -125,10 +125,10 @@ def test_a_full_update_passes_through_every_checkpoint(kill_setup):
 
 # One child per `edgekiln agent --once` run, forked from a warm process (tests/integration/fork_server.py),
 # which keeps the 28 kill tests fast on 2 cores.
-FORK_SERVER = fork_server_script("""
+WARM = """
 import onnxruntime  # noqa: F401 - warm imports only: nothing here starts a thread
 import edgekiln.cli.agent_cmd, edgekiln.fleet.agent, edgekiln.fleet.agent_crash, edgekiln.runtime.bundle  # noqa
-""")
+"""
 
 
 @dataclass
@@ -140,14 +140,9 @@ class Run:
 @pytest.fixture(scope="module")
 def killed(kill_setup, fleet, tmp_path_factory):
     """For every checkpoint: a copy of the v1 device state, and an agent run SIGKILLed there."""
-    import json
-
     folder = tmp_path_factory.mktemp("killed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    forks = subprocess.Popen([sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             text=True, env=env)
     runs = {}
-    try:
+    with ForkServer(WARM) as forks:
         for point in POINTS:
             state = folder / point.replace(":", "_").replace("/", "_")
             shutil.copytree(kill_setup.template, state, symlinks=True)
@@ -155,17 +150,8 @@ def killed(kill_setup, fleet, tmp_path_factory):
             log = state.parent / f"{state.name}.log"
             argv = ["agent", "--server", fleet.url, "--token", kill_setup.token, "--state", str(state), "--once",
                     "--chunk-size", str(CHUNK)]
-            forks.stdin.write(json.dumps({"argv": argv, "env": {CRASH_AT_ENV: str(n)}, "log": str(log)}) + "\n")
-            forks.stdin.flush()
-            answer = json.loads(forks.stdout.readline())
-            runs[point] = (state, n, Run(answer["returncode"], log.read_text()))
-    finally:
-        forks.stdin.close()
-        try:
-            forks.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            forks.kill()
-            forks.wait()
+            code = forks.run(argv, {CRASH_AT_ENV: str(n)}, log)
+            runs[point] = (state, n, Run(code, log.read_text()))
     return runs
 
 

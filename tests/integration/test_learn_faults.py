@@ -8,13 +8,8 @@ pattern of tests/integration/test_agent_faults.py) that SIGKILLs itself at that 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
-from fork_server import fork_server_script
+from fork_server import ForkServer
 from learn_helpers import copy_state, device_state, new_samples, run_learn, tree_digest
 
 from edgekiln.fleet.adapt import adapt_state, load_samples
@@ -30,7 +25,7 @@ POINTS = ("learn:features", "slot-fsynced", "slot-sealed", "temp-symlink-created
 ARGS = ["--new-classes", "8,9", "--distill", "1", "--budget-old-drop", "0.3"]
 SWITCHED = ("symlink-renamed", "state:adapted")   # killed after the rename(): the adapted slot is active
 
-FORK_SERVER = fork_server_script("""
+WARM = """
 import onnx, onnxruntime, onnxruntime.quantization  # noqa: F401 - warm imports only: nothing here starts a thread
 from onnx.utils import Extractor  # noqa: F401
 from edgekiln.cli.app import _register_all
@@ -38,7 +33,7 @@ import edgekiln.cli.learn_cmd, edgekiln.fleet.adapt, edgekiln.runtime.adapt, edg
 import edgekiln.runtime.head_split, edgekiln.runtime.bundle, edgekiln.execution.ort, edgekiln.fleet.bundle_tar  # noqa
 import edgekiln.fleet.agent_crash, edgekiln.runtime.engine, edgekiln.fleet.slots, tracemalloc, rich.console  # noqa
 _register_all()   # the CLI's command modules, imported once here instead of in every child
-""")
+"""
 
 
 @pytest.fixture(scope="module")
@@ -61,25 +56,14 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def killed(setup):
     folder, trace = setup["folder"], setup["trace"]
-    forks = subprocess.Popen([sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     runs = {}
-    try:
+    with ForkServer(WARM) as forks:
         for point in POINTS:
             n = trace.index(point) + 1 if point in trace else 0
             state = copy_state(folder / "template", folder / point.replace(":", "_"))
             log = folder / f"{state.name}.log"
             argv = ["learn", str(state), "--data", str(setup["data"]), *ARGS]
-            forks.stdin.write(json.dumps({"argv": argv, "env": {CRASH_AT_ENV: str(n)}, "log": str(log)}) + "\n")
-            forks.stdin.flush()
-            runs[point] = (state, json.loads(forks.stdout.readline())["returncode"], log.read_text())
-    finally:
-        forks.stdin.close()
-        try:
-            forks.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            forks.kill()
-            forks.wait()
+            runs[point] = (state, forks.run(argv, {CRASH_AT_ENV: str(n)}, log), log.read_text())
     return runs
 
 
