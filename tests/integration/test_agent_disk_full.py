@@ -115,7 +115,8 @@ def _fill(folder: Path) -> None:
 
 
 def _device_side(args: dict[str, Any]) -> dict[str, Any]:
-    from edgekiln.fleet.slots import SlotStore, health_check_slot
+    from edgekiln.fleet.slot_health import health_check_slot
+    from edgekiln.fleet.slots import SlotStore
 
     fleet = FleetHarness(args["url"], args["server_dir"], args["admin"])
     state = Path(args["state"])

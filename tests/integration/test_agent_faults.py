@@ -31,7 +31,8 @@ from edgekiln.fleet.agent_crash import CRASH_AT_ENV, LOG_ENV
 from edgekiln.fleet.agent_testing import FleetHarness, LoopbackServer, bundle_tar, free_port
 from edgekiln.fleet.fetcher import ServerUnreachable
 from edgekiln.fleet.server import ServerConfig, create_app
-from edgekiln.fleet.slots import SLOT_NAMES, SlotStore, health_check_slot
+from edgekiln.fleet.slot_health import health_check_slot
+from edgekiln.fleet.slots import SLOT_NAMES, SlotStore
 from edgekiln.runtime.engine import Runtime
 
 ADMIN = "admin-token-for-fault-tests-0123456789"

@@ -80,7 +80,8 @@ def test_loop_federate_optimize_publish_and_an_agent_installs_it(run, tmp_path):
     from edgekiln.fleet.agent_testing import FleetHarness, LoopbackServer
     from edgekiln.fleet.client import publish
     from edgekiln.fleet.server import ServerConfig, create_app
-    from edgekiln.fleet.slots import SlotStore, health_check_slot
+    from edgekiln.fleet.slot_health import health_check_slot
+    from edgekiln.fleet.slots import SlotStore
     from edgekiln.runtime.bundle import build_bundle
 
     out, report = run

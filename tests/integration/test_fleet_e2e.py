@@ -21,7 +21,8 @@ import pytest
 from edgekiln.cli.app import main
 from edgekiln.fleet.agent_testing import FleetHarness, LoopbackServer, bundle_tar
 from edgekiln.fleet.server import ServerConfig, create_app
-from edgekiln.fleet.slots import SlotStore, health_check_slot
+from edgekiln.fleet.slot_health import health_check_slot
+from edgekiln.fleet.slots import SlotStore
 
 ADMIN = "admin-token-for-the-e2e-test-0123456789"
 NO_TORCH = "import sys; sys.modules['torch'] = None\nfrom edgekiln.cli.app import main\nmain(sys.argv[1:])\n"

@@ -19,7 +19,7 @@ from edgekiln.fleet.agent import Agent, AgentConfig
 from edgekiln.fleet.agent_testing import FleetHarness, LoopbackServer, bundle_tar
 from edgekiln.fleet.fetcher import ServerUnreachable
 from edgekiln.fleet.server import ServerConfig, create_app
-from edgekiln.fleet.slots import health_check_slot
+from edgekiln.fleet.slot_health import health_check_slot
 
 ADMIN = "admin-token-for-the-mitm-test-0123456789"
 DIRECTOR_FILE = re.compile(r"^/director/metadata/(?:[0-9]+\.)?(?P<role>timestamp|snapshot|targets)\.json$")

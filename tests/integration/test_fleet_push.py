@@ -32,7 +32,8 @@ from edgekiln.fleet.mosquitto import (
 )
 from edgekiln.fleet.push import MqttNotices, Wakeup, WebSocketNotices
 from edgekiln.fleet.server import ServerConfig, create_app
-from edgekiln.fleet.slots import SlotStore, health_check_slot
+from edgekiln.fleet.slot_health import health_check_slot
+from edgekiln.fleet.slots import SlotStore
 from edgekiln.fleet.tls_testing import make_test_ca
 from edgekiln.runtime.engine import Runtime
 from edgekiln.runtime.transport_security import client_ssl_context

@@ -14,7 +14,8 @@ from learn_helpers import copy_state, device_state, new_samples, run_learn, tree
 
 from edgekiln.fleet.adapt import adapt_state, load_samples
 from edgekiln.fleet.agent_crash import CRASH_AT_ENV, LOG_ENV
-from edgekiln.fleet.slots import SlotStore, health_check_slot
+from edgekiln.fleet.slot_health import health_check_slot
+from edgekiln.fleet.slots import SlotStore
 from edgekiln.runtime.learner import GateConfig, LearnConfig
 
 # The steps where a kill leaves a different state on disk: before anything is written; the

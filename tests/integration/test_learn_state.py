@@ -21,7 +21,8 @@ from learn_helpers import (
     tree_digest,
 )
 
-from edgekiln.fleet.slots import SlotStore, health_check_slot
+from edgekiln.fleet.slot_health import health_check_slot
+from edgekiln.fleet.slots import SlotStore
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,8 @@ from edgekiln.errors import EdgekilnError
 from edgekiln.fleet import agent_metadata as md
 from edgekiln.fleet.agent_metadata import MetadataRefused
 from edgekiln.fleet.fetcher import DEFAULT_CHUNK, DeviceApi, ServerUnreachable, TokenFetcher, make_client
-from edgekiln.fleet.slots import NoSpace, SlotStore, health_check_slot, now_iso
+from edgekiln.fleet.slot_health import health_check_slot
+from edgekiln.fleet.slots import NoSpace, SlotStore, now_iso
 
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 CHECK_WRITE_EVERY_S = 900.0

@@ -15,7 +15,7 @@ from edgekiln.fleet.agent_testing import FleetHarness, bundle_tar, free_port
 from edgekiln.fleet.fetcher import ServerUnreachable
 from edgekiln.fleet.inprocess import InProcessTransport
 from edgekiln.fleet.server import ServerConfig, create_app
-from edgekiln.fleet.slots import health_check_slot
+from edgekiln.fleet.slot_health import health_check_slot
 
 ADMIN = "admin-token-for-agent-tests-0123456789"
 

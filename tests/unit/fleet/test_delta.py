@@ -19,7 +19,7 @@ from edgekiln.fleet.bundle_tar import write_reproducible
 from edgekiln.fleet.inprocess import InProcessTransport
 from edgekiln.fleet.sample import sample_mlp_bundle
 from edgekiln.fleet.server import ServerConfig, create_app
-from edgekiln.fleet.slots import health_check_slot
+from edgekiln.fleet.slot_health import health_check_slot
 
 ADMIN = "admin-token-for-delta-tests-0123456789"
 

@@ -14,7 +14,8 @@ import pytest
 from edgekiln.errors import EdgekilnError
 from edgekiln.fleet import slots as slots_mod
 from edgekiln.fleet.agent_testing import bundle_tar
-from edgekiln.fleet.slots import NoSpace, SlotStore, health_check_slot
+from edgekiln.fleet.slot_health import health_check_slot
+from edgekiln.fleet.slots import NoSpace, SlotStore
 from edgekiln.runtime.engine import Runtime
 
 
