@@ -201,9 +201,10 @@ def measure_model(name: str, path: Path, work: Path, settings: Any,
     from edgekiln.api import load
     from edgekiln.codegen.tflite.candidate import litert_candidate
     from edgekiln.models.run_folder import precision_of
+    from edgekiln.targets.compute_units import profile_units
     from edgekiln.targets.place_graph import place_graph
-    from edgekiln.targets.place_io import place_model
     from edgekiln.targets.place_measure import measure_placement
+    from edgekiln.targets.placement import place
     from edgekiln.targets.profiles import load_profile
 
     art = load(path, input_shapes=input_shapes)
@@ -215,7 +216,7 @@ def measure_model(name: str, path: Path, work: Path, settings: Any,
     simulated = {}
     for prof in SIMULATED:
         try:
-            p, _ = place_model(art, load_profile(prof), measure=False)
+            p = place(graph, profile_units(load_profile(prof)), target=prof)   # the graph built once above
             simulated[prof] = {"segments": [(s.unit, len(s.nodes), round(s.est_ms, 4)) for s in p.segments],
                                "total_ms": p.total_ms, "gain": p.gain}
         except Exception as exc:  # noqa: BLE001 - a profile that cannot place this model says why

@@ -44,6 +44,19 @@ def qdq(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return mobilenet_style_qdq(tmp_path_factory.mktemp("place") / "m.onnx")
 
 
+@pytest.fixture(scope="module")
+def erf224(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 224x224 MobileNet-style model with an Erf after its global pool, saved once for the module."""
+    model = tmp_path_factory.mktemp("erf") / "erf.onnx"
+    onnx.save(mobilenet_with_erf(224, after="gap"), str(model))
+    return model
+
+
+def segment_rows(text: str) -> list[list[str]]:
+    """The rows of the printed segment table, split into columns."""
+    return [line.split() for line in text.splitlines() if line[:3].strip().isdigit()]
+
+
 def tensor_elements(model_path: Path, names: list[str]) -> dict[str, int]:
     """Element count of each named tensor, from ONNX shape inference."""
     m = onnx.shape_inference.infer_shapes(onnx.load(str(model_path)))
@@ -51,15 +64,14 @@ def tensor_elements(model_path: Path, names: list[str]) -> dict[str, int]:
     return {n: int(np.prod([d.dim_value for d in infos[n].shape.dim])) for n in names}
 
 
-def test_coral_places_tpu_then_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_coral_places_tpu_then_cpu(erf224: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A 224x224 MobileNet-style model with an Erf (not in the Edge TPU op list) after its global pool,
     estimated as int8: a tpu row, then a cpu row; the tpu hands over exactly the cut tensor at int8."""
-    model = tmp_path / "erf.onnx"
-    onnx.save(mobilenet_with_erf(224, after="gap"), str(model))
+    model = erf224
     run = tmp_path / "run"
     assert run_cli(["place", model, "--target", "coral-edgetpu", "--precision", "int8", "--out", run]) == 0
     text = capsys.readouterr().out
-    rows = [line.split() for line in text.splitlines() if line[:3].strip().isdigit()]
+    rows = segment_rows(text)
     assert [r[1] for r in rows] == ["tpu", "cpu"], f"segment rows {rows} in:\n{text}"
     assert "fallback: tpu: Erf not in the Edge TPU op list" in text, text
     record = json.loads((run / "placement.json").read_text())
@@ -80,7 +92,7 @@ def test_npu_without_ops_falls_back_to_cpu(qdq: Path, tmp_path: Path, capsys: py
     prof.write_text(NPU_NONE)
     assert run_cli(["place", qdq, "--target", prof]) == 0
     text = capsys.readouterr().out
-    rows = [line.split() for line in text.splitlines() if line[:3].strip().isdigit()]
+    rows = segment_rows(text)
     assert [r[1] for r in rows] == ["cpu"], f"segment rows {rows} in:\n{text}"
     assert "fallback: npu: supports no op" in text, text
     assert "gain 0.0%" in text, text
@@ -100,10 +112,9 @@ def test_user_errors_are_one_line_exit_2(qdq: Path, argv: list[str], message: st
     assert message in err and len(err.splitlines()) == 1, f"stderr for {argv}: {err!r}"
 
 
-def test_fits_on_a_multi_unit_profile_uses_the_placement(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_fits_on_a_multi_unit_profile_uses_the_placement(erf224: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`edgekiln fits` on coral-edgetpu: latency is the placement's (tpu then cpu), not the whole-model roofline."""
-    model = tmp_path / "erf.onnx"
-    onnx.save(mobilenet_with_erf(224, after="gap"), str(model))
+    model = erf224
     assert run_cli(["place", model, "--target", "coral-edgetpu", "--precision", "int8", "--json"]) == 0
     placed = json.loads(capsys.readouterr().out)
     assert run_cli(["fits", model, "--target", "coral-edgetpu", "--precision", "int8", "--json"]) in (0, 3)
@@ -113,7 +124,7 @@ def test_fits_on_a_multi_unit_profile_uses_the_placement(tmp_path: Path, capsys:
         f"fits latency {fit['latency_ms']['value']} ms vs place estimate {placed['estimated_ms']} ms")
 
 
-def test_optimize_trials_take_the_placement_latency(tmp_path: Path) -> None:
+def test_optimize_trials_take_the_placement_latency(erf224: Path) -> None:
     """`optimize`'s per-candidate fit (search.trial._fit) on coral-edgetpu uses the placement's latency,
     and the search's precisions are the union of the units' (the Edge TPU's int8 + its host CPU's)."""
     from edgekiln.models.analysis import analyze
@@ -121,8 +132,7 @@ def test_optimize_trials_take_the_placement_latency(tmp_path: Path) -> None:
     from edgekiln.search.trial import Candidate, _fit
     from edgekiln.targets.profiles import load_profile
 
-    model = tmp_path / "erf.onnx"
-    onnx.save(mobilenet_with_erf(224, after="gap"), str(model))
+    model = erf224
     shapes = {"input": (1, 1, 224, 224)}
     info = analyze(model, shapes)
     profile = load_profile("coral-edgetpu")

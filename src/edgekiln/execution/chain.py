@@ -156,8 +156,8 @@ class _Ports:
         self.index_out = _match(spec.outputs, file_outs, spec.file, "outputs")
         self.writes = list(spec.outputs)
         # NOTE: LiteRT's tensor details (layout, dtype, scale and zero point) drive the boundary conversion
-        self._in_det = session._in if self.litert else None
-        self._out_det = session._out if self.litert else None
+        self._in_det = session.input_details if self.litert else None
+        self._out_det = session.output_details if self.litert else None
 
     def onnx_shape(self, j: int) -> list[int | None]:
         shape = list(self.session.input_shapes[self.index_in[j]])

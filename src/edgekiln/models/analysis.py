@@ -106,6 +106,9 @@ class ModelAnalysis:
     outputs: dict[str, Shape] = field(default_factory=dict)
     shape_source: str = "onnx"
     activation_precision: str = "stored dtypes"   # how activation bytes were counted (see :func:`analyze`)
+    # every value's concrete shape and ONNX element type (:func:`value_shapes`), for callers that size tensors
+    value_shapes: dict[str, Shape] = field(default_factory=dict, repr=False)
+    value_types: dict[str, int] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -260,6 +263,8 @@ def analyze(model: Any, input_shapes: Mapping[str, Shape] | None = None, *,
         outputs={n: shapes[n] for n in out_names if shapes.get(n) is not None},
         shape_source=source,
         activation_precision=how,
+        value_shapes=shapes,
+        value_types=types,
     )
 
 

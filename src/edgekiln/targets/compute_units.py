@@ -12,16 +12,16 @@ existing profile and every caller of ``estimate_fit`` is unchanged.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal
 
 from edgekiln.errors import EdgekilnError
+from edgekiln.execution.runtimes import REAL as RUNTIMES  # host units name one of the real runtimes
 
 if TYPE_CHECKING:
     from edgekiln.targets.profiles import DeviceProfile
 
 UNIT_TYPES = ("cpu", "gpu", "npu", "dsp")
-RUNTIMES = ("onnxruntime", "openvino", "litert")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,9 +104,8 @@ _UNIT_REQUIRED = ("name", "type", "precisions", "peak_macs_per_s", "efficiency",
                   "source")
 _UNIT_KEYS = frozenset({*_UNIT_REQUIRED, "ops", "limits", "launch_overhead_us", "link", "energy_pj_per_mac",
                         "energy_pj_per_byte", "max_segments", "runtime", "measured"})
-_LINK_KEYS = frozenset({"bandwidth_bytes_per_s", "latency_us", "copy_bytes_per_s"})
-_LIMIT_KEYS = frozenset({"max_nonunit_dims", "softmax_max_elements", "softmax_max_rank", "reduce_axes",
-                         "pad_axes", "max_kernel", "static_shapes", "matmul_const_weight"})
+_LINK_KEYS = frozenset(f.name for f in fields(Link))
+_LIMIT_KEYS = frozenset(f.name for f in fields(UnitLimits))
 
 
 def _positive(value: Any, where: str, *, zero_ok: bool = False) -> float:

@@ -80,7 +80,7 @@ def place_graph(model: str | Path | Any, input_shapes: Mapping[str, Sequence[int
     ``precision`` is what the model runs at (None: int8 for a model with QuantizeLinear, else fp32); float
     tensors of a float model are sized at it (a QDQ model keeps its stored dtypes).
     """
-    from edgekiln.models.analysis import analyze, tensor_nbytes, value_shapes
+    from edgekiln.models.analysis import analyze, tensor_nbytes
     from edgekiln.models.intake import load_onnx
 
     proto = load_onnx(model) if isinstance(model, (str, Path)) else model
@@ -88,7 +88,7 @@ def place_graph(model: str | Path | Any, input_shapes: Mapping[str, Sequence[int
     inits = {t.name: t for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in inits]
     info = analyze(proto, dict(input_shapes or {}))   # MACs per node; fixes the input shapes (batch -> 1)
-    shapes, types, _ = value_shapes(proto, info.inputs, str(model) if isinstance(model, (str, Path)) else "model")
+    shapes, types = info.value_shapes, info.value_types
     quantized = any(n.op_type == _Q for n in graph.node)
     precision = precision or ("int8" if quantized else "fp32")
     nodes = list(graph.node)
@@ -196,8 +196,7 @@ def place_graph(model: str | Path | Any, input_shapes: Mapping[str, Sequence[int
             tb[t] = tensor_bytes(t)
         pnodes.append(PNode(
             name=nodes[main].name or f"{nodes[main].op_type}_{main}", op=nodes[main].op_type, inputs=tuple(ins),
-            outputs=tuple(outs), macs=sum(int(layers[m].macs) for m in ms), kind=_kind(nodes[main], shapes, inits,
-                                                                                        producer, nodes),
+            outputs=tuple(outs), macs=sum(int(layers[m].macs) for m in ms), kind=_kind(nodes[main], shapes, inits, nodes),
             weight_bytes=wb, ops=tuple(dict.fromkeys(nodes[m].op_type for m in ms)),
             members=tuple(nodes[m].name or f"{nodes[m].op_type}_{m}" for m in ms), precision=node_prec,
             attrs=_attrs(nodes[main], inits, shapes, constant)))
@@ -247,7 +246,7 @@ def _topo(roots: list[int], group_of: Mapping[int, int], preds: list[set[int]]) 
     return out
 
 
-def _weight_dims(name: str, inits: Mapping[str, Any], producer: Mapping[str, int], nodes: list[Any]) -> tuple[int, ...] | None:
+def _weight_dims(name: str, inits: Mapping[str, Any], nodes: list[Any]) -> tuple[int, ...] | None:
     if name in inits:
         return tuple(inits[name].dims)
     for nd in nodes:                                # weight behind a constant DequantizeLinear
@@ -256,12 +255,11 @@ def _weight_dims(name: str, inits: Mapping[str, Any], producer: Mapping[str, int
     return None
 
 
-def _kind(node: Any, shapes: Mapping[str, Any], inits: Mapping[str, Any], producer: Mapping[str, int],
-          nodes: list[Any]) -> str:
+def _kind(node: Any, shapes: Mapping[str, Any], inits: Mapping[str, Any], nodes: list[Any]) -> str:
     if node.op_type in _FC:
         return "fc"
     if node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 1:
-        dims = _weight_dims(node.input[1], inits, producer, nodes)
+        dims = _weight_dims(node.input[1], inits, nodes)
         if dims is None or len(dims) < 3 or node.op_type == "ConvTranspose":
             return "conv"
         groups = next((a.i for a in node.attribute if a.name == "group"), 1)

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from edgekiln.errors import EdgekilnError
+from edgekiln.execution.chain import PLACEMENT_VERSION as VERSION  # the version load_chain reads
 from edgekiln.fileio import sha256_file
 
-VERSION = 1
 FILE = "placement.json"
 SEGMENTS_DIR = "segments"
 

@@ -56,12 +56,19 @@ class Settings:
     block_runs: int = 60
 
 
-def cut_blocks(model_path: str | Path, max_blocks: int = MAX_BLOCKS) -> list[Block]:
-    """The model in ONNX order cut at single-live tensors (int8 ones only, when the model has them)
-    into at most ``max_blocks`` blocks, spread evenly over the cut points."""
+def _graph_proto(model: str | Path | Any) -> Any:
+    """``model`` (a path or ModelProto) as a ModelProto; a path is read without its external weights."""
+    if not isinstance(model, (str, Path)):
+        return model
     import onnx
 
-    m = onnx.load(str(model_path), load_external_data=False)
+    return onnx.load(str(model), load_external_data=False)
+
+
+def cut_blocks(model: str | Path | Any, max_blocks: int = MAX_BLOCKS) -> list[Block]:
+    """The model (a path or ModelProto) in ONNX order cut at single-live tensors (int8 ones only, when
+    the model has them) into at most ``max_blocks`` blocks, spread evenly over the cut points."""
+    m = _graph_proto(model)
     nodes = list(m.graph.node)
     const = {i.name for i in m.graph.initializer}
     for n in nodes:                      # Constant nodes, weight DQs: outputs of constants only
@@ -175,7 +182,8 @@ def measure_placement(model: Any, graph: Any, units: Sequence[Any], *, target: s
     if not by_rt:
         raise EdgekilnError(f"no runtime of {target}'s units is installed here: {', '.join(u.runtime for u in units)}")
     work = Path(work or tempfile.mkdtemp(prefix="edgekiln-place-"))
-    blocks, handover = float_handover(model.path, cut_blocks(model.path))
+    proto = _graph_proto(model.path)      # read once for the cuts and the hand-over scales
+    blocks, handover = float_handover(proto, cut_blocks(proto))
     files = _SegmentFiles(model, work, to_tflite, handover)
     feeds, values = files.values(blocks)
     calls: dict[str, Callable[[], Any]] = {}
@@ -254,10 +262,10 @@ def _call(sess: Any, feeds: Mapping[str, np.ndarray]) -> Callable[[], Any]:
     return lambda: sess.run(bound)
 
 
-def float_handover(model_path: str | Path, blocks: Sequence[Block]
+def float_handover(model: str | Path | Any, blocks: Sequence[Block]
                    ) -> tuple[list[Block], dict[str, tuple[str, Any, Any]]]:
     """``blocks`` with every int8 cut tensor ``T`` (a QuantizeLinear output) handed over as float ``T__f``,
-    and the map ``T__f -> (T, scale, zero point)``.
+    and the map ``T__f -> (T, scale, zero point)``; ``model`` is a path or ModelProto.
 
     NOTE: onnxruntime fuses a QDQ group only when its DequantizeLinear does not read a graph input and
     its QuantizeLinear does not write a graph output, so a segment that starts or ends at an int8
@@ -266,10 +274,9 @@ def float_handover(model_path: str | Path, blocks: Sequence[Block]
     QuantizeLinear(T__f) at the same scale and zero point is exact (the round trip of an int8 value
     through its float value) and keeps both groups fused (~29 us per boundary).
     """
-    import onnx
     from onnx import numpy_helper
 
-    m = onnx.load(str(model_path), load_external_data=False)
+    m = _graph_proto(model)
     inits = {i.name: i for i in m.graph.initializer}
     producer = {o: n for n in m.graph.node for o in n.output}
     cuts = {t for b in blocks[1:] for t in b.inputs}

@@ -51,6 +51,15 @@ class LiteRTSession:
         self.input_dtypes = [np.dtype(d["dtype"]) for d in self._in]
         self.output_names = [d["name"] for d in self._out]
 
+    @property
+    def input_details(self) -> list[dict[str, Any]]:
+        """LiteRT's details of each input: ``name``, ``shape`` (NHWC), ``dtype``, ``quantization``."""
+        return self._in
+
+    @property
+    def output_details(self) -> list[dict[str, Any]]:
+        return self._out
+
     def _prepare(self, x: np.ndarray, det: dict[str, Any]) -> np.ndarray:
         shape, dtype = tuple(int(s) for s in det["shape"]), np.dtype(det["dtype"])
         if x.dtype == dtype and x.shape == shape:
