@@ -97,6 +97,15 @@ def atomic_save_onnx(path: str | os.PathLike[str], model: Any) -> Path:
     return atomic_write_bytes(path, model.SerializeToString())
 
 
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename/creation/deletion inside the folder ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

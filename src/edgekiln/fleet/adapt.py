@@ -15,7 +15,7 @@ it until the server assigns a higher version, which supersedes it (``fleet.agent
 any point leaves the old slot or the sealed adapted one active; :meth:`SlotStore.recover` completes
 the record of an adaptation that was switched before ``state.json`` was written.
 
-Device side: imports the standard library, numpy and ``edgekiln.runtime`` (never torch, never
+Device side: imports the standard library, numpy, ``edgekiln.runtime`` and ``edgekiln.execution`` (never torch, never
 the server's modules). ``edgekiln learn STATE --data new.npz --new-classes 8,9`` calls it as
 ``adapt_state(STATE, x, y, learn=LearnConfig(...), gate=GateConfig(...), new_classes=(8, 9))``.
 """
@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from edgekiln.errors import EdgekilnError
-from edgekiln.fleet.slots import STATE_FILE, SlotStore, fsync_dir, now_iso
+from edgekiln.fileio import fsync_dir
+from edgekiln.fleet.slots import STATE_FILE, SlotStore, now_iso
 from edgekiln.runtime.adapt import GATE_KEYS, adapt_bundle
 
 # What a report's ``adaptation`` may hold (docs/fleet-protocol.md; the server checks it with
@@ -173,14 +174,10 @@ def load_samples(path: str | Path) -> tuple[Any, Any]:
     """The device samples of an ``.npz``: ``y`` (class indices) and ``x`` (or the one other array)."""
     import numpy as np
 
+    from edgekiln.execution.feeds import load_npz
+
     p = Path(path)
-    if not p.is_file():
-        raise EdgekilnError(f"{p}: file not found")
-    try:
-        with np.load(p, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (ValueError, OSError) as exc:
-        raise EdgekilnError(f"{p}: not a readable .npz ({str(exc)[:120]})") from None
+    arrays = load_npz(p)   # NOTE: the one npz reader: a missing or unreadable file is a one-line error
     if "y" not in arrays:
         raise EdgekilnError(f"{p}: has no 'y' (the class of each sample); it has {', '.join(arrays) or 'nothing'}")
     others = [k for k in arrays if k != "y"]

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from edgekiln.errors import EdgekilnError, ServerUnreachable
+from edgekiln.fleet.slots import adaptation_id
 from edgekiln.runtime.status_file import FILE_NAME, read_status
 
 MAX_ITEMS = 16
@@ -70,12 +71,7 @@ def collect(agent: Any, *, now: float | None = None) -> dict[str, Any] | None:
     return {"t": int(now), "model": active.model, "ver": active.version, "variant": variant, "p50": p50,
             "p95": p95, "health": health, "disk_free": int(shutil.disk_usage(store.root).free),
             "pending": pending if isinstance(pending, int) else None,
-            "adapt": _adaptation_id(active)}
-
-
-def _adaptation_id(active: Any) -> str | None:
-    record = getattr(active, "adaptation", None)
-    return str(record["id"])[:16] if isinstance(record, dict) and record.get("id") else None
+            "adapt": (adaptation_id(getattr(active, "adaptation", None)) or "")[:16] or None}
 
 
 class Telemetry:

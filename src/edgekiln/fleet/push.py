@@ -245,7 +245,8 @@ class MqttNotices(_Channel):
                 payload = self._outbox.get_nowait()
             except queue.Empty:
                 return
-            client.publish(self.telemetry_topic, payload, qos=1)
+            with contextlib.suppress(ValueError):   # a payload paho refuses (too large): dropped, not a reconnect
+                client.publish(self.telemetry_topic, payload, qos=1)
 
     def _interrupt(self) -> None:
         """Nothing to do: the session's loop sees the stop flag within one turn (0.5 s) and disconnects

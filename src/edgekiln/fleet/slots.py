@@ -44,7 +44,7 @@ from typing import Any
 from urllib.parse import quote
 
 from edgekiln.errors import EdgekilnError
-from edgekiln.fileio import atomic_write_json
+from edgekiln.fileio import atomic_write_json, fsync_dir
 from edgekiln.fleet.bundle_tar import MAX_BUNDLE_FILES, check_members
 
 SLOT_NAMES = ("a", "b")
@@ -66,15 +66,6 @@ def _no_checkpoint(_name: str) -> None:
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename/creation/deletion inside ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class NoSpace(EdgekilnError):
@@ -332,7 +323,7 @@ class SlotStore:
         have = (info.model, info.version, info.name) if info else (None, None, None)
         adapted = info.adaptation if info else None
         if (state.get("model"), state.get("active_version"), state.get("active_slot")) == have \
-                and _adaptation_id(state.get("adaptation")) == _adaptation_id(adapted):
+                and adaptation_id(state.get("adaptation")) == adaptation_id(adapted):
             return notes
         pending = state.get("pending") or {}
         entry: dict[str, Any] = {}
@@ -342,19 +333,19 @@ class SlotStore:
             state["last_error"] = None
             entry = {"model": info.model, "version": info.version, "status": "installed"}
             notes.append(f"update to {info.model} v{info.version} had been switched before the crash: completed")
-        elif info and adapted and _adaptation_id(adapted) != _adaptation_id(state.get("adaptation")):
+        elif info and adapted and adaptation_id(adapted) != adaptation_id(state.get("adaptation")):
             # NOTE: an adaptation (fleet.adapt) killed after its switch, before state.json: the seal
             # holds its record, so the report the device owes the server is rebuilt from it.
             from edgekiln.fleet.adapt import report_record
 
             entry = {"model": info.model, "version": info.version, "status": "adapted",
                      "adaptation": report_record(adapted)}
-            state["last_adaptation"] = {"id": _adaptation_id(adapted), "status": "adapted"}
-            notes.append(f"adaptation {_adaptation_id(adapted)} had been switched before the crash: completed")
+            state["last_adaptation"] = {"id": adaptation_id(adapted), "status": "adapted"}
+            notes.append(f"adaptation {adaptation_id(adapted)} had been switched before the crash: completed")
         else:
             notes.append("state.json did not match the active slot: corrected")
         if entry:
-            extra = {"superseded_adaptation": _adaptation_id(state["adaptation"])} \
+            extra = {"superseded_adaptation": adaptation_id(state["adaptation"])} \
                 if state.get("adaptation") and not adapted else {}
             history = {k: v for k, v in entry.items() if k != "adaptation"}
             state["history"] = [*state.get("history", []),
@@ -465,7 +456,8 @@ class SlotStore:
         self.checkpoint("state-dir-fsynced")
 
 
-def _adaptation_id(record: Any) -> str | None:
+def adaptation_id(record: Any) -> str | None:
+    """The id of an on-device adaptation record (a slot seal's or state.json's ``adaptation``), or None."""
     return str(record.get("id")) if isinstance(record, dict) and record.get("id") else None
 
 

@@ -222,9 +222,7 @@ def write_and_gate(base: Base, held_x: np.ndarray, held_y: np.ndarray, *, gate: 
     if reasons:
         shutil.rmtree(out, ignore_errors=True)
         return AdaptResult(False, reasons, metrics, adaptation, None)
-    if durable:
-        _fsync_tree(out)
-    return AdaptResult(True, [], metrics, adaptation, out)
+    return AdaptResult(True, [], metrics, adaptation, out)   # NOTE: already fsynced before the health check
 
 
 def _reasons(m: dict[str, Any], gate: GateConfig, health: dict[str, Any], *, shift: bool) -> list[str]:
@@ -324,14 +322,10 @@ def _write(out: Path, rel: str, data: bytes, check: Callable[[str], None]) -> No
 
 
 def _fsync_tree(root: Path) -> None:
-    import os
+    from edgekiln.fileio import fsync_dir
 
     for d in sorted({root, *(p for p in root.rglob("*") if p.is_dir())}, key=lambda p: len(p.parts), reverse=True):
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(d)
 
 
 def _npz(**arrays: np.ndarray) -> bytes:

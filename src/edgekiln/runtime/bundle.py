@@ -134,8 +134,8 @@ def _learn_files(staging: Path, variant: Variant, learn: LearnData, eval_data: P
     if eval_data is not None:
         ex, ey = _labelled(eval_data, required=False)
         if ey is not None:
-            keep = np.concatenate([np.flatnonzero(ey == c)[:learn.holdout_per_class] for c in np.unique(ey)])
-            hx, hy = learner.features(ex[np.sort(keep)])[0], ey[np.sort(keep)].astype(np.int16)
+            keep = np.sort(np.concatenate([np.flatnonzero(ey == c)[:learn.holdout_per_class] for c in np.unique(ey)]))
+            hx, hy = learner.features(ex[keep])[0], ey[keep].astype(np.int16)
     rel = PurePosixPath("learn") / variant.name
     replay.save(staging / Path(*rel.parts) / "replay.npz")
     atomic_save_npz(staging / Path(*rel.parts) / "holdout.npz", x=hx, y=hy)
