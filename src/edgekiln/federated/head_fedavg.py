@@ -16,7 +16,7 @@ Three steps, one function each:
 ``edgekiln federate --scope head`` runs the same in Flower: :func:`head_start` is the first global
 head (the bundle's, grown by the new classes), ``client_app.train_head`` calls
 :func:`head_local_train` on each node, ``server_app.run_server_head`` evaluates with
-:func:`head_accuracy`, and :func:`write_head_run` writes the run folder.
+:func:`head_evaluator`, and :func:`write_head_run` writes the run folder.
 
 A grown head (new classes) has more rows than the base; the reference of a delta is the base
 padded with zeros (:func:`grown_reference`), so ``reference + mean(delta)`` is the mean of the
@@ -33,7 +33,7 @@ clients' heads whatever their size. Uplink for a 10 x 128 head: 1,290 float32 = 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -265,9 +265,11 @@ def head_local_train(model: Path, head: Mapping[str, np.ndarray], x: np.ndarray,
         return learner.params(), float(loss)
 
 
-def head_accuracy(model: Path, head: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, *,
-                  scope: str = "head") -> tuple[float, float]:
-    """Top-1 accuracy and mean cross-entropy of ``model`` with ``head`` written in (onnxruntime)."""
+def head_evaluator(model: Path, x: np.ndarray, y: np.ndarray, *,
+                   scope: str = "head") -> Callable[[Mapping[str, np.ndarray]], tuple[float, float]]:
+    """A function giving the top-1 accuracy and mean cross-entropy of ``model`` with a head written
+    in (onnxruntime). ``model`` is read, and an int8 head's calibration features computed, once:
+    the server evaluates every round's head on the same data."""
     import onnx
 
     from edgekiln.execution.ort import ort_session
@@ -277,12 +279,16 @@ def head_accuracy(model: Path, head: Mapping[str, np.ndarray], x: np.ndarray, y:
     proto = onnx.load(str(model))
     spec = find_tail(proto, scope=scope)
     calib = HeadLearner(model, LearnConfig(scope=scope)).features(x[:256])[0] if spec.quantized else None
-    sess = ort_session(write_params(proto, spec, dict(head), calib_features=calib).SerializeToString())
-    name = sess.get_inputs()[0].name
-    logits = np.concatenate([sess.run(None, {name: x[i:i + 256]})[0] for i in range(0, len(x), 256)])
-    z = logits - logits.max(1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-    return float((logits.argmax(1) == y).mean()), float(-logp[np.arange(len(y)), y].mean())
+
+    def evaluate(head: Mapping[str, np.ndarray]) -> tuple[float, float]:
+        sess = ort_session(write_params(proto, spec, dict(head), calib_features=calib).SerializeToString())
+        name = sess.get_inputs()[0].name
+        logits = np.concatenate([sess.run(None, {name: x[i:i + 256]})[0] for i in range(0, len(x), 256)])
+        z = logits - logits.max(1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+        return float((logits.argmax(1) == y).mean()), float(-logp[np.arange(len(y)), y].mean())
+
+    return evaluate
 
 
 def write_head_run(out_dir: str | Path, result: Any, *, runtime: str, wall_seconds: float) -> dict[str, Any]:

@@ -55,6 +55,25 @@ def client_config(settings: FederatedSettings) -> ConfigRecord:
     return ConfigRecord(config)
 
 
+def _round_evaluator(measure: Callable[[ArrayRecord], tuple[float, float]], strategy: Any,
+                     result: ServerResult, start: float,
+                     on_round: Callable[[dict[str, Any]], None] | None) -> Callable[[int, ArrayRecord], MetricRecord]:
+    """Flower's ``evaluate_fn`` for both modes: ``measure`` gives (accuracy, loss) of the global arrays;
+    the round's history entry (with the strategy's per-round record) goes to ``result`` and ``on_round``."""
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        acc, loss = measure(arrays)
+        entry = {"round": server_round, "accuracy": acc, "loss": loss,
+                 "elapsed_s": round(time.perf_counter() - start, 3)}
+        entry.update({k: v for k, v in strategy.rounds.get(server_round, {}).items() if k != "round"})
+        result.history.append(entry)
+        if on_round is not None:
+            on_round(entry)
+        return MetricRecord({"accuracy": acc, "loss": loss})
+
+    return evaluate
+
+
 def run_server(grid: Grid, settings: FederatedSettings,
                on_round: Callable[[dict[str, Any]], None] | None = None) -> ServerResult:
     """Run ``settings.rounds`` rounds on ``grid``; return the history and the final global model."""
@@ -73,17 +92,11 @@ def run_server(grid: Grid, settings: FederatedSettings,
     result = ServerResult(settings=settings)
     start = time.perf_counter()
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def measure(arrays: ArrayRecord) -> tuple[float, float]:
         model.load_state_dict(arrays.to_torch_state_dict())
-        acc, loss = accuracy_and_loss(model, eval_x, eval_y)
-        entry = {"round": server_round, "accuracy": acc, "loss": loss,
-                 "elapsed_s": round(time.perf_counter() - start, 3)}
-        entry.update({k: v for k, v in strategy.rounds.get(server_round, {}).items() if k != "round"})
-        result.history.append(entry)
-        if on_round is not None:
-            on_round(entry)
-        return MetricRecord({"accuracy": acc, "loss": loss})
+        return accuracy_and_loss(model, eval_x, eval_y)
 
+    evaluate = _round_evaluator(measure, strategy, result, start, on_round)
     flower_result = strategy.start(
         grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=settings.rounds,
         train_config=client_config(settings), evaluate_fn=evaluate)
@@ -100,7 +113,7 @@ def run_server_head(grid: Grid, settings: FederatedSettings,
     classes); ``result.state_dict`` holds the final head as numpy arrays."""
     from flwr.app import Array
 
-    from edgekiln.federated.head_fedavg import head_accuracy, head_start
+    from edgekiln.federated.head_fedavg import head_evaluator, head_start
     from edgekiln.federated.strategy import build_strategy
     from edgekiln.federated.task import server_data
 
@@ -112,17 +125,12 @@ def run_server_head(grid: Grid, settings: FederatedSettings,
     result = ServerResult(settings=settings)
     start = time.perf_counter()
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        acc, loss = head_accuracy(model, {k: v.numpy() for k, v in arrays.items()}, eval_x, eval_y,
-                                  scope=settings.head.tail)
-        entry = {"round": server_round, "accuracy": acc, "loss": loss,
-                 "elapsed_s": round(time.perf_counter() - start, 3)}
-        entry.update({k: v for k, v in strategy.rounds.get(server_round, {}).items() if k != "round"})
-        result.history.append(entry)
-        if on_round is not None:
-            on_round(entry)
-        return MetricRecord({"accuracy": acc, "loss": loss})
+    accuracy = head_evaluator(model, eval_x, eval_y, scope=settings.head.tail)
 
+    def measure(arrays: ArrayRecord) -> tuple[float, float]:
+        return accuracy({k: v.numpy() for k, v in arrays.items()})
+
+    evaluate = _round_evaluator(measure, strategy, result, start, on_round)
     initial = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in head.items()})
     flower_result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=settings.rounds,
                                    train_config=client_config(settings), evaluate_fn=evaluate)

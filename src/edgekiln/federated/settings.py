@@ -143,7 +143,6 @@ class FederatedSettings:
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> FederatedSettings:
         values = _values(cls, {k: v for k, v in config.items() if not k.startswith(_HEAD_PREFIX)}, _PREFIX)
-        values.pop("head", None)
         head = _values(HeadSettings, {k: v for k, v in config.items() if k.startswith(_HEAD_PREFIX)}, _HEAD_PREFIX)
         return cls(**values, head=HeadSettings(**head))
 

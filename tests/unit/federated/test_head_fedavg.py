@@ -157,17 +157,6 @@ def test_apply_heads_puts_the_head_into_model_pt(head_bundle, tmp_path) -> None:
     assert torch.equal(new["3.weight"], state["3.weight"]), "an earlier Linear was changed"
 
 
-@pytest.fixture
-def _task_identity():
-    """Flower's runtimes set the identity of the running task before messages are built."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
 class InProcessGrid:
     """Flower's Grid for the strategy's ``start``: every message goes to the head ClientApp's train
     function (with its mods) in this process, node ``i`` holding ``data[i]``. No Ray, no network."""

@@ -11,21 +11,13 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-from flwr.supercore.task_identity import TaskIdentity
 
 from edgekiln.federated.client_app import COMPRESSED_KEY, int8_update_mod, optional_clipping_mod
 from edgekiln.federated.compression import SCALE_SUFFIX, encode_update
 from edgekiln.federated.settings import FederatedSettings
 from edgekiln.federated.strategy import build_strategy, message_bytes
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Flower's runtimes set the identity of the running task before messages are built."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("_task_identity")  # conftest: Flower's task identity set, then restored
 
 
 class FakeGrid:
